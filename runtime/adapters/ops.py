@@ -1,0 +1,85 @@
+"""The one adapter-math interface the model calls, and its pure-PyTorch implementation.
+
+A model layer hands `apply` its input, its (fused) base output and the step's `Segments`; the ops
+add each token's adapter delta to the output slice of each projection. Weights live in numbered
+slots (`load` / `evict`), filled from the packed `AdapterWeights` representation. The Triton
+implementation (loraplex.kernels) implements the same interface.
+"""
+from __future__ import annotations
+
+import torch
+
+from .peft_format import AdapterWeights, ModuleDelta
+from .segments import Segments, build_segments
+
+
+class AdapterOps:
+    """Interface: slot weights + per-step metadata → deltas added in place."""
+
+    name = "abstract"
+
+    def __init__(self, num_slots: int, projection_shapes: dict[str, tuple[int, int]], num_layers: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.num_slots = num_slots
+        self.projection_shapes = projection_shapes
+        self.num_layers = num_layers
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def load(self, slot: int, adapter: AdapterWeights) -> None:
+        raise NotImplementedError
+
+    def evict(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def metadata(self, token_slots: list[int]) -> Segments:
+        return build_segments(token_slots, self.device)
+
+    def apply(self, layer: int, projections: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
+              meta: Segments) -> None:
+        raise NotImplementedError
+
+
+def module_delta(x: torch.Tensor, w: ModuleDelta) -> torch.Tensor:
+    """delta for tokens x [T, in] through one ModuleDelta (reference math, any k)."""
+    T, k = x.shape[0], w.k
+    if k == 1:
+        out = (x @ w.A[0]) @ w.B[0]
+    else:
+        r = w.A.shape[-1]
+        h = torch.bmm(x.view(T, k, -1).transpose(0, 1), w.A)  # [n, T, r]: input chunk n through A[n]
+        h = h.view(k, T, k, r // k).permute(2, 1, 0, 3).reshape(k, T, r)  # [j, T, (n, piece)]
+        out = torch.bmm(h, w.B).transpose(0, 1).reshape(T, -1)  # output chunk j from B[j]
+    if w.general_A is not None:
+        out = out + (x @ w.general_A) @ w.general_B
+    return out * w.scale
+
+
+class TorchAdapterOps(AdapterOps):
+    """Reference implementation: a loop over segments, exact for every mix of LoRA/GraLoRA/ranks."""
+
+    name = "torch"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slots: list[dict[tuple[int, str], ModuleDelta] | None] = [None] * self.num_slots
+
+    def load(self, slot: int, adapter: AdapterWeights) -> None:
+        self.slots[slot] = {key: m.to(self.device, self.dtype) for key, m in adapter.modules.items()}
+
+    def evict(self, slot: int) -> None:
+        self.slots[slot] = None
+
+    def apply(self, layer, projections, x, y, meta: Segments) -> None:
+        for start, length, slot in meta.host:
+            weights = self.slots[slot]
+            idx = meta.token_order[start:start + length]
+            xs = None
+            offset = 0
+            for proj in projections:
+                out = self.projection_shapes[proj][1]
+                w = weights.get((layer, proj))
+                if w is not None:
+                    xs = x.index_select(0, idx) if xs is None else xs
+                    y.narrow(1, offset, out).index_add_(0, idx, module_delta(xs, w).to(y.dtype))
+                offset += out

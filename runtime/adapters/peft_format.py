@@ -1,0 +1,268 @@
+"""Reading and validating adapters in the PEFT on-disk format, into one packed representation.
+
+PEFT LoRA and GraLoRA (with its hybrid LoRA part) both become, per adapted projection, a
+`ModuleDelta`: a block-structured low-rank pair with k blocks (k = 1 for LoRA), plus an optional
+plain low-rank "general" pair. Everything after this module sees only that representation.
+
+Nothing here unpickles: only `adapter_config.json` and `adapter_model.safetensors` are read.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from ..model import PROJECTIONS
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20
+ALLOWED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+                  r"(lora_A\.weight|lora_B\.weight|gralora_A|gralora_B|gralora_A_general\.weight|"
+                  r"gralora_B_general\.weight)$")
+
+
+class AdapterError(Exception):
+    """An adapter that cannot be accepted; `status` is the HTTP status the API answers with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class ModuleDelta:
+    """delta(x) = scale * (block_lora(x) + general_B(general_A(x))), on one projection.
+
+    block_lora: x split into k input chunks; chunk n goes through A[n] ([in/k, r]); the rank-r result
+    of chunk n is cut into k pieces of r/k and piece j feeds output chunk j through B[j]'s rows
+    n*r/k..(n+1)*r/k ([r, out/k]). k = 1 is plain LoRA with A = lora_A.T and B = lora_B.T.
+    """
+    k: int
+    A: torch.Tensor  # [k, in/k, r]
+    B: torch.Tensor  # [k, r, out/k]
+    scale: float
+    general_A: torch.Tensor | None = None  # [in, hybrid_r]
+    general_B: torch.Tensor | None = None  # [hybrid_r, out]
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[-1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.A, self.B, self.general_A, self.general_B) if t is not None]
+
+    def to(self, device, dtype) -> "ModuleDelta":
+        cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()
+        return ModuleDelta(self.k, cast(self.A), cast(self.B), self.scale, cast(self.general_A), cast(self.general_B))
+
+
+@dataclass
+class AdapterWeights:
+    peft_type: str  # "LORA" | "GRALORA"
+    rank: int  # largest rank of any module (GraLoRA: r + hybrid_r)
+    config: dict
+    modules: dict[tuple[int, str], ModuleDelta] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in self.modules.values() for t in m.tensors())
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """What an adapter is checked against: the served base model's layer count and projection shapes."""
+    num_layers: int
+    projections: dict[str, tuple[int, int]]  # name -> (in_features, out_features)
+
+
+def parse_config(raw: bytes) -> dict:
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes", 413)
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}", 400)
+    if not isinstance(config, dict):
+        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object", 422)
+    peft_type = config.get("peft_type")
+    if peft_type not in ("LORA", "GRALORA"):
+        raise AdapterError(f"unsupported peft_type {peft_type!r}: loraplex serves LORA and GRALORA adapters")
+    return config
+
+
+def _check_safetensors_header(raw: bytes) -> None:
+    """Reject truncated or malformed files with a clear message before handing them to safetensors."""
+    if len(raw) < 8:
+        raise AdapterError(f"{WEIGHTS_FILE} is truncated: {len(raw)} bytes", 400)
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    if header_len > len(raw) - 8 or header_len > 100 << 20:
+        raise AdapterError(f"{WEIGHTS_FILE} is not a safetensors file or is truncated "
+                           f"(header of {header_len} bytes in a {len(raw)}-byte file)", 400)
+    try:
+        header = json.loads(raw[8:8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterError(f"{WEIGHTS_FILE} is not a safetensors file (unreadable header)", 400)
+    if not isinstance(header, dict):
+        raise AdapterError(f"{WEIGHTS_FILE} is not a safetensors file (header is not an object)", 400)
+    data_len = len(raw) - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in ALLOWED_DTYPES:
+            raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has dtype {info.get('dtype') if isinstance(info, dict) else '?'};"
+                               f" expected one of {sorted(ALLOWED_DTYPES)}")
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise AdapterError(f"{WEIGHTS_FILE} is truncated: tensor {name!r} lies past the end of the file", 400)
+
+
+def parse_weights(raw: bytes) -> dict[str, torch.Tensor]:
+    _check_safetensors_header(raw)
+    try:
+        return load_safetensors(raw)
+    except Exception as e:  # safetensors raises its own error types
+        raise AdapterError(f"{WEIGHTS_FILE} could not be read: {e}", 400)
+
+
+def _pattern_value(pattern: dict, module_name: str, default):
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _targets_layer(config: dict, layer: int) -> bool:
+    layers = config.get("layers_to_transform")
+    if layers is None:
+        return True
+    return layer in ([layers] if isinstance(layers, int) else layers)
+
+
+def _positive_int(config: dict, key: str, default=None) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise AdapterError(f"{CONFIG_FILE}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_common(config: dict) -> None:
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise AdapterError(f"{CONFIG_FILE}: trained biases (bias={config.get('bias')!r}) are not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"{CONFIG_FILE}: modules_to_save is not supported (only low-rank deltas are served)")
+    if config.get("fan_in_fan_out"):
+        raise AdapterError(f"{CONFIG_FILE}: fan_in_fan_out adapters (Conv1D bases) do not fit a Llama model")
+    if config.get("use_dora"):
+        raise AdapterError(f"{CONFIG_FILE}: DoRA adapters (use_dora) are not supported")
+
+
+def _group_tensors(tensors: dict[str, torch.Tensor], base: BaseShape) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterError(f"unexpected tensor {key!r}: expected PEFT LoRA/GraLoRA weights of a Llama model")
+        layer, group, proj, part = int(m[1]), m[2], m[3], m[4]
+        if proj not in PROJECTIONS or _GROUP[proj] != group:
+            raise AdapterError(f"tensor {key!r}: {group}.{proj} is not an adaptable projection of the base model")
+        if layer >= base.num_layers:
+            raise AdapterError(f"tensor {key!r}: layer {layer} does not exist (the base model has {base.num_layers})")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"tensor {key!r} holds NaN or infinite values")
+        grouped.setdefault((layer, proj), {})[part] = t
+    if not grouped:
+        raise AdapterError(f"{WEIGHTS_FILE} holds no adapter tensors")
+    return grouped
+
+
+def _expect(key: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    if t is None:
+        raise AdapterError(f"{key} is missing")
+    if tuple(t.shape) != shape:
+        raise AdapterError(f"{key} has shape {list(t.shape)}, expected {list(shape)} for the base model")
+    return t.float()
+
+
+def _module_name(layer: int, proj: str) -> str:
+    return f"model.layers.{layer}.{_GROUP[proj]}.{proj}"
+
+
+def _lora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tuple[int, str], ModuleDelta]:
+    r = _positive_int(config, "r", 8)
+    alpha = config.get("lora_alpha", 8)
+    rslora = bool(config.get("use_rslora", False))
+    modules = {}
+    for (layer, proj), parts in sorted(grouped.items()):
+        name = _module_name(layer, proj)
+        if set(parts) - {"lora_A.weight", "lora_B.weight"}:
+            raise AdapterError(f"{name}: GraLoRA tensors in a LORA adapter")
+        if not _targets_layer(config, layer):
+            raise AdapterError(f"{name}: weights for a layer outside layers_to_transform")
+        rank = _pattern_value(config.get("rank_pattern"), name, r)
+        a = alpha if isinstance(alpha, (int, float)) else 8
+        a = _pattern_value(config.get("alpha_pattern"), name, a)
+        if rank > max_rank:
+            raise AdapterError(f"{name}: rank {rank} is above the server's --max-lora-rank {max_rank}")
+        fin, fout = base.projections[proj]
+        A = _expect(f"{name}.lora_A.weight", parts.get("lora_A.weight"), (rank, fin))
+        B = _expect(f"{name}.lora_B.weight", parts.get("lora_B.weight"), (fout, rank))
+        scale = a / math.sqrt(rank) if rslora else a / rank
+        modules[(layer, proj)] = ModuleDelta(1, A.t().unsqueeze(0).contiguous(), B.t().unsqueeze(0).contiguous(), scale)
+    return modules
+
+
+def _gralora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tuple[int, str], ModuleDelta]:
+    r = _positive_int(config, "r", 32)
+    k = _positive_int(config, "gralora_k", 2)
+    hybrid_r = config.get("hybrid_r", 0)
+    if not isinstance(hybrid_r, int) or hybrid_r < 0:
+        raise AdapterError(f"{CONFIG_FILE}: hybrid_r must be a non-negative integer, got {hybrid_r!r}")
+    if r % k:
+        raise AdapterError(f"{CONFIG_FILE}: gralora_k={k} must divide r={r}")
+    if r + hybrid_r > max_rank:
+        raise AdapterError(f"rank {r + hybrid_r} (r + hybrid_r) is above the server's --max-lora-rank {max_rank}")
+    alpha = config.get("alpha", 64)
+    if not isinstance(alpha, (int, float)):
+        raise AdapterError(f"{CONFIG_FILE}: alpha must be a number")
+    scale = alpha / (r + hybrid_r)
+    modules = {}
+    for (layer, proj), parts in sorted(grouped.items()):
+        name = _module_name(layer, proj)
+        if not _targets_layer(config, layer):
+            raise AdapterError(f"{name}: weights for a layer outside layers_to_transform")
+        fin, fout = base.projections[proj]
+        if fin % k or fout % k:
+            raise AdapterError(f"{name}: gralora_k={k} must divide in_features={fin} and out_features={fout}")
+        A = _expect(f"{name}.gralora_A", parts.get("gralora_A"), (k, fin // k, r))
+        B = _expect(f"{name}.gralora_B", parts.get("gralora_B"), (k, r, fout // k))
+        gA = gB = None
+        if hybrid_r:
+            gA = _expect(f"{name}.gralora_A_general.weight", parts.get("gralora_A_general.weight"), (hybrid_r, fin)).t().contiguous()
+            gB = _expect(f"{name}.gralora_B_general.weight", parts.get("gralora_B_general.weight"), (fout, hybrid_r)).t().contiguous()
+        elif set(parts) - {"gralora_A", "gralora_B"}:
+            raise AdapterError(f"{name}: unexpected tensors {sorted(set(parts) - {'gralora_A', 'gralora_B'})}")
+        modules[(layer, proj)] = ModuleDelta(k, A.contiguous(), B.contiguous(), scale, gA, gB)
+    return modules
+
+
+def parse_adapter(config_raw: bytes, weights_raw: bytes, base: BaseShape, max_rank: int) -> AdapterWeights:
+    """Validate an uploaded adapter against the base model; raises AdapterError naming the problem."""
+    config = parse_config(config_raw)
+    _check_common(config)
+    grouped = _group_tensors(parse_weights(weights_raw), base)
+    if config["peft_type"] == "LORA":
+        modules = _lora_modules(config, grouped, base, max_rank)
+    else:
+        modules = _gralora_modules(config, grouped, base, max_rank)
+    rank = max(m.rank + (0 if m.general_A is None else m.general_A.shape[1]) for m in modules.values())
+    return AdapterWeights(peft_type=config["peft_type"], rank=rank, config=config, modules=modules)

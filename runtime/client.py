@@ -1,0 +1,53 @@
+"""A small HTTP client of a running loraplex server (used by `loraplex adapters ...`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from .adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ClientError(RuntimeError):
+    pass
+
+
+class HttpClient:
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 300.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def _check(self, r: httpx.Response) -> dict:
+        if r.status_code >= 400:
+            try:
+                message = r.json()["error"]["message"]
+            except Exception:
+                message = r.text
+            raise ClientError(f"HTTP {r.status_code}: {message}")
+        return r.json()
+
+    def upload_adapter(self, directory: str | Path, adapter_id: str) -> dict:
+        d = Path(directory)
+        if not (d / WEIGHTS_FILE).exists():
+            raise ClientError(f"{d}: no {WEIGHTS_FILE} (only safetensors adapters are accepted)")
+        with open(d / CONFIG_FILE, "rb") as cfg, open(d / WEIGHTS_FILE, "rb") as w:
+            files = {"config": (CONFIG_FILE, cfg, "application/json"),
+                     "weights": (WEIGHTS_FILE, w, "application/octet-stream")}
+            return self._check(self.http.post("/v1/adapters", data={"id": adapter_id}, files=files))
+
+    def list_adapters(self) -> list[dict]:
+        return self._check(self.http.get("/v1/adapters"))["data"]
+
+    def delete_adapter(self, adapter_id: str) -> dict:
+        return self._check(self.http.delete(f"/v1/adapters/{adapter_id}"))
+
+    def complete(self, model: str, prompt: str, **params) -> dict:
+        return self._check(self.http.post("/v1/completions", json={"model": model, "prompt": prompt, **params}))
+
+    def chat(self, model: str, messages: list[dict], **params) -> dict:
+        return self._check(self.http.post("/v1/chat/completions", json={"model": model, "messages": messages, **params}))
+
+    def health(self) -> dict:
+        return self._check(self.http.get("/health"))

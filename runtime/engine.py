@@ -1,0 +1,241 @@
+"""The engine: one thread running schedule → model → sample → postprocess, fed by a thread-safe inbox.
+
+Transports call `submit` / `abort` from any thread; outputs go back through each request's `emit`
+callback (called on the engine thread: it must only hand the output over, never block).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .adapters.ops import AdapterOps, TorchAdapterOps
+from .adapters.registry import AdapterRef
+from .adapters.slots import AdapterSlots
+from .base_model import BaseModel
+from .block_manager import BlockManager
+from .detokenizer import append_token_text, find_stop, releasable_text
+from .model_runner import ModelRunner, kv_bytes_per_token
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import SamplingParams, Sequence, SeqStatus, StepOutput
+
+log = logging.getLogger("loraplex.engine")
+
+
+@dataclass
+class EngineConfig:
+    max_gpu_adapters: int = 8
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 2048
+    kv_cache_tokens: int | None = None  # None: sized from the device's free memory (CUDA) or 32k tokens
+    block_size: int = 16
+    adapter_ops: str = "auto"  # auto | torch | triton
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (too long, bad parameters)."""
+
+
+def make_ops(kind: str, base: BaseModel, num_slots: int) -> AdapterOps:
+    if kind == "auto":
+        kind = "triton" if base.device.type == "cuda" else "torch"
+    args = (num_slots, base.projection_shapes, base.num_layers, base.device, base.dtype)
+    if kind == "torch":
+        return TorchAdapterOps(*args)
+    if kind == "triton":
+        from loraplex.kernels.ops import TritonAdapterOps
+        return TritonAdapterOps(*args)
+    raise ValueError(f"unknown adapter ops {kind!r}: auto, torch or triton")
+
+
+def _kv_cache_tokens(base: BaseModel, requested: int | None) -> int:
+    if requested:
+        return requested
+    if base.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(base.device)
+        return max(int(free * 0.5) // kv_bytes_per_token(base), 4096)
+    return 32768
+
+
+class Engine:
+    def __init__(self, base: BaseModel, config: EngineConfig | None = None):
+        self.base = base
+        self.config = config = config or EngineConfig()
+        tokens = _kv_cache_tokens(base, config.kv_cache_tokens)
+        self.blocks = BlockManager(tokens // config.block_size, config.block_size)
+        self.ops = make_ops(config.adapter_ops, base, config.max_gpu_adapters)
+        self.slots = AdapterSlots(self.ops)
+        self.scheduler = Scheduler(self.blocks, self.slots, max_num_seqs=config.max_num_seqs,
+                                   max_batched_tokens=config.max_batched_tokens)
+        self.runner = ModelRunner(base, self.blocks, self.ops)
+        self.max_model_len = min(getattr(base.config, "max_position_embeddings", 1 << 30),
+                                 self.blocks.num_blocks * config.block_size)
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: deque[int] = deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._by_id: dict[int, Sequence] = {}
+        self.steps = 0
+        self.tokens_generated = 0
+        self.on_finish: Callable[[Sequence], None] | None = None  # metrics hook
+
+    # -- called from any thread -------------------------------------------------------------
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                               f"the model's context of {self.max_model_len} tokens")
+        vocab = self.base.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, adapter: AdapterRef | None,
+               emit: Callable[[StepOutput], None]) -> int:
+        self.check(prompt_token_ids, params)
+        seq = Sequence(prompt_token_ids, params, adapter, emit)
+        self._inbox.append(seq)
+        self._wake.set()
+        return seq.id
+
+    def abort(self, request_id: int) -> None:
+        self._aborts.append(request_id)
+        self._wake.set()
+
+    def stats(self) -> dict:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
+                "kv_block_size": self.blocks.block_size, "resident_adapters": len(self.slots.resident),
+                "adapter_slots": self.slots.capacity, "adapter_ops": self.ops.name, "steps": self.steps,
+                "tokens_generated": self.tokens_generated}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as e:  # fail the requests in flight, keep serving
+                log.exception("engine step failed")
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self._finish(seq, "error", error=f"engine error: {e}")
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            seq = self._inbox.popleft()
+            self._by_id[seq.id] = seq
+            self.scheduler.add(seq)
+        while self._aborts:
+            seq = self._by_id.get(self._aborts.popleft())
+            if seq is not None and seq.status is not SeqStatus.FINISHED:
+                self._finish(seq, "abort")
+
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch:
+            time.sleep(0.001)  # everything waits for adapter slots or KV blocks held by finishing requests
+            return
+        logits = self.runner.run(batch)
+        ready = [seq for seq, _ in batch if seq.num_computed == len(seq)]
+        tokens = sample(logits, ready)
+        self.steps += 1
+        for seq, token in zip(ready, tokens):
+            self._append(seq, token)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        self.tokens_generated += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        previous_len = len(seq.text)
+        append_token_text(self.base.tokenizer, seq)
+        reason = None
+        stop_at = find_stop(seq, previous_len)
+        if stop_at is not None:
+            seq.text = seq.text[:stop_at]
+            reason = "stop"
+        elif token in self.base.eos_token_ids and not seq.params.ignore_eos:
+            reason = "stop"
+        elif seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self._finish(seq, reason, last_token=token)
+        else:
+            seq.emit(StepOutput(seq.id, releasable_text(seq, False), [token], False, None,
+                                seq.num_prompt_tokens, seq.num_completion_tokens))
+
+    def _finish(self, seq: Sequence, reason: str, last_token: int | None = None, error: str | None = None) -> None:
+        self.scheduler.finish(seq, reason)
+        self._by_id.pop(seq.id, None)
+        if self.on_finish is not None:
+            self.on_finish(seq)
+        seq.emit(StepOutput(seq.id, releasable_text(seq, True), [] if last_token is None else [last_token], True,
+                            reason, seq.num_prompt_tokens, seq.num_completion_tokens, error))
+
+    # -- synchronous helpers (tests, benchmarks) ---------------------------------------------
+    def generate(self, requests: list[tuple[list[int], SamplingParams, AdapterRef | None]]) -> list[list[StepOutput]]:
+        """Run requests to completion in one continuous batch; with the loop thread started or not."""
+        results: list[list[StepOutput]] = [[] for _ in requests]
+        done = threading.Semaphore(0)
+
+        def collector(i):
+            def emit(out: StepOutput):
+                results[i].append(out)
+                if out.finished:
+                    done.release()
+            return emit
+
+        for i, (ids, params, adapter) in enumerate(requests):
+            self.submit(ids, params, adapter, collector(i))
+        if self._thread is None:
+            self._drain_inbox()
+            while self.scheduler.has_work():
+                self.step()
+                self._drain_inbox()
+        for _ in requests:
+            done.acquire()
+        return results
+
+    @torch.inference_mode()
+    def score(self, requests: list[tuple[list[int], AdapterRef | None]]) -> list[torch.Tensor]:
+        """Logits of every position of every request, all computed in ONE mixed batch (tests).
+        Only while the loop thread is not running."""
+        assert self._thread is None, "score() runs without the engine thread"
+        seqs = [Sequence(ids, SamplingParams(max_tokens=1, temperature=0.0), ref, lambda out: None)
+                for ids, ref in requests]
+        batch = []
+        for seq in seqs:
+            if seq.adapter is not None:
+                seq.adapter_slot = self.slots.acquire(seq.adapter)
+                assert seq.adapter_slot is not None, "more distinct adapters than slots"
+            self.blocks.allocate(seq, len(seq))
+            batch.append((seq, len(seq)))
+        try:
+            logits = self.runner.run(batch, all_logits=True)
+        finally:
+            for seq in seqs:
+                self.blocks.free(seq)
+                if seq.adapter is not None:
+                    self.slots.release(seq.adapter)
+        return list(logits.split([len(s) for s in seqs]))

@@ -1,0 +1,186 @@
+"""The decoder (Llama family: Llama, Mistral, Qwen2) as plain PyTorch modules.
+
+Tokens of one engine step arrive packed as one [T, hidden] tensor; `StepContext` says where each
+token's K/V goes in the paged cache, which cached keys each token attends to, and which adapter
+slot each token uses. q/k/v and gate/up are fused linears; the adapter delta of each projection is
+added to its slice of the fused output by the adapter ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class PrefillChunk:
+    """Tokens [start, start+length) of the packed batch are positions [ctx_len-length, ctx_len)."""
+    start: int
+    length: int
+    ctx_slots: torch.Tensor  # [ctx_len] cache slots of the whole context so far
+    causal_mask: torch.Tensor | None  # [length, ctx_len] bool, None when the chunk is the whole context
+
+
+@dataclass
+class StepContext:
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] cache slot each token's K/V is written to
+    decode_token_idx: torch.Tensor | None = None  # [Bd] packed index of each one-token row
+    decode_ctx_slots: torch.Tensor | None = None  # [Bd, max_ctx]
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_ctx] bool
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    lora: object | None = None  # adapters.ops.AdapterOps, or None when no row uses an adapter
+    lora_meta: object | None = None  # the ops' per-step token→slot metadata
+    logits_idx: torch.Tensor | None = None  # [S] rows whose logits are needed; None = all
+
+
+def _n_kv_heads(cfg) -> int:
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each adaptable projection."""
+    h, hd = cfg.hidden_size, _head_dim(cfg)
+    q_out, kv_out, inter = cfg.num_attention_heads * hd, _n_kv_heads(cfg) * hd, cfg.intermediate_size
+    return {"q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out), "o_proj": (q_out, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+class AdaptedLinear(nn.Module):
+    """A base linear (dense or NF4) computing one or several fused projections, plus adapter deltas."""
+
+    def __init__(self, base: nn.Module, layer_idx: int, projections: tuple[str, ...]):
+        super().__init__()
+        self.base = base
+        self.layer_idx = layer_idx
+        self.projections = projections
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        y = self.base(x)
+        if ctx.lora is not None:
+            ctx.lora.apply(self.layer_idx, self.projections, x, y, ctx.lora_meta)
+        return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, _n_kv_heads(cfg), _head_dim(cfg)
+        qkv_bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
+        out = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        self.qkv_proj = AdaptedLinear(nn.Linear(cfg.hidden_size, out, bias=qkv_bias), layer_idx, QKV)
+        self.o_proj = AdaptedLinear(nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size,
+                                              bias=bool(getattr(cfg, "attention_bias", False))),
+                                    layer_idx, ("o_proj",))
+        self.scale = self.head_dim ** -0.5
+        self.k_cache: torch.Tensor | None = None  # [num_slots, n_kv, head_dim], set by the runner
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x, ctx)
+        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                             self.n_kv * self.head_dim], dim=-1)
+        q = rotate(q.view(T, self.n_heads, self.head_dim), cos, sin)
+        k = rotate(k.view(T, self.n_kv, self.head_dim), cos, sin)
+        v = v.view(T, self.n_kv, self.head_dim)
+        self.k_cache[ctx.slot_mapping] = k.to(self.k_cache.dtype)
+        self.v_cache[ctx.slot_mapping] = v.to(self.v_cache.dtype)
+
+        out = torch.empty_like(q)
+        if ctx.decode_token_idx is not None:
+            qd = q[ctx.decode_token_idx].unsqueeze(2)  # [Bd, H, 1, D]
+            kd = self.k_cache[ctx.decode_ctx_slots].transpose(1, 2)  # [Bd, KV, ctx, D]
+            vd = self.v_cache[ctx.decode_ctx_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=ctx.decode_mask,
+                                                scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+            out[ctx.decode_token_idx] = od.squeeze(2)
+        for chunk in ctx.prefills:
+            s = slice(chunk.start, chunk.start + chunk.length)
+            qp = q[s].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            kp = self.k_cache[chunk.ctx_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            vp = self.v_cache[chunk.ctx_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.causal_mask,
+                                                is_causal=chunk.causal_mask is None, scale=self.scale,
+                                                enable_gqa=self.n_kv != self.n_heads)
+            out[s] = op.squeeze(0).transpose(0, 1)
+        return self.o_proj(out.reshape(T, -1), ctx)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = AdaptedLinear(nn.Linear(cfg.hidden_size, 2 * self.inter, bias=False), layer_idx, GATE_UP)
+        self.down_proj = AdaptedLinear(nn.Linear(self.inter, cfg.hidden_size, bias=False), layer_idx, ("down_proj",))
+
+    def forward(self, x, ctx: StepContext) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, ctx).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up, ctx)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, layer_idx)
+
+    def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if getattr(cfg, "tie_word_embeddings", False):
+            self.lm_head.weight = self.embed_tokens.weight
+        # transformers' rotary module knows every rope_scaling variant (llama3, yarn, dynamic, ...)
+        self.rotary = LlamaRotaryEmbedding(cfg)
+
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(x, ctx.positions.unsqueeze(0))
+        cos, sin = cos[0].unsqueeze(1).to(x.dtype), sin[0].unsqueeze(1).to(x.dtype)  # [T, 1, D]
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        if ctx.logits_idx is not None:
+            x = x[ctx.logits_idx]
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,94 @@
+"""Which tokens run in the next step: continuous batching with chunked prefill.
+
+Every step first continues the running sequences (one decode token each, or the next chunk of a
+prompt still being prefilled), then admits waiting requests into the remaining token budget, so
+new prompts start at the next step instead of waiting for the batch to drain. A request is
+admitted only when its adapter has an accelerator slot and its tokens have KV blocks; when decode
+runs out of blocks the most recently admitted sequence is preempted (freed, recomputed later).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from .adapters.segments import NO_ADAPTER
+from .adapters.slots import AdapterSlots
+from .block_manager import BlockManager
+from .sequence import Sequence, SeqStatus
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, slots: AdapterSlots | None, *, max_num_seqs: int,
+                 max_batched_tokens: int):
+        self.blocks = blocks
+        self.slots = slots
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        if seq.adapter is not None and seq.adapter_slot != NO_ADAPTER:
+            self.slots.release(seq.adapter)
+        seq.adapter_slot = NO_ADAPTER
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, number of its tokens to compute this step) pairs."""
+        budget = self.max_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room
+                continue
+            n = min(len(seq) - seq.num_computed, budget)
+            if n <= 0:
+                break
+            while not self.blocks.can_allocate(seq, seq.num_computed + n) and self.running[-1] is not seq:
+                victim = self.running[-1]
+                batch = [(s, m) for s, m in batch if s is not victim]
+                self._preempt(victim)
+            if not self.blocks.can_allocate(seq, seq.num_computed + n):
+                self._preempt(seq)
+                continue
+            self.blocks.allocate(seq, seq.num_computed + n)
+            batch.append((seq, n))
+            budget -= n
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(len(seq) - seq.num_computed, budget)
+            # keep a block of headroom per running sequence so admission does not force preemption
+            if self.blocks.blocks_needed(seq, seq.num_computed + n) + len(self.running) > self.blocks.num_free:
+                break
+            slot = NO_ADAPTER
+            if seq.adapter is not None:
+                slot = self.slots.acquire(seq.adapter)
+                if slot is None:  # every slot pinned by running requests: wait for one to finish
+                    break
+            self.waiting.popleft()
+            seq.adapter_slot = slot
+            seq.status = SeqStatus.RUNNING
+            self.blocks.allocate(seq, seq.num_computed + n)
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
