@@ -1,0 +1,238 @@
+"""The segmented Triton kernels on the CPU (TRITON_INTERPRET=1) against a float64 reference."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` of the process
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton.language as tl
+
+from loraplex.kernels import ops as kernel_ops
+from loraplex.kernels.ops import TritonAdapterOps
+from loraplex.kernels.tile_config import TileConfig
+from loraplex.kernels.weight_pool import WeightPool
+from loraplex.runtime.adapters.ops import TorchAdapterOps, module_delta
+from loraplex.runtime.adapters.peft_format import AdapterWeights, ModuleDelta
+from loraplex.runtime.adapters.segments import Segments, build_segments
+
+# triton picks interpreter or compiler when it is imported; if another test module imported it
+# first without TRITON_INTERPRET, run this file again in a fresh process instead.
+INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; "
+                                                              "test_in_fresh_process runs these")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the tests below run in this process")
+def test_in_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
+          "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+GROUPS = (QKV, ("o_proj",), GATE_UP, ("down_proj",))
+RTOL = 1e-4
+
+
+def make_adapter(k=1, r=16, hybrid_r=0, layers=(0,), projections=tuple(SHAPES), seed=0) -> AdapterWeights:
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for layer in layers:
+        for proj in projections:
+            fin, fout = SHAPES[proj]
+            A = torch.randn(k, fin // k, r, generator=g) / fin ** 0.5
+            B = torch.randn(k, r, fout // k, generator=g)
+            gA = torch.randn(fin, hybrid_r, generator=g) / fin ** 0.5 if hybrid_r else None
+            gB = torch.randn(hybrid_r, fout, generator=g) if hybrid_r else None
+            modules[(layer, proj)] = ModuleDelta(k, A, B, 0.5 + torch.rand(1, generator=g).item(), gA, gB)
+    return AdapterWeights("GRALORA" if k > 1 or hybrid_r else "LORA", k * r + hybrid_r, {}, modules)
+
+
+def make_ops(adapters: dict[int, AdapterWeights], num_slots=8, num_layers=1, dtype=torch.float32):
+    ops = TritonAdapterOps(num_slots, SHAPES, num_layers, "cpu", dtype)
+    for slot, adapter in adapters.items():
+        ops.load(slot, adapter)
+    return ops
+
+
+def reference(adapters, token_slots, layer, projections, x, y0):
+    """float64 y0 + deltas, and a mask of the elements any delta touches."""
+    y, touched = y0.double().clone(), torch.zeros(y0.shape, dtype=torch.bool)
+    for slot in set(token_slots) - {-1}:
+        rows = torch.tensor([t for t, s in enumerate(token_slots) if s == slot])
+        col = 0
+        for proj in projections:
+            out = SHAPES[proj][1]
+            m = adapters[slot].modules.get((layer, proj)) if slot in adapters else None
+            if m is not None:
+                y[rows, col:col + out] += module_delta(x[rows].double(), m.to("cpu", torch.float64))
+                touched[rows, col:col + out] = True
+            col += out
+    return y, touched
+
+
+def run_and_check(ops, adapters, token_slots, projections, layer=0, meta=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    fin = SHAPES[projections[0]][0]
+    x = torch.randn(len(token_slots), fin, generator=g)
+    y0 = torch.randn(len(token_slots), sum(SHAPES[p][1] for p in projections), generator=g)
+    meta = meta if meta is not None else ops.metadata(token_slots)
+    if hasattr(meta, "partials"):
+        meta.partials.fill_(float("nan"))  # expand must read only what shrink wrote
+    y = y0.clone().to(ops.dtype)
+    ops.apply(layer, projections, x.to(ops.dtype), y, meta)
+    ref, touched = reference(adapters, token_slots, layer, projections, x.to(ops.dtype).float(), y0.to(ops.dtype))
+    y = y.float()
+    assert torch.equal(y[~touched], y0.to(ops.dtype).float()[~touched]), "an element without a delta changed"
+    assert not torch.isnan(y).any()
+    delta_ref = ref - y0.to(ops.dtype).double()
+    err = (y.double() - ref).norm() / delta_ref.norm().clamp_min(1e-30)
+    assert err < (RTOL if ops.dtype == torch.float32 else 2e-2), f"relative error {err:.2e}"
+    return touched
+
+
+@needs_interpreter
+def test_lora_many_tokens_per_segment():
+    adapters = {0: make_adapter(r=16, seed=1), 3: make_adapter(r=16, seed=2)}
+    slots = [0, 3, -1, 0, 0, 3] * 7  # segments of 21 and 14 tokens, 7 rows without adapter
+    touched = run_and_check(make_ops(adapters), adapters, slots, QKV)
+    assert touched.any(1).sum() == 35
+
+
+@needs_interpreter
+@pytest.mark.parametrize("k", [2, 4])
+def test_gralora(k):
+    adapters = {1: make_adapter(k=k, r=16, seed=k)}
+    run_and_check(make_ops(adapters), adapters, [1, -1, 1, 1], QKV)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("passes", [1, 2])
+def test_hybrid_one_and_two_passes(passes):
+    adapters = {0: make_adapter(k=2, r=8, hybrid_r=8, seed=3), 1: make_adapter(r=8, seed=4)}
+    ops = make_ops(adapters)
+    ops.hybrid_passes = passes
+    run_and_check(ops, adapters, [0, 1, 0, -1, 1], QKV)
+    run_and_check(ops, adapters, [0, 0, 1], GATE_UP)
+
+
+@needs_interpreter
+def test_mixed_ranks_in_one_launch(monkeypatch):
+    adapters = {0: make_adapter(r=8, seed=5), 1: make_adapter(r=16, seed=6), 2: make_adapter(r=64, seed=7),
+                3: make_adapter(k=4, r=16, hybrid_r=16, seed=8)}
+    ops = make_ops(adapters)
+    launches = []
+    for name in ("shrink", "expand"):
+        original = getattr(kernel_ops, name)
+        monkeypatch.setattr(kernel_ops, name, lambda *a, _f=original, _n=name, **kw: (launches.append(_n), _f(*a, **kw)))
+    run_and_check(ops, adapters, [2, 0, 1, 3, 2, -1, 0, 1, 3, 3, 2], QKV)
+    assert launches == ["shrink", "expand"]
+
+
+@needs_interpreter
+def test_one_token_per_segment_with_split_inputs():
+    adapters = {s: make_adapter(k=1 + (s % 2), r=8 * (1 + s % 3), seed=10 + s) for s in range(6)}
+    ops = make_ops(adapters)
+    ops.tile_config = TileConfig(block_m=16, block_k=16, block_r=16, block_n=16)
+    ops.num_splits = 3  # in=64 in 16-wide steps over 3 splits: one split has one step, partial sums add up
+    slots = [5, 0, 3, -1, 1, 4, 2]
+    for group in GROUPS:
+        run_and_check(ops, adapters, slots, group)
+
+
+@needs_interpreter
+def test_prefill_tiles():
+    adapters = {0: make_adapter(r=64, seed=20), 1: make_adapter(k=2, r=16, hybrid_r=8, seed=21)}
+    ops = make_ops(adapters)
+    slots = [0] * 70 + [1] * 20 + [-1] * 5
+    meta = ops.metadata(slots)
+    assert meta.config.block_m == 64 and meta.tiles.shape[0] == 3  # 70 tokens = 2 tiles, 20 = 1
+    run_and_check(ops, adapters, slots, ("down_proj",), meta=meta)
+
+
+@needs_interpreter
+def test_empty_segments_and_rows_without_adapter():
+    adapters = {2: make_adapter(r=16, seed=30)}
+    ops = make_ops(adapters)
+    run_and_check(ops, adapters, [-1, -1, -1], QKV)  # no segment at all
+    base = build_segments([-1, 2, -1, 2, -1], "cpu")
+    # a zero-length segment (slot 5) between real ones: it must do nothing
+    seg = Segments(num_tokens=5, token_order=base.token_order, starts=torch.tensor([0, 2], dtype=torch.int32),
+                   lengths=torch.tensor([2, 0], dtype=torch.int32), slots=torch.tensor([2, 5], dtype=torch.int32),
+                   host=[(0, 2, 2), (2, 0, 5)], max_length=2)
+    touched = run_and_check(ops, adapters, [-1, 2, -1, 2, -1], QKV, meta=ops.extend(seg))
+    assert touched.any(1).tolist() == [False, True, False, True, False]
+
+
+@needs_interpreter
+def test_missing_modules_and_layers():
+    adapters = {0: make_adapter(r=8, projections=("q_proj", "v_proj"), layers=(1,), seed=40),
+                1: make_adapter(k=2, r=8, projections=("k_proj", "down_proj"), layers=(0, 1), seed=41)}
+    ops = make_ops(adapters, num_layers=2)
+    slots = [0, 1, 0, 1]
+    for layer in (0, 1):
+        for group in (QKV, ("down_proj",)):
+            run_and_check(ops, adapters, slots, group, layer=layer)
+
+
+@needs_interpreter
+def test_matches_torch_ops():
+    adapters = {0: make_adapter(r=8, layers=(0, 1), seed=50), 2: make_adapter(k=4, r=16, layers=(0, 1), seed=51),
+                5: make_adapter(k=2, r=16, hybrid_r=16, layers=(0, 1), seed=52)}
+    triton_ops = make_ops(adapters, num_layers=2)
+    torch_ops = TorchAdapterOps(8, SHAPES, 2, "cpu", torch.float32)
+    for slot, adapter in adapters.items():
+        torch_ops.load(slot, adapter)
+    slots = [2, 0, -1, 5, 5, 2, 0, 0, -1, 5]
+    g = torch.Generator().manual_seed(53)
+    for layer in (0, 1):
+        for group in GROUPS:
+            x = torch.randn(len(slots), SHAPES[group[0]][0], generator=g)
+            y = torch.randn(len(slots), sum(SHAPES[p][1] for p in group), generator=g)
+            y_triton, y_torch = y.clone(), y.clone()
+            triton_ops.apply(layer, group, x, y_triton, triton_ops.metadata(slots))
+            torch_ops.apply(layer, group, x, y_torch, torch_ops.metadata(slots))
+            torch.testing.assert_close(y_triton, y_torch, rtol=1e-4, atol=1e-4)
+
+
+@needs_interpreter
+def test_load_evict_reload_reuses_the_pool():
+    small, big = make_adapter(r=8, seed=60), make_adapter(r=64, seed=61)
+    ops = make_ops({0: small, 1: small})
+    ops.evict(0)
+    ops.load(0, make_adapter(r=8, seed=62))  # fits the freed region exactly: no growth
+    assert ops.pool.version == 2  # the first two loads grew it twice
+    ops.load(1, big)  # replaces slot 1 with a larger adapter: the pool grows, offsets stay valid
+    adapters = {0: make_adapter(r=8, seed=62), 1: big}
+    run_and_check(ops, adapters, [0, 1, 1, 0, 3], QKV)
+    ops.evict(1)
+    run_and_check(ops, {0: adapters[0]}, [0, 1, 1, 0], QKV)  # evicted slot: its rows untouched
+
+
+@needs_interpreter
+def test_weight_pool_first_fit_and_merge():
+    pool = WeightPool("cpu", torch.float32)
+    a, b, c = pool.allocate(100), pool.allocate(64), pool.allocate(10)
+    assert (a, b) == (0, 128) and c % 64 == 0
+    pool.buffer[b:b + 64] = 7.0
+    pool.free(a)
+    pool.free(c)
+    assert pool.allocate(128) == 0  # first fit into the freed front
+    pool.reserve(10_000)
+    assert pool.capacity >= 10_000 and torch.all(pool.buffer[b:b + 64] == 7.0)
+    pool.free(0)
+    pool.free(b)
+    assert pool.free_regions == [(0, pool.capacity)]
+
+
+@needs_interpreter
+def test_bf16_weights_and_activations():
+    adapters = {0: make_adapter(r=16, seed=70), 1: make_adapter(k=4, r=16, hybrid_r=8, seed=71)}
+    ops = make_ops(adapters, dtype=torch.bfloat16)
+    run_and_check(ops, adapters, [0, 1, 1, -1, 0], QKV)
