@@ -55,7 +55,8 @@ class ModelRunner:
             if begin + n == len(seq):
                 logits_idx.append(len(input_ids) - 1)
         dev = self.device
-        ctx = StepContext(positions=torch.tensor(positions, device=dev), slot_mapping=torch.tensor(slots, device=dev),
+        ctx = StepContext(positions=torch.tensor(positions, device=dev),
+                          slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                           prefills=prefills)
         if decode_idx:
             width = max(len(c) for c in decode_ctx)
@@ -66,7 +67,7 @@ class ModelRunner:
         if self.ops is not None and any(s != NO_ADAPTER for s in token_slots):
             ctx.lora, ctx.lora_meta = self.ops, self.ops.metadata(token_slots)
         if not all_logits:
-            ctx.logits_idx = torch.tensor(logits_idx, device=dev)
+            ctx.logits_idx = torch.tensor(logits_idx, dtype=torch.long, device=dev)
         return torch.tensor(input_ids, device=dev), ctx
 
     @torch.inference_mode()

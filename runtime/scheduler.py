@@ -25,6 +25,7 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -33,6 +34,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
+        self.preemptions += 1
         self.running.remove(seq)
         self._release(seq)
         seq.status = SeqStatus.WAITING

@@ -129,3 +129,18 @@ def fp32_server(tmp_path_factory):
                            adapter_dir=tmp_path_factory.mktemp("store") / "adapters")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint (GQA, 2 layers) with the default model's tokenizer: fast engine tests."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,75 @@
+"""The adapter store and registry: atomic versions, restart, delete, ids, in-flight versions."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from loraplex.runtime.adapters.peft_format import AdapterError, BaseShape
+from loraplex.runtime.adapters.registry import AdapterRegistry
+from loraplex.runtime.adapters.store import AdapterStore
+
+SHAPE = BaseShape(2, {"q_proj": (16, 16), "k_proj": (16, 8), "v_proj": (16, 8), "o_proj": (16, 16),
+                      "gate_proj": (16, 32), "up_proj": (16, 32), "down_proj": (32, 16)})
+
+
+def lora_files(rank=4, scale=1.0):
+    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    w = {f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight": torch.randn(rank, 16) * scale for i in range(2)}
+    w |= {f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight": torch.randn(16, rank) * scale for i in range(2)}
+    return json.dumps(cfg).encode(), save(w)
+
+
+def test_versions_survive_restart_and_replace(tmp_path):
+    reg = AdapterRegistry(AdapterStore(tmp_path), SHAPE)
+    assert reg.upload("a", *lora_files()).version == 1
+    old = reg.resolve("a")
+    assert reg.upload("a", *lora_files(rank=2)).version == 2
+    assert old.version == 1 and old.weights.rank == 4  # in-flight requests keep their version's weights
+    reg2 = AdapterRegistry(AdapterStore(tmp_path), SHAPE)  # a restart
+    [rec] = reg2.list()
+    assert (rec.id, rec.version, rec.rank) == ("a", 2, 2)
+    assert reg2.resolve("a").weights.rank == 2
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["CURRENT", "v2"]
+
+
+def test_delete_then_reupload_never_reuses_a_version(tmp_path):
+    reg = AdapterRegistry(AdapterStore(tmp_path), SHAPE)
+    reg.upload("a", *lora_files())
+    held = reg.resolve("a")
+    reg.delete("a")
+    with pytest.raises(AdapterError) as e:
+        reg.resolve("a")
+    assert e.value.status == 404
+    assert reg.upload("a", *lora_files()).version == 2
+    assert held.key == ("a", 1) and held.weights.modules
+    with pytest.raises(AdapterError):
+        reg.delete("missing")
+
+
+def test_failed_commit_leaves_nothing(tmp_path, monkeypatch):
+    store = AdapterStore(tmp_path)
+    reg = AdapterRegistry(store, SHAPE)
+    reg.upload("a", *lora_files())
+    import loraplex.runtime.adapters.store as store_mod
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(store_mod, "_fsync_dir", boom)
+    with pytest.raises(OSError):
+        reg.upload("a", *lora_files(rank=2))
+    monkeypatch.undo()
+    assert [(r.id, r.version) for r in store.list()] == [("a", 1)]
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert AdapterStore(tmp_path).list()[0].version == 1
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", ".hidden", "base", "x" * 200, "a b"])
+def test_bad_ids(tmp_path, bad):
+    reg = AdapterRegistry(AdapterStore(tmp_path), SHAPE)
+    with pytest.raises(AdapterError) as e:
+        reg.upload(bad, *lora_files())
+    assert e.value.status == 400
+    assert not any(p.name != ".tmp" for p in tmp_path.iterdir())
