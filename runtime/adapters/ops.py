@@ -63,9 +63,11 @@ class TorchAdapterOps(AdapterOps):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.slots: list[dict[tuple[int, str], ModuleDelta] | None] = [None] * self.num_slots
+        # CPUs without native bf16 run these small matmuls far faster (and more exactly) in fp32
+        self.compute_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
 
     def load(self, slot: int, adapter: AdapterWeights) -> None:
-        self.slots[slot] = {key: m.to(self.device, self.dtype) for key, m in adapter.modules.items()}
+        self.slots[slot] = {key: m.to(self.device, self.compute_dtype) for key, m in adapter.modules.items()}
 
     def evict(self, slot: int) -> None:
         self.slots[slot] = None
@@ -80,6 +82,6 @@ class TorchAdapterOps(AdapterOps):
                 out = self.projection_shapes[proj][1]
                 w = weights.get((layer, proj))
                 if w is not None:
-                    xs = x.index_select(0, idx) if xs is None else xs
+                    xs = x.index_select(0, idx).to(self.compute_dtype) if xs is None else xs
                     y.narrow(1, offset, out).index_add_(0, idx, module_delta(xs, w).to(y.dtype))
                 offset += out
