@@ -241,3 +241,19 @@ def test_streaming_chat_and_stop_strings(fp32_server):
     seeded = [s.client.post("/v1/completions", json={"model": "base", "prompt": "Hi", "max_tokens": 8, "temperature": 1.0,
                                                       "seed": 7}).json()["choices"][0]["text"] for _ in range(2)]
     assert seeded[0] == seeded[1]
+
+
+def test_cli_adapters_upload_list_delete(fp32_server, peft_adapters):
+    import sys
+    from pathlib import Path
+    exe = [str(Path(sys.executable).parent / "loraplex"), "adapters"]
+    url = ["--url", fp32_server.url]
+    run = lambda *a: subprocess.run(exe + list(a) + url, capture_output=True, text=True, timeout=120)
+    up = run("upload", str(peft_adapters["hybrid"]), "--id", "from-cli")
+    assert up.returncode == 0, up.stderr
+    assert json.loads(up.stdout)["peft_type"] == "GRALORA"
+    assert "from-cli" in [a["id"] for a in json.loads(run("list").stdout)]
+    assert fp32_server.complete("from-cli", "Hi", 4)["choices"][0]["text"]
+    assert json.loads(run("delete", "from-cli").stdout)["deleted"] is True
+    missing = run("delete", "from-cli")
+    assert missing.returncode != 0 and "404" in missing.stderr and "not found" in missing.stderr
