@@ -32,7 +32,7 @@ def _serve(args) -> None:
 
 
 def _adapters(args) -> None:
-    from .client import ClientError, HttpClient
+    from loraplex.client import ClientError, HttpClient
     client = HttpClient(args.url)
     try:
         if args.action == "upload":

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import httpx
 
-from .adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.runtime.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
