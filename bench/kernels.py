@@ -1,14 +1,15 @@
 """How fast are the segmented LoRA kernels on one decoder layer, against PyTorch references? (GPU)
 
 Every case is one whole decoder layer's adapter work (fused q/k/v, o, fused gate/up, down: four
-`apply` calls) for T tokens spread over n distinct adapters, timed as CUDA-graph replays:
-  kernel   TritonAdapterOps (shrink + expand per fused group)
+`apply` calls) for T tokens spread over n distinct adapters, timed as CUDA-graph replays (median):
+  kernel   TritonAdapterOps (shrink + expand per fused group, programmatic dependent launch on Hopper)
   gather   PyTorch: gather each segment's weights and tokens, padded, then bmm (one pass per projection)
   loop     PyTorch: TorchAdapterOps, a loop over adapters
-bw = adapter bytes (the weights of the n adapters) / kernel time / device-to-device copy bandwidth.
-A bf16/fp16 correctness check against an fp32 PyTorch reference runs first.
+bw = adapter bytes (the weights of the n adapters) / kernel time / device-to-device copy bandwidth
+(bytes read + written). A bf16/fp16 correctness check against an fp32 PyTorch reference runs first.
+The summary (targets in the JSON) is measured on Llama-3.1-8B with 64 decode tokens.
 
-usage: python bench/kernels.py [--quick] [--sweep] [--out bench/results/kernels.json]
+usage: python bench/kernels.py [--quick] [--sweep] [--no-grid] [--skip-check] [--out bench/results/kernels.json]
 """
 from __future__ import annotations
 
@@ -218,11 +219,14 @@ def check(dtype) -> list[dict]:
     results = []
     decode = [-1 if s % 5 == 4 else s % len(specs) for s in range(48)]
     prefill = [s // 40 if s % 50 else -1 for s in range(300)]
-    configs = [("auto", None, None, 1), ("split4_two_pass", None, 4, 2),
-               ("one_row_tiles", TileConfig(1, 256, 16, 1024, 4, 4, 1), None, 1),
-               ("prefill_tiles", TileConfig(64, 64, 32, 128, 4, 4, 2), None, 1)]
-    for (name, cfg, splits, passes), (phase, slots) in itertools.product(configs, [("decode", decode), ("prefill", prefill)]):
-        ops.tile_config, ops.num_splits, ops.hybrid_passes = cfg, splits, passes
+    configs = [("auto", None, None, 1, False), ("auto_pdl", None, None, 1, True),
+               ("split4_two_pass_pdl", None, 4, 2, True),
+               ("two_row_tiles_pdl", TileConfig(2, 256, 16, 512, 4, 2, 1), None, 1, True),
+               ("prefill_tiles", TileConfig(64, 64, 32, 128, 4, 4, 2), None, 1, False)]
+    one_token = [-1] + list(range(len(specs))) + [-1]
+    phases = [("one_token", one_token), ("decode", decode), ("prefill", prefill)]
+    for (name, cfg, splits, passes, pdl), (phase, slots) in itertools.product(configs, phases):
+        ops.tile_config, ops.num_splits, ops.hybrid_passes, ops.pdl = cfg, splits, passes, pdl
         meta = ops.metadata(slots)
         meta.partials.fill_(float("nan"))
         worst = 0.0
@@ -282,6 +286,8 @@ def summary_cases() -> dict:
         "decode_bw_fraction": lora16["bw_fraction"],
         "gralora_k4_over_lora": gra64["kernel_us"] / lora64["kernel_us"],
         "speedup_vs_torch_32_adapters": lora16_32["gather_over_kernel"],
+        "targets": {"decode_bw_fraction": ">= 0.6", "gralora_k4_over_lora": "<= 1.10",
+                    "speedup_vs_torch_32_adapters": ">= 5"},
         "layer": "llama-3.1-8b, one decoder layer (q/k/v fused, o, gate/up fused, down), 64 decode tokens, bf16, "
                  "CUDA-graph replay",
         "rows": [lora16, lora64, gra64, lora16_32],
@@ -318,7 +324,7 @@ def hybrid_passes() -> list[dict]:
 
 
 def mixed_ranks() -> dict:
-    """Ranks 8/16/64/256 and GraLoRA/hybrid adapters in one launch, vs the padded gather reference."""
+    """Ranks 8/16/64/256 and GraLoRA/hybrid adapters in one launch (kernel only: GatherBmm stacks one shape)."""
     shapes = projection_shapes("llama-3.1-8b")
     gen = torch.Generator(device=DEVICE).manual_seed(9)
     specs = [(1, 8, 0), (1, 16, 0), (1, 64, 0), (1, 256, 0), (4, 16, 0), (2, 32, 16)] * 8
@@ -331,26 +337,28 @@ def mixed_ranks() -> dict:
 
 
 def sweep() -> list[dict]:
-    """Expand tile shapes (the shrink kept at its default) on the summary decode cases."""
+    """Tile shapes and warps around the heuristic's choice on decode layers (to tune it)."""
     rows = []
-    variants = [  # block_m, block_n, expand warps
-        (1, 256, 1), (1, 256, 2), (1, 512, 2), (1, 512, 4), (1, 1024, 2), (1, 1024, 4), (1, 1024, 8),
-        (1, 2048, 4), (1, 2048, 8), (16, 128, 2), (16, 256, 2), (16, 256, 4), (16, 512, 4), (16, 512, 8),
-        (16, 1024, 8), (16, 128, 4)]
-    for adapters, rank, kind in [(64, 16, "lora"), (32, 16, "lora"), (64, 64, "lora"), (64, 64, "gralora_k4")]:
-        case = LayerCase("llama-3.1-8b", 64, adapters, rank, kind, False)
-        case.ops.pdl = True
-        for bm, bn, warps in variants:
-            case.ops.tile_config = TileConfig(bm, 256, 16, bn, 4, warps, 1 if bm == 1 else 3)
+    cases = [  # tokens, adapters, rank, kind, variants (block_m, block_k, shrink warps, block_n, expand warps)
+        (64, 64, 16, "lora", [(1, 256, 4, 256, 1), (1, 512, 4, 256, 1), (1, 256, 8, 256, 1)]),
+        (64, 32, 16, "lora", [(2, 128, 4, 256, 1), (2, 256, 4, 256, 1), (2, 64, 4, 256, 1), (1, 256, 4, 256, 1)]),
+        (128, 32, 16, "lora", [(4, 64, 4, 256, 1), (4, 64, 4, 256, 2), (4, 128, 4, 256, 2), (16, 256, 4, 256, 4)]),
+        (128, 8, 16, "lora", [(16, 256, 4, 256, 4), (16, 128, 4, 128, 4), (16, 256, 4, 256, 2), (4, 64, 4, 256, 1)]),
+        (64, 64, 64, "lora", [(1, 256, 4, 256, 1), (1, 128, 4, 256, 1)]),
+    ]
+    for tokens, adapters, rank, kind, variants in cases:
+        case = LayerCase("llama-3.1-8b", tokens, adapters, rank, kind, False)
+        for bm, bk, shrink_warps, bn, expand_warps in variants:
+            case.ops.tile_config = TileConfig(bm, bk, 16, bn, shrink_warps, expand_warps, 1 if bm < 16 else 3)
             case.meta = case.ops.metadata(case.slots)
             try:
                 t = kernel_us(case)
             except Exception as e:
                 print(f"sweep variant failed: {e!r}"[:300], flush=True)
                 continue
-            rows.append({"adapters": adapters, "rank": rank, "kind": kind, "block_m": bm, "block_n": bn,
-                         "expand_warps": warps, "kernel_us": t,
-                         "bw_fraction": case.adapter_bytes / (t * 1e-6) / COPY_BW})
+            rows.append({"tokens": tokens, "adapters": adapters, "rank": rank, "kind": kind, "block_m": bm,
+                         "block_k": bk, "shrink_warps": shrink_warps, "block_n": bn, "expand_warps": expand_warps,
+                         "kernel_us": t, "bw_fraction": case.adapter_bytes / (t * 1e-6) / COPY_BW})
             print(f"sweep {rows[-1]}", flush=True)
         del case
     return rows
@@ -405,31 +413,38 @@ def main() -> None:
     print(f"{device}: copy bandwidth {COPY_BW / 1e12:.2f} TB/s (read + write)", flush=True)
     result = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
               "copy_bandwidth_TBps": COPY_BW / 1e12}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():  # after every section, so an interrupted run still leaves its numbers
+        result["seconds"] = time.time() - began
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
     if not args.skip_check:
         result["check"] = check(torch.bfloat16) + check(torch.float16)
     result["summary"] = summary_cases()
+    save()
     print(json.dumps({k: v for k, v in result["summary"].items() if k != "rows"}, indent=1), flush=True)
     result["per_group"] = per_group()
     print(table(result["per_group"], ["group", "us", "MB", "bw_fraction"]), flush=True)
     if args.sweep:
         result["sweep"] = sweep()
-        for cfg, pdl in [(TileConfig(1, 256, 16, 512, 4, 4, 1), True), (TileConfig(16, 256, 16, 256, 4, 2, 3), True)]:
+        for cfg, pdl in [(None, True)]:
             rows = per_kernel(cfg, pdl)
             result.setdefault("per_kernel", []).append({"config": str(cfg), "pdl": pdl, "rows": rows})
             print(f"per kernel, {cfg}, pdl={pdl}")
             print(table(rows, ["kernel", "groups", "us", "MB", "bw_fraction"]), flush=True)
     result["hybrid_passes"] = hybrid_passes()
     result["mixed_ranks"] = mixed_ranks()
-    cases = []
+    save()
+    cases = result["cases"] = []
     for spec in [] if args.no_grid else case_grid(args.quick):
         cases.append(measure_case(*spec))
         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in cases[-1].items()),
               flush=True)
-    result["cases"] = cases
-    result["seconds"] = time.time() - began
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        if len(cases) % 20 == 0:
+            save()
+    save()
     columns = ["model", "phase", "tokens", "adapters", "rank", "kind", "adapter_MB", "kernel_us", "bw_fraction",
                "gather_over_kernel", "loop_over_kernel"]
     print(table(cases, columns))

@@ -136,14 +136,17 @@ def test_mixed_ranks_in_one_launch(monkeypatch):
 
 
 @needs_interpreter
-def test_one_token_per_segment_with_split_inputs():
-    adapters = {s: make_adapter(k=1 + (s % 2), r=8 * (1 + s % 3), seed=10 + s) for s in range(6)}
+@pytest.mark.parametrize("block_m", [1, 2, 16])  # < 16: the register (no tl.dot) decode path
+def test_few_tokens_per_segment_with_split_inputs(block_m):
+    adapters = {s: make_adapter(k=1 + (s % 2), r=8 * (1 + s % 2), seed=10 + s) for s in range(6)}
     ops = make_ops(adapters)
-    ops.tile_config = TileConfig(block_m=16, block_k=16, block_r=16, block_n=16)
-    ops.num_splits = 3  # in=64 in 16-wide steps over 3 splits: one split has one step, partial sums add up
-    slots = [5, 0, 3, -1, 1, 4, 2]
-    for group in GROUPS:
-        run_and_check(ops, adapters, slots, group)
+    ops.tile_config = TileConfig(block_m=block_m, block_k=32, block_r=16, block_n=32)
+    slots = [5, 0, 3, -1, 1, 4, 2, 2, 2, 2, 2]  # slot 2: 5 tokens, in tiles of block_m rows
+    ops.num_splits = 1
+    run_and_check(ops, adapters, slots, QKV)
+    # down_proj (in=128) in 32-wide steps over 3 splits: split 3 is empty (it must write zeros)
+    ops.num_splits = 3
+    run_and_check(ops, adapters, slots, ("down_proj",))
 
 
 @needs_interpreter
@@ -191,14 +194,13 @@ def test_matches_torch_ops():
         torch_ops.load(slot, adapter)
     slots = [2, 0, -1, 5, 5, 2, 0, 0, -1, 5]
     g = torch.Generator().manual_seed(53)
-    for layer in (0, 1):
-        for group in GROUPS:
-            x = torch.randn(len(slots), SHAPES[group[0]][0], generator=g)
-            y = torch.randn(len(slots), sum(SHAPES[p][1] for p in group), generator=g)
-            y_triton, y_torch = y.clone(), y.clone()
-            triton_ops.apply(layer, group, x, y_triton, triton_ops.metadata(slots))
-            torch_ops.apply(layer, group, x, y_torch, torch_ops.metadata(slots))
-            torch.testing.assert_close(y_triton, y_torch, rtol=1e-4, atol=1e-4)
+    for layer, group in zip((0, 1, 0, 1), GROUPS):
+        x = torch.randn(len(slots), SHAPES[group[0]][0], generator=g)
+        y = torch.randn(len(slots), sum(SHAPES[p][1] for p in group), generator=g)
+        y_triton, y_torch = y.clone(), y.clone()
+        triton_ops.apply(layer, group, x, y_triton, triton_ops.metadata(slots))
+        torch_ops.apply(layer, group, x, y_torch, torch_ops.metadata(slots))
+        torch.testing.assert_close(y_triton, y_torch, rtol=1e-4, atol=1e-4)
 
 
 @needs_interpreter
