@@ -4,16 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 
 def _serve(args) -> None:
-    import uvicorn
+    import asyncio
 
     from .base_model import load_base_model
     from .engine import EngineConfig
-    from .http_server import create_app
     from .service import Service, ServiceConfig
 
     base = load_base_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device)
@@ -24,23 +24,52 @@ def _serve(args) -> None:
                                                          max_adapter_bytes=args.max_adapter_mb << 20,
                                                          max_host_adapters=args.max_cpu_adapters))
     service.start()
-    logging.getLogger("loraplex").info("serving %s on http://%s:%d", base.name, args.host, args.port)
     try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+        asyncio.run(_serve_http_and_grpc(service, args))
     finally:
         service.stop()
 
 
-def _adapters(args) -> None:
-    from loraplex.client import ClientError, HttpClient
-    client = HttpClient(args.url)
+async def _serve_http_and_grpc(service, args) -> None:
+    """HTTP (uvicorn) and gRPC on one event loop, sharing the one Service."""
+    import uvicorn
+
+    from .grpc_server import start_grpc_server
+    from .http_server import create_app
+
+    log = logging.getLogger("loraplex")
+    grpc_server = None
+    if args.grpc_port:
+        grpc_server = await start_grpc_server(service, args.host, args.grpc_port, api_key=args.api_key)
+        log.info("serving %s over gRPC on %s:%d", service.base.name, args.host, args.grpc_port)
+    log.info("serving %s on http://%s:%d", service.base.name, args.host, args.port)
+    http = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level=args.log_level))
     try:
-        if args.action == "upload":
-            result = client.upload_adapter(args.dir, args.id)
-        elif args.action == "list":
-            result = client.list_adapters()
+        await http.serve()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
+
+
+def _adapters(args) -> None:
+    from loraplex.client import ClientError, GrpcClient, HttpClient, adapter_dict
+    try:
+        if args.grpc:
+            with GrpcClient(args.grpc_target, api_key=args.api_key) as client:
+                if args.action == "upload":
+                    result = adapter_dict(client.upload_adapter(args.dir, args.id))
+                elif args.action == "list":
+                    result = [adapter_dict(a) for a in client.list_adapters()]
+                else:
+                    result = {**adapter_dict(client.delete_adapter(args.id)), "deleted": True}
         else:
-            result = client.delete_adapter(args.id)
+            client = HttpClient(args.url, api_key=args.api_key)
+            if args.action == "upload":
+                result = client.upload_adapter(args.dir, args.id)
+            elif args.action == "list":
+                result = client.list_adapters()
+            else:
+                result = client.delete_adapter(args.id)
     except ClientError as e:
         sys.exit(f"loraplex adapters {args.action}: {e}")
     print(json.dumps(result, indent=2))
@@ -50,9 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Serve and train many adapters on one base model")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start the HTTP server")
+    serve = sub.add_parser("serve", help="start the HTTP and gRPC servers")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=50051, help="gRPC port on the same host (0: no gRPC)")
+    serve.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"),
+                       help="required from gRPC clients as 'authorization: Bearer KEY' (default: $LORAPLEX_API_KEY)")
     serve.add_argument("--model", default=None, help="local Hugging Face Llama-family checkpoint (default: SmolLM2-135M-Instruct)")
     serve.add_argument("--quantization", choices=["nf4", "none"], default=None,
                        help="base weights: nf4 (bitsandbytes, default on a GPU) or none (default on the CPU)")
@@ -72,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 
+    from loraplex.trainer.cli import add_arguments as add_train_arguments, run as run_train
+    train = sub.add_parser("train", help="train a LoRA / QLoRA / GraLoRA / Flexora adapter (PEFT format)")
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+
     adapters = sub.add_parser("adapters", help="manage the adapters of a running server")
     actions = adapters.add_subparsers(dest="action", required=True)
     up = actions.add_parser("upload", help="upload a PEFT adapter directory")
@@ -82,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("id")
     for p in (up, ls, rm):
         p.add_argument("--url", default="http://127.0.0.1:8000")
+        p.add_argument("--grpc", action="store_true", help="talk to the gRPC API instead of HTTP")
+        p.add_argument("--grpc-target", default="127.0.0.1:50051", help="host:port of the gRPC API")
+        p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"))
         p.set_defaults(func=_adapters)
     return parser
 

@@ -73,11 +73,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, adapter_dir: Path, port: int | None = None):
+    def __init__(self, *args: str, adapter_dir: Path, port: int | None = None, grpc_port: int | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port() if grpc_port is None else grpc_port  # 0: no gRPC
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         exe = shutil.which("loraplex", path=str(Path(sys.executable).parent)) or shutil.which("loraplex")
-        cmd = [exe, "serve", "--port", str(self.port), "--adapter-dir", str(adapter_dir), "--log-level", "warning", *args]
+        cmd = [exe, "serve", "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--adapter-dir",
+               str(adapter_dir), "--log-level", "warning", *args]
         self.log = open(adapter_dir.parent / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.client = httpx.Client(base_url=self.url, timeout=120)

@@ -1,0 +1,1 @@
+"""loraplex.protos.loraplex: proto package `loraplex`."""

@@ -1,0 +1,1 @@
+"""Generated stubs of proto package `loraplex.v1` (see loraplex.protos.generate)."""
