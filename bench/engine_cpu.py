@@ -2,6 +2,8 @@
 
     python bench/engine_cpu.py [--batch 8] [--new-tokens 64] [--out bench/results/engine_cpu.json]
 
+The same script measures a GPU: `--device cuda --quantization nf4 --adapter-ops triton|torch`.
+
 Every configuration runs in this one process, side by side, after a warm-up: the ratios are
 comparable, the absolute numbers depend on the machine.
 """
@@ -60,11 +62,15 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quantization", default="none", choices=["none", "nf4"])
+    ap.add_argument("--adapter-ops", default="torch", choices=["torch", "triton"])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "engine_cpu.json")
     args = ap.parse_args()
 
-    base = load_base_model(None, quantization="none", dtype=args.dtype, device="cpu")
-    engine = Engine(base, EngineConfig(max_gpu_adapters=args.batch, adapter_ops="torch"))
+    base = load_base_model(None, quantization=args.quantization, dtype=args.dtype, device=args.device)
+    engine = Engine(base, EngineConfig(max_gpu_adapters=args.batch, max_num_seqs=max(64, args.batch),
+                                       adapter_ops=args.adapter_ops, kv_cache_tokens=args.batch * 512))
     shapes, layers = base.projection_shapes, base.num_layers
     configs = {
         "base only": [],
@@ -81,8 +87,10 @@ def main() -> None:
             if name not in rows or r["tokens_per_s"] > rows[name]["tokens_per_s"]:
                 rows[name] = r
     base_tps = rows["base only"]["tokens_per_s"]
-    print(f"\nengine_cpu: default model ({base.name}), {base.dtype}, batch {args.batch}, "
-          f"{args.new_tokens} new tokens per request, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device = torch.cuda.get_device_name() if base.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"\nengine: default model ({base.name}), {base.dtype}, base weights {base.quantization}, adapter ops "
+          f"{engine.ops.name}, batch {args.batch}, {args.new_tokens} new tokens per request, torch {torch.__version__}, "
+          f"{device}")
     print(f"{'configuration':<32} {'tok/s':>8} {'vs base':>8} {'seconds':>8}")
     for name, r in rows.items():
         r["relative_to_base"] = r["tokens_per_s"] / base_tps
@@ -90,6 +98,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "engine_cpu", "model": base.name, "dtype": str(base.dtype), "batch": args.batch,
+        "device": device, "quantization": base.quantization, "adapter_ops": engine.ops.name,
         "new_tokens": args.new_tokens, "rank": args.rank, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
         "results": rows}, indent=2))

