@@ -3,7 +3,7 @@
 # install carried wheels, convert the default model once, then the engine and training benchmarks.
 # Usage there: bash bench/gpu_run.sh engine|quality16|quality64   (results under $OUT)
 set -uo pipefail
-export PYTHONUNBUFFERED=1 LORAPLEX_CACHE=$PWD/.dev/cache LORAPLEX_GGUF=$PWD/.dev/model.gguf
+export PYTHONUNBUFFERED=1 LORAPLEX_CACHE=/tmp/lpcache LORAPLEX_GGUF=${LORAPLEX_GGUF:-/tmp/model.gguf}
 if [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
