@@ -43,7 +43,7 @@ async def _serve_http_and_grpc(service, args) -> None:
         grpc_server = await start_grpc_server(service, args.host, args.grpc_port, api_key=args.api_key)
         log.info("serving %s over gRPC on %s:%d", service.base.name, args.host, args.grpc_port)
     log.info("serving %s on http://%s:%d", service.base.name, args.host, args.port)
-    http = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level=args.log_level))
+    http = uvicorn.Server(uvicorn.Config(create_app(service, api_key=args.api_key), host=args.host, port=args.port, log_level=args.log_level))
     try:
         await http.serve()
     finally:

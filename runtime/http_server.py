@@ -1,6 +1,7 @@
 """The HTTP API (FastAPI): OpenAI-compatible completions and chat, adapters, health and metrics."""
 from __future__ import annotations
 
+import hmac
 import json
 from typing import AsyncIterator
 
@@ -23,9 +24,22 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="loraplex", version="0.1.0")
     app.state.service = service
+
+    if api_key:
+        expected = f"Bearer {api_key}"
+
+        @app.middleware("http")
+        async def _require_key(request: Request, call_next):
+            if request.url.path.startswith("/v1/"):  # /health and /metrics stay open for probes
+                given = request.headers.get("authorization")
+                if given is None:
+                    return error(401, "missing API key: send 'Authorization: Bearer <key>'", "authentication_error")
+                if not hmac.compare_digest(given.encode(), expected.encode()):
+                    return error(403, "invalid API key", "permission_error")
+            return await call_next(request)
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(_, e: AdapterError):

@@ -292,7 +292,7 @@ def test_cli_adapters_grpc(fp32_server, peft_adapters):
 
 
 def test_api_key(tmp_path, peft_adapters):
-    """With --api-key, gRPC calls need `authorization: Bearer KEY`; health checks do not."""
+    """With --api-key, gRPC and HTTP calls need `authorization: Bearer KEY`; health checks do not."""
     server = ServerProcess("--api-key", "sekret", adapter_dir=tmp_path / "adapters")
     try:
         with GrpcClient(server.grpc_target) as anonymous, GrpcClient(server.grpc_target, api_key="wrong") as wrong, \
@@ -308,6 +308,14 @@ def test_api_key(tmp_path, peft_adapters):
             assert good.list_adapters() == []
             assert good.upload_adapter(peft_adapters["lora"], "keyed").version == 1
             assert good.complete("keyed", PROMPT, max_tokens=2).usage.completion_tokens == 2
+        # HTTP checks the same key (401 missing, 403 wrong); probes stay open
+        body = {"model": "keyed", "prompt": PROMPT, "max_tokens": 2}
+        assert server.client.get("/health").status_code == 200
+        r = server.client.post("/v1/completions", json=body)
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert server.client.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 403
+        r = server.client.post("/v1/completions", json=body, headers={"Authorization": "Bearer sekret"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     finally:
         server.stop()
 
