@@ -147,3 +147,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def rerun_under_triton_interpreter(test_file: str) -> None:
+    """Triton picks interpreter or compiler at its first import; a test module that needs the
+    interpreter but found triton already compiled-mode runs itself again in a fresh process."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

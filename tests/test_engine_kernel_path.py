@@ -4,12 +4,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` of the process
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import triton.language as tl
+from conftest import rerun_under_triton_interpreter
 
 from loraplex.runtime.adapters.peft_format import BaseShape, parse_adapter
 from loraplex.runtime.adapters.registry import AdapterRef
@@ -22,10 +20,7 @@ INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
 
 @pytest.mark.skipif(INTERPRETED, reason="the tests below run in this process")
 def test_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    rerun_under_triton_interpreter(__file__)
 
 
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run by test_in_fresh_process")
