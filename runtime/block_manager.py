@@ -1,6 +1,8 @@
 """KV-cache pages: a free list of fixed-size blocks and each sequence's block table."""
 from __future__ import annotations
 
+import torch
+
 from .sequence import Sequence
 
 
@@ -35,5 +37,8 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed = 0
 
-    def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+    def slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
+        """Cache slot of each of seq's positions [0, num_tokens)."""
+        positions = torch.arange(num_tokens)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size

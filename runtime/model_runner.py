@@ -34,15 +34,16 @@ class ModelRunner:
             attn.v_cache = torch.zeros(num_slots, n_kv, head_dim, dtype=base.dtype, device=self.device)
 
     def _context(self, batch: list[tuple[Sequence, int]], all_logits: bool) -> tuple[torch.Tensor, StepContext]:
+        dev = self.device
         input_ids, positions, slots, token_slots, logits_idx = [], [], [], [], []
         decode_idx, decode_ctx, prefills = [], [], []
         for seq, n in batch:
             start, begin = len(input_ids), seq.num_computed
+            ctx_slots = self.blocks.slots(seq, begin + n)  # the whole context, this step's tokens last
             input_ids.extend(seq.token_ids[begin:begin + n])
-            positions.extend(range(begin, begin + n))
-            slots.extend(self.blocks.slot(seq, p) for p in range(begin, begin + n))
+            positions.append(torch.arange(begin, begin + n))
+            slots.append(ctx_slots[begin:])
             token_slots.extend([seq.adapter_slot] * n)
-            ctx_slots = [self.blocks.slot(seq, p) for p in range(begin + n)]
             if n == 1:
                 decode_idx.append(start)
                 decode_ctx.append(ctx_slots)
@@ -50,19 +51,17 @@ class ModelRunner:
                 mask = None
                 if begin > 0:  # a later chunk of a prompt: attends to everything cached before it
                     q_pos = torch.arange(begin, begin + n).unsqueeze(1)
-                    mask = (torch.arange(begin + n).unsqueeze(0) <= q_pos).to(self.device)
-                prefills.append(PrefillChunk(start, n, torch.tensor(ctx_slots, device=self.device), mask))
+                    mask = (torch.arange(begin + n).unsqueeze(0) <= q_pos).to(dev)
+                prefills.append(PrefillChunk(start, n, ctx_slots.to(dev), mask))
             if begin + n == len(seq):
                 logits_idx.append(len(input_ids) - 1)
-        dev = self.device
-        ctx = StepContext(positions=torch.tensor(positions, device=dev),
-                          slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+        ctx = StepContext(positions=torch.cat(positions).to(dev), slot_mapping=torch.cat(slots).to(dev),
                           prefills=prefills)
         if decode_idx:
-            width = max(len(c) for c in decode_ctx)
-            ctx.decode_token_idx = torch.tensor(decode_idx, device=dev)
-            ctx.decode_ctx_slots = torch.tensor([c + [0] * (width - len(c)) for c in decode_ctx], device=dev)
             lengths = torch.tensor([len(c) for c in decode_ctx])
+            ctx.decode_token_idx = torch.tensor(decode_idx, device=dev)
+            ctx.decode_ctx_slots = torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True).to(dev)
+            width = ctx.decode_ctx_slots.shape[1]
             ctx.decode_mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).view(-1, 1, 1, width).to(dev)
         if self.ops is not None and any(s != NO_ADAPTER for s in token_slots):
             ctx.lora, ctx.lora_meta = self.ops, self.ops.metadata(token_slots)
