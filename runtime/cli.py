@@ -22,7 +22,8 @@ def _serve(args) -> None:
                                  adapter_ops=args.adapter_ops)
     service = Service(base, engine_config, ServiceConfig(adapter_dir=args.adapter_dir, max_lora_rank=args.max_lora_rank,
                                                          max_adapter_bytes=args.max_adapter_mb << 20,
-                                                         max_host_adapters=args.max_cpu_adapters))
+                                                         max_host_adapters=args.max_cpu_adapters,
+                                                         max_waiting=args.max_waiting))
     service.start()
     try:
         asyncio.run(_serve_http_and_grpc(service, args))
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-adapter-mb", type=int, default=512, help="largest accepted adapter upload")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
     serve.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens per engine step")
+    serve.add_argument("--max-waiting", type=int, default=512,
+                       help="requests waiting for admission beyond which new ones are refused (HTTP 429)")
     serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens")
     serve.add_argument("--adapter-ops", choices=["auto", "torch", "triton"], default="auto",
                        help="adapter math: Triton kernels (auto on CUDA) or the PyTorch reference (auto on CPU)")

@@ -23,10 +23,9 @@ from .adapters.peft_format import AdapterError
 from .adapters.store import StoredAdapter, check_adapter_id
 from .engine import RequestError
 from .sequence import SamplingParams, StepOutput
-from .service import ModelNotFound, Service
+from .service import ModelNotFound, QueueFull, Service
 
 SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Completions", "Adapters")]
-DEFAULT_MAX_WAITING = 512  # requests waiting for the engine beyond which new calls are refused
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
@@ -45,6 +44,8 @@ def status_of(e: Exception) -> tuple[grpc.StatusCode, str]:
         return e.code, e.message
     if isinstance(e, ModelNotFound):
         return grpc.StatusCode.NOT_FOUND, str(e)
+    if isinstance(e, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
     if isinstance(e, AdapterError):
         code = {404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(
             e.status, grpc.StatusCode.INVALID_ARGUMENT)
@@ -58,7 +59,7 @@ def rpc_errors(method):
     async def handler(self, request, context):
         try:
             return await method(self, request, context)
-        except (Rejected, ModelNotFound, AdapterError, RequestError) as e:
+        except (Rejected, ModelNotFound, QueueFull, AdapterError, RequestError) as e:
             await context.abort(*status_of(e))
     return handler
 
@@ -106,19 +107,15 @@ def adapter_message(a: StoredAdapter) -> pb.Adapter:
 
 
 class CompletionsServicer(pb_grpc.CompletionsServicer):
-    def __init__(self, service: Service, max_waiting: int = DEFAULT_MAX_WAITING):
+    def __init__(self, service: Service):
         self.service = service
-        self.max_waiting = max_waiting
 
     async def _generate(self, model: str, prompt_ids: list[int], sampling: pb.SamplingParams
                         ) -> AsyncIterator[StepOutput]:
         params = sampling_params(sampling, self.service.config.default_max_tokens)
         adapter = await self.service.resolve(model)
         self.service.engine.check(prompt_ids, params)
-        waiting = self.service.engine.stats()["waiting"]
-        if waiting >= self.max_waiting:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"the engine queue is full ({waiting} requests waiting); retry later")
+        self.service.check_capacity()
         return self.service.generate(prompt_ids, params, adapter)
 
     def _prompt_ids(self, request: pb.CompletionRequest) -> list[int]:
@@ -268,11 +265,10 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def start_grpc_server(service: Service, host: str, port: int, api_key: str | None = None,
-                            max_waiting: int = DEFAULT_MAX_WAITING) -> grpc.aio.Server:
+async def start_grpc_server(service: Service, host: str, port: int, api_key: str | None = None) -> grpc.aio.Server:
     """Serve the gRPC API on the running event loop; health reports SERVING once it listens."""
     server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else None)
-    pb_grpc.add_CompletionsServicer_to_server(CompletionsServicer(service, max_waiting), server)
+    pb_grpc.add_CompletionsServicer_to_server(CompletionsServicer(service), server)
     pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

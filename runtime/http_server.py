@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from . import openai_schemas as oa
 from .adapters.peft_format import AdapterError
 from .engine import RequestError
-from .service import ModelNotFound, Service, adapter_json
+from .service import ModelNotFound, QueueFull, Service, adapter_json
 from .sequence import StepOutput
 
 
@@ -49,6 +49,10 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     async def _not_found(_, e: ModelNotFound):
         return error(404, str(e), "not_found_error")
 
+    @app.exception_handler(QueueFull)
+    async def _busy(_, e: QueueFull):
+        return error(429, str(e), "rate_limit_error")
+
     @app.exception_handler(RequestError)
     async def _bad_request(_, e: RequestError):
         return error(400, str(e))
@@ -62,6 +66,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         params = req.sampling_params(service.config.default_max_tokens)
         adapter = await service.resolve(req.model)
         service.engine.check(prompt_ids, params)
+        service.check_capacity()
         return service.generate(prompt_ids, params, adapter)
 
     async def collect(outputs: AsyncIterator[StepOutput]) -> tuple[str, StepOutput]:

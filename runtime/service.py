@@ -27,10 +27,15 @@ class ServiceConfig:
     max_adapter_bytes: int = 512 << 20
     max_host_adapters: int = 64
     default_max_tokens: int = 256
+    max_waiting: int = 512  # requests waiting for admission beyond which new ones are refused
 
 
 class ModelNotFound(LookupError):
     pass
+
+
+class QueueFull(RuntimeError):
+    """The engine already has `max_waiting` requests waiting for admission (HTTP 429)."""
 
 
 class Service:
@@ -73,6 +78,11 @@ class Service:
             raise RequestError("the base model's tokenizer has no chat template")
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def check_capacity(self) -> None:
+        waiting = self.engine.stats()["waiting"]
+        if waiting >= self.config.max_waiting:
+            raise QueueFull(f"the engine queue is full ({waiting} requests waiting); retry later")
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        adapter: AdapterRef | None) -> AsyncIterator[StepOutput]:

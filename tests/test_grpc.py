@@ -323,7 +323,7 @@ def test_api_key(tmp_path, peft_adapters):
 def test_full_queue_is_resource_exhausted():
     """Past max_waiting engine requests, new calls are refused with RESOURCE_EXHAUSTED (a stand-in service)."""
     from loraplex.runtime.grpc_server import start_grpc_server
-    from loraplex.runtime.service import ServiceConfig
+    from loraplex.runtime.service import Service, ServiceConfig
 
     class BusyEngine:
         def check(self, prompt_ids, params):
@@ -333,8 +333,9 @@ def test_full_queue_is_resource_exhausted():
             return {"waiting": 8}
 
     class BusyService:
-        config = ServiceConfig()
+        config = ServiceConfig(max_waiting=8)
         engine = BusyEngine()
+        check_capacity = Service.check_capacity
 
         async def resolve(self, model):
             return None
@@ -344,7 +345,7 @@ def test_full_queue_is_resource_exhausted():
 
     async def call() -> grpc.aio.AioRpcError:
         port = free_port()
-        server = await start_grpc_server(BusyService(), "127.0.0.1", port, max_waiting=8)
+        server = await start_grpc_server(BusyService(), "127.0.0.1", port)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as e:

@@ -257,3 +257,32 @@ def test_cli_adapters_upload_list_delete(fp32_server, peft_adapters):
     assert json.loads(run("delete", "from-cli").stdout)["deleted"] is True
     missing = run("delete", "from-cli")
     assert missing.returncode != 0 and "404" in missing.stderr and "not found" in missing.stderr
+
+
+def test_full_queue_is_429():
+    """Past --max-waiting requests waiting for admission, new ones get 429 (a stand-in engine)."""
+    from fastapi.testclient import TestClient
+
+    from loraplex.runtime.http_server import create_app
+    from loraplex.runtime.service import Service, ServiceConfig
+
+    class BusyEngine:
+        def check(self, prompt_ids, params):
+            pass
+
+        def stats(self):
+            return {"waiting": 8}
+
+    class BusyService:
+        config = ServiceConfig(max_waiting=8)
+        engine = BusyEngine()
+        check_capacity = Service.check_capacity
+
+        async def resolve(self, model):
+            return None
+
+        def encode_prompt(self, prompt):
+            return [1, 2, 3]
+
+    r = TestClient(create_app(BusyService())).post("/v1/completions", json={"model": "base", "prompt": "hi"})
+    assert r.status_code == 429 and "queue is full" in r.json()["error"]["message"]
