@@ -194,3 +194,17 @@ def test_resume_after_kill_equals_uninterrupted(data_file, tiny_model_dir, tmp_p
         assert torch.equal(full[k], resumed[k]), k
     summary = json.loads((tmp_path / "part" / "training_summary.json").read_text())
     assert len(summary["train_loss_history"]) == 6
+
+
+def test_cli_trains_and_uploads_to_a_running_server(data_file, tmp_path, fp32_server):
+    exe = str(Path(sys.executable).parent / "loraplex")
+    done = subprocess.run([exe, "train", "--method", "lora", "--data", str(data_file), "--output", str(tmp_path / "up"),
+                           "--max-steps", "1", "--batch-size", "2", "--max-length", "64", "--rank", "4",
+                           "--upload", fp32_server.url, "--adapter-id", "cli-trained"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'uploaded: use "model": "cli-trained"' in done.stdout
+    assert "cli-trained" in [a["id"] for a in fp32_server.client.get("/v1/adapters").json()["data"]]
+    bad = subprocess.run([exe, "train", "--method", "lora", "--data", str(tmp_path / "missing.jsonl"),
+                          "--output", str(tmp_path / "x")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "missing.jsonl: no such file" in bad.stderr
