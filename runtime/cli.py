@@ -1,4 +1,4 @@
-"""The `loraplex` command: serve, adapters upload|list|delete."""
+"""The `loraplex` command: serve, train, adapters upload|list|delete."""
 from __future__ import annotations
 
 import argparse
