@@ -40,18 +40,18 @@ class StepContext:
     logits_idx: torch.Tensor | None = None  # [S] rows whose logits are needed; None = all
 
 
-def _n_kv_heads(cfg) -> int:
+def n_kv_heads(cfg) -> int:
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
-def _head_dim(cfg) -> int:
+def head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each adaptable projection."""
-    h, hd = cfg.hidden_size, _head_dim(cfg)
-    q_out, kv_out, inter = cfg.num_attention_heads * hd, _n_kv_heads(cfg) * hd, cfg.intermediate_size
+    h, hd = cfg.hidden_size, head_dim(cfg)
+    q_out, kv_out, inter = cfg.num_attention_heads * hd, n_kv_heads(cfg) * hd, cfg.intermediate_size
     return {"q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out), "o_proj": (q_out, h),
             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
 
@@ -94,7 +94,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, _n_kv_heads(cfg), _head_dim(cfg)
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, n_kv_heads(cfg), head_dim(cfg)
         qkv_bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
         out = (self.n_heads + 2 * self.n_kv) * self.head_dim
         self.qkv_proj = AdaptedLinear(nn.Linear(cfg.hidden_size, out, bias=qkv_bias), layer_idx, QKV)

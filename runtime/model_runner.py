@@ -7,15 +7,13 @@ from .adapters.ops import AdapterOps
 from .adapters.segments import NO_ADAPTER
 from .base_model import BaseModel
 from .block_manager import BlockManager
-from .model import PrefillChunk, StepContext
+from .model import PrefillChunk, StepContext, head_dim, n_kv_heads
 from .sequence import Sequence
 
 
 def kv_bytes_per_token(base: BaseModel) -> int:
     cfg = base.config
-    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * n_kv * head_dim * torch.finfo(base.dtype).bits // 8
+    return 2 * cfg.num_hidden_layers * n_kv_heads(cfg) * head_dim(cfg) * torch.finfo(base.dtype).bits // 8
 
 
 class ModelRunner:
@@ -25,13 +23,11 @@ class ModelRunner:
         self.ops = ops
         self.device = base.device
         cfg = base.config
-        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        num_slots = blocks.num_blocks * blocks.block_size
+        shape = (blocks.num_blocks * blocks.block_size, n_kv_heads(cfg), head_dim(cfg))
         for layer in base.model.layers:
             attn = layer.self_attn
-            attn.k_cache = torch.zeros(num_slots, n_kv, head_dim, dtype=base.dtype, device=self.device)
-            attn.v_cache = torch.zeros(num_slots, n_kv, head_dim, dtype=base.dtype, device=self.device)
+            attn.k_cache = torch.zeros(shape, dtype=base.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=base.dtype, device=self.device)
 
     def _context(self, batch: list[tuple[Sequence, int]], all_logits: bool) -> tuple[torch.Tensor, StepContext]:
         dev = self.device

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from conftest import ServerProcess, free_port
+from conftest import ServerProcess, busy_service, free_port
 from loraplex.client import GrpcClient, GrpcError
 from loraplex.client.grpc import completion_request, upload_requests
 from loraplex.protos.generate import PROTO_ROOT, generate
@@ -323,29 +323,11 @@ def test_api_key(tmp_path, peft_adapters):
 def test_full_queue_is_resource_exhausted():
     """Past max_waiting engine requests, new calls are refused with RESOURCE_EXHAUSTED (a stand-in service)."""
     from loraplex.runtime.grpc_server import start_grpc_server
-    from loraplex.runtime.service import Service, ServiceConfig
 
-    class BusyEngine:
-        def check(self, prompt_ids, params):
-            pass
-
-        def stats(self):
-            return {"waiting": 8}
-
-    class BusyService:
-        config = ServiceConfig(max_waiting=8)
-        engine = BusyEngine()
-        check_capacity = Service.check_capacity
-
-        async def resolve(self, model):
-            return None
-
-        def encode_prompt(self, prompt):
-            return [1, 2, 3]
 
     async def call() -> grpc.aio.AioRpcError:
         port = free_port()
-        server = await start_grpc_server(BusyService(), "127.0.0.1", port)
+        server = await start_grpc_server(busy_service(), "127.0.0.1", port)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as e:

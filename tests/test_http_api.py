@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ServerProcess, sse_events
+from conftest import ServerProcess, busy_service, sse_events
 
 
 def test_readme_server_answers_curl(tmp_path):
@@ -264,25 +264,7 @@ def test_full_queue_is_429():
     from fastapi.testclient import TestClient
 
     from loraplex.runtime.http_server import create_app
-    from loraplex.runtime.service import Service, ServiceConfig
 
-    class BusyEngine:
-        def check(self, prompt_ids, params):
-            pass
 
-        def stats(self):
-            return {"waiting": 8}
-
-    class BusyService:
-        config = ServiceConfig(max_waiting=8)
-        engine = BusyEngine()
-        check_capacity = Service.check_capacity
-
-        async def resolve(self, model):
-            return None
-
-        def encode_prompt(self, prompt):
-            return [1, 2, 3]
-
-    r = TestClient(create_app(BusyService())).post("/v1/completions", json={"model": "base", "prompt": "hi"})
+    r = TestClient(create_app(busy_service())).post("/v1/completions", json={"model": "base", "prompt": "hi"})
     assert r.status_code == 429 and "queue is full" in r.json()["error"]["message"]
