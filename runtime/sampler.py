@@ -1,27 +1,95 @@
-"""Next-token choice per row: greedy, or temperature / top-k / top-p with a per-request seed."""
+"""Next-token choice for a whole batch at once, on the logits' device, with one device→host copy.
+
+Greedy rows (temperature 0) take the argmax. The others sample with the Gumbel-max trick:
+argmax((logits - rowmax) / T + g) where g = -log(-log u) and u is a counter-based hash of
+(row's seed, tokens the row generated so far, vocabulary index). The noise therefore depends on
+nothing else in the batch nor on the device: a seeded request gives the same tokens wherever it
+runs and whoever it runs with. Working from logits minus the row's max keeps a tiny temperature
+finite (it degenerates to the argmax). A row with NaN/inf logits gets the id -1.
+"""
 from __future__ import annotations
 
 import torch
 
 from .sequence import Sequence
 
+MASK32 = 0xFFFFFFFF
+# Multipliers of a 32-bit xorshift-multiply mix (Wellons' lowbias32). Stored as signed values in
+# (-2^31, 2^31) with the same low 32 bits, so that x * m for x < 2^32 never overflows int64.
+MIX_1 = 0x7FEB352D
+MIX_2 = 0x846CA68B - (1 << 32)
+WEYL = 0x9E3779B9 - (1 << 32)  # golden-ratio step that spreads the vocabulary index over 32 bits
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of int64 values in [0, 2^32) (two xorshift-multiply rounds)."""
+    x = x ^ (x >> 16)
+    x = (x * MIX_1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MIX_2) & MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, vocab] float32 Gumbel noise, a pure function of (seed, position, vocabulary index) per row."""
+    row_key = mix32(mix32(mix32(seed_lo) ^ seed_hi) ^ position)  # [R]
+    spread = (torch.arange(vocab, dtype=torch.int64, device=row_key.device) * WEYL) & MASK32  # [V]
+    bits = mix32((row_key[:, None] + spread[None, :]) & MASK32)
+    # 23 bits plus a half are exact in float32: u lies in [2^-24, 1 - 2^-24], so both logs are finite.
+    u = ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
+    return -torch.log(-torch.log(u))
+
+
+def _row_parameters(seqs: list[Sequence], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (temperature, top_p) float32 and (top_k, seed_lo, seed_hi, position) int64 on `device`."""
+    floats = [(s.params.temperature, s.params.top_p) for s in seqs]
+    ints = [(s.params.top_k, s.seed & MASK32, (s.seed >> 32) & MASK32, s.num_completion_tokens) for s in seqs]
+    pin = device.type == "cuda"
+    host_floats = torch.tensor(floats, dtype=torch.float32, pin_memory=pin)
+    host_ints = torch.tensor(ints, dtype=torch.int64, pin_memory=pin)
+    return host_floats.to(device, non_blocking=True), host_ints.to(device, non_blocking=True)
+
+
+def _keep_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    max_k: int, use_top_p: bool) -> torch.Tensor:
+    """[R, 1] smallest scaled logit each row keeps after top-k then top-p (ties at the edge stay in)."""
+    vocab = scaled.shape[1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    if not use_top_p:
+        kth = torch.topk(scaled, max_k, dim=1).values.gather(1, (k.clamp(max=max_k) - 1)[:, None])
+        return torch.where((top_k > 0)[:, None], kth, float("-inf"))
+    ordered = scaled.sort(dim=1, descending=True).values
+    if max_k > 0:
+        positions = torch.arange(vocab, device=scaled.device)
+        ordered = ordered.masked_fill(positions[None, :] >= k[:, None], float("-inf"))
+    probs = ordered.softmax(dim=1)
+    mass_before = probs.cumsum(dim=1) - probs
+    kept = (mass_before < top_p[:, None]).sum(dim=1)  # the smallest prefix whose mass reaches top_p
+    kept = torch.where(top_p >= 1.0, vocab, kept)
+    kept = torch.minimum(kept, k).clamp(min=1)
+    return ordered.gather(1, (kept - 1)[:, None])
+
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """One token id per row of `logits` [R, V] (row i belongs to seqs[i]); -1 where the row is not finite."""
     logits = logits.float()
-    chosen = logits.argmax(dim=-1).tolist()
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy:
-            continue
-        scores = logits[row] / p.temperature
-        if p.top_k > 0 and p.top_k < scores.numel():
-            kth = torch.topk(scores, p.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=True)
-            cumulative = sorted_scores.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_scores.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
-            scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-        probs = scores.softmax(-1).cpu()
-        chosen[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
-    return chosen
+    finite = torch.isfinite(logits).all(dim=1)
+    sampled_params = [s.params for s in seqs if not s.params.greedy]
+    if not sampled_params:
+        chosen = logits.argmax(dim=1)
+    else:
+        vocab = logits.shape[1]
+        max_k = min(max(p.top_k for p in sampled_params), vocab)
+        use_top_p = any(p.top_p < 1.0 for p in sampled_params)
+        floats, ints = _row_parameters(seqs, logits.device)
+        temperature, top_p = floats[:, 0], floats[:, 1]
+        top_k, seed_lo, seed_hi, position = ints.unbind(dim=1)
+        greedy = temperature == 0.0
+        safe_temperature = torch.where(greedy, 1.0, temperature)
+        scaled = (logits - logits.amax(dim=1, keepdim=True)) / safe_temperature[:, None]
+        if max_k > 0 or use_top_p:
+            scaled = scaled.masked_fill(scaled < _keep_threshold(scaled, top_k, top_p, max_k, use_top_p),
+                                        float("-inf"))
+        drawn = (scaled + gumbel_noise(seed_lo, seed_hi, position, vocab)).argmax(dim=1)
+        chosen = torch.where(greedy, logits.argmax(dim=1), drawn) if len(sampled_params) < len(seqs) else drawn
+    return torch.where(finite, chosen, -1).tolist()

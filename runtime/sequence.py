@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import enum
 import itertools
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
-
-import torch
 
 from .adapters.registry import AdapterRef
 from .adapters.segments import NO_ADAPTER
@@ -48,6 +47,7 @@ class StepOutput:
 
 
 _ids = itertools.count(1)
+_seed_source = random.SystemRandom()  # OS entropy: touches no global generator (this runs on request threads)
 
 
 class Sequence:
@@ -67,10 +67,8 @@ class Sequence:
         self.aborted = False
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
-        self.generator: torch.Generator | None = None
-        if not params.greedy:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        # the sampler's noise is a pure function of (seed, completion index, vocabulary index)
+        self.seed: int = params.seed if params.seed is not None else _seed_source.getrandbits(63)
         # detokenizer state (see detokenizer.py)
         self.text = ""
         self.emitted_chars = 0
