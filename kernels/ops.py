@@ -1,15 +1,17 @@
 """TritonAdapterOps: the adapter interface on the segmented Triton kernels.
 
 Slots live in one packed weight pool; a device module table [slot, layer, projection, field]
-says where each module's weights are and what shape they have (k, rank, hybrid rank). Per step,
-`metadata` adds to the Segments the token tiles the kernels run over and a scratch buffer for the
-shrink results; every layer's `apply` is then two launches (shrink, expand) with no host work
-beyond computing the launch arguments.
+says where each module's weights are and what shape they have (k, rank, hybrid rank). One extra
+all-zero table row, `null_slot`, stands for "no adapter": tiles that point at it exit at once, so
+CUDA graphs can pad a step's tiles to a fixed count. Per step, `metadata` groups the tokens into
+tiles and fixes a `LaunchPlan` from the adapters that step uses (never from everything resident,
+so the cost of a step does not depend on how many adapters are loaded); every layer's `apply` is
+then two launches (shrink, expand) with no host work beyond computing the launch arguments.
 
-CUDA graphs: a captured `apply` holds the addresses of the pool, the module table and the step's
-scratch. The pool moves when a load outgrows it (`pool.version` counts moves; `pool.reserve`
-avoids them) and `metadata` reallocates the scratch when a step needs more than any before it:
-capture after both are at their final size, or capture again.
+Loads: `prepare` packs an adapter into the pool layout once, in (pinned) host memory, on any
+thread; `load` copies it into a pool region on a side stream and returns an event to wait on, so
+the running batch never waits for a load. With a fixed `pool_bytes` the pool never moves
+(captured graphs stay valid) and `load` returns None when the adapter does not fit.
 """
 from __future__ import annotations
 
@@ -27,152 +29,236 @@ from .tile_config import TileConfig, choose_splits, choose_tile_config
 from .weight_pool import WeightPool
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Launch parameters shared by every layer of a step (hashable: part of a CUDA graph's key)."""
+    config: TileConfig
+    ks: frozenset[int]  # block counts of the modules in use
+    has_general: bool
+    block_rank: int  # largest rank of one block (r, or the hybrid rank)
+    width: int  # widest shrink result (k*r + hybrid rank)
+    num_tiles: int
+
+    @property
+    def max_k(self) -> int:
+        return max(self.ks)
+
+
 @dataclass
 class StepSegments(Segments):
     """Segments plus what the kernels need, built once per step and shared by all layers."""
-    config: TileConfig
     tiles: torch.Tensor  # [num_tiles, 3] int32 (slot, first row, end row) into token_order
-    partials: torch.Tensor  # [max_splits, N, MAX_FUSED, width] float32 scratch between shrink and expand
+    plan: LaunchPlan
 
     @property
-    def max_splits(self) -> int:
-        return self.partials.shape[0]
+    def config(self) -> TileConfig:
+        return self.plan.config
 
 
 @dataclass
-class _SlotShape:
-    region: int  # offset of the slot's region in the pool
-    ks: set[int]  # block counts of its modules
+class PackedAdapter:
+    """An adapter in pool layout: one flat host buffer and, per module, its offsets inside it."""
+    data: torch.Tensor  # [n] in the pool dtype (pinned when a CUDA device will read it)
+    modules: list[tuple[int, str, list[int], float]]  # (layer, projection, table row relative to 0, scale)
+    ks: frozenset[int]
     has_general: bool
-    block_rank: int  # largest rank of one block (r, or the hybrid rank)
-    width: int  # widest shrink result of any module (k*r + hybrid rank)
+    block_rank: int
+    width: int
+
+
+@dataclass
+class _Resident:
+    region: int
+    packed: PackedAdapter
+    staging: tuple[torch.Tensor, ...]  # host tensors an in-flight copy still reads
 
 
 class TritonAdapterOps(AdapterOps):
     name = "triton"
+    graph_safe = True  # apply() does no host work that depends on the step: CUDA graphs may capture it
 
-    def __init__(self, num_slots, projection_shapes, num_layers, device, dtype):
+    def __init__(self, num_slots, projection_shapes, num_layers, device, dtype, pool_bytes: int | None = None):
         super().__init__(num_slots, projection_shapes, num_layers, device, dtype)
         if self.device.type != "cuda" and not interpreting():
             raise RuntimeError("TritonAdapterOps needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
         self.proj_ids = {name: i for i, name in enumerate(projection_shapes)}
-        self.pool = WeightPool(self.device, dtype)
-        self.table = torch.zeros(num_slots, num_layers, len(self.proj_ids), layout.NUM_FIELDS,
+        elem = torch.finfo(dtype).bits // 8
+        self.pool = WeightPool(self.device, dtype, None if pool_bytes is None else pool_bytes // elem)
+        self.null_slot = num_slots
+        self.table = torch.zeros(num_slots + 1, num_layers, len(self.proj_ids), layout.NUM_FIELDS,
                                  dtype=torch.int64, device=self.device)
-        self.scales = torch.zeros(num_slots, num_layers, len(self.proj_ids), dtype=torch.float32, device=self.device)
-        self.slot_shapes: list[_SlotShape | None] = [None] * num_slots
-        self.scratch = torch.empty(0, dtype=torch.float32, device=self.device)
-        self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
-                        if self.device.type == "cuda" else 1)
+        self.scales = torch.zeros(num_slots + 1, num_layers, len(self.proj_ids), dtype=torch.float32,
+                                  device=self.device)
+        self.resident: list[_Resident | None] = [None] * num_slots
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.cuda else 1
         self.max_in_features = max(shape[0] for shape in projection_shapes.values())
         # Knobs for tests and benchmarks; None = chosen from the problem size.
         self.tile_config: TileConfig | None = None
         self.num_splits: int | None = None
         self.hybrid_passes = 1  # 2: the hybrid general part gets its own expand launch
         # Programmatic dependent launch: each kernel starts while the previous one drains (Hopper+).
-        self.pdl = (self.device.type == "cuda" and not interpreting()
-                    and torch.cuda.get_device_capability(self.device)[0] >= 9)
+        self.pdl = self.cuda and not interpreting() and torch.cuda.get_device_capability(self.device)[0] >= 9
+        self.graph_rows = 64  # rows of the fixed-address metadata buffers for CUDA graphs
+        self._graph_order: torch.Tensor | None = None
+        self._graph_tiles: torch.Tensor | None = None
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.pool.capacity * self.pool.buffer.element_size()
 
     # -- slots -------------------------------------------------------------------------------
-    def load(self, slot: int, adapter: AdapterWeights) -> None:
-        if self.slot_shapes[slot] is not None:
-            self.evict(slot)
+    def prepare(self, adapter: AdapterWeights) -> PackedAdapter:
+        """The adapter in pool layout (host memory); computed once per adapter version, any thread."""
+        packed = adapter.packed
+        if isinstance(packed, PackedAdapter) and packed.data.dtype == self.dtype:
+            return packed
         modules = adapter.modules
         for layer, proj in modules:
             if layer >= self.num_layers or proj not in self.proj_ids:
                 raise ValueError(f"adapter module ({layer}, {proj}) is outside the served model")
-        region = self.pool.allocate(sum(layout.module_size(m) for m in modules.values()))
+        total = sum(layout.module_size(m) for m in modules.values())
+        data = torch.zeros(max(total, 1), dtype=self.dtype, pin_memory=self.cuda)
+        rows, offset = [], 0
+        for (layer, proj), m in modules.items():
+            rows.append((layer, proj, layout.write_module(m, data, offset), m.scale))
+            offset += layout.module_size(m)
+        packed = PackedAdapter(
+            data, rows, frozenset(m.k for m in modules.values()),
+            any(m.general_A is not None for m in modules.values()),
+            max((max(m.rank, layout.general_rank(m)) for m in modules.values()), default=1),
+            max((layout.intermediate_width(m) for m in modules.values()), default=1))
+        adapter.packed = packed
+        return packed
+
+    def nbytes(self, adapter: AdapterWeights) -> int:
+        return layout.aligned(sum(layout.module_size(m) for m in adapter.modules.values())) * \
+            torch.finfo(self.dtype).bits // 8
+
+    def load(self, slot: int, adapter: AdapterWeights) -> torch.cuda.Event | bool:
+        """Start copying the adapter into `slot`. False when the pool has no room (fixed pool);
+        on CUDA an event that completes when the slot is usable, elsewhere True (done)."""
+        if self.resident[slot] is not None:
+            self.evict(slot)
+        packed = self.prepare(adapter)
+        region = self.pool.allocate(packed.data.numel())
+        if region is None:
+            return False
         rows = torch.zeros(self.num_layers, len(self.proj_ids), layout.NUM_FIELDS, dtype=torch.int64)
         scales = torch.zeros(self.num_layers, len(self.proj_ids), dtype=torch.float32)
-        offset = region
-        for (layer, proj), m in modules.items():
-            rows[layer, self.proj_ids[proj]] = torch.tensor(layout.write_module(m, self.pool.buffer, offset))
-            scales[layer, self.proj_ids[proj]] = m.scale
-            offset += layout.module_size(m)
-        self.table[slot].copy_(rows)
-        self.scales[slot].copy_(scales)
-        self.slot_shapes[slot] = _SlotShape(
-            region=region,
-            ks={m.k for m in modules.values()},
-            has_general=any(m.general_A is not None for m in modules.values()),
-            block_rank=max((max(m.rank, layout.general_rank(m)) for m in modules.values()), default=1),
-            width=max((layout.intermediate_width(m) for m in modules.values()), default=1))
+        offsets = (layout.A_OFFSET, layout.B_OFFSET, layout.GENERAL_A_OFFSET, layout.GENERAL_B_OFFSET)
+        for layer, proj, row, scale in packed.modules:
+            row = list(row)
+            for f in offsets:
+                row[f] += region
+            rows[layer, self.proj_ids[proj]] = torch.tensor(row)
+            scales[layer, self.proj_ids[proj]] = scale
+        target = self.pool.buffer[region:region + packed.data.numel()]
+        if not self.cuda:
+            target.copy_(packed.data)
+            self.table[slot].copy_(rows)
+            self.scales[slot].copy_(scales)
+            self.resident[slot] = _Resident(region, packed, ())
+            return True
+        rows, scales = rows.pin_memory(), scales.pin_memory()
+        # The region may have belonged to an adapter that a step already queued still reads.
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            target.copy_(packed.data, non_blocking=True)
+            self.table[slot].copy_(rows, non_blocking=True)
+            self.scales[slot].copy_(scales, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        self.resident[slot] = _Resident(region, packed, (rows, scales))
+        return done
 
     def evict(self, slot: int) -> None:
-        shape = self.slot_shapes[slot]
-        if shape is None:
+        resident = self.resident[slot]
+        if resident is None:
             return
-        self.table[slot].zero_()
-        self.pool.free(shape.region)
-        self.slot_shapes[slot] = None
-
-    def _loaded(self) -> list[_SlotShape]:
-        return [s for s in self.slot_shapes if s is not None]
-
-    @property
-    def ks(self) -> set[int]:
-        return set().union(*(s.ks for s in self._loaded())) or {1}
-
-    def _aligned(self, widths: list[int]) -> bool:
-        """Whether every block width (width / k for each k in use) is a multiple of 8 elements."""
-        return all(w % (8 * k) == 0 for w in widths for k in self.ks)
-
-    @property
-    def has_general(self) -> bool:
-        return any(s.has_general for s in self._loaded())
-
-    @property
-    def max_block_rank(self) -> int:
-        return max((s.block_rank for s in self._loaded()), default=1)
-
-    @property
-    def max_width(self) -> int:
-        return max((s.width for s in self._loaded()), default=1)
+        if self.cuda:  # ordered after a copy into this slot that may still be under way
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                self.table[slot].zero_()
+        else:
+            self.table[slot].zero_()
+        self.pool.free(resident.region)
+        self.resident[slot] = None
 
     # -- per step ----------------------------------------------------------------------------
-    def metadata(self, token_slots: list[int]) -> StepSegments:
-        return self.extend(build_segments(token_slots, self.device))
+    def plan(self, seg: Segments, num_tiles: int) -> LaunchPlan:
+        used = [self.resident[slot].packed for _, _, slot in seg.host if self.resident[slot] is not None]
+        return LaunchPlan(
+            config=self.tile_config or choose_tile_config(seg.max_length),
+            ks=frozenset().union(*(p.ks for p in used)) or frozenset({1}),
+            has_general=any(p.has_general for p in used),
+            block_rank=max((p.block_rank for p in used), default=1),
+            width=max((p.width for p in used), default=1),
+            num_tiles=num_tiles)
+
+    def metadata(self, token_slots: list[int], pad_to: int | None = None) -> StepSegments:
+        """pad_to: a CUDA-graph batch size; the step's tensors are then written into fixed buffers
+        of that many rows and tiles (padding tiles point at the null slot)."""
+        if pad_to is None:
+            return self.extend(build_segments(token_slots, self.device))
+        seg = build_segments(token_slots, "cpu")
+        block_m = (self.tile_config or choose_tile_config(seg.max_length)).block_m
+        tiles = self._tiles(seg, block_m)
+        tiles += [(self.null_slot, 0, 0)] * (pad_to - len(tiles))
+        order = seg.token_order.tolist() + [0] * (pad_to - len(seg.token_order))
+        if self._graph_order is None or self._graph_order.shape[0] < pad_to:  # (captured graphs hold these)
+            rows = max(pad_to, self.graph_rows)
+            self._graph_order = torch.zeros(rows, dtype=torch.int64, device=self.device)
+            self._graph_tiles = torch.zeros(rows, 3, dtype=torch.int32, device=self.device)
+        host_order = torch.tensor(order, dtype=torch.int64, pin_memory=self.cuda)
+        host_tiles = torch.tensor(tiles, dtype=torch.int32, pin_memory=self.cuda)
+        self._graph_order[:pad_to].copy_(host_order, non_blocking=True)
+        self._graph_tiles[:pad_to].copy_(host_tiles, non_blocking=True)
+        fields = {**vars(seg), "token_order": self._graph_order[:pad_to]}
+        return StepSegments(**fields, tiles=self._graph_tiles[:pad_to], plan=self.plan(seg, pad_to))
+
+    @staticmethod
+    def _tiles(seg: Segments, block_m: int) -> list[tuple[int, int, int]]:
+        return [(slot, start + m, start + length) for start, length, slot in seg.host for m in range(0, length, block_m)]
 
     def extend(self, seg: Segments) -> StepSegments:
         """Add the kernels' per-step tensors to Segments built elsewhere."""
-        cfg = self.tile_config or choose_tile_config(seg.max_length)
-        tiles = [(slot, start + m, start + length)
-                 for start, length, slot in seg.host for m in range(0, length, cfg.block_m)]
+        block_m = (self.tile_config or choose_tile_config(seg.max_length)).block_m
+        tiles = self._tiles(seg, block_m)
         tiles_t = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(self.device, non_blocking=True)
-        max_splits = self.num_splits or choose_splits(len(tiles), self.max_in_features, cfg.block_k, self.num_sms)
-        num_rows = seg.token_order.shape[0]
-        shape = (max_splits, num_rows, MAX_FUSED, self.max_width)
-        needed = max_splits * num_rows * MAX_FUSED * self.max_width
-        if self.scratch.numel() < needed:
-            self.scratch = torch.empty(needed, dtype=torch.float32, device=self.device)
-        return StepSegments(**vars(seg), config=cfg, tiles=tiles_t, partials=self.scratch[:needed].view(shape))
+        return StepSegments(**vars(seg), tiles=tiles_t, plan=self.plan(seg, len(tiles)))
 
     def apply(self, layer, projections, x, y, meta: Segments) -> None:
         if meta.empty:
             return
         if not isinstance(meta, StepSegments):
             meta = self.extend(meta)
-        if meta.partials.shape[-1] < self.max_width:
-            raise RuntimeError("an adapter wider than the step's scratch was loaded after metadata(); rebuild it")
         assert len(projections) <= MAX_FUSED
-        cfg = meta.config
+        plan, cfg = meta.plan, meta.plan.config
         proj_ids = [self.proj_ids[p] for p in projections]
         in_features = self.projection_shapes[projections[0]][0]
         out_features = [self.projection_shapes[p][1] for p in projections]
-        max_k, has_general = max(self.ks), self.has_general
-        blocks = max_k + int(has_general)
-        rank_tiles = -(-self.max_block_rank // cfg.block_r)
-        num_splits = self.num_splits or min(meta.max_splits, choose_splits(
-            meta.tiles.shape[0] * len(projections) * blocks * rank_tiles, in_features // max_k, cfg.block_k,
-            self.num_sms))
+        blocks = plan.max_k + int(plan.has_general)
+        rank_tiles = -(-plan.block_rank // cfg.block_r)
+        num_splits = self.num_splits or choose_splits(
+            plan.num_tiles * len(projections) * blocks * rank_tiles, in_features // plan.max_k, cfg.block_k,
+            self.num_sms)
+        partials = torch.empty(num_splits, meta.token_order.shape[0], MAX_FUSED, plan.width,
+                               dtype=torch.float32, device=x.device)
         table, scales = self.table[:, layer], self.scales[:, layer]
         shrink(x, meta.token_order, meta.tiles, self.pool.buffer, table, proj_ids, blocks, rank_tiles,
-               meta.partials, num_splits, cfg, aligned=self._aligned([in_features]), pdl=self.pdl)
+               partials, num_splits, cfg, aligned=self._aligned(plan, [in_features]), pdl=self.pdl)
         common = (y, meta.token_order, meta.tiles, self.pool.buffer, table, scales, proj_ids, out_features,
-                  max_k, meta.partials, num_splits, cfg)
-        aligned = self._aligned(out_features)
-        if has_general and self.hybrid_passes == 2:
+                  plan.max_k, partials, num_splits, cfg)
+        aligned = self._aligned(plan, out_features)
+        if plan.has_general and self.hybrid_passes == 2:
             expand(*common, blocks=True, general=False, aligned=aligned, pdl=self.pdl)
             expand(*common, blocks=False, general=True, aligned=aligned, pdl=self.pdl)
         else:
-            expand(*common, blocks=True, general=has_general, aligned=aligned, pdl=self.pdl)
+            expand(*common, blocks=True, general=plan.has_general, aligned=aligned, pdl=self.pdl)
+
+    @staticmethod
+    def _aligned(plan: LaunchPlan, widths: list[int]) -> bool:
+        """Whether every block width (width / k for each k in use) is a multiple of 8 elements."""
+        return all(w % (8 * k) == 0 for w in widths for k in plan.ks)

@@ -17,9 +17,11 @@ def _serve(args) -> None:
     from .service import Service, ServiceConfig
 
     base = load_base_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device)
-    engine_config = EngineConfig(max_gpu_adapters=args.max_gpu_adapters, max_num_seqs=args.max_num_seqs,
-                                 max_batched_tokens=args.max_batched_tokens, kv_cache_tokens=args.kv_cache_tokens,
-                                 adapter_ops=args.adapter_ops)
+    engine_config = EngineConfig(max_gpu_adapters=args.max_gpu_adapters, adapter_memory=args.adapter_memory,
+                                 max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
+                                 kv_cache_tokens=args.kv_cache_tokens, adapter_ops=args.adapter_ops,
+                                 cuda_graphs=not args.enforce_eager, merge_policy=args.merge_policy,
+                                 merge_format=args.merge_format)
     service = Service(base, engine_config, ServiceConfig(adapter_dir=args.adapter_dir, max_lora_rank=args.max_lora_rank,
                                                          max_adapter_bytes=args.max_adapter_mb << 20,
                                                          max_host_adapters=args.max_cpu_adapters,
@@ -76,6 +78,14 @@ def _adapters(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _memory_amount(text: str) -> float:
+    """--adapter-memory: a fraction (0 < f <= 1) of free memory, or gigabytes (> 1), as bytes."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive fraction or a number of GB")
+    return value if value <= 1 else value * (1 << 30)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Serve and train many adapters on one base model")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     serve.add_argument("--adapter-dir", type=Path, default=None, help="adapter store (default: user cache dir)")
     serve.add_argument("--max-lora-rank", type=int, default=64)
-    serve.add_argument("--max-gpu-adapters", type=int, default=8, help="adapters resident in accelerator memory")
+    serve.add_argument("--adapter-memory", type=_memory_amount, default=None,
+                       help="accelerator memory for resident adapters: GB (e.g. 12) or a fraction of what is free "
+                            "after weights and KV (e.g. 0.5, the default)")
+    serve.add_argument("--max-gpu-adapters", type=int, default=None,
+                       help="optional cap on the number of adapters resident in accelerator memory")
     serve.add_argument("--max-cpu-adapters", type=int, default=64, help="adapters cached in host memory")
     serve.add_argument("--max-adapter-mb", type=int, default=512, help="largest accepted adapter upload")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
@@ -104,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens")
     serve.add_argument("--adapter-ops", choices=["auto", "torch", "triton"], default="auto",
                        help="adapter math: Triton kernels (auto on CUDA) or the PyTorch reference (auto on CPU)")
+    serve.add_argument("--merge-policy", default="auto",
+                       help="serve a dominant adapter from merged weights: off, auto (when it holds the whole "
+                            "decode batch) or an adapter id (always that one)")
+    serve.add_argument("--merge-format", choices=["bf16", "nf4"], default="bf16",
+                       help="merged copy of the touched linears: dense bf16 or re-quantised NF4")
+    serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 

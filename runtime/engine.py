@@ -16,33 +16,48 @@ import torch
 
 from .adapters.ops import AdapterOps, TorchAdapterOps
 from .adapters.registry import AdapterRef
-from .adapters.slots import AdapterSlots
+from .adapters.slots import LOADING, AdapterSlots
 from .base_model import BaseModel
 from .block_manager import BlockManager
 from .detokenizer import append_token_text, find_stop, releasable_text
+from .merged import Merger
 from .model_runner import ModelRunner, kv_bytes_per_token
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence, SeqStatus, StepOutput
 
 log = logging.getLogger("loraplex.engine")
+PREFILL_COST_EMA = 0.3  # weight of the newest step in the CPU's seconds-per-prefill-token average
+MIN_PREFILL_CHUNK = 32  # prefill tokens per step even when decode rows alone exceed max_step_seconds
 
 
 @dataclass
 class EngineConfig:
-    max_gpu_adapters: int = 8
+    max_gpu_adapters: int | None = None  # optional cap on resident adapters; memory is set by adapter_memory
+    adapter_memory: float | None = None  # bytes (> 1) or a fraction of the memory free after weights and KV
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048
     kv_cache_tokens: int | None = None  # None: sized from the device's free memory (CUDA) or 32k tokens
     block_size: int = 16
     adapter_ops: str = "auto"  # auto | torch | triton
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only)
+    merge_policy: str = "auto"  # off | auto | an adapter id (see merged.py)
+    merge_format: str = "bf16"  # bf16 | nf4: the merged copy's format
+    # While decode rows run, a step's prefill chunk is capped so a long prompt cannot stall the streams:
+    max_step_seconds: float = 0.25  # CPU: the cap is sized from measured cost to keep a step near this
+    prefill_chunk_tokens: int = 512  # CUDA: the cap in tokens
 
 
 class RequestError(ValueError):
     """A request the engine cannot serve (too long, bad parameters)."""
 
 
-def make_ops(kind: str, base: BaseModel, num_slots: int) -> AdapterOps:
+DEFAULT_ADAPTER_SLOTS = 1024  # slot indices (module-table rows) when no count cap is given
+DEFAULT_ADAPTER_SHARE = 0.5  # of the accelerator memory free after weights and KV
+CPU_ADAPTER_MEMORY = 4 << 30
+
+
+def make_ops(kind: str, base: BaseModel, num_slots: int, pool_bytes: int | None = None) -> AdapterOps:
     if kind == "auto":
         kind = "triton" if base.device.type == "cuda" else "torch"
     args = (num_slots, base.projection_shapes, base.num_layers, base.device, base.dtype)
@@ -50,8 +65,19 @@ def make_ops(kind: str, base: BaseModel, num_slots: int) -> AdapterOps:
         return TorchAdapterOps(*args)
     if kind == "triton":
         from loraplex.kernels.ops import TritonAdapterOps
-        return TritonAdapterOps(*args)
+        return TritonAdapterOps(*args, pool_bytes=pool_bytes)
     raise ValueError(f"unknown adapter ops {kind!r}: auto, torch or triton")
+
+
+def adapter_memory_bytes(base: BaseModel, requested: float | None) -> int:
+    """Adapter memory in bytes: `requested` bytes (> 1) or fraction of what is free now (after
+    weights and KV); default half of that on CUDA, 4 GiB of host memory on the CPU."""
+    if requested is not None and requested > 1:
+        return int(requested)
+    if base.device.type != "cuda":
+        return CPU_ADAPTER_MEMORY if requested is None else int(requested * CPU_ADAPTER_MEMORY)
+    free, _ = torch.cuda.mem_get_info(base.device)
+    return int(free * (DEFAULT_ADAPTER_SHARE if requested is None else requested))
 
 
 def _kv_cache_tokens(base: BaseModel, requested: int | None) -> int:
@@ -69,11 +95,19 @@ class Engine:
         self.config = config = config or EngineConfig()
         tokens = _kv_cache_tokens(base, config.kv_cache_tokens)
         self.blocks = BlockManager(tokens // config.block_size, config.block_size)
-        self.ops = make_ops(config.adapter_ops, base, config.max_gpu_adapters)
-        self.slots = AdapterSlots(self.ops)
+        # KV first (the runner allocates it), then the adapter pool from what is left
+        self.runner = ModelRunner(base, self.blocks, None, cuda_graphs=config.cuda_graphs,
+                                  max_graph_batch=config.max_num_seqs)
+        adapter_bytes = adapter_memory_bytes(base, config.adapter_memory)
+        num_slots = config.max_gpu_adapters or DEFAULT_ADAPTER_SLOTS
+        self.ops = make_ops(config.adapter_ops, base, num_slots, adapter_bytes)
+        self.runner.attach_ops(self.ops)
+        self.slots = AdapterSlots(self.ops, adapter_bytes, config.max_gpu_adapters)
+        self.merger = Merger(base.model, base.projection_shapes, config.merge_policy, config.merge_format, base.dtype)
         self.scheduler = Scheduler(self.blocks, self.slots, max_num_seqs=config.max_num_seqs,
                                    max_batched_tokens=config.max_batched_tokens)
-        self.runner = ModelRunner(base, self.blocks, self.ops)
+        self.scheduler.prefill_budget = config.prefill_chunk_tokens  # on the CPU replaced once measured
+        self.prefill_seconds_per_token: float | None = None  # CPU: moving average over steps with prefill
         self.max_model_len = min(getattr(base.config, "max_position_embeddings", 1 << 30),
                                  self.blocks.num_blocks * config.block_size)
         self._inbox: deque[Sequence] = deque()
@@ -84,6 +118,11 @@ class Engine:
         self._by_id: dict[int, Sequence] = {}
         self.steps = 0
         self.tokens_generated = 0
+        self.decode_steps = 0
+        self.decode_seconds = 0.0
+        self.decode_rows = 0
+        self.decode_context_tokens = 0
+        self.prefill_steps = 0
         self.on_finish: Callable[[Sequence], None] | None = None  # metrics hook
 
     # -- called from any thread -------------------------------------------------------------
@@ -114,7 +153,20 @@ class Engine:
                 "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
                 "kv_block_size": self.blocks.block_size, "resident_adapters": len(self.slots.resident),
                 "adapter_slots": self.slots.capacity, "adapter_ops": self.ops.name, "steps": self.steps,
-                "tokens_generated": self.tokens_generated}
+                "tokens_generated": self.tokens_generated,
+                "adapter_memory_bytes_total": self.slots.capacity_bytes,
+                "adapter_memory_bytes_used": self.slots.used_bytes,
+                "adapter_loads": self.slots.loads, "adapter_evictions": self.slots.evictions,
+                "decode_steps": self.decode_steps, "decode_seconds": self.decode_seconds,
+                "decode_rows": self.decode_rows, "decode_context_tokens": self.decode_context_tokens,
+                "prefill_steps": self.prefill_steps, "graph_steps": self.runner.graph_steps,
+                "cuda_graphs": len(self.runner.graphs), "merge_policy": self.merger.policy,
+                "merged_adapter": None if self.merger.active is None else self.merger.active.id,
+                "merged_steps": self.merger.merged_steps}
+
+    def prepare_adapter(self, ref: AdapterRef) -> None:
+        """Host-side work for loading ref later (packing, pinned memory): call off the engine thread."""
+        self.ops.prepare(ref.weights)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
@@ -151,17 +203,56 @@ class Engine:
             if seq is not None and seq.status is not SeqStatus.FINISHED:
                 self._finish(seq, "abort")
 
+    def _measure_prefill(self, prefill_tokens: int, seconds: float) -> None:
+        """CPU: size the prefill budget so that a step with decode rows takes about max_step_seconds.
+        A step's whole time is charged to its prefill tokens; the budget still settles where decode
+        rows + prefill chunk take the target (b = T / ((d + c*b) / b) has its fixed point at d + c*b = T)."""
+        if self.base.device.type != "cpu" or prefill_tokens == 0:
+            return
+        sample = seconds / prefill_tokens
+        average = self.prefill_seconds_per_token
+        average = sample if average is None else average + PREFILL_COST_EMA * (sample - average)
+        self.prefill_seconds_per_token = average
+        tokens = int(self.config.max_step_seconds / average)
+        self.scheduler.prefill_budget = min(max(tokens, MIN_PREFILL_CHUNK), self.config.max_batched_tokens)
+
+    def _merged_rows(self, batch: list[tuple[Sequence, int]]) -> set[int] | None:
+        """Rows of a decode step that the merged weights compute (see merged.py)."""
+        ref, changed = self.merger.choose([seq.adapter for seq, _ in batch])
+        if changed:
+            self.runner.merged_key = self.merger.active.key
+            self.runner.drop_graphs(merged_only=True)
+        if ref is None:
+            return None
+        return {i for i, (seq, _) in enumerate(batch) if seq.adapter is not None and seq.adapter.key == ref.key}
+
     def step(self) -> None:
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             time.sleep(0.001)  # everything waits for adapter slots or KV blocks held by finishing requests
             return
-        logits = self.runner.run(batch)
+        decode = all(n == 1 for _, n in batch)
+        merged = self._merged_rows(batch) if decode else None
+        prefill_tokens = sum(n for _, n in batch if n > 1)
+        run_started = time.perf_counter()
+        logits = self.runner.run(batch, merged=merged)
+        self._measure_prefill(prefill_tokens, time.perf_counter() - run_started)
         ready = [seq for seq, _ in batch if seq.num_computed == len(seq)]
-        tokens = sample(logits, ready)
+        tokens = sample(logits, ready)  # the step's one device->host copy
         self.steps += 1
+        if decode:
+            self.decode_steps += 1
+            self.decode_seconds += time.perf_counter() - started
+            self.decode_rows += len(batch)
+            self.decode_context_tokens += sum(seq.num_computed for seq, _ in batch)
+        else:
+            self.prefill_steps += 1
         for seq, token in zip(ready, tokens):
-            self._append(seq, token)
+            if token < 0:  # the sampler's mark for a row whose logits were NaN/inf: fail this request alone
+                self._finish(seq, "error", error="the model produced non-finite logits (NaN or inf) for this request")
+            else:
+                self._append(seq, token)
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
@@ -228,6 +319,9 @@ class Engine:
         for seq in seqs:
             if seq.adapter is not None:
                 seq.adapter_slot = self.slots.acquire(seq.adapter)
+                while seq.adapter_slot == LOADING:
+                    torch.cuda.synchronize(self.base.device)
+                    seq.adapter_slot = self.slots.acquire(seq.adapter)
                 assert seq.adapter_slot is not None, "more distinct adapters than slots"
             self.blocks.allocate(seq, len(seq))
             batch.append((seq, len(seq)))

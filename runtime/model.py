@@ -28,9 +28,22 @@ class PrefillChunk:
 
 
 @dataclass
+class PagedAttentionMeta:
+    """What the paged attention kernel reads: each sequence's block table and lengths (device)."""
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32, cached tokens including this step's
+    query_start: torch.Tensor  # [B+1] int32, sequence b owns packed rows query_start[b]:query_start[b+1]
+    max_query_len: int
+    block_size: int
+
+
+@dataclass
 class StepContext:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] cache slot each token's K/V is written to
+    paged: PagedAttentionMeta | None = None  # set: attention reads the pages directly (CUDA)
+    merged_rows: torch.Tensor | None = None  # [T] bool: rows computed with the merged weights
+    all_merged: bool = False  # every row uses the merged weights (no base pass)
     decode_token_idx: torch.Tensor | None = None  # [Bd] packed index of each one-token row
     decode_ctx_slots: torch.Tensor | None = None  # [Bd, max_ctx]
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_ctx] bool
@@ -57,18 +70,28 @@ def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
 
 
 class AdaptedLinear(nn.Module):
-    """A base linear (dense or NF4) computing one or several fused projections, plus adapter deltas."""
+    """A base linear (dense or NF4) computing one or several fused projections, plus adapter deltas.
+
+    `merged`, when set, is this linear with one adapter's delta merged in (runtime/merged.py): the
+    step's `merged_rows` are computed with it instead of base + delta.
+    """
 
     def __init__(self, base: nn.Module, layer_idx: int, projections: tuple[str, ...]):
         super().__init__()
         self.base = base
         self.layer_idx = layer_idx
         self.projections = projections
+        self.merged: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        merged = self.merged if ctx.merged_rows is not None else None
+        if merged is not None and ctx.all_merged:
+            return merged(x)
         y = self.base(x)
         if ctx.lora is not None:
             ctx.lora.apply(self.layer_idx, self.projections, x, y, ctx.lora_meta)
+        if merged is not None:
+            y = torch.where(ctx.merged_rows.unsqueeze(1), merged(x), y)
         return y
 
 
@@ -102,6 +125,7 @@ class Attention(nn.Module):
                                               bias=bool(getattr(cfg, "attention_bias", False))),
                                     layer_idx, ("o_proj",))
         self.scale = self.head_dim ** -0.5
+        self.sliding_window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
         self.k_cache: torch.Tensor | None = None  # [num_slots, n_kv, head_dim], set by the runner
         self.v_cache: torch.Tensor | None = None
 
@@ -116,6 +140,13 @@ class Attention(nn.Module):
         self.k_cache[ctx.slot_mapping] = k.to(self.k_cache.dtype)
         self.v_cache[ctx.slot_mapping] = v.to(self.v_cache.dtype)
 
+        if ctx.paged is not None:
+            from loraplex.kernels.paged_attention import paged_attention
+            p = ctx.paged
+            out = paged_attention(q, self.k_cache, self.v_cache, p.block_tables, p.context_lens, p.query_start,
+                                  p.block_size, self.scale, max_query_len=p.max_query_len,
+                                  sliding_window=self.sliding_window)
+            return self.o_proj(out.reshape(T, -1), ctx)
         out = torch.empty_like(q)
         if ctx.decode_token_idx is not None:
             qd = q[ctx.decode_token_idx].unsqueeze(2)  # [Bd, H, 1, D]

@@ -1,5 +1,14 @@
-"""Tensors in, logits out: packs one step's tokens, owns the paged KV cache, runs the model."""
+"""Tensors in, logits out: packs one step's tokens, owns the paged KV cache, runs the model.
+
+Decode steps (one token per sequence) on CUDA replay a CUDA graph captured per (batch-size bucket,
+adapter launch plan, merged mode): the step's inputs are written into fixed buffers that the graph
+reads, padding rows write their K/V into one spare cache block and use no adapter. Other steps
+(prefills, chunked prefills mixed with decodes) run eagerly. On CUDA attention reads the KV pages
+directly (loraplex.kernels.paged_attention); on the CPU it gathers each context (reference path).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -7,7 +16,7 @@ from .adapters.ops import AdapterOps
 from .adapters.segments import NO_ADAPTER
 from .base_model import BaseModel
 from .block_manager import BlockManager
-from .model import PrefillChunk, StepContext, head_dim, n_kv_heads
+from .model import PagedAttentionMeta, PrefillChunk, StepContext, head_dim, n_kv_heads
 from .sequence import Sequence
 
 
@@ -16,30 +25,78 @@ def kv_bytes_per_token(base: BaseModel) -> int:
     return 2 * cfg.num_hidden_layers * n_kv_heads(cfg) * head_dim(cfg) * torch.finfo(base.dtype).bits // 8
 
 
+def graph_buckets(max_batch: int) -> list[int]:
+    small = [b for b in (1, 2, 4, 8) if b < max_batch]
+    return small + list(range(min(16, max_batch), max_batch, 8)) + [max_batch] if max_batch > 8 else \
+        small + [max_batch]
+
+
+@dataclass
+class _DecodeGraph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [bucket, vocab], written by every replay
+
+
 class ModelRunner:
-    def __init__(self, base: BaseModel, blocks: BlockManager, ops: AdapterOps | None):
+    def __init__(self, base: BaseModel, blocks: BlockManager, ops: AdapterOps | None, *,
+                 cuda_graphs: bool = True, max_graph_batch: int = 64):
         self.base = base
         self.blocks = blocks
         self.ops = ops
         self.device = base.device
         cfg = base.config
-        shape = (blocks.num_blocks * blocks.block_size, n_kv_heads(cfg), head_dim(cfg))
+        cuda = self.device.type == "cuda"
+        # one spare block past the pool: padding rows of a graph batch write their K/V there
+        self.spare_slot = blocks.num_blocks * blocks.block_size
+        shape = ((blocks.num_blocks + 1) * blocks.block_size, n_kv_heads(cfg), head_dim(cfg))
         for layer in base.model.layers:
             attn = layer.self_attn
             attn.k_cache = torch.zeros(shape, dtype=base.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=base.dtype, device=self.device)
+        self.paged = cuda
+        self.merged_key = None  # (adapter id, version) whose merged weights the model holds, or None
+        self.use_graphs = cuda and cuda_graphs
+        self.buckets = graph_buckets(max_graph_batch)
+        self.graphs: dict[tuple, _DecodeGraph] = {}
+        self.graph_pool = None
+        if self.use_graphs:
+            n, width = self.buckets[-1], -(-base.config.max_position_embeddings // blocks.block_size)
+            width = min(width, blocks.num_blocks)
+            i32 = dict(dtype=torch.int32, device=self.device)
+            self.static = {
+                "input_ids": torch.zeros(n, dtype=torch.long, device=self.device),
+                "positions": torch.zeros(n, dtype=torch.long, device=self.device),
+                "slot_mapping": torch.zeros(n, dtype=torch.long, device=self.device),
+                "block_tables": torch.zeros(n, width, **i32),
+                "context_lens": torch.zeros(n, **i32),
+                "query_start": torch.arange(n + 1, **i32),
+                "merged_rows": torch.zeros(n, dtype=torch.bool, device=self.device),
+            }
+        self.attach_ops(ops)
+        self.graph_steps = 0
 
-    def _context(self, batch: list[tuple[Sequence, int]], all_logits: bool) -> tuple[torch.Tensor, StepContext]:
+    def attach_ops(self, ops: AdapterOps | None) -> None:
+        self.ops = ops
+        if self.use_graphs and ops is not None:
+            ops.graph_rows = self.buckets[-1]
+
+    # -- eager steps -----------------------------------------------------------------------
+    def _context(self, batch: list[tuple[Sequence, int]], all_logits: bool,
+                 token_slots: list[int]) -> tuple[torch.Tensor, StepContext]:
         dev = self.device
-        input_ids, positions, slots, token_slots, logits_idx = [], [], [], [], []
+        input_ids, positions, slots, logits_idx = [], [], [], []
         decode_idx, decode_ctx, prefills = [], [], []
         for seq, n in batch:
             start, begin = len(input_ids), seq.num_computed
-            ctx_slots = self.blocks.slots(seq, begin + n)  # the whole context, this step's tokens last
             input_ids.extend(seq.token_ids[begin:begin + n])
             positions.append(torch.arange(begin, begin + n))
+            if begin + n == len(seq):
+                logits_idx.append(len(input_ids) - 1)
+            if self.paged:
+                slots.append(self.blocks.slots(seq, begin + n)[begin:])
+                continue
+            ctx_slots = self.blocks.slots(seq, begin + n)  # the whole context, this step's tokens last
             slots.append(ctx_slots[begin:])
-            token_slots.extend([seq.adapter_slot] * n)
             if n == 1:
                 decode_idx.append(start)
                 decode_ctx.append(ctx_slots)
@@ -49,11 +106,11 @@ class ModelRunner:
                     q_pos = torch.arange(begin, begin + n).unsqueeze(1)
                     mask = (torch.arange(begin + n).unsqueeze(0) <= q_pos).to(dev)
                 prefills.append(PrefillChunk(start, n, ctx_slots.to(dev), mask))
-            if begin + n == len(seq):
-                logits_idx.append(len(input_ids) - 1)
         ctx = StepContext(positions=torch.cat(positions).to(dev), slot_mapping=torch.cat(slots).to(dev),
                           prefills=prefills)
-        if decode_idx:
+        if self.paged:
+            ctx.paged = self._paged_meta(batch)
+        elif decode_idx:
             lengths = torch.tensor([len(c) for c in decode_ctx])
             ctx.decode_token_idx = torch.tensor(decode_idx, device=dev)
             ctx.decode_ctx_slots = torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True).to(dev)
@@ -65,12 +122,105 @@ class ModelRunner:
             ctx.logits_idx = torch.tensor(logits_idx, dtype=torch.long, device=dev)
         return torch.tensor(input_ids, device=dev), ctx
 
+    def _paged_meta(self, batch: list[tuple[Sequence, int]]) -> PagedAttentionMeta:
+        tables = [seq.block_table for seq, _ in batch]
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        lens = torch.tensor([seq.num_computed + n for seq, n in batch], dtype=torch.int32)
+        starts = torch.zeros(len(batch) + 1, dtype=torch.int32)
+        starts[1:] = torch.tensor([n for _, n in batch]).cumsum(0)
+        dev = self.device
+        return PagedAttentionMeta(padded.to(dev), lens.to(dev), starts.to(dev), max(n for _, n in batch),
+                                  self.blocks.block_size)
+
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, int]], all_logits: bool = False) -> torch.Tensor:
+    def run(self, batch: list[tuple[Sequence, int]], all_logits: bool = False,
+            merged: set[int] | None = None) -> torch.Tensor:
         """Logits [rows, vocab] for the last token of every sequence whose context is now complete
-        (all tokens of the batch with all_logits). Updates each sequence's num_computed."""
-        input_ids, ctx = self._context(batch, all_logits)
-        logits = self.base.model(input_ids, ctx)
+        (all tokens of the batch with all_logits). Updates each sequence's num_computed.
+        merged: indices into batch of the decode rows to compute with the merged weights."""
+        token_slots = []
+        for i, (seq, n) in enumerate(batch):
+            token_slots.extend([NO_ADAPTER if merged and i in merged else seq.adapter_slot] * n)
+        decode = all(n == 1 for _, n in batch)
+        if self.use_graphs and decode and not all_logits and len(batch) <= self.buckets[-1] and \
+                (self.ops is None or getattr(self.ops, "graph_safe", False)
+                 or all(s == NO_ADAPTER for s in token_slots)):
+            logits = self._replay(batch, token_slots, merged or set())
+        else:
+            input_ids, ctx = self._context(batch, all_logits, token_slots)
+            if merged:
+                ctx.merged_rows = torch.tensor([i in merged for i in range(len(batch))], device=self.device)
+                ctx.all_merged = len(merged) == len(batch)
+            logits = self.base.model(input_ids, ctx)
         for seq, n in batch:
             seq.num_computed += n
         return logits
+
+    # -- CUDA-graph decode -------------------------------------------------------------------
+    def _replay(self, batch: list[tuple[Sequence, int]], token_slots: list[int], merged: set[int]) -> torch.Tensor:
+        B = len(batch)
+        bucket = next(b for b in self.buckets if b >= B)
+        s = self.static
+        ids, pos, slot_map, lens = [], [], [], []
+        for seq, _ in batch:
+            p = seq.num_computed
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slot_map.append(seq.block_table[p // self.blocks.block_size] * self.blocks.block_size
+                            + p % self.blocks.block_size)
+            lens.append(p + 1)
+        pad = bucket - B
+        tables = [seq.block_table for seq, _ in batch]
+        width = max(len(t) for t in tables)
+        host = {
+            "input_ids": torch.tensor(ids + [0] * pad, dtype=torch.long),
+            "positions": torch.tensor(pos + [0] * pad, dtype=torch.long),
+            "slot_mapping": torch.tensor(slot_map + [self.spare_slot] * pad, dtype=torch.long),
+            "context_lens": torch.tensor(lens + [0] * pad, dtype=torch.int32),
+            "merged_rows": torch.tensor([i in merged for i in range(bucket)], dtype=torch.bool),
+        }
+        for name, t in host.items():
+            s[name][:bucket].copy_(t.pin_memory(), non_blocking=True)
+        table_host = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        s["block_tables"][:B, :width].copy_(table_host.pin_memory(), non_blocking=True)
+
+        lora_meta, plan = None, None
+        if any(t != NO_ADAPTER for t in token_slots):
+            lora_meta = self.ops.metadata(token_slots + [NO_ADAPTER] * pad, pad_to=bucket)
+            plan = lora_meta.plan
+        mode = "all" if merged and len(merged) == B else "some" if merged else None
+        key = (bucket, plan, mode, self.merged_key if mode else None)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(bucket, lora_meta, mode)
+        entry.graph.replay()
+        self.graph_steps += 1
+        return entry.logits[:B]
+
+    def _graph_context(self, bucket: int, lora_meta, mode: str | None) -> StepContext:
+        s = self.static
+        ctx = StepContext(positions=s["positions"][:bucket], slot_mapping=s["slot_mapping"][:bucket],
+                          paged=PagedAttentionMeta(s["block_tables"][:bucket], s["context_lens"][:bucket],
+                                                   s["query_start"][:bucket + 1], 1, self.blocks.block_size))
+        if lora_meta is not None:
+            ctx.lora, ctx.lora_meta = self.ops, lora_meta
+        if mode is not None:
+            ctx.merged_rows, ctx.all_merged = s["merged_rows"][:bucket], mode == "all"
+        return ctx
+
+    def _capture(self, bucket: int, lora_meta, mode: str | None) -> _DecodeGraph:
+        ctx = self._graph_context(bucket, lora_meta, mode)
+        ids = self.static["input_ids"][:bucket]
+        self.base.model(ids, ctx)  # warm-up: compiles kernels; writes the same K/V the replay will
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = self.base.model(ids, ctx)
+        if self.graph_pool is None:
+            self.graph_pool = graph.pool()
+        return _DecodeGraph(graph, logits)
+
+    def drop_graphs(self, merged_only: bool = False) -> None:
+        """Forget captured graphs (all, or those that use the merged weights)."""
+        self.graphs = {k: g for k, g in self.graphs.items() if merged_only and k[2] is None}

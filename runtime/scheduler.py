@@ -2,7 +2,10 @@
 
 Every step first continues the running sequences (one decode token each, or the next chunk of a
 prompt still being prefilled), then admits waiting requests into the remaining token budget, so
-new prompts start at the next step instead of waiting for the batch to drain. A request is
+new prompts start at the next step instead of waiting for the batch to drain. While any running
+sequence is decoding, prefill tokens per step are capped by `prefill_budget` (set by the engine), so
+a long prompt is prefilled in chunks between decode steps instead of stalling every stream; decode
+rows are scheduled before any prefill chunk. A request is
 admitted only when its adapter has an accelerator slot and its tokens have KV blocks; when decode
 runs out of blocks the most recently admitted sequence is preempted (freed, recomputed later).
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 
 from .adapters.segments import NO_ADAPTER
-from .adapters.slots import AdapterSlots
+from .adapters.slots import LOADING, AdapterSlots
 from .block_manager import BlockManager
 from .sequence import Sequence, SeqStatus
 
@@ -23,6 +26,7 @@ class Scheduler:
         self.slots = slots
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
+        self.prefill_budget: int | None = None  # prefill tokens per step while decode rows run (None: no cap)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -57,13 +61,17 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, number of its tokens to compute this step) pairs."""
         budget = self.max_batched_tokens
+        decoding = any(len(seq) - seq.num_computed == 1 for seq in self.running)
+        prefill_budget = budget if self.prefill_budget is None or not decoding else self.prefill_budget
         batch: list[tuple[Sequence, int]] = []
-        for seq in list(self.running):
+        # decode rows first (stable sort keeps admission order), then chunks of prompts being prefilled
+        for seq in sorted(self.running, key=lambda s: len(s) - s.num_computed > 1):
             if seq not in self.running:  # preempted below to make room
                 continue
-            n = min(len(seq) - seq.num_computed, budget)
+            left = len(seq) - seq.num_computed
+            n = min(left, budget) if left == 1 else min(left, budget, prefill_budget)
             if n <= 0:
-                break
+                continue
             while not self.blocks.can_allocate(seq, seq.num_computed + n) and self.running[-1] is not seq:
                 victim = self.running[-1]
                 batch = [(s, m) for s, m in batch if s is not victim]
@@ -74,18 +82,22 @@ class Scheduler:
             self.blocks.allocate(seq, seq.num_computed + n)
             batch.append((seq, n))
             budget -= n
+            if left > 1:
+                prefill_budget -= n
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        skipped: list[Sequence] = []  # waiting for their adapter's load (or for room to load it)
+        while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(len(seq) - seq.num_computed, budget)
+            n = min(len(seq) - seq.num_computed, budget, prefill_budget)
             # keep a block of headroom per running sequence so admission does not force preemption
             if self.blocks.blocks_needed(seq, seq.num_computed + n) + len(self.running) > self.blocks.num_free:
                 break
             slot = NO_ADAPTER
             if seq.adapter is not None:
                 slot = self.slots.acquire(seq.adapter)
-                if slot is None:  # every slot pinned by running requests: wait for one to finish
-                    break
+                if slot is None or slot == LOADING:  # later requests with resident adapters go first
+                    skipped.append(self.waiting.popleft())
+                    continue
             self.waiting.popleft()
             seq.adapter_slot = slot
             seq.status = SeqStatus.RUNNING
@@ -93,4 +105,6 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
+            prefill_budget -= n
+        self.waiting.extendleft(reversed(skipped))
         return batch

@@ -61,11 +61,16 @@ class Service:
         if model in (BASE_MODEL_ID, self.base.name):
             return None
         try:
-            return await asyncio.to_thread(self.registry.resolve, model)
+            return await asyncio.to_thread(self._resolve_and_prepare, model)
         except AdapterError as e:
             if e.status == 404:
                 raise ModelNotFound(f"model {model!r} not found: use {BASE_MODEL_ID!r} or an uploaded adapter id")
             raise
+
+    def _resolve_and_prepare(self, model: str) -> AdapterRef:
+        ref = self.registry.resolve(model)
+        self.engine.prepare_adapter(ref)  # pack for loading here, not on the engine thread
+        return ref
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):

@@ -2,8 +2,9 @@
 
 A model layer hands `apply` its input, its (fused) base output and the step's `Segments`; the ops
 add each token's adapter delta to the output slice of each projection. Weights live in numbered
-slots (`load` / `evict`), filled from the packed `AdapterWeights` representation. The Triton
-implementation (loraplex.kernels) implements the same interface.
+slots (`load` / `evict`), filled from the packed `AdapterWeights` representation; `load` may finish
+asynchronously (it returns an event to poll). The Triton implementation (loraplex.kernels)
+implements the same interface.
 """
 from __future__ import annotations
 
@@ -26,13 +27,21 @@ class AdapterOps:
         self.device = torch.device(device)
         self.dtype = dtype
 
-    def load(self, slot: int, adapter: AdapterWeights) -> None:
+    def prepare(self, adapter: AdapterWeights) -> None:
+        """Host-side preparation for a later `load` (any thread); optional."""
+
+    def nbytes(self, adapter: AdapterWeights) -> int:
+        """Accelerator bytes the adapter takes once loaded."""
+        return sum(t.numel() for m in adapter.modules.values() for t in m.tensors()) * torch.finfo(self.dtype).bits // 8
+
+    def load(self, slot: int, adapter: AdapterWeights):
+        """Start loading into `slot`: False if it does not fit, True when done, or an event to poll."""
         raise NotImplementedError
 
     def evict(self, slot: int) -> None:
         raise NotImplementedError
 
-    def metadata(self, token_slots: list[int]) -> Segments:
+    def metadata(self, token_slots: list[int], pad_to: int | None = None) -> Segments:
         return build_segments(token_slots, self.device)
 
     def apply(self, layer: int, projections: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
@@ -66,8 +75,9 @@ class TorchAdapterOps(AdapterOps):
         # CPUs without native bf16 run these small matmuls far faster (and more exactly) in fp32
         self.compute_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
 
-    def load(self, slot: int, adapter: AdapterWeights) -> None:
+    def load(self, slot: int, adapter: AdapterWeights) -> bool:
         self.slots[slot] = {key: m.to(self.device, self.compute_dtype) for key, m in adapter.modules.items()}
+        return True
 
     def evict(self, slot: int) -> None:
         self.slots[slot] = None

@@ -72,6 +72,7 @@ class AdapterWeights:
     rank: int  # largest rank of any module (GraLoRA: r + hybrid_r)
     config: dict
     modules: dict[tuple[int, str], ModuleDelta] = field(default_factory=dict)
+    packed: object | None = field(default=None, repr=False, compare=False)  # the adapter ops' load-ready form
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,171 @@
+"""Merged-weights serving: one adapter's delta folded into a copy of the linears it touches.
+
+When one adapter dominates the running batch, its decode rows skip the adapter kernels and run
+through W + s·ΔW directly; the other rows keep the base weights and the unmerged path (see
+`AdaptedLinear.forward`). Policy (`--merge-policy`): `off`; an adapter id (always merge that one);
+`auto`: merge the adapter that holds at least `threshold` of the running rows for `patience`
+consecutive decode steps, and stop using it as soon as it no longer does. Rows of the merged
+adapter and other rows in one step cost two passes over the weights, which at decode speed (bound
+by weight bytes) is slower than the unmerged path, so auto waits for the whole batch (threshold 1.0).
+
+The merged copy is built on a background thread and a side stream while the engine keeps serving
+unmerged; format `bf16` (dense bf16 of the touched linears) or `nf4` (re-quantised with
+bitsandbytes like the base). With an NF4 base, bf16 is exact up to rounding but reads 4× the bytes
+per parameter; nf4 reads what the base reads but adds a second quantisation error.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters.ops import module_delta
+from .adapters.registry import AdapterRef
+from .model import AdaptedLinear, CausalLM
+
+log = logging.getLogger("loraplex.merged")
+
+
+class DenseLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The base linear's weight as a dense [out, in] tensor (dequantised when NF4)."""
+    if hasattr(base, "dequantize_weight"):
+        return base.dequantize_weight()
+    weight = base.weight
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    return weight.data
+
+
+def merged_linear(linear: AdaptedLinear, ref: AdapterRef, shapes: dict[str, tuple[int, int]], fmt: str,
+                  dtype: torch.dtype) -> nn.Module | None:
+    """linear's weights plus the adapter's delta of each of its projections; None if it has none."""
+    modules = [(p, ref.weights.modules.get((linear.layer_idx, p))) for p in linear.projections]
+    if all(m is None for _, m in modules):
+        return None
+    weight = dense_weight(linear.base).to(torch.float32)
+    row = 0
+    for proj, m in modules:
+        fin, fout = shapes[proj]
+        if m is not None:
+            m = m.to(weight.device, torch.float32)
+            for start in range(0, fin, 4096):  # delta^T = module_delta(I): its rows are the input features
+                eye = torch.eye(fin, device=weight.device)[start:start + 4096]
+                weight[row:row + fout, start:start + eye.shape[0]] += module_delta(eye, m).T
+        row += fout
+    bias = getattr(linear.base, "bias", None)
+    bias = None if bias is None else bias.data.to(dtype)
+    if fmt == "bf16":
+        return DenseLinear(weight.to(dtype).contiguous(), bias)
+    from .base_model import nf4_linear
+    return nf4_linear(weight.to(dtype), bias, dtype, weight.device)
+
+
+class Merger:
+    """Decides which adapter is served merged and builds its weights in the background."""
+
+    def __init__(self, model: CausalLM, shapes: dict[str, tuple[int, int]], policy: str = "auto",
+                 fmt: str = "bf16", dtype: torch.dtype = torch.bfloat16, threshold: float = 1.0,
+                 patience: int = 8, min_rows: int = 2):
+        self.model, self.shapes = model, shapes
+        self.policy, self.fmt, self.dtype = policy, fmt, dtype
+        self.threshold, self.patience, self.min_rows = threshold, patience, min_rows
+        self.active: AdapterRef | None = None  # merged weights installed in the model
+        self._building: tuple[AdapterRef, threading.Thread] | None = None
+        self._ready: tuple[AdapterRef, dict] | None = None  # built, waiting to be installed
+        self._candidate, self._streak = None, 0
+        self.builds = 0
+        self.merged_steps = 0
+
+    @property
+    def linears(self) -> list[AdaptedLinear]:
+        return [m for m in self.model.modules() if isinstance(m, AdaptedLinear)]
+
+    def _dominant(self, refs: list[AdapterRef | None]) -> AdapterRef | None:
+        if self.policy == "off" or len(refs) < self.min_rows:
+            return None
+        by_key = Counter(r.key for r in refs if r is not None)
+        if not by_key:
+            return None
+        if self.policy != "auto":
+            return next((r for r in refs if r is not None and r.id == self.policy), None)
+        key, count = by_key.most_common(1)[0]
+        if count < self.threshold * len(refs):
+            return None
+        return next(r for r in refs if r is not None and r.key == key)
+
+    def choose(self, refs: list[AdapterRef | None]) -> tuple[AdapterRef | None, bool]:
+        """Called by the engine before each decode step with the rows' adapters: the adapter whose
+        rows run merged this step (or None), and whether the model's merged weights changed."""
+        changed = self._install_ready()
+        target = self._dominant(refs)
+        key = None if target is None else target.key
+        self._streak = self._streak + 1 if key is not None and key == self._candidate else int(key is not None)
+        self._candidate = key
+        if target is None:
+            return None, changed
+        if self.active is not None and self.active.key == key:
+            self.merged_steps += 1
+            return self.active, changed
+        patient = self.policy != "auto" or self._streak >= self.patience
+        if patient and self._building is None:
+            self._start_build(target)
+        return None, changed
+
+    def _start_build(self, ref: AdapterRef) -> None:
+        def build():
+            stream = torch.cuda.Stream() if torch.cuda.is_available() and self.dtype != torch.float32 else None
+            try:
+                with torch.no_grad(), (torch.cuda.stream(stream) if stream else _nullcontext()):
+                    built = {id(lin): merged_linear(lin, ref, self.shapes, self.fmt, self.dtype)
+                             for lin in self.linears}
+                if stream is not None:
+                    stream.synchronize()
+                self._ready = (ref, built)
+            except Exception:
+                log.exception("building merged weights for %s failed", ref.id)
+            finally:
+                self._building = None
+
+        thread = threading.Thread(target=build, name="loraplex-merge", daemon=True)
+        self._building = (ref, thread)
+        self.builds += 1
+        thread.start()
+
+    def _install_ready(self) -> bool:
+        ready, self._ready = self._ready, None
+        if ready is None:
+            return False
+        ref, built = ready
+        for lin in self.linears:
+            lin.merged = built.get(id(lin))
+        self.active = ref
+        log.info("serving adapter %s v%d from merged weights (%s)", ref.id, ref.version, self.fmt)
+        return True
+
+    def wait(self) -> None:
+        """Block until a build under way finishes (tests, benchmarks)."""
+        building = self._building
+        if building is not None:
+            building[1].join()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
