@@ -1,0 +1,988 @@
+"""GPU serving speed through the HTTP API: a real `loraplex serve` process on random-weight Llama-3.2-1B
+and Llama-3.1-8B checkpoints (NF4 base, the server's GPU default), with the decode step time from the
+engine's counters beside its bandwidth floor, and the HF transformers + PEFT baseline in the same run.
+
+    python bench/serve_gpu.py [--shapes 1b,8b] [--cases base,over8,...] [--out bench/results/serve_gpu.json]
+    python bench/serve_gpu.py --shapes tiny --device cpu --new-tokens 4 --skip-peft   # smoke run on a CPU
+
+Per shape: one server process, started with no tuning flags (the defaults are the product), serves the
+cases in this order (`--cases` picks a subset; results merge into an existing --out file whose settings
+match, so a run can be split across commands):
+  base       base model only, batch 1, B, 2B (B = --batch, 32), no adapters registered
+  over8      B rows over 8 rank-16 adapters, 8 registered
+  distinct   B and 2B distinct rank-16 adapters (all seven projections); batch 1 with one adapter
+             (the issue calls B distinct adapters in one batch "mixed"; `mixed` is an alias)
+  mix        B rows over distinct LoRA r8/r16/r32/r64 and GraLoRA r32 k=4 adapters
+  merged     B rows of one adapter (merge policy at its default: /health merged_steps says whether it
+             merged), and B rows over two adapters (B/2 each: the unmerged comparison when `unmerged` is
+             not run)
+  residency  register up to --adapters-residency (1,000) with rank-16 q/v adapters, make --resident (128)
+             of them resident with one-token requests, then re-run over8 and base batch B
+  hotload    --hotload-runs times: upload a fresh rank-16 adapter, stream a 1-token completion with it;
+             milliseconds from the upload's start to the first streamed token
+  unmerged   a second, short server with `--merge-policy off`: B rows of one adapter (run by default on
+             every shape but 8b, whose server start costs 1-2 minutes; name it in --cases to run it there)
+  peft       after the servers stop: HF transformers (bitsandbytes NF4 on CUDA, same settings as the server)
+             + PEFT generate, batch B, B distinct adapters in one batch (`adapter_names`), and the base alone
+
+Every throughput wave: B concurrent /v1/completions with token-id prompts (--prompt-tokens 128), greedy,
+ignore_eos, max_tokens = --new-tokens (128), after a warm-up wave of the same rows; tok/s = generated
+tokens / the wave's wall time. /health is read before and after each wave; decode step time =
+delta decode_seconds / delta decode_steps. The floor of a decode step = (NF4 base bytes: 0.5 B/param +
+1 B absmax per 64 params + fp32 nested absmax per 256 blocks, for every layer's seven projections; bf16
+lm_head; norms) + (bf16 A and B of the distinct adapters in the batch) + (KV bytes read: mean context
+per row x rows x layers x 2 x kv_heads x head_dim x 2 B), divided by the measured device copy bandwidth.
+
+Checkpoints (bf16 safetensors, weights ~N(0, 0.02), written shard by shard) and adapters are cached
+under --work. The JSON is rewritten after every wave, so a run cut short still leaves its numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QV = ("q_proj", "v_proj")
+GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+         "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3; not word-like (see NOTES.md)
+CASES = ("base", "over8", "distinct", "mix", "merged", "residency", "hotload", "unmerged", "peft")
+CASE_ALIASES = {"mixed": "distinct"}
+SERVER_CASES = CASES[:7]
+OVER = 8  # adapters in the over8 case
+COUNTERS = ("decode_steps", "decode_seconds", "decode_rows", "decode_context_tokens", "adapter_loads",
+            "adapter_evictions", "merged_steps", "steps", "prefill_steps", "graph_steps", "tokens_generated")
+GAUGES = ("resident_adapters", "adapter_memory_bytes_total", "adapter_memory_bytes_used", "adapter_slots",
+          "adapter_ops", "kv_blocks_total", "cuda_graphs", "merge_policy", "merged_adapter")
+TARGETS = {"step_over_floor_b32": "<= 2.0", "adapter_overhead_over_floor": "<= 1.3", "mixed_over_base": ">= 0.6",
+           "mixed_over_peft": ">= 200", "base_with_128_resident_over_base_with_0": ">= 0.97",
+           "resident128_over_8": ">= 0.95", "hotload_p50_ms": "<= 100", "merged_over_unmerged": "reported"}
+SUMMARY_DEFINITIONS = {
+    "step_over_floor_b32": "base-only decode step time at batch B / its bandwidth floor (base weights + KV)",
+    "adapter_overhead_over_floor": "(decode step with B distinct r16 adapters - base-only step) / (those adapters' "
+                                   "bf16 bytes / copy bandwidth)",
+    "mixed_over_base": "tok/s, B distinct r16 adapters / base only, batch B",
+    "mixed_over_peft": "tok/s, B distinct r16 adapters: loraplex / HF transformers + PEFT (mixed-batch generate)",
+    "base_with_128_resident_over_base_with_0": "base-only tok/s at batch B after the residency phase / with no "
+                                               "adapters registered",
+    "resident128_over_8": "tok/s, B rows over 8 adapters, after the residency phase / with 8 registered",
+    "hotload_p50_ms": "p50 of upload start -> first streamed token of a 1-token completion with that adapter",
+    "merged_over_unmerged": "tok/s, B rows of one adapter at the default merge policy / the same rows on a server "
+                            "with --merge-policy off (case `unmerged`); without it, / B rows over two adapters "
+                            "(B/2 each); `merged_over_unmerged_basis` says which",
+}
+
+WAVE_DEFINITIONS = {
+    "base_b{N}": "N rows of the base model, no adapters registered",
+    "over8_b{B}": "B rows over 8 rank-16 adapters (all seven projections), 8 registered",
+    "distinct_b{N}": "N rows, each its own rank-16 adapter (all seven projections)",
+    "one_adapter_b1": "one row with a rank-16 adapter",
+    "mix_b{B}": "B rows, each its own adapter: LoRA r8, r16, r32, r64 and GraLoRA r32 k=4 in turn",
+    "merged_b{B}": "B rows of one rank-16 adapter, merge policy at its default (counters.merged_steps: merged steps)",
+    "two_adapters_b{B}": "B rows over two rank-16 adapters, B/2 each",
+    "merge_off_b{B}": "B rows of one rank-16 adapter on a server started with --merge-policy off",
+    "over8_b{B}_resident{R}": "over8 again after registering up to --adapters-residency q/v adapters and making R "
+                              "of them resident",
+    "base_b{B}_resident{R}": "base_b{B} again after the residency phase",
+    "fields": "tokens_per_s = completion tokens / wave wall time; decode_step_ms = delta decode_seconds / delta "
+              "decode_steps from /health; floor.floor_ms = (base + distinct adapters' bf16 + KV bytes per decode "
+              "step) / copy bandwidth; counters = /health deltas over the measured wave (after a warm-up wave)",
+}
+
+# -- model shapes and the bytes a decode step reads --------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    rope_factor: float
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """name -> (in_features, out_features)"""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def hf_config(self) -> dict:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
+                "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
+                "vocab_size": self.vocab, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0,
+                "rope_scaling": {"factor": self.rope_factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                "tie_word_embeddings": self.tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+                "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+                "torch_dtype": "bfloat16", "use_cache": True}
+
+
+SHAPES = {
+    "tiny": ModelShape("tiny", 64, 2, 4, 2, 16, 128, 512, True, 32.0),
+    "1b": ModelShape("Llama-3.2-1B-shape", 2048, 16, 32, 8, 64, 8192, 128256, True, 32.0),
+    "8b": ModelShape("Llama-3.1-8B-shape", 4096, 32, 32, 8, 128, 14336, 128256, False, 8.0),
+}
+
+
+def base_bytes_per_step(shape: ModelShape, quantization: str, dtype_bytes: int = 2) -> dict:
+    """Bytes of base weights one decode step reads: every layer's seven projections, lm_head, norms."""
+    linear = shape.layers * sum(i * o for i, o in shape.projections().values())
+    if quantization == "nf4":  # packed 4-bit + uint8 absmax per 64-block + fp32 absmax per 256 blocks
+        linear_bytes = linear // 2 + linear // 64 + (linear // 64 // 256) * 4
+    else:
+        linear_bytes = linear * dtype_bytes
+    lm_head = shape.vocab * shape.hidden * dtype_bytes
+    norms = (2 * shape.layers + 1) * shape.hidden * dtype_bytes
+    return {"linear_params": linear, "linear_bytes": linear_bytes, "lm_head_bytes": lm_head, "norm_bytes": norms,
+            "total": linear_bytes + lm_head + norms}
+
+
+def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int = 2) -> int:
+    return shape.layers * 2 * shape.kv_heads * shape.head_dim * dtype_bytes
+
+
+# -- adapters: PEFT format, written directly ---------------------------------------------------------------
+@dataclass(frozen=True)
+class AdapterSpec:
+    id: str
+    rank: int
+    peft_type: str = "LORA"  # LORA | GRALORA
+    k: int = 1  # GraLoRA blocks
+    targets: tuple[str, ...] = PROJECTIONS
+    seed: int = 0
+
+    def config(self) -> dict:
+        common = {"target_modules": list(self.targets), "bias": "none", "task_type": "CAUSAL_LM",
+                  "inference_mode": True}
+        if self.peft_type == "GRALORA":
+            return {"peft_type": "GRALORA", "r": self.rank, "gralora_k": self.k, "alpha": self.rank, "hybrid_r": 0,
+                    **common}
+        return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.rank, "lora_dropout": 0.0, "use_rslora": False,
+                **common}
+
+    def bytes_bf16(self, shape: ModelShape) -> int:
+        """A and B of every targeted module in bf16 (GraLoRA's blocks hold as many values as a rank-r LoRA)."""
+        proj = shape.projections()
+        return shape.layers * sum(self.rank * (proj[p][0] + proj[p][1]) for p in self.targets) * 2
+
+
+class RandomPool:
+    """Distinct random adapters fast: every tensor is a slice of one N(0, 1) bf16 pool at an offset of its own."""
+
+    def __init__(self, size: int = 1 << 23, seed: int = 0):
+        self.values = torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.bfloat16)
+
+    def take(self, shape: tuple[int, ...], std: float, key: int) -> torch.Tensor:
+        n = math.prod(shape)
+        room = len(self.values) - n
+        offset = (key * 2654435761) % room if room > 0 else 0
+        return (self.values[offset:offset + n] * std).view(shape)  # the product is a new tensor
+
+
+def adapter_tensors(spec: AdapterSpec, shape: ModelShape, pool: RandomPool) -> dict[str, torch.Tensor]:
+    """PEFT keys and layouts (NOTES.md "PEFT formats"); A ~ N(0, 0.02), B ~ N(0, 0.01): non-zero, logits sane."""
+    proj, out = shape.projections(), {}
+    key = spec.seed * 1_000_003
+    for layer in range(shape.layers):
+        for p in spec.targets:
+            fin, fout = proj[p]
+            prefix = f"base_model.model.model.layers.{layer}.{GROUP[p]}.{p}"
+            key += 2
+            if spec.peft_type == "GRALORA":
+                out[f"{prefix}.gralora_A"] = pool.take((spec.k, fin // spec.k, spec.rank), 0.02, key)
+                out[f"{prefix}.gralora_B"] = pool.take((spec.k, spec.rank, fout // spec.k), 0.01, key + 1)
+            else:
+                out[f"{prefix}.lora_A.weight"] = pool.take((spec.rank, fin), 0.02, key)
+                out[f"{prefix}.lora_B.weight"] = pool.take((fout, spec.rank), 0.01, key + 1)
+    return out
+
+
+def adapter_payload(spec: AdapterSpec, shape: ModelShape, pool: RandomPool) -> tuple[bytes, bytes]:
+    """(adapter_config.json, adapter_model.safetensors) as bytes, never touching the disk."""
+    return json.dumps(spec.config()).encode(), save_safetensors(adapter_tensors(spec, shape, pool))
+
+
+def write_adapter(spec: AdapterSpec, shape: ModelShape, pool: RandomPool, root: Path) -> Path:
+    """The adapter as a PEFT directory under root (cached: written once)."""
+    d = root / spec.id
+    if (d / "adapter_model.safetensors").exists():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    config, weights = adapter_payload(spec, shape, pool)
+    (d / "adapter_config.json").write_bytes(config)
+    (d / "adapter_model.safetensors.tmp").write_bytes(weights)
+    os.replace(d / "adapter_model.safetensors.tmp", d / "adapter_model.safetensors")
+    return d
+
+
+def distinct_specs(n: int) -> list[AdapterSpec]:
+    return [AdapterSpec(f"d{i}", 16, seed=i) for i in range(n)]
+
+
+def mix_specs(rows: int) -> list[AdapterSpec]:
+    """rows distinct adapters cycling LoRA r8, r16 (the distinct set's), r32, r64 and GraLoRA r32 k=4."""
+    specs = []
+    for i in range(rows):
+        kind = i % 5
+        if kind == 1:
+            specs.append(AdapterSpec(f"d{i}", 16, seed=i))
+        elif kind == 4:
+            specs.append(AdapterSpec(f"mix-gra32k4-{i}", 32, "GRALORA", 4, seed=10_000 + i))
+        else:
+            rank = {0: 8, 2: 32, 3: 64}[kind]
+            specs.append(AdapterSpec(f"mix-r{rank}-{i}", rank, seed=10_000 + i))
+    return specs
+
+
+def qv_spec(i: int) -> AdapterSpec:
+    return AdapterSpec(f"qv{i}", 16, targets=QV, seed=100_000 + i)
+
+
+# -- checkpoint and tokenizer ------------------------------------------------------------------------------
+def write_tokenizer(shape: ModelShape, path: Path) -> None:
+    """A WordLevel tokenizer over the whole vocabulary, so every id the random model emits decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"t{i}": i for i in range(len(SPECIAL_TOKENS), shape.vocab)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=131072)
+    fast.save_pretrained(path)
+
+
+def write_checkpoint(shape: ModelShape, path: Path, device: str, shard_bytes: int = 2 << 30) -> Path:
+    """A random-weight HF Llama checkpoint in bf16 safetensors, one shard in host memory at a time."""
+    if (path / "config.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_tokenizer(shape, tmp)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def normal(*size):
+        return (torch.randn(size, generator=gen, device=device, dtype=torch.bfloat16) * 0.02).cpu()
+
+    def tensors():
+        h = shape.hidden
+        yield "model.embed_tokens.weight", normal(shape.vocab, h)
+        for i in range(shape.layers):
+            for p, (fin, fout) in shape.projections().items():
+                yield f"model.layers.{i}.{GROUP[p]}.{p}.weight", normal(fout, fin)
+            yield f"model.layers.{i}.input_layernorm.weight", torch.ones(h, dtype=torch.bfloat16)
+            yield f"model.layers.{i}.post_attention_layernorm.weight", torch.ones(h, dtype=torch.bfloat16)
+        yield "model.norm.weight", torch.ones(h, dtype=torch.bfloat16)
+        if not shape.tied:
+            yield "lm_head.weight", normal(shape.vocab, h)
+
+    weight_map, shard, size, total, index = {}, {}, 0, 0, 0
+
+    def flush():
+        nonlocal shard, size, index
+        name = f"model-{index:05d}.safetensors"
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        shard, size, index = {}, 0, index + 1
+
+    for key, t in tensors():
+        shard[key] = t
+        size += t.numel() * 2
+        total += t.numel() * 2
+        if size >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}))
+    (tmp / "config.json").write_text(json.dumps(shape.hf_config(), indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+# -- device work, each in a fresh process so this one never holds accelerator memory -----------------------
+def in_fresh_process(fn, *args):
+    """fn(*args) in a spawned child: accelerator memory is gone when it returns."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def hide_bench_modules() -> None:
+    """A spawned child has bench/ on sys.path, where bitsandbytes' optional `import kernels` finds bench/kernels.py."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes read + written per second by a large device-to-device copy; median of 10."""
+    n = (1 << 30) if device == "cuda" else (1 << 26)
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    return 2 * n / statistics.median(times)
+
+
+def prepare_device(shapes: list[ModelShape], paths: list[str], device: str) -> dict:
+    """Write the missing checkpoints (random numbers drawn on the device), measure copy bandwidth."""
+    hide_bench_modules()
+    timings = {}
+    for shape, path in zip(shapes, paths):
+        t = time.perf_counter()
+        write_checkpoint(shape, Path(path), device)
+        timings[shape.name] = time.perf_counter() - t
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        torch.cuda.empty_cache()
+    else:
+        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"device": name, "copy_bandwidth_bytes_per_s": copy_bandwidth(device), "checkpoint_seconds": timings,
+            "torch": torch.__version__}
+
+
+def prompt_ids(rows: int, length: int, vocab: int, salt: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(salt)
+    return torch.randint(len(SPECIAL_TOKENS), vocab, (rows, length), generator=g).tolist()
+
+
+def hf_peft_baseline(model_dir: str, adapter_dirs: list[str], device: str, prompt_len: int, new_tokens: int,
+                     vocab: int) -> dict:
+    """HF transformers + PEFT generate, batch = len(adapter_dirs): the base alone, one adapter, and every row
+    its own adapter in one batch (PEFT's mixed-batch `adapter_names`). NF4 on CUDA with the server's settings."""
+    hide_bench_modules()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    quant = None
+    if device == "cuda":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=quant,
+                                                 device_map=device)
+    model.eval()
+    load_s = time.perf_counter() - t
+    batch = len(adapter_dirs)
+    ids = torch.tensor(prompt_ids(batch, prompt_len, vocab, salt=777), device=device)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def generate(net, tokens, **kw) -> dict:
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                               min_new_tokens=tokens, do_sample=False, pad_token_id=3, **kw)
+        sync()
+        seconds = time.perf_counter() - t
+        generated = (out.shape[1] - ids.shape[1]) * batch
+        return {"seconds": seconds, "completion_tokens": generated, "tokens_per_s": generated / seconds}
+
+    generate(model, 2)
+    base = generate(model, new_tokens)
+    t = time.perf_counter()
+    names = [f"a{i}" for i in range(batch)]
+    peft_model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
+    for name, d in zip(names[1:], adapter_dirs[1:]):
+        peft_model.load_adapter(d, adapter_name=name)
+    adapters_load_s = time.perf_counter() - t
+    peft_model.set_adapter(names[0])
+    generate(peft_model, 2)
+    one = generate(peft_model, new_tokens)
+    generate(peft_model, 2, adapter_names=names)
+    mixed = generate(peft_model, new_tokens, adapter_names=names)
+    import peft
+    import transformers
+    return {"batch": batch, "new_tokens": new_tokens, "prompt_tokens": prompt_len,
+            "quantization": "nf4 (bitsandbytes, double quant, bf16 compute)" if quant else "none (bf16)",
+            "base": base, "one_adapter": one, "mixed": mixed, "model_load_seconds": load_s,
+            "adapters_load_seconds": adapters_load_s, "peak_memory_bytes":
+                torch.cuda.max_memory_allocated() if device == "cuda" else None,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+# -- the server process ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remove_stale_stores(work: Path) -> None:
+    """Adapter stores left by benchmark runs that were killed (store-<pid>-<ns>, that pid gone): they are large."""
+    for d in work.glob("store-*-*"):
+        try:
+            os.kill(int(d.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when this benchmark dies, even by SIGKILL (a time limit)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Server:
+    """`loraplex serve` in a child process with a fresh adapter store; removed again by stop()."""
+
+    def __init__(self, model_dir: Path, work: Path, device: str, port: int | None, extra: tuple[str, ...] = ()):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        stamp = f"{os.getpid()}-{time.time_ns()}"
+        self.store = work / f"store-{stamp}"
+        self.log_path = model_dir.parent / f"server-{stamp}.log"
+        cmd = [sys.executable, "-m", "loraplex.runtime.cli", "serve", "--model", str(model_dir), "--port",
+               str(self.port), "--grpc-port", "0", "--adapter-dir", str(self.store)]
+        if device == "cpu":
+            cmd += ["--device", "cpu"]
+        self.cmd = cmd + list(extra)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float) -> float:
+        remove_stale_stores(self.store.parent)
+        t = time.perf_counter()
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        while time.perf_counter() - t < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5, trust_env=False).json().get("status") == "ok":
+                    return time.perf_counter() - t
+            except (httpx.TransportError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the server was not healthy after {timeout:.0f} s")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        if self.proc is not None:
+            self.log.close()
+        shutil.rmtree(self.store, ignore_errors=True)
+
+
+# -- one shape's session with its server -------------------------------------------------------------------
+def engine_stats(health: dict) -> dict:
+    """/health's engine stats, top level or nested one level down."""
+    flat = {}
+    for key, value in health.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flat.setdefault(k, v)
+    flat.update({k: v for k, v in health.items() if not isinstance(v, dict)})
+    return flat
+
+
+def number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def ratio(a, b):
+    return a / b if number(a) and number(b) and b else None
+
+
+class ShapeSession:
+    def __init__(self, args, key: str, shape: ModelShape, model_dir: Path, record: dict, save, bandwidth: float):
+        self.args, self.key, self.shape, self.model_dir = args, key, shape, model_dir
+        self.record, self.save, self.bandwidth = record, save, bandwidth
+        self.adapter_root = Path(args.work) / key / "adapters"
+        self.pool = RandomPool()
+        self.registered: set[str] = set()
+        self.specs: dict[str, AdapterSpec] = {}
+        self.waves = 0
+        self.client: httpx.AsyncClient | None = None
+        self.quantization, self.dtype_bytes = "nf4", 2
+
+    async def health(self) -> dict:
+        r = await self.client.get("/health")
+        r.raise_for_status()
+        return r.json()
+
+    async def connect(self, url: str) -> None:
+        self.client = httpx.AsyncClient(base_url=url, trust_env=False, timeout=httpx.Timeout(1800.0, connect=60.0),
+                                        limits=httpx.Limits(max_connections=512, max_keepalive_connections=512))
+        model = (await self.health()).get("model", {})
+        listed = (await self.client.get("/v1/adapters")).json()["data"]  # a fresh store: none, unless reused
+        self.registered = {a["id"] for a in listed}
+        self.quantization = model.get("quantization", "nf4")
+        self.dtype_bytes = {"float32": 4}.get(model.get("dtype"), 2)
+        self.record["server_model"] = model
+
+    async def upload(self, adapter_id: str, config: bytes, weights: bytes) -> dict:
+        files = {"config": ("adapter_config.json", config, "application/json"),
+                 "weights": ("adapter_model.safetensors", weights, "application/octet-stream")}
+        r = await self.client.post("/v1/adapters", data={"id": adapter_id}, files=files)
+        if r.status_code != 201:
+            raise RuntimeError(f"upload of {adapter_id}: HTTP {r.status_code}: {r.text[:500]}")
+        self.registered.add(adapter_id)
+        return r.json()
+
+    async def ensure(self, specs: list[AdapterSpec], concurrency: int = 4, on_disk: bool = True) -> float:
+        """Upload every spec not yet registered, a few at a time; returns the seconds it took."""
+        todo = [s for s in dict.fromkeys(specs) if s.id not in self.registered]
+        for s in specs:
+            self.specs[s.id] = s
+        gate = asyncio.Semaphore(concurrency)
+        t = time.perf_counter()
+
+        async def one(spec: AdapterSpec):
+            async with gate:
+                if on_disk:
+                    d = write_adapter(spec, self.shape, self.pool, self.adapter_root)
+                    payload = ((d / "adapter_config.json").read_bytes(), (d / "adapter_model.safetensors").read_bytes())
+                else:
+                    payload = adapter_payload(spec, self.shape, self.pool)
+                await self.upload(spec.id, *payload)
+
+        await asyncio.gather(*(one(s) for s in todo))
+        return time.perf_counter() - t
+
+    async def completions(self, models: list[str], max_tokens: int) -> dict:
+        """One wave: every row at once; tok/s = generated tokens / the wave's wall time."""
+        self.waves += 1
+        prompts = prompt_ids(len(models), self.args.prompt_tokens, self.shape.vocab, salt=self.waves)
+
+        async def one(model: str, prompt: list[int]) -> int:
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            r = await self.client.post("/v1/completions", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"completion with {model}: HTTP {r.status_code}: {r.text[:500]}")
+            return r.json()["usage"]["completion_tokens"]
+
+        t = time.perf_counter()
+        tokens = await asyncio.gather(*(one(m, p) for m, p in zip(models, prompts)))
+        seconds = time.perf_counter() - t
+        if any(n != max_tokens for n in tokens):
+            raise RuntimeError(f"expected {max_tokens} tokens per request, got {sorted(set(tokens))}")
+        return {"seconds": seconds, "completion_tokens": sum(tokens), "tokens_per_s": sum(tokens) / seconds}
+
+    def floor(self, adapters: list[AdapterSpec], counters: dict, rows: int) -> dict:
+        base = base_bytes_per_step(self.shape, self.quantization, self.dtype_bytes)
+        adapter_bytes = sum(s.bytes_bf16(self.shape) for s in dict.fromkeys(adapters))
+        steps, ctx, nrows = (counters.get(k) for k in ("decode_steps", "decode_context_tokens", "decode_rows"))
+        if number(steps) and steps and number(ctx) and number(nrows) and nrows:
+            context_per_step, basis = ctx / steps, "engine counters"
+        else:  # nominal: every row decodes with a context of prompt + half the new tokens on average
+            context_per_step = rows * (self.args.prompt_tokens + (self.args.new_tokens + 1) / 2)
+            basis = "nominal (no decode_context_tokens counter)"
+        kv = context_per_step * kv_bytes_per_token(self.shape)
+        total = base["total"] + adapter_bytes + kv
+        return {"base_bytes": base["total"], "adapter_bytes": adapter_bytes, "kv_bytes": kv, "total_bytes": total,
+                "floor_ms": total / self.bandwidth * 1000, "kv_basis": basis}
+
+    async def measure(self, name: str, models: list[str], floor: bool = True) -> dict:
+        """Warm-up wave, then the measured wave between two /health reads; stored under waves[name]."""
+        warm = min(self.args.new_tokens, max(8, self.args.new_tokens // 4))
+        await self.completions(models, warm)
+        before = engine_stats(await self.health())
+        wave = await self.completions(models, self.args.new_tokens)
+        after = engine_stats(await self.health())
+        counters = {k: (after[k] - before[k] if number(after.get(k)) and number(before.get(k)) else None)
+                    for k in COUNTERS}
+        adapters = [self.specs[m] for m in models if m != "base"]
+        step_s = ratio(counters["decode_seconds"], counters["decode_steps"])
+        record = {"rows": len(models), "distinct_adapters": len(set(a.id for a in adapters)),
+                  "adapters": sorted({f"{a.peft_type} r{a.rank}" + (f" k{a.k}" if a.k > 1 else "") for a in adapters}),
+                  **wave, "decode_step_ms": step_s * 1000 if step_s is not None else None,
+                  "mean_rows_per_decode_step": ratio(counters["decode_rows"], counters["decode_steps"]),
+                  "counters": counters, "gauges_after": {k: after.get(k) for k in GAUGES},
+                  "registered_adapters": len(self.registered), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if floor:
+            record["floor"] = self.floor(adapters, counters, len(models))
+            record["step_over_floor"] = ratio(record["decode_step_ms"], record["floor"]["floor_ms"])
+        self.record.setdefault("waves", {})[name] = record
+        self.save()
+        step = f"{record['decode_step_ms']:.2f} ms/step" if record["decode_step_ms"] is not None else "no step counters"
+        print(f"  [{self.key}] {name:<28} {wave['tokens_per_s']:>9.1f} tok/s  {step}", flush=True)
+        return record
+
+    # -- the cases, in order ---------------------------------------------------------------------------
+    async def case_base(self):
+        b, big = self.args.batch, self.args.big_batch
+        for rows in (1, b, big):
+            await self.measure(f"base_b{rows}", ["base"] * rows)
+
+    async def case_over8(self):
+        specs = distinct_specs(OVER)
+        await self.ensure(specs)
+        await self.measure(f"over8_b{self.args.batch}", [specs[i % OVER].id for i in range(self.args.batch)])
+
+    async def case_distinct(self):
+        b, big = self.args.batch, self.args.big_batch
+        specs = distinct_specs(big)
+        self.record["upload_seconds_distinct"] = await self.ensure(specs)
+        await self.measure(f"distinct_b{b}", [s.id for s in specs[:b]])
+        await self.measure(f"distinct_b{big}", [s.id for s in specs])
+        await self.measure("one_adapter_b1", [specs[0].id])
+
+    async def case_mix(self):
+        specs = mix_specs(self.args.batch)
+        self.record["upload_seconds_mix"] = await self.ensure(specs)
+        await self.measure(f"mix_b{self.args.batch}", [s.id for s in specs])
+
+    async def case_merged(self):
+        b = self.args.batch
+        a, c = distinct_specs(2)
+        await self.ensure([a, c])
+        await self.measure(f"merged_b{b}", [a.id] * b, floor=False)
+        await self.measure(f"two_adapters_b{b}", [a.id, c.id] * (b // 2) + [a.id] * (b % 2))
+
+    async def case_unmerged(self):
+        a = distinct_specs(1)[0]
+        await self.ensure([a])
+        await self.measure(f"merge_off_b{self.args.batch}", [a.id] * self.args.batch)
+
+    async def case_residency(self):
+        args, b = self.args, self.args.batch
+        over = distinct_specs(OVER)
+        await self.ensure(over)
+        # up to --adapters-residency registered in all (earlier cases' adapters count), at least --resident new
+        need = max(args.resident, args.adapters_residency - len(self.registered))
+        qv = [qv_spec(i) for i in range(need)]
+        upload_s = await self.ensure(qv, on_disk=False)
+        hot = [s.id for s in qv[:args.resident]]
+        t = time.perf_counter()
+        for i in range(0, len(hot), b):  # one-token requests, a wave of B distinct adapters at a time
+            await self.completions(hot[i:i + b], 1)
+        touch_s = time.perf_counter() - t
+        stats = engine_stats(await self.health())
+        self.record["residency"] = {"registered": len(self.registered), "uploaded_qv": need,
+                                    "qv_adapter_bytes": qv_spec(0).bytes_bf16(self.shape), "upload_seconds": upload_s,
+                                    "touched": len(hot), "touch_seconds": touch_s,
+                                    "resident_after_touch": stats.get("resident_adapters"),
+                                    "adapter_memory_bytes_total": stats.get("adapter_memory_bytes_total")}
+        self.save()
+        await self.measure(f"over8_b{b}_resident{args.resident}", [over[i % OVER].id for i in range(b)])
+        await self.measure(f"base_b{b}_resident{args.resident}", ["base"] * b)
+
+    async def case_hotload(self):
+        runs = []
+        for i in range(self.args.hotload_runs):
+            targets = QV if self.args.hotload_targets == "qv" else PROJECTIONS
+            spec = AdapterSpec(f"hot-{time.time_ns()}-{i}", 16, targets=targets, seed=500_000 + i + self.waves * 100)
+            self.specs[spec.id] = spec
+            payload = adapter_payload(spec, self.shape, self.pool)
+            prompt = prompt_ids(1, self.args.prompt_tokens, self.shape.vocab, salt=900 + i)[0]
+            t = time.perf_counter()
+            await self.upload(spec.id, *payload)
+            uploaded = time.perf_counter()
+            first = None
+            body = {"model": spec.id, "prompt": prompt, "max_tokens": 1, "temperature": 0, "ignore_eos": True,
+                    "stream": True}
+            async with self.client.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"hot-load completion: HTTP {r.status_code}: {(await r.aread())[:500]!r}")
+                async for line in r.aiter_lines():
+                    if first is None and line.startswith("data: ") and line != "data: [DONE]":
+                        first = time.perf_counter()
+            runs.append({"total_ms": (first - t) * 1000, "upload_ms": (uploaded - t) * 1000,
+                         "first_token_after_upload_ms": (first - uploaded) * 1000})
+        totals = sorted(r["total_ms"] for r in runs)
+        self.record["hotload"] = {"runs": runs, "p50_ms": statistics.median(totals), "min_ms": totals[0],
+                                  "max_ms": totals[-1], "adapter_targets": self.args.hotload_targets,
+                                  "adapter_bytes_bf16": spec.bytes_bf16(self.shape),
+                                  "upload_p50_ms": statistics.median(r["upload_ms"] for r in runs),
+                                  "prompt_tokens": self.args.prompt_tokens}
+        self.save()
+        print(f"  [{self.key}] hotload p50 {self.record['hotload']['p50_ms']:.1f} ms "
+              f"(upload p50 {self.record['hotload']['upload_p50_ms']:.1f} ms)", flush=True)
+
+
+async def run_server_cases(session: ShapeSession, server: Server, cases: list[str]) -> list[str]:
+    """Each case in turn; a failing case is recorded under errors and the next one still runs."""
+    failed = []
+    await session.connect(server.url)
+    try:
+        for case in cases:
+            t = time.perf_counter()
+            try:
+                if server.proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with code {server.proc.returncode}")
+                await getattr(session, f"case_{case}")()
+                session.record.get("errors", {}).pop(case, None)
+            except Exception as e:
+                traceback.print_exc()
+                session.record.setdefault("errors", {})[case] = f"{type(e).__name__}: {e}"
+                failed.append(case)
+            session.record.setdefault("phase_seconds", {})[case] = time.perf_counter() - t
+            session.save()
+    finally:
+        await session.client.aclose()
+    return failed
+
+
+def with_server(args, session: ShapeSession, cases: list[str], extra: tuple[str, ...] = ()) -> list[str]:
+    """Start a server, run the cases on it, stop it; returns the cases that failed."""
+    server = Server(session.model_dir, Path(args.work), args.device, args.port, extra)
+    try:
+        start_s = server.start(args.server_timeout)
+        session.record.setdefault("phase_seconds", {})["server_start" + ("_merge_off" if extra else "")] = start_s
+        print(f"  [{session.key}] server healthy after {start_s:.1f} s ({' '.join(server.cmd[3:])})", flush=True)
+        failed = asyncio.run(run_server_cases(session, server, cases))
+    except Exception as e:
+        traceback.print_exc()
+        for case in cases:
+            session.record.setdefault("errors", {})[case] = f"{type(e).__name__}: {e}"
+        session.save()
+        failed = cases
+    finally:
+        server.stop()
+    if failed:
+        print(f"--- server log tail ({server.log_path}) ---\n{server.log_tail()}\n---", file=sys.stderr, flush=True)
+    return failed
+
+
+# -- summary, table, JSON ----------------------------------------------------------------------------------
+def summarize(record: dict, batch: int, resident: int) -> dict:
+    waves = record.get("waves", {})
+
+    def get(name, key):
+        return waves.get(name, {}).get(key)
+
+    base, distinct = f"base_b{batch}", f"distinct_b{batch}"
+    adapter_floor_ms = None
+    if distinct in waves and "floor" in waves[distinct]:  # the adapters' share of that wave's floor
+        f = waves[distinct]["floor"]
+        adapter_floor_ms = f["floor_ms"] * f["adapter_bytes"] / f["total_bytes"]
+    step_delta = None
+    if number(get(distinct, "decode_step_ms")) and number(get(base, "decode_step_ms")):
+        step_delta = get(distinct, "decode_step_ms") - get(base, "decode_step_ms")
+    unmerged = get(f"merge_off_b{batch}", "tokens_per_s")
+    basis = f"merge_off_b{batch}" if unmerged else f"two_adapters_b{batch}"
+    peft = record.get("peft", {}).get("mixed", {}).get("tokens_per_s")
+    return {
+        "step_over_floor_b32": get(base, "step_over_floor"),
+        "adapter_overhead_over_floor": ratio(step_delta, adapter_floor_ms),
+        "mixed_over_base": ratio(get(distinct, "tokens_per_s"), get(base, "tokens_per_s")),
+        "mixed_over_peft": ratio(get(distinct, "tokens_per_s"), peft),
+        "base_with_128_resident_over_base_with_0": ratio(get(f"base_b{batch}_resident{resident}", "tokens_per_s"),
+                                                         get(base, "tokens_per_s")),
+        "resident128_over_8": ratio(get(f"over8_b{batch}_resident{resident}", "tokens_per_s"),
+                                    get(f"over8_b{batch}", "tokens_per_s")),
+        "hotload_p50_ms": record.get("hotload", {}).get("p50_ms"),
+        "merged_over_unmerged": ratio(get(f"merged_b{batch}", "tokens_per_s"), unmerged or get(basis, "tokens_per_s")),
+        "merged_over_unmerged_basis": basis,
+        "merged_steps_in_merged_wave": (waves.get(f"merged_b{batch}", {}).get("counters") or {}).get("merged_steps"),
+        "mix_over_base": ratio(get(f"mix_b{batch}", "tokens_per_s"), get(base, "tokens_per_s")),
+    }
+
+
+def met(value, target: str):
+    if not number(value) or target == "reported":
+        return None
+    op, bound = target.split()
+    return value <= float(bound) if op == "<=" else value >= float(bound)
+
+
+def fmt(x, digits=2) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}" if number(x) else str(x)
+
+
+def print_table(result: dict) -> None:
+    print(f"\nserve_gpu: {result['device']}, copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s, "
+          f"prompt {result['settings']['prompt_tokens']}, {result['settings']['new_tokens']} new tokens, greedy")
+    print(f"{'shape':<6} {'wave':<30} {'rows':>5} {'adapters':>8} {'tok/s':>10} {'step ms':>9} {'floor ms':>9} "
+          f"{'step/floor':>10} {'merged':>7} {'loads':>6} {'resident':>8}")
+    for key, rec in result["shapes"].items():
+        for name, w in rec.get("waves", {}).items():
+            c, gauges = w.get("counters") or {}, w.get("gauges_after") or {}
+            print(f"{key:<6} {name:<30} {w['rows']:>5} {w['distinct_adapters']:>8} {w['tokens_per_s']:>10,.1f} "
+                  f"{fmt(w.get('decode_step_ms')):>9} {fmt((w.get('floor') or {}).get('floor_ms')):>9} "
+                  f"{fmt(w.get('step_over_floor')):>10} {fmt(c.get('merged_steps'), 0):>7} "
+                  f"{fmt(c.get('adapter_loads'), 0):>6} {fmt(gauges.get('resident_adapters'), 0):>8}")
+        peft = rec.get("peft")
+        if peft:
+            print(f"{key:<6} {'HF PEFT (' + str(peft['new_tokens']) + ' new)':<30} {peft['batch']:>5}  base "
+                  f"{peft['base']['tokens_per_s']:,.1f}  one adapter {peft['one_adapter']['tokens_per_s']:,.1f}  "
+                  f"{peft['batch']} distinct {peft['mixed']['tokens_per_s']:,.1f} tok/s")
+    for key, rec in result["shapes"].items():
+        print(f"\nsummary {key} (batch {result['settings']['batch']}):")
+        for name, target in TARGETS.items():
+            value = rec["summary"].get(name)
+            ok = rec["summary_met"].get(name)
+            print(f"  {name:<42} {fmt(value, 3):>10}   target {target:<9} "
+                  f"{'' if ok is None else ('met' if ok else 'NOT met')}")
+        extra = rec["summary"]
+        print(f"  (merged_over_unmerged vs {extra['merged_over_unmerged_basis']}, merged steps in the merged wave: "
+              f"{fmt(extra['merged_steps_in_merged_wave'], 0)}; mix_over_base {fmt(extra['mix_over_base'], 3)})")
+
+
+def load_previous(path: Path, settings: dict, device: str) -> dict | None:
+    """The results of earlier runs to merge into, if they were taken on this device with these settings."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if previous.get("settings") != settings or previous.get("device") != device:
+        print(f"{path}: other settings or device than this run's; starting a fresh file", flush=True)
+        return None
+    return previous
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="1b,8b", help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--cases", default=None, help=f"comma list of {', '.join(CASES)} (alias: mixed; default: all)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/serve_gpu"), help="checkpoints and adapters cache")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_gpu.json")
+    ap.add_argument("--port", type=int, default=None, help="server HTTP port (default: a free one)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=32, help="B: the batch of every summary ratio")
+    ap.add_argument("--big-batch", type=int, default=64)
+    ap.add_argument("--adapters-residency", type=int, default=1000, help="adapters registered in the residency case")
+    ap.add_argument("--resident", type=int, default=128, help="adapters made resident in the residency case")
+    ap.add_argument("--hotload-runs", type=int, default=10)
+    ap.add_argument("--hotload-targets", default="all", choices=["all", "qv"],
+                    help="the hot-loaded rank-16 adapter: all seven projections or q/v only")
+    ap.add_argument("--peft-new-tokens", type=int, default=32)
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--skip-residency", action="store_true")
+    ap.add_argument("--server-timeout", type=float, default=900, help="seconds to wait for /health")
+    args = ap.parse_args()
+
+    shape_keys = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    cases = [CASE_ALIASES.get(c.strip(), c.strip()) for c in (args.cases or ",".join(CASES)).split(",") if c.strip()]
+    for bad in [s for s in shape_keys if s not in SHAPES] + [c for c in cases if c not in CASES]:
+        ap.error(f"unknown shape or case {bad!r}")
+    explicit_unmerged = "unmerged" in (args.cases or "")
+    cases = [c for c in CASES if c in cases and not (c == "peft" and args.skip_peft)
+             and not (c == "residency" and args.skip_residency)]
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dirs = {k: work / k / "model" for k in shape_keys}
+    t = time.perf_counter()
+    prepared = in_fresh_process(prepare_device, [SHAPES[k] for k in shape_keys],
+                                [str(model_dirs[k]) for k in shape_keys], args.device)
+    prepare_s = time.perf_counter() - t
+    bandwidth = prepared["copy_bandwidth_bytes_per_s"]
+    print(f"{prepared['device']}: copy bandwidth {bandwidth / 1e9:,.1f} GB/s; checkpoints ready in {prepare_s:.1f} s",
+          flush=True)
+
+    settings = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch": args.batch,
+                "big_batch": args.big_batch, "resident": args.resident, "device": args.device}
+    result = (load_previous(args.out, settings, prepared["device"])
+              or {"benchmark": "serve_gpu", "settings": settings, "shapes": {}})
+    result.update({"device": prepared["device"], "copy_bandwidth_bytes_per_s": bandwidth, "torch": prepared["torch"],
+                   "python": platform.python_version(), "targets": TARGETS, "summary_definitions": SUMMARY_DEFINITIONS,
+                   "wave_definitions": WAVE_DEFINITIONS,
+                   "greedy": True, "ignore_eos": True, "server_flags": "defaults (only --model, --port, --grpc-port 0, "
+                   "--adapter-dir, and --device cpu on a CPU); `unmerged` adds --merge-policy off"})
+
+    def save():
+        for rec in result["shapes"].values():
+            rec["summary"] = summarize(rec, args.batch, args.resident)
+            rec["summary_met"] = {k: met(rec["summary"].get(k), target) for k, target in TARGETS.items()}
+        present = [k for k in ("8b", "1b", "tiny") if k in result["shapes"]]
+        if present:
+            result["summary_shape"] = present[0]
+            result["summary"] = {k: result["shapes"][present[0]]["summary"].get(k) for k in TARGETS}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, args.out)
+
+    failed = []
+    for key in shape_keys:
+        shape = SHAPES[key]
+        record = result["shapes"].setdefault(key, {})
+        record.update({"model": shape.name, "config": asdict(shape), "kv_bytes_per_token": kv_bytes_per_token(shape),
+                       "base_bytes_per_step_nf4": base_bytes_per_step(shape, "nf4")})
+        record.setdefault("phase_seconds", {})["prepare_checkpoint"] = prepared["checkpoint_seconds"].get(shape.name)
+        session = ShapeSession(args, key, shape, model_dirs[key], record, save, bandwidth)
+        print(f"\n{shape.name} ({key}): {', '.join(cases)}", flush=True)
+        server_cases = [c for c in cases if c in SERVER_CASES]
+        if server_cases:
+            failed += [f"{key}:{c}" for c in with_server(args, session, server_cases)]
+        if "unmerged" in cases and (key != "8b" or explicit_unmerged):
+            failed += [f"{key}:{c}" for c in with_server(args, session, ["unmerged"], extra=("--merge-policy", "off"))]
+        if "peft" in cases:
+            t = time.perf_counter()
+            try:
+                dirs = [str(write_adapter(s, shape, session.pool, session.adapter_root))
+                        for s in distinct_specs(args.batch)]
+                record["peft"] = in_fresh_process(hf_peft_baseline, str(model_dirs[key]), dirs, args.device,
+                                                  args.prompt_tokens, args.peft_new_tokens, shape.vocab)
+                record.get("errors", {}).pop("peft", None)
+                print(f"  [{key}] HF PEFT: base {record['peft']['base']['tokens_per_s']:.1f} tok/s, {args.batch} "
+                      f"distinct adapters {record['peft']['mixed']['tokens_per_s']:.1f} tok/s", flush=True)
+            except Exception as e:
+                traceback.print_exc()
+                record.setdefault("errors", {})["peft"] = f"{type(e).__name__}: {e}"
+                failed.append(f"{key}:peft")
+            record["phase_seconds"]["peft"] = time.perf_counter() - t
+        save()
+    save()
+    print_table(result)
+    print(f"wrote {args.out}")
+    if failed:
+        sys.exit(f"serve_gpu: failed cases {', '.join(failed)} (their errors are in the JSON under shapes.*.errors)")
+
+
+if __name__ == "__main__":
+    main()
