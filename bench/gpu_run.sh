@@ -1,26 +1,46 @@
 #!/usr/bin/env bash
-# One GPU session (device machine: torch + triton + transformers + peft present, no bitsandbytes):
-# install carried wheels, convert the default model once, then the engine and training benchmarks.
-# Usage there: bash bench/gpu_run.sh engine|quality16|quality64   (results under $OUT)
+# One GPU session (device machine: torch + triton + transformers + peft present, no bitsandbytes or
+# serving packages): install the carried wheels (.whl/), then run the named steps; results go to $OUT.
+# Usage there: bash bench/gpu_run.sh STEP [STEP ...]
+#   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
+#   test       the CUDA-only tests (fast path vs eager reference)
+#   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS: extra flags)
+#   engine | quality16 | quality64   the older engine and training benchmarks
 set -uo pipefail
 export PYTHONUNBUFFERED=1 LORAPLEX_CACHE=/tmp/lpcache LORAPLEX_GGUF=${LORAPLEX_GGUF:-/tmp/model.gguf}
 if [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 fi
-export PYTHONPATH=/tmp/site
+export PYTHONPATH=/tmp/site:$PWD/.pth
+if [ ! -d .pth/loraplex ]; then  # the package layout of pyproject.toml, as links (no pip install needed)
+  mkdir -p .pth/loraplex && touch .pth/loraplex/__init__.py
+  for pair in runtime:runtime kernels:kernels trainer:trainer protos:protos client:runtime/client; do
+    ln -sfn "$PWD/${pair#*:}" ".pth/loraplex/${pair%%:*}"
+  done
+fi
 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-case "${1:-engine}" in
-  engine)
-    python3 bench/engine_cpu.py --device cuda --quantization nf4 --adapter-ops triton --batch 32 --new-tokens 64 \
-      --out "$OUT/engine_gpu_nf4_triton.json" 2>&1 | grep -v "it/s\]"
-    python3 bench/engine_cpu.py --device cuda --quantization nf4 --adapter-ops torch --batch 32 --new-tokens 64 \
-      --out "$OUT/engine_gpu_nf4_torch.json" 2>&1 | grep -v "it/s\]" ;;
-  quality16)
-    python3 bench/train_quality.py --rank 16 --steps 150 --batch-size 16 --out "$OUT/train_quality_gpu_r16.json" 2>&1 \
-      | grep -vE "step/s|it/s" ;;
-  quality64)
-    python3 bench/train_quality.py --rank 64 --steps 150 --batch-size 16 --out "$OUT/train_quality_gpu_r64.json" 2>&1 \
-      | grep -vE "step/s|it/s" ;;
-esac
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case "$step" in
+    micro)
+      python3 bench/nf4_matmul.py --out "$OUT/nf4_matmul.json" 2>&1 | tail -40
+      python3 bench/paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -30 ;;
+    test)
+      python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fastpath.py 2>&1 | tail -30 ;;
+    serve1b)
+      python3 bench/serve_gpu.py --shapes 1b --out "$OUT/serve_gpu.json" ${ARGS:-} 2>&1 | tail -60 ;;
+    serve8b)
+      python3 bench/serve_gpu.py --shapes 8b --out "$OUT/serve_gpu.json" ${ARGS:-} 2>&1 | tail -60 ;;
+    engine)
+      python3 bench/engine_cpu.py --device cuda --quantization nf4 --adapter-ops triton --batch 32 --new-tokens 64 \
+        --out "$OUT/engine_gpu_nf4_triton.json" 2>&1 | grep -v "it/s\]" ;;
+    quality16)
+      python3 bench/train_quality.py --rank 16 --steps 150 --batch-size 16 --out "$OUT/train_quality_gpu_r16.json" 2>&1 \
+        | grep -vE "step/s|it/s" ;;
+    quality64)
+      python3 bench/train_quality.py --rank 64 --steps 150 --batch-size 16 --out "$OUT/train_quality_gpu_r64.json" 2>&1 \
+        | grep -vE "step/s|it/s" ;;
+  esac
+done

