@@ -1,0 +1,173 @@
+"""The fused NF4 kernel against bitsandbytes' matmul_4bit, on Llama-3 8B / 3.2-1B weight shapes (GPU).
+
+For every weight (out x in: fused qkv and gate_up included), quantised exactly as runtime/base_model.py
+does (bitsandbytes Linear4bit, NF4, double quantisation, blocksize 64, bf16 compute):
+  check  relative error (vs float64 x @ dequantize_4bit(W).T) of the fused kernel and of bitsandbytes
+  time   median GPU time per call of each path for M rows, from CUDA-graph replays that rotate over
+         copies of the weight (together > 2x L2: decode reads every layer's weights from HBM);
+         this is runtime/nf4_linear.calibrate's measurement, so its DISPATCH thresholds come out too
+  floor  (packed bytes + absmax bytes) / device-to-device copy bandwidth (bytes read + written)
+The table shows each path's time over the floor; the JSON has the microseconds and a suggested DISPATCH.
+--sweep also times alternative tile shapes for a few cases (to tune kernels/nf4_matmul.choose_tiles).
+
+usage: python bench/nf4_matmul.py [--rows 1 8 16 32 64] [--sweep] [--out bench/results/nf4_matmul.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+WEIGHTS = {  # name: (out_features, in_features)
+    "8b o_proj": (4096, 4096),
+    "8b gate/up": (14336, 4096),
+    "8b down_proj": (4096, 14336),
+    "8b qkv fused": (6144, 4096),
+    "8b gate_up fused": (28672, 4096),
+    "1b o_proj": (2048, 2048),
+    "1b qkv fused": (3072, 2048),
+    "1b gate_up fused": (16384, 2048),
+    "1b down_proj": (2048, 8192),
+}
+SWEEP_CASES = [("8b o_proj", 1), ("8b o_proj", 16), ("8b o_proj", 64), ("8b gate_up fused", 16),
+               ("8b down_proj", 16), ("1b o_proj", 16)]
+BLOCKSIZE = 64
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a 1 GiB device-to-device copy (median of CUDA-event timings)."""
+    from loraplex.runtime.nf4_linear import median_gpu_us
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us, _ = median_gpu_us(lambda: dst.copy_(src), calls=5, repeats=7)
+    return 2 * (1 << 30) / (us * 1e-6)
+
+
+def make_layer(out_features: int, in_features: int, seed: int):
+    """An NF4Linear on CUDA built the way runtime/base_model.py quantize_nf4 builds its Linear4bit."""
+    import bitsandbytes as bnb
+    from loraplex.runtime.nf4_linear import NF4Linear
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dense = (torch.randn(out_features, in_features, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    q = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                          compress_statistics=True, quant_type="nf4", device="meta")
+    q.weight = bnb.nn.Params4bit(dense.cpu(), requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=True,
+                                 quant_type="nf4")
+    return NF4Linear.from_bnb(q.to("cuda")).eval()
+
+
+def weight_bytes(layer) -> int:
+    state = layer.weight.quant_state
+    n = layer.weight.data.numel() * layer.weight.data.element_size()
+    n += state.absmax.numel() * state.absmax.element_size()
+    if state.nested:
+        n += state.state2.absmax.numel() * 4
+    return n
+
+
+@torch.inference_mode()
+def check(layer, rows: int) -> dict:
+    """Relative errors of both paths against float64 on the dequantised weight."""
+    x = torch.randn(rows, layer.in_features, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ layer.dequantize_weight().double().T
+    rel = lambda y: ((y.double() - ref).norm() / ref.norm()).item()
+    fused, bnb_out = layer.fused_forward(x), layer.bnb_forward(x)
+    return {"rows": rows, "fused_rel_err": rel(fused), "bnb_rel_err": rel(bnb_out),
+            "fused_vs_bnb": ((fused.double() - bnb_out.double()).norm() / bnb_out.double().norm()).item()}
+
+
+def sweep(layers: dict, bandwidth: float) -> list[dict]:
+    from loraplex.kernels.nf4_matmul import NF4Tiles, _num_sms, choose_tiles
+    from loraplex.runtime.nf4_linear import measure
+    out = []
+    for name, rows in SWEEP_CASES:
+        layer = layers[name]
+        n, k = layer.out_features, layer.in_features
+        rule = choose_tiles(rows, n, k, BLOCKSIZE, _num_sms(torch.device("cuda")))
+        floor = weight_bytes(layer) / bandwidth * 1e6
+        candidates = {rule}
+        for bn, bk, warps in ((128, 128, 4), (128, 64, 4), (256, 128, 8), (128, 256, 4)):
+            for stages in (1, 2, 3):
+                for splits in {rule.splits, max(1, rule.splits // 2), rule.splits * 2}:
+                    candidates.add(NF4Tiles(rule.block_m, bn, bk, min(splits, k // bk), warps, stages))
+        results = []
+        for tiles in sorted(candidates, key=str):
+            try:
+                with torch.inference_mode():
+                    us = measure(layer, rows, tiles=tiles)["fused_us"]
+            except Exception as e:  # noqa: BLE001 - a tile shape that does not compile or fit is just skipped
+                us = float("inf")
+                print(f"  {tiles}: {type(e).__name__}: {str(e)[:120]}")
+            results.append((us, tiles))
+        results.sort(key=lambda r: r[0])
+        rule_us = next(us for us, t in results if t == rule)
+        best_us, best = results[0]
+        print(f"sweep {name:>17} M={rows:<3} rule {rule_us:7.1f} us ({rule_us / floor:4.2f}x)  best {best_us:7.1f} us "
+              f"({best_us / floor:4.2f}x) {best}")
+        out.append({"weight": name, "rows": rows, "rule": vars(rule), "rule_us": rule_us, "floor_us": floor,
+                    "top": [{"us": us, **vars(t)} for us, t in results[:8]]})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64])
+    parser.add_argument("--sweep", action="store_true", help="also time alternative tile shapes")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "nf4_matmul.json"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/nf4_matmul.py needs a CUDA GPU")
+    import bitsandbytes
+    import triton
+    from loraplex.runtime.nf4_linear import calibrate
+
+    started = time.time()
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+          f"cells: fused / bitsandbytes time over the 4-bit floor")
+    layers = {name: make_layer(n, k, seed=i) for i, (name, (n, k)) in enumerate(WEIGHTS.items())}
+    checks = {name: [check(layer, rows) for rows in (1, 16, max(args.rows))] for name, layer in layers.items()}
+    timings = calibrate(layers.values(), rows=args.rows)
+
+    print(f"{'weight':>17} {'out x in':>12} {'floor us':>8} " + " ".join(f"{'M=' + str(m):>12}" for m in args.rows)
+          + "  max err")
+    cases, dispatch = [], {}
+    for name, layer in layers.items():
+        shape = (layer.out_features, layer.in_features)
+        t = timings[shape]
+        floor = weight_bytes(layer) / bandwidth * 1e6
+        cells = " ".join(f"{t['fused_us'][m] / floor:5.2f}/{t['bnb_us'][m] / floor:<6.2f}" for m in args.rows)
+        err = max(c["fused_rel_err"] for c in checks[name])
+        print(f"{name:>17} {shape[0]:>5}x{shape[1]:<6} {floor:8.1f} {cells}  {err:.1e}")
+        dispatch[f"{shape}"] = t["threshold"]
+        for m in args.rows:
+            cases.append({"weight": name, "out_features": shape[0], "in_features": shape[1], "rows": m,
+                          "floor_us": floor, "fused_us": t["fused_us"][m], "bnb_us": t["bnb_us"][m],
+                          "fused_over_floor": t["fused_us"][m] / floor, "bnb_over_floor": t["bnb_us"][m] / floor,
+                          "speedup": t["bnb_us"][m] / t["fused_us"][m]})
+    worst_err = max(c["fused_rel_err"] for cs in checks.values() for c in cs)
+    ok = worst_err < 1e-2
+    print(f"correctness: worst fused relative error {worst_err:.2e} ({'ok' if ok else 'FAILED'}, bound 1e-2)")
+    print("suggested DISPATCH (largest M up to which fused wins at every measured M): "
+          + "{" + ", ".join(f"{k}: {v}" for k, v in dispatch.items()) + "}")
+    sweep_results = sweep(layers, bandwidth) if args.sweep else []
+
+    result = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version(),
+        "copy_bandwidth_TBps": bandwidth / 1e12, "rows": args.rows, "correct": ok, "checks": checks,
+        "cases": cases, "suggested_dispatch": dispatch, "sweep": sweep_results,
+        "seconds": round(time.time() - started, 1),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out} ({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Fused NF4-dequantise + matmul for a few token rows (decode), on bitsandbytes' storage as it is.
+
+bitsandbytes' 4-bit format (checked against `bitsandbytes.functional.dequantize_4bit`, 0.50):
+- `packed`: uint8, two codes per byte over the row-major [out, in] weight; element 2i is the HIGH
+  nibble of byte i, element 2i+1 the low nibble.
+- block b = flat element index // blocksize has scale absmax[b] (fp32), or with double quantisation
+  (`compress_statistics=True`) absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[b // nested_blocksize]
+  + offset, all in fp32.
+- w = code[nibble] * absmax[block] in fp32, rounded to the compute dtype.
+
+The kernel streams each weight byte once: program (split, n-tile, m-tile) walks its share of the input
+features, per step KB pieces of [BLOCK_N, SUB] packed bytes that each lie inside one absmax block.
+A piece's nibbles index the 16 code values (tl.gather: a shared-memory table, 32-bit addresses), the
+codes (in the compute dtype) multiply x^T padded to >= 16 columns in tl.dot, and the [BLOCK_N, BLOCK_M]
+product is scaled by the block's absmax in fp32 (per output element and block, not per weight).
+With 4 warps over 128 output rows the codes are the register operand of one 64-row wgmma per warpgroup.
+Decode on Hopper is bound by instruction issue on the decoding (about 6 instructions per weight,
+counted in the sm90 SASS), not by tensor cores, so the cost hardly depends on the row count.
+Split-K (so that out=4096 shapes still start a few programs per SM) writes fp32 partial sums
+[splits, M, N] that a second small kernel adds in a fixed order: deterministic, no atomics; on
+Hopper that launch overlaps the first one's tail (programmatic dependent launch).
+Tile sizes come from `choose_tiles` (an explicit rule; @triton.autotune needs a GPU at import).
+No host syncs, outputs from torch.empty: CUDA-graph capturable.
+Rounding: w = bf16(code) * absmax (fp32) instead of bnb's bf16(code * absmax): the same one rounding
+of each weight, at a different place; fp32 inputs use fp32 codes and an fp32 dot (exact weights).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
+
+from .segmented_lora import interpreting
+
+MAX_SPLITS = 32
+SUM_BLOCK = 512  # output columns per program of the split-sum kernel
+
+
+@dataclass(frozen=True)
+class NF4Tiles:
+    block_m: int  # x rows per program (16, 32 or 64: tl.dot needs 16; fewer rows are masked)
+    block_n: int  # output features per program
+    block_k: int  # input features per loop step (a power of two >= 32 dividing in_features)
+    splits: int  # programs along the input features (fp32 partial sums when > 1)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def choose_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> NF4Tiles:
+    """Tiles for x [M, K] times an NF4 weight [N, K].
+
+    The kernel is bound by instruction issue on the dequantisation (about 6 per weight on sm90, see
+    the module docstring), nearly independent of M up to 64: one m-tile covers all rows so each weight
+    is decoded once. 4 warps over 128 output rows make one 64-row wgmma per warpgroup with the codes
+    as the register operand. Split-K until about 4 programs per SM are started, keeping the fp32
+    partial sums (written and read once, in L2) under half of the packed weight bytes.
+    """
+    if M <= 16:
+        bm, bk, stages = 16, 128, 2
+    elif M <= 32:
+        bm, bk, stages = 32, 128, 2
+    else:  # the [128, 64] fp32 accumulator and dot result take ~210 registers: shorter steps, deeper prefetch
+        bm, bk, stages = 64, 64, 3
+    bn, warps = 128, 4
+    bk = min(bk, K & -K)  # K is a multiple of the blocksize, so this is at least blocksize >= 32
+    programs = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    k_tiles = K // bk
+    wanted = triton.cdiv(4 * num_sms, programs)
+    partial_cap = max(1, K // (16 * min(M, bm)))  # splits * M * N * 4 bytes <= (N * K / 2) / 2
+    splits = max(1, min(wanted, k_tiles, partial_cap, MAX_SPLITS))
+    splits = triton.cdiv(k_tiles, triton.cdiv(k_tiles, splits))  # no split left without work
+    return NF4Tiles(bm, bn, bk, splits, warps, stages)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: small, but still exercises split-K
+
+
+@functools.cache
+def _pdl(device: torch.device) -> bool:
+    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def _nf4_matmul_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, offset_ptr,
+    bias_ptr, out_ptr, partial_ptr,
+    M, N, K, row_bytes, stride_xm, stride_om, bytes_per_split,
+    BLOCKSIZE: tl.constexpr, SUB: tl.constexpr, KB: tl.constexpr,
+    NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_IN_MEMORY: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr, PDL: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] output tile over packed bytes [split, split + 1) * bytes_per_split of each weight row.
+
+    A loop step covers BLOCK_K input features as KB pieces of SUB packed bytes (2 * SUB features) per
+    weight row, each inside one absmax block: codes @ x^T per piece, then times the piece's absmax.
+    """
+    if PDL:  # the split-sum launch may start its programs now; they wait for this grid to finish
+        tl_cuda.gdc_launch_dependents()
+    split = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ms = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    m_mask = ms < M
+    rows64 = rows.to(tl.int64)
+    packed_rows = packed_ptr + rows64[:, None] * row_bytes + tl.arange(0, SUB)[None, :]  # [BLOCK_N, SUB]
+    block_rows = rows64 * (K // BLOCKSIZE)
+    x_cols = x_ptr + ms.to(tl.int64)[None, :] * stride_xm + tl.arange(0, 2 * SUB)[:, None]  # x^T [2 * SUB, BLOCK_M]
+    # The 16 code values in the dot's input type. tl.gather reads them from shared memory with a 32-bit
+    # address (a global-memory gather costs two more instructions per weight: the kernel is issue-bound).
+    if FP32_DOT:  # fp32 inputs, or the interpreter (whose bf16/fp16 tl.dot is wrong)
+        code = tl.load(code_ptr + tl.arange(0, 16))
+    else:  # bf16(code) @ x, scaled in fp32: the weight rounded once, as dequantize_4bit rounds code * absmax
+        code = tl.load(code_ptr + tl.arange(0, 16)).to(x_ptr.dtype.element_ty)
+    if NESTED:
+        if OFFSET_IN_MEMORY:
+            offset = tl.load(offset_ptr).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # loop in bytes of a weight row: bytes_per_split and SUB are multiples of 16 -> 16-byte loads
+    byte_begin = split * bytes_per_split
+    for step in range(tl.minimum(bytes_per_split, row_bytes - byte_begin) // (BLOCK_K // 2)):
+        for piece in tl.static_range(KB):
+            b0 = byte_begin + step * (BLOCK_K // 2) + piece * SUB
+            q = tl.load(packed_rows + b0, mask=row_mask[:, None], other=0,
+                        eviction_policy="evict_first").to(tl.int32)  # read once: leave L2 to x and partials
+            blocks = block_rows + (2 * b0) // BLOCKSIZE
+            if NESTED:
+                a8 = tl.load(absmax_ptr + blocks, mask=row_mask, other=0)
+                scale = (tl.load(nested_code_ptr + a8.to(tl.int32))
+                         * tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=row_mask, other=0.0) + offset)
+            else:
+                scale = tl.load(absmax_ptr + blocks, mask=row_mask, other=0.0)
+            # high nibble = even input feature, low nibble = the next one
+            nibbles = tl.reshape(tl.join(q >> 4, q & 15), (BLOCK_N * 2 * SUB,))
+            w = tl.reshape(tl.gather(code, nibbles, 0), (BLOCK_N, 2 * SUB))
+            xt = tl.load(x_cols + 2 * b0, mask=m_mask[None, :], other=0.0)
+            if FP32_DOT:
+                part = tl.dot(w, xt.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(w, xt)
+            acc += part * scale[:, None]
+
+    result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    mask = m_mask[:, None] & row_mask[None, :]
+    if SPLIT:
+        tl.store(partial_ptr + (split * M + ms.to(tl.int64))[:, None] * N + rows[None, :], result, mask=mask)
+    else:
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + ms.to(tl.int64)[:, None] * stride_om + rows[None, :],
+                 result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om, splits,
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """out[m, cols] = sum over splits, in split order, of partial[split, m, cols] (+ bias)."""
+    if PDL:
+        tl_cuda.gdc_wait()
+    m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(splits):
+        acc += tl.load(partial_ptr + (s * M + m).to(tl.int64) * N + cols, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+               blocksize: int, out_features: int, *, nested_absmax: torch.Tensor | None = None,
+               nested_code: torch.Tensor | None = None, nested_blocksize: int = 256,
+               offset: float | torch.Tensor = 0.0, bias: torch.Tensor | None = None,
+               tiles: NF4Tiles | None = None) -> torch.Tensor:
+    """x [..., in] @ W.T (+ bias) -> [..., out_features] in x's dtype, W the 4-bit [out, in] weight.
+
+    packed: bitsandbytes' storage of W (any shape/storage dtype, out*in/2 bytes); absmax: fp32 per
+    block, or uint8 with nested_absmax (fp32 per nested block), nested_code (256 fp32) and offset
+    (float or a 0-d tensor: the QuantState's, no host sync) when double-quantised; code: the 16
+    fp32 values of the 4-bit type (QuantState.code). in must be a multiple of blocksize.
+    tiles: override the tile rule (benchmark sweeps).
+    """
+    in_features = x.shape[-1]
+    M, N, K = x.numel() // max(in_features, 1), out_features, in_features
+    if K % blocksize or K % 2:
+        raise ValueError(f"in_features {K} must be a multiple of the blocksize {blocksize}")
+    packed = packed.view(torch.uint8)
+    if packed.numel() != N * K // 2 or absmax.numel() != N * K // blocksize:
+        raise ValueError(f"packed ({packed.numel()} bytes) / absmax ({absmax.numel()}) do not hold a [{N}, {K}] weight")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x must be bf16, fp16 or fp32, not {x.dtype}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"bias has {bias.numel()} values for {N} output features")
+    nested = nested_absmax is not None
+    if nested != (absmax.dtype == torch.uint8) or (nested and nested_code is None):
+        raise ValueError("a uint8 absmax needs nested_absmax and nested_code (and only then)")
+    x2 = x.reshape(M, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*x.shape[:-1], N)
+    tiles = tiles or choose_tiles(M, N, K, blocksize, _num_sms(x.device))
+    sub = min(tiles.block_k, blocksize) // 2
+    if K % tiles.block_k or tiles.block_k < 32 or tiles.block_k % (2 * sub):
+        raise ValueError(f"block_k {tiles.block_k} must be a power of two >= 32 dividing in_features {K}")
+    k_tiles = K // tiles.block_k
+    k_per_split = triton.cdiv(k_tiles, tiles.splits) * tiles.block_k
+    splits = triton.cdiv(K, k_per_split)
+    partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else out
+    offset_in_memory = isinstance(offset, torch.Tensor)
+    pdl = splits > 1 and _pdl(x.device)
+    grid = (splits, triton.cdiv(N, tiles.block_n), triton.cdiv(M, tiles.block_m))
+    _nf4_matmul_kernel[grid](
+        x2, packed, absmax, code,
+        nested_absmax if nested else absmax, nested_code if nested else code,
+        0.0 if offset_in_memory else float(offset), offset if offset_in_memory else code,
+        bias if bias is not None else code, out, partial,
+        M, N, K, K // 2, x2.stride(0), out.stride(0), k_per_split // 2,
+        BLOCKSIZE=blocksize, SUB=sub, KB=tiles.block_k // (2 * sub),
+        NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, OFFSET_IN_MEMORY=offset_in_memory,
+        HAS_BIAS=bias is not None, SPLIT=splits > 1,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        FP32_DOT=x.dtype == torch.float32 or interpreting(), PDL=pdl,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    if splits > 1:
+        _sum_splits_kernel[(M, triton.cdiv(N, SUM_BLOCK))](
+            partial, bias if bias is not None else partial, out, M, N, out.stride(0), splits,
+            HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK, PDL=pdl, num_warps=4,
+            **({"launch_pdl": True} if pdl else {}),
+        )
+    return out.reshape(*x.shape[:-1], N)

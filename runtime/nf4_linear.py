@@ -1,0 +1,208 @@
+"""NF4 linear layers that keep bitsandbytes' storage and run a fused Triton kernel for few rows.
+
+`NF4Linear` is a `bnb.nn.Linear4bit` (same Params4bit and QuantState, same state dict, bitsandbytes
+still quantises and owns the format). On CUDA its forward runs `loraplex.kernels.nf4_matmul` (reads
+the packed weights once) when the input has at most `DISPATCH[(out, in)]` rows, and
+`bnb.matmul_4bit` (which dequantises the whole weight first from 2 rows on) otherwise. On the CPU,
+and whenever a gradient is needed, it is exactly bitsandbytes' Linear4bit.
+
+`calibrate(linears)` measures both paths per distinct weight shape at start-up (CUDA events over
+CUDA-graph replays, the way decode steps run) and sets DISPATCH to the largest row count up to which
+the fused kernel wins; without it the committed defaults below apply.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+from collections.abc import Callable, Iterable
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+from loraplex.kernels.nf4_matmul import nf4_matmul
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 48, 64)
+DEFAULT_MAX_ROWS = 64  # shapes missing from DISPATCH
+# (out_features, in_features) -> most rows for the fused kernel. Committed defaults: the fused kernel is
+# expected to beat bitsandbytes up to 64 rows on Llama-3 8B / 3.2-1B / SmolLM2 shapes (fused qkv and
+# gate_up included); replace with the table bench/nf4_matmul.py prints after an H100 run.
+DISPATCH: dict[tuple[int, int], int] = {
+    (6144, 4096): 64, (4096, 4096): 64, (28672, 4096): 64, (4096, 14336): 64,  # Llama-3.1-8B
+    (3072, 2048): 64, (2048, 2048): 64, (16384, 2048): 64, (2048, 8192): 64,  # Llama-3.2-1B
+    (960, 576): 64, (576, 576): 64, (3072, 576): 64, (576, 1536): 64,  # SmolLM2-135M
+}
+
+
+class NF4Linear(bnb.nn.Linear4bit):
+    """A Linear4bit whose CUDA forward uses the fused NF4 kernel for few rows (see the module docstring)."""
+
+    @classmethod
+    def from_bnb(cls, linear: bnb.nn.Linear4bit) -> NF4Linear:
+        """The same layer, sharing `linear`'s weight (Params4bit + QuantState) and bias."""
+        weight = linear.weight
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  compute_dtype=linear.compute_dtype, compress_statistics=getattr(weight, "compress_statistics", True),
+                  quant_type=getattr(weight, "quant_type", "fp4"), quant_storage=linear.quant_storage, device="meta")
+        new.weight = weight
+        new.bias = linear.bias
+        if isinstance(weight, bnb.nn.Params4bit):
+            weight.module = new  # bitsandbytes records the quant state on the owning module when it quantises
+        new.quant_state = linear.quant_state
+        new.compute_type_is_set = linear.compute_type_is_set
+        new.support_avx512bf16_for_cpu = linear.support_avx512bf16_for_cpu
+        new.train(linear.training)
+        return new
+
+    @property
+    def fused_max_rows(self) -> int:
+        return DISPATCH.get((self.out_features, self.in_features), DEFAULT_MAX_ROWS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows <= self.fused_max_rows and self._fusable(x):
+            return self.fused_forward(x)
+        return super().forward(x)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        state = getattr(self.weight, "quant_state", None)
+        if state is None:
+            state = self.quant_state
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                                  or (self.bias is not None and self.bias.requires_grad))
+        return (x.is_cuda and not needs_grad and state is not None and len(state.shape) == 2
+                and not getattr(state, "packing_format_for_cpu", False)
+                and self.in_features % state.blocksize == 0)
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused kernel, whatever the row count (CUDA; Linear4bit's dtype handling)."""
+        fix_4bit_weight_quant_state_from_module(self)
+        if not self.compute_type_is_set:
+            self.set_compute_type(x)
+            self.compute_type_is_set = True
+        in_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        return fused_matmul(x, self.weight.data, self.weight.quant_state, self.out_features, self.bias).to(in_dtype)
+
+    def bnb_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' Linear4bit forward, whatever the row count."""
+        return super().forward(x)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The dense [out, in] weight in the quantised weight's dtype (bitsandbytes' dequantize_4bit)."""
+        state, data = self.weight.quant_state, self.weight.data
+        if getattr(state, "packing_format_for_cpu", False):  # repacked by a CPU forward: undo on copies
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnbf.dequantize_4bit(data, state)
+
+
+def fused_matmul(x: torch.Tensor, packed: torch.Tensor, state, out_features: int, bias: torch.Tensor | None = None,
+                 tiles=None) -> torch.Tensor:
+    """x @ W.T (+ bias) by the fused kernel, W given as bitsandbytes' packed data and QuantState."""
+    nested = {}
+    if state.nested:
+        nested = dict(nested_absmax=state.state2.absmax, nested_code=state.state2.code,
+                      nested_blocksize=state.state2.blocksize, offset=state.offset)
+    return nf4_matmul(x, packed, state.absmax, state.code, state.blocksize, out_features, bias=bias, tiles=tiles,
+                      **nested)
+
+
+def median_gpu_us(run: Callable[[], object], calls: int = 8, repeats: int = 5) -> tuple[float, bool]:
+    """Median GPU time of one `run()`, from CUDA-graph replays of `calls` runs (eager if capture fails);
+    and whether it was graphed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compile / warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                run()
+        replay, graphed = graph.replay, True
+    except RuntimeError:
+        torch.cuda.synchronize()
+
+        def replay():
+            for _ in range(calls):
+                run()
+        graphed = False
+    replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times), graphed
+
+
+def measure(layer: NF4Linear, rows: int, tiles=None) -> dict:
+    """GPU time per call of both paths on `layer`'s weight for a [rows, in] input (compute dtype).
+
+    Decode reads each layer's weights from HBM once per step, so the calls rotate over copies of the
+    weight that together exceed twice the L2 cache (a single weight would be timed from L2)."""
+    state, packed = layer.weight.quant_state, layer.weight.data
+    device = packed.device
+    x = torch.randn(rows, layer.in_features, device=device, dtype=layer.compute_dtype or torch.bfloat16)
+    bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+    weight_bytes = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    copies = max(1, min(32, -(-2 * l2_bytes // weight_bytes)))
+    weights = [(packed, state)] + [(packed.clone(), copy.deepcopy(state)) for _ in range(copies - 1)]
+    out_features = layer.out_features
+
+    def fused():
+        for w, s in weights:
+            fused_matmul(x, w, s, out_features, bias, tiles)
+
+    def bitsandbytes():
+        for w, s in weights:
+            bnb.matmul_4bit(x, w, bias=bias, quant_state=s)
+
+    fused_us, fused_graphed = median_gpu_us(fused)
+    bnb_us, bnb_graphed = median_gpu_us(bitsandbytes)
+    return {"fused_us": fused_us / copies, "bnb_us": bnb_us / copies, "copies": copies,
+            "graphed": fused_graphed and bnb_graphed}
+
+
+@torch.inference_mode()
+def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | None = None,
+              rows: Iterable[int] = CALIBRATION_ROWS) -> dict[tuple[int, int], dict]:
+    """Time the fused kernel and bitsandbytes per distinct (out, in) shape among the NF4Linear layers of
+    `linears` at each row count, and set DISPATCH[shape] to the largest count up to which the fused
+    kernel is faster at every count (0: never). Returns {shape: {"threshold", "fused_us", "bnb_us"}}
+    (times per row count). Does nothing without CUDA."""
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return {}
+    layers: dict[tuple[int, int], NF4Linear] = {}
+    for layer in linears:
+        if isinstance(layer, NF4Linear) and layer.weight.device.type == "cuda":
+            layers.setdefault((layer.out_features, layer.in_features), layer)
+    results = {}
+    for shape, layer in layers.items():
+        fused_us, bnb_us, threshold, winning = {}, {}, 0, True
+        for m in sorted(rows):
+            try:
+                t = measure(layer, m)
+            except Exception as e:  # a kernel failing here must not take the server down: keep bitsandbytes
+                log.warning("nf4 fused kernel failed on %s with %d rows, using bitsandbytes: %s", shape, m, e)
+                t = {"fused_us": float("inf"), "bnb_us": 0.0}
+            fused_us[m], bnb_us[m] = t["fused_us"], t["bnb_us"]
+            winning = winning and fused_us[m] < bnb_us[m]
+            if winning:
+                threshold = m
+        DISPATCH[shape] = threshold
+        results[shape] = {"threshold": threshold, "fused_us": fused_us, "bnb_us": bnb_us}
+        log.info("nf4 %s: fused kernel up to %d rows (fused %s us, bitsandbytes %s us)", shape, threshold,
+                 {m: round(t, 1) for m, t in fused_us.items()}, {m: round(t, 1) for m, t in bnb_us.items()})
+    return results

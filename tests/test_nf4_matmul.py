@@ -1,0 +1,177 @@
+"""The fused NF4 kernel on the CPU (TRITON_INTERPRET=1) against a float64 reference on bitsandbytes'
+own quantisation, and NF4Linear's CPU path against bitsandbytes' Linear4bit."""
+import copy
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` of the process
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+import triton.language as tl
+from conftest import rerun_under_triton_interpreter
+
+from loraplex.kernels import nf4_matmul as nf4_module
+from loraplex.kernels.nf4_matmul import NF4Tiles, choose_tiles, nf4_matmul
+from loraplex.runtime.nf4_linear import NF4Linear
+
+INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; "
+                                                              "test_in_fresh_process runs these")
+BLOCKSIZE = 64  # bitsandbytes' CPU dequantise is wrong when in_features is not a multiple of the blocksize
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the tests below run in this process")
+def test_in_fresh_process():
+    rerun_under_triton_interpreter(__file__)
+
+
+class _PoisonedTorch:
+    """torch, except that torch.empty returns NaN-filled tensors: unwritten outputs show up."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*shape, dtype=None, device=None):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch):
+    monkeypatch.setattr(nf4_module, "torch", _PoisonedTorch())
+
+
+def quantize(out_features, in_features, compress, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16)
+    return bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=compress)
+
+
+def state_kwargs(state):
+    if not state.nested:
+        return {}
+    return dict(nested_absmax=state.state2.absmax, nested_code=state.state2.code,
+                nested_blocksize=state.state2.blocksize, offset=state.offset)
+
+
+def dequantized(packed, state, dtype):
+    state = copy.copy(state)
+    state.dtype = dtype  # dequantize_4bit rounds code * absmax to this dtype
+    return bnbf.dequantize_4bit(packed, state, quant_type="nf4")
+
+
+def relative_error(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("M", [1, 3, 16, 20])
+@pytest.mark.parametrize("shape", [(192, 128), (128, 256)])
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_float64_reference(M, shape, compress, bias):
+    out_features, in_features = shape
+    packed, state = quantize(out_features, in_features, compress, seed=M)
+    g = torch.Generator().manual_seed(100 + M)
+    x = torch.randn(M, in_features, generator=g).to(torch.bfloat16)
+    b = torch.randn(out_features, generator=g).to(torch.bfloat16) if bias else None
+    out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, out_features, bias=b, **state_kwargs(state))
+    ref = x.double() @ dequantized(packed, state, torch.bfloat16).double().T
+    if bias:
+        ref += b.double()
+    assert out.shape == (M, out_features) and out.dtype == torch.bfloat16
+    assert not out.isnan().any()
+    assert relative_error(out, ref) < 1e-2
+
+
+@needs_interpreter
+@pytest.mark.parametrize("tiles", [
+    None,
+    NF4Tiles(block_m=16, block_n=64, block_k=32, splits=3),  # pieces inside an absmax block, split-K
+    NF4Tiles(block_m=32, block_n=32, block_k=256, splits=2),  # 4 absmax blocks per step
+    NF4Tiles(block_m=64, block_n=128, block_k=64, splits=1),
+])
+@pytest.mark.parametrize("compress", [True, False])
+def test_fp32_is_exact_on_the_format(tiles, compress):
+    """fp32 x: fp32 codes and dot, so the result equals x @ dequantize_4bit(fp32).T to rounding: any slip in
+    nibble order, block indexing or double-quantised absmax would show."""
+    out_features, in_features, M = 96, 256, 5
+    packed, state = quantize(out_features, in_features, compress, seed=7)
+    x = torch.randn(M, in_features, generator=torch.Generator().manual_seed(8))
+    out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, out_features, tiles=tiles, **state_kwargs(state))
+    ref = x.double() @ dequantized(packed, state, torch.float32).double().T
+    assert relative_error(out, ref) < 1e-5
+
+
+@needs_interpreter
+def test_fp16_many_rows_and_leading_dims():
+    """70 rows: two 64-row tiles; x [2, 35, in] keeps its leading dims."""
+    packed, state = quantize(128, 128, True, seed=3)
+    x = torch.randn(2, 35, 128, generator=torch.Generator().manual_seed(4)).half()
+    b = torch.randn(128).half()
+    out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 128, bias=b, **state_kwargs(state))
+    ref = x.double() @ dequantized(packed, state, torch.float16).double().T + b.double()
+    assert out.shape == (2, 35, 128) and out.dtype == torch.float16
+    assert relative_error(out, ref) < 2e-3
+
+
+@needs_interpreter
+def test_split_k_is_deterministic():
+    packed, state = quantize(64, 512, True, seed=5)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    tiles = NF4Tiles(block_m=16, block_n=32, block_k=64, splits=8)
+    args = (x, packed, state.absmax, state.code, BLOCKSIZE, 64)
+    first = nf4_matmul(*args, tiles=tiles, **state_kwargs(state))
+    assert torch.equal(first, nf4_matmul(*args, tiles=tiles, **state_kwargs(state)))
+
+
+def test_tile_rule_fits_every_shape():
+    for M in (1, 2, 8, 16, 17, 32, 33, 64, 65, 200):
+        for N, K in ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (2048, 8192), (960, 576), (64, 64)):
+            t = choose_tiles(M, N, K, BLOCKSIZE, 132)
+            assert t.block_m in (16, 32, 64) and t.block_k >= 32 and K % t.block_k == 0
+            k_tiles = K // t.block_k
+            steps = -(-k_tiles // t.splits)
+            assert 1 <= t.splits <= k_tiles and (t.splits - 1) * steps < k_tiles  # no split without work
+            if t.splits > 1:  # fp32 partial sums stay under half of the packed weight bytes
+                assert t.splits * min(M, t.block_m) * N * 4 <= N * K // 4
+
+
+def test_rejects_inputs_it_cannot_read():
+    packed, state = quantize(64, 128, True, seed=1)
+    with pytest.raises(ValueError):  # in_features not a multiple of the blocksize
+        nf4_matmul(torch.randn(1, 96), packed, state.absmax, state.code, BLOCKSIZE, 96)
+    with pytest.raises(ValueError):  # uint8 absmax without its nested statistics
+        nf4_matmul(torch.randn(1, 128), packed, state.absmax, state.code, BLOCKSIZE, 64)
+
+
+def make_linear4bit(dense: torch.nn.Linear) -> bnb.nn.Linear4bit:
+    """As runtime/base_model.py quantize_nf4 builds them (bf16 compute, double quant, blocksize 64)."""
+    q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                          compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(dense.weight.data.to(torch.bfloat16).contiguous(), requires_grad=False,
+                                 blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+    if dense.bias is not None:
+        q.bias = torch.nn.Parameter(dense.bias.data.to(torch.bfloat16), requires_grad=False)
+    return q.to("cpu")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_nf4_linear_on_the_cpu_is_bitsandbytes(training):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(128, 192)
+    reference, ours = make_linear4bit(dense), NF4Linear.from_bnb(make_linear4bit(dense))
+    reference.train(training), ours.train(training)
+    assert isinstance(ours, bnb.nn.Linear4bit) and ours.weight.quant_state.nested
+    assert sorted(ours.state_dict()) == sorted(reference.state_dict())
+    expected_weight = bnbf.dequantize_4bit(reference.weight.data, reference.weight.quant_state)
+    assert torch.equal(ours.dequantize_weight(), expected_weight)
+    for shape in ((1, 128), (5, 128), (2, 3, 128)):
+        x = torch.randn(shape).to(torch.bfloat16)
+        with torch.no_grad():  # in eval mode bitsandbytes repacks the weight for its CPU kernel here
+            assert torch.equal(ours(x), reference(x))
+    # after a CPU repack the dense weight is still there (absmax went through bf16 on the way: close)
+    rel = ((ours.dequantize_weight().float() - expected_weight.float()).norm() / expected_weight.float().norm()).item()
+    assert rel < 1e-2
