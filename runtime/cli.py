@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--quantization", choices=["nf4", "none"], default=None,
                        help="base weights: nf4 (bitsandbytes, default on a GPU) or none (default on the CPU)")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                       help="compute/activation dtype (auto = bfloat16)")
+                       help="compute/activation dtype (auto: bfloat16 on a GPU or a CPU with native bf16, else float32)")
     serve.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     serve.add_argument("--adapter-dir", type=Path, default=None, help="adapter store (default: user cache dir)")
     serve.add_argument("--max-lora-rank", type=int, default=64)
