@@ -143,7 +143,7 @@ def main() -> None:
         cells = " ".join(f"{t['fused_us'][m] / floor:5.2f}/{t['bnb_us'][m] / floor:<6.2f}" for m in args.rows)
         err = max(c["fused_rel_err"] for c in checks[name])
         print(f"{name:>17} {shape[0]:>5}x{shape[1]:<6} {floor:8.1f} {cells}  {err:.1e}")
-        dispatch[f"{shape}"] = t["threshold"]
+        dispatch[f"{shape}"] = t["fused_rows"]
         for m in args.rows:
             cases.append({"weight": name, "out_features": shape[0], "in_features": shape[1], "rows": m,
                           "floor_us": floor, "fused_us": t["fused_us"][m], "bnb_us": t["bnb_us"][m],
@@ -152,7 +152,7 @@ def main() -> None:
     worst_err = max(c["fused_rel_err"] for cs in checks.values() for c in cs)
     ok = worst_err < 1e-2
     print(f"correctness: worst fused relative error {worst_err:.2e} ({'ok' if ok else 'FAILED'}, bound 1e-2)")
-    print("suggested DISPATCH (largest M up to which fused wins at every measured M): "
+    print("DISPATCH (row counts at which the fused kernel wins): "
           + "{" + ", ".join(f"{k}: {v}" for k, v in dispatch.items()) + "}")
     sweep_results = sweep(layers, bandwidth) if args.sweep else []
 

@@ -74,7 +74,8 @@ class Batch:
         starts = self.query_start.tolist()
         decode = [b for b, (_, n) in enumerate(self.seqs) if n == 1]
         self.decode_rows = torch.tensor([starts[b] for b in decode], device=self.q.device)
-        self.decode_slots = torch.nn.utils.rnn.pad_sequence([self.slots(b) for b in decode], batch_first=True)
+        self.decode_slots = (torch.nn.utils.rnn.pad_sequence([self.slots(b) for b in decode], batch_first=True)
+                             if decode else torch.zeros(0, 0, dtype=torch.long, device=self.q.device))
         lengths = torch.tensor([self.seqs[b][0] for b in decode], device=self.q.device)
         width = self.decode_slots.shape[1] if decode else 0
         self.decode_mask = (torch.arange(width, device=self.q.device)[None] < lengths[:, None]).view(-1, 1, 1, width)

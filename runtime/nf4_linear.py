@@ -2,13 +2,14 @@
 
 `NF4Linear` is a `bnb.nn.Linear4bit` (same Params4bit and QuantState, same state dict, bitsandbytes
 still quantises and owns the format). On CUDA its forward runs `loraplex.kernels.nf4_matmul` (reads
-the packed weights once) when the input has at most `DISPATCH[(out, in)]` rows, and
-`bnb.matmul_4bit` (which dequantises the whole weight first from 2 rows on) otherwise. On the CPU,
+the packed weights once) for the row counts in `DISPATCH[(out, in)]` (a row count is looked up as the
+smallest calibrated count >= it, as CUDA-graph batches are padded), and `bnb.matmul_4bit` (its gemv
+for one row; from 2 rows on it dequantises the whole weight first) otherwise. On the CPU,
 and whenever a gradient is needed, it is exactly bitsandbytes' Linear4bit.
 
 `calibrate(linears)` measures both paths per distinct weight shape at start-up (CUDA events over
-CUDA-graph replays, the way decode steps run) and sets DISPATCH to the largest row count up to which
-the fused kernel wins; without it the committed defaults below apply.
+CUDA-graph replays, the way decode steps run) and sets DISPATCH to the row counts at which the fused
+kernel wins; without it the committed defaults below apply.
 """
 from __future__ import annotations
 
@@ -27,15 +28,16 @@ from loraplex.kernels.nf4_matmul import nf4_matmul
 log = logging.getLogger(__name__)
 
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 48, 64)
-DEFAULT_MAX_ROWS = 64  # shapes missing from DISPATCH
-# (out_features, in_features) -> most rows for the fused kernel. Committed defaults: the fused kernel is
-# expected to beat bitsandbytes up to 64 rows on Llama-3 8B / 3.2-1B / SmolLM2 shapes (fused qkv and
-# gate_up included); replace with the table bench/nf4_matmul.py prints after an H100 run.
-DISPATCH: dict[tuple[int, int], int] = {
-    (6144, 4096): 64, (4096, 4096): 64, (28672, 4096): 64, (4096, 14336): 64,  # Llama-3.1-8B
-    (3072, 2048): 64, (2048, 2048): 64, (16384, 2048): 64, (2048, 8192): 64,  # Llama-3.2-1B
-    (960, 576): 64, (576, 576): 64, (3072, 576): 64, (576, 1536): 64,  # SmolLM2-135M
-}
+# Shapes missing from DISPATCH: H100 (bench/nf4_matmul.py, 2026-11-25): bitsandbytes' gemv wins at one
+# row, the fused kernel from 8 rows to 64 on every Llama-3 8B / 3.2-1B shape (about 2x).
+DEFAULT_FUSED_ROWS = frozenset({2, 4, 8, 16, 32, 48, 64})
+# (out_features, in_features) -> calibrated row counts at which the fused kernel is faster.
+DISPATCH: dict[tuple[int, int], frozenset[int]] = {}
+
+
+def calibrated_rows(rows: int) -> int:
+    """The calibrated row count that stands for `rows` (the next one up; beyond the last: the last)."""
+    return next((m for m in CALIBRATION_ROWS if m >= rows), CALIBRATION_ROWS[-1] + 1)
 
 
 class NF4Linear(bnb.nn.Linear4bit):
@@ -58,13 +60,12 @@ class NF4Linear(bnb.nn.Linear4bit):
         new.train(linear.training)
         return new
 
-    @property
-    def fused_max_rows(self) -> int:
-        return DISPATCH.get((self.out_features, self.in_features), DEFAULT_MAX_ROWS)
+    def use_fused(self, rows: int) -> bool:
+        return calibrated_rows(rows) in DISPATCH.get((self.out_features, self.in_features), DEFAULT_FUSED_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= self.fused_max_rows and self._fusable(x):
+        if self.use_fused(rows) and self._fusable(x):
             return self.fused_forward(x)
         return super().forward(x)
 
@@ -178,8 +179,8 @@ def measure(layer: NF4Linear, rows: int, tiles=None) -> dict:
 def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | None = None,
               rows: Iterable[int] = CALIBRATION_ROWS) -> dict[tuple[int, int], dict]:
     """Time the fused kernel and bitsandbytes per distinct (out, in) shape among the NF4Linear layers of
-    `linears` at each row count, and set DISPATCH[shape] to the largest count up to which the fused
-    kernel is faster at every count (0: never). Returns {shape: {"threshold", "fused_us", "bnb_us"}}
+    `linears` at each row count, and set DISPATCH[shape] to the counts at which the fused kernel is
+    faster. Returns {shape: {"fused_rows", "fused_us", "bnb_us"}}
     (times per row count). Does nothing without CUDA."""
     device = torch.device(device) if device is not None else torch.device("cuda")
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -190,7 +191,7 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
             layers.setdefault((layer.out_features, layer.in_features), layer)
     results = {}
     for shape, layer in layers.items():
-        fused_us, bnb_us, threshold, winning = {}, {}, 0, True
+        fused_us, bnb_us = {}, {}
         for m in sorted(rows):
             try:
                 t = measure(layer, m)
@@ -198,11 +199,9 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
                 log.warning("nf4 fused kernel failed on %s with %d rows, using bitsandbytes: %s", shape, m, e)
                 t = {"fused_us": float("inf"), "bnb_us": 0.0}
             fused_us[m], bnb_us[m] = t["fused_us"], t["bnb_us"]
-            winning = winning and fused_us[m] < bnb_us[m]
-            if winning:
-                threshold = m
-        DISPATCH[shape] = threshold
-        results[shape] = {"threshold": threshold, "fused_us": fused_us, "bnb_us": bnb_us}
-        log.info("nf4 %s: fused kernel up to %d rows (fused %s us, bitsandbytes %s us)", shape, threshold,
+        fused_rows = frozenset(m for m in fused_us if fused_us[m] < bnb_us[m])
+        DISPATCH[shape] = fused_rows
+        results[shape] = {"fused_rows": sorted(fused_rows), "fused_us": fused_us, "bnb_us": bnb_us}
+        log.info("nf4 %s: fused kernel at rows %s (fused %s us, bitsandbytes %s us)", shape, sorted(fused_rows),
                  {m: round(t, 1) for m, t in fused_us.items()}, {m: round(t, 1) for m, t in bnb_us.items()})
     return results

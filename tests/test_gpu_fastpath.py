@@ -30,7 +30,7 @@ def _run(base, requests, fast: bool, merge_policy: str):
         saved = dict(nf4_linear.DISPATCH)
         for m in base.model.modules():
             if isinstance(m, nf4_linear.NF4Linear):
-                nf4_linear.DISPATCH[(m.out_features, m.in_features)] = 0
+                nf4_linear.DISPATCH[(m.out_features, m.in_features)] = frozenset()
     config = EngineConfig(kv_cache_tokens=8192, cuda_graphs=fast, adapter_ops="triton" if fast else "torch",
                           merge_policy=merge_policy if fast else "off")
     engine = Engine(base, config)
