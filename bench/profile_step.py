@@ -25,7 +25,6 @@ from loraplex.runtime import nf4_linear  # noqa: E402
 from loraplex.runtime.adapters.peft_format import AdapterWeights, ModuleDelta  # noqa: E402
 from loraplex.runtime.adapters.registry import AdapterRef  # noqa: E402
 from loraplex.runtime.base_model import load_base_model  # noqa: E402
-import loraplex.runtime.engine as engine_module  # noqa: E402
 from loraplex.runtime.engine import Engine, EngineConfig  # noqa: E402
 from loraplex.runtime.sequence import SamplingParams  # noqa: E402
 
@@ -56,25 +55,6 @@ def set_fused(base, on: bool, saved: dict):
         for m in base.model.modules():
             if isinstance(m, nf4_linear.NF4Linear):
                 nf4_linear.DISPATCH[(m.out_features, m.in_features)] = frozenset()
-
-
-def run(base, reqs, *, graphs, paged, fused, triton, merge="off", saved=None, record=False):
-    set_fused(base, fused, saved)
-    engine = Engine(base, EngineConfig(kv_cache_tokens=32768, cuda_graphs=graphs,
-                                       adapter_ops="triton" if triton else "torch", merge_policy=merge))
-    engine.runner.paged = paged
-    steps = []
-    real = engine_module.sample
-    if record:
-        engine_module.sample = lambda logits, seqs: steps.append(logits.float().cpu()) or real(logits, seqs)
-    try:
-        engine.generate(reqs)
-        engine.merger.wait()
-        steps.clear()
-        outs = engine.generate(reqs)
-    finally:
-        engine_module.sample = real
-    return [[t for o in out for t in o.token_ids] for out in outs], steps, engine
 
 
 def profile(base, reqs, saved) -> dict:
@@ -109,7 +89,8 @@ def main() -> None:
     print(f"loaded {args.shape} in {time.time() - t0:.1f} s; dispatch {saved}", flush=True)
     shapes, layers = base.projection_shapes, base.num_layers
     refs = [AdapterRef(f"a{i}", 1, adapter(shapes, layers, seed=i)) for i in range(32)]
-    result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "dispatch": {str(k): v for k, v in saved.items()}}
+    result = {"device": torch.cuda.get_device_name(), "shape": args.shape,
+              "dispatch": {str(k): sorted(v) for k, v in saved.items()}}
     cases = {"base_b32": [None] * 32, "distinct_b32": refs, "over8_b32": [refs[i % 8] for i in range(32)],
              "one_adapter_b32": [refs[0]] * 32}
     if not args.skip_profile:
@@ -119,30 +100,23 @@ def main() -> None:
             print(f"== {name}: decode step {r['decode_step_ms']:.2f} ms over {r['decode_steps']} steps "
                   f"(graph steps so far {r['graph_steps']})\n{r['kernels']}", flush=True)
     if not args.skip_fidelity:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from gpu_fidelity import compare, forced_logits
         owners = [refs[0], refs[0], refs[1], None, refs[2], refs[3], refs[0], None]
         reqs = requests(base, owners, 12, prompt_len=40)
-        ref_tokens, ref_steps, _ = run(base, reqs, graphs=False, paged=False, fused=False, triton=False,
-                                       saved=saved, record=True)
+        reqs = [(ids[:40 - i] + [7] * i, p, o) for i, (ids, p, o) in enumerate(reqs)]  # distinct prompts
+        ref_logits, ref_tokens, _ = forced_logits(base, reqs, None, fast=False)
+        rerun, _, _ = forced_logits(base, reqs, ref_tokens, fast=False)
+        rows = {"reference_rerun": compare(rerun, ref_logits)}
         variants = {"paged": dict(paged=True), "fused_nf4": dict(fused=True), "triton": dict(triton=True),
-                    "graphs+paged": dict(graphs=True, paged=True),
-                    "all": dict(graphs=True, paged=True, fused=True, triton=True),
-                    "all+merged": dict(graphs=True, paged=True, fused=True, triton=True, merge="a0")}
-        rows = {}
+                    "graphs+paged": dict(graphs=True, paged=True), "all": dict(fast=True),
+                    "all+merged": dict(fast=True, merge_policy="a0")}
         for name, on in variants.items():
-            kw = dict(graphs=False, paged=False, fused=False, triton=False)
-            kw.update(on)
-            tokens, steps, _ = run(base, reqs, saved=saved, record=True, **kw)
-            errs = [float((a - b).norm() / b.norm()) for a, b in zip(steps[:4], ref_steps[:4])]
-            same = sum(a == b for a, b in zip(tokens, ref_tokens))
-            rows[name] = {"logit_rel_err_first_steps": errs, "same_tokens": same, "requests": len(reqs)}
-            print(f"fidelity {name:12s} rel err {['%.2e' % e for e in errs]}  same tokens {same}/{len(reqs)}",
-                  flush=True)
-        # reference against itself (run-to-run noise)
-        tokens, steps, _ = run(base, reqs, graphs=False, paged=False, fused=False, triton=False, saved=saved, record=True)
-        rows["reference_rerun"] = {"logit_rel_err_first_steps": [float((a - b).norm() / b.norm())
-                                                                 for a, b in zip(steps[:4], ref_steps[:4])],
-                                   "same_tokens": sum(a == b for a, b in zip(tokens, ref_tokens))}
-        print("fidelity reference rerun", rows["reference_rerun"])
+            kw = {"fast": False, **on}
+            got, _, _ = forced_logits(base, reqs, ref_tokens, **kw)
+            rows[name] = compare(got, ref_logits)
+        for name, row in rows.items():
+            print(f"fidelity {name:16s} {row}", flush=True)
         result["fidelity"] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

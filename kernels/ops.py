@@ -28,6 +28,10 @@ from .segmented_lora import MAX_FUSED, expand, interpreting, shrink
 from .tile_config import TileConfig, choose_splits, choose_tile_config
 from .weight_pool import WeightPool
 
+# Decode under CUDA graphs: rows of one adapter share its weights through L2 rather than a tile, so
+# the launch plan (part of a graph's key) does not change with how rows spread over adapters.
+GRAPH_DECODE_CONFIG = choose_tile_config(1)
+
 
 @dataclass(frozen=True)
 class LaunchPlan:
@@ -187,10 +191,10 @@ class TritonAdapterOps(AdapterOps):
         self.resident[slot] = None
 
     # -- per step ----------------------------------------------------------------------------
-    def plan(self, seg: Segments, num_tiles: int) -> LaunchPlan:
+    def plan(self, seg: Segments, num_tiles: int, config: TileConfig) -> LaunchPlan:
         used = [self.resident[slot].packed for _, _, slot in seg.host if self.resident[slot] is not None]
         return LaunchPlan(
-            config=self.tile_config or choose_tile_config(seg.max_length),
+            config=config,
             ks=frozenset().union(*(p.ks for p in used)) or frozenset({1}),
             has_general=any(p.has_general for p in used),
             block_rank=max((p.block_rank for p in used), default=1),
@@ -199,12 +203,13 @@ class TritonAdapterOps(AdapterOps):
 
     def metadata(self, token_slots: list[int], pad_to: int | None = None) -> StepSegments:
         """pad_to: a CUDA-graph batch size; the step's tensors are then written into fixed buffers
-        of that many rows and tiles (padding tiles point at the null slot)."""
+        of that many rows and tiles (padding tiles point at the null slot), with one tile per row
+        whatever the segment lengths, so that one graph serves every mix of a batch's adapters."""
         if pad_to is None:
             return self.extend(build_segments(token_slots, self.device))
         seg = build_segments(token_slots, "cpu")
-        block_m = (self.tile_config or choose_tile_config(seg.max_length)).block_m
-        tiles = self._tiles(seg, block_m)
+        config = self.tile_config or GRAPH_DECODE_CONFIG
+        tiles = self._tiles(seg, config.block_m)
         tiles += [(self.null_slot, 0, 0)] * (pad_to - len(tiles))
         order = seg.token_order.tolist() + [0] * (pad_to - len(seg.token_order))
         if self._graph_order is None or self._graph_order.shape[0] < pad_to:  # (captured graphs hold these)
@@ -216,7 +221,7 @@ class TritonAdapterOps(AdapterOps):
         self._graph_order[:pad_to].copy_(host_order, non_blocking=True)
         self._graph_tiles[:pad_to].copy_(host_tiles, non_blocking=True)
         fields = {**vars(seg), "token_order": self._graph_order[:pad_to]}
-        return StepSegments(**fields, tiles=self._graph_tiles[:pad_to], plan=self.plan(seg, pad_to))
+        return StepSegments(**fields, tiles=self._graph_tiles[:pad_to], plan=self.plan(seg, pad_to, config))
 
     @staticmethod
     def _tiles(seg: Segments, block_m: int) -> list[tuple[int, int, int]]:
@@ -224,10 +229,10 @@ class TritonAdapterOps(AdapterOps):
 
     def extend(self, seg: Segments) -> StepSegments:
         """Add the kernels' per-step tensors to Segments built elsewhere."""
-        block_m = (self.tile_config or choose_tile_config(seg.max_length)).block_m
-        tiles = self._tiles(seg, block_m)
+        config = self.tile_config or choose_tile_config(seg.max_length)
+        tiles = self._tiles(seg, config.block_m)
         tiles_t = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(self.device, non_blocking=True)
-        return StepSegments(**vars(seg), tiles=tiles_t, plan=self.plan(seg, len(tiles)))
+        return StepSegments(**vars(seg), tiles=tiles_t, plan=self.plan(seg, len(tiles), config))
 
     def apply(self, layer, projections, x, y, meta: Segments) -> None:
         if meta.empty:

@@ -19,7 +19,7 @@ from .adapters.registry import AdapterRef
 from .adapters.slots import LOADING, AdapterSlots
 from .base_model import BaseModel
 from .block_manager import BlockManager
-from .detokenizer import append_token_text, find_stop, releasable_text
+from .detokenizer import append_token_texts, batch_decoder, find_stop, releasable_text
 from .merged import Merger
 from .model_runner import ModelRunner, kv_bytes_per_token
 from .sampler import sample
@@ -104,6 +104,8 @@ class Engine:
         self.runner.attach_ops(self.ops)
         self.slots = AdapterSlots(self.ops, adapter_bytes, config.max_gpu_adapters)
         self.merger = Merger(base.model, base.projection_shapes, config.merge_policy, config.merge_format, base.dtype)
+        self.runner.capture_base_graphs()
+        self.decode = batch_decoder(base.tokenizer)
         self.scheduler = Scheduler(self.blocks, self.slots, max_num_seqs=config.max_num_seqs,
                                    max_batched_tokens=config.max_batched_tokens)
         self.scheduler.prefill_budget = config.prefill_chunk_tokens  # on the CPU replaced once measured
@@ -248,19 +250,23 @@ class Engine:
             self.decode_context_tokens += sum(seq.num_computed for seq, _ in batch)
         else:
             self.prefill_steps += 1
+        live = []
         for seq, token in zip(ready, tokens):
             if token < 0:  # the sampler's mark for a row whose logits were NaN/inf: fail this request alone
                 self._finish(seq, "error", error="the model produced non-finite logits (NaN or inf) for this request")
             else:
-                self._append(seq, token)
+                seq.token_ids.append(token)
+                live.append((seq, len(seq.text)))
+        append_token_texts(self.decode, [seq for seq, _ in live])
+        for seq, previous_len in live:
+            self._after_token(seq, previous_len)
 
-    def _append(self, seq: Sequence, token: int) -> None:
-        seq.token_ids.append(token)
+    def _after_token(self, seq: Sequence, previous_len: int) -> None:
+        """Stop strings, end of sequence, length; then emit the new text or finish."""
+        token = seq.token_ids[-1]
         self.tokens_generated += 1
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
-        previous_len = len(seq.text)
-        append_token_text(self.base.tokenizer, seq)
         reason = None
         stop_at = find_stop(seq, previous_len)
         if stop_at is not None:

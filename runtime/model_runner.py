@@ -63,10 +63,12 @@ class ModelRunner:
             n, width = self.buckets[-1], -(-base.config.max_position_embeddings // blocks.block_size)
             width = min(width, blocks.num_blocks)
             i32 = dict(dtype=torch.int32, device=self.device)
+            # a step's host values go through two pinned staging buffers and two copies
+            self.staging64 = torch.zeros(5, n, dtype=torch.long, pin_memory=True)
+            self.staging_tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=True)
+            self.rows64 = torch.zeros(5, n, dtype=torch.long, device=self.device)
             self.static = {
-                "input_ids": torch.zeros(n, dtype=torch.long, device=self.device),
-                "positions": torch.zeros(n, dtype=torch.long, device=self.device),
-                "slot_mapping": torch.zeros(n, dtype=torch.long, device=self.device),
+                "input_ids": self.rows64[0], "positions": self.rows64[1], "slot_mapping": self.rows64[2],
                 "block_tables": torch.zeros(n, width, **i32),
                 "context_lens": torch.zeros(n, **i32),
                 "query_start": torch.arange(n + 1, **i32),
@@ -161,33 +163,30 @@ class ModelRunner:
     def _replay(self, batch: list[tuple[Sequence, int]], token_slots: list[int], merged: set[int]) -> torch.Tensor:
         B = len(batch)
         bucket = next(b for b in self.buckets if b >= B)
-        s = self.static
-        ids, pos, slot_map, lens = [], [], [], []
-        for seq, _ in batch:
-            p = seq.num_computed
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slot_map.append(seq.block_table[p // self.blocks.block_size] * self.blocks.block_size
-                            + p % self.blocks.block_size)
-            lens.append(p + 1)
-        pad = bucket - B
-        tables = [seq.block_table for seq, _ in batch]
-        width = max(len(t) for t in tables)
-        host = {
-            "input_ids": torch.tensor(ids + [0] * pad, dtype=torch.long),
-            "positions": torch.tensor(pos + [0] * pad, dtype=torch.long),
-            "slot_mapping": torch.tensor(slot_map + [self.spare_slot] * pad, dtype=torch.long),
-            "context_lens": torch.tensor(lens + [0] * pad, dtype=torch.int32),
-            "merged_rows": torch.tensor([i in merged for i in range(bucket)], dtype=torch.bool),
-        }
-        for name, t in host.items():
-            s[name][:bucket].copy_(t.pin_memory(), non_blocking=True)
-        table_host = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        s["block_tables"][:B, :width].copy_(table_host.pin_memory(), non_blocking=True)
+        s, size = self.static, self.blocks.block_size
+        # the previous replay may still read the staging buffers' last copy: wait for it first
+        torch.cuda.current_stream(self.device).synchronize()
+        rows = self.staging64.numpy()
+        tables = self.staging_tables.numpy()
+        width = 0
+        for i, (seq, _) in enumerate(batch):
+            p, table = seq.num_computed, seq.block_table
+            rows[0, i], rows[1, i] = seq.token_ids[p], p
+            rows[2, i] = table[p // size] * size + p % size
+            rows[3, i], rows[4, i] = p + 1, i in merged
+            tables[i, :len(table)] = table
+            width = max(width, len(table))
+        rows[:, B:bucket] = 0
+        rows[2, B:bucket] = self.spare_slot  # padding rows write their K/V into the spare block
+        self.rows64[:, :bucket].copy_(self.staging64[:, :bucket], non_blocking=True)
+        s["block_tables"][:B, :width].copy_(self.staging_tables[:B, :width], non_blocking=True)
+        s["context_lens"][:bucket].copy_(self.rows64[3, :bucket])
+        if merged:
+            s["merged_rows"][:bucket].copy_(self.rows64[4, :bucket])
 
         lora_meta, plan = None, None
         if any(t != NO_ADAPTER for t in token_slots):
-            lora_meta = self.ops.metadata(token_slots + [NO_ADAPTER] * pad, pad_to=bucket)
+            lora_meta = self.ops.metadata(token_slots + [NO_ADAPTER] * (bucket - B), pad_to=bucket)
             plan = lora_meta.plan
         mode = "all" if merged and len(merged) == B else "some" if merged else None
         key = (bucket, plan, mode, self.merged_key if mode else None)
@@ -221,6 +220,21 @@ class ModelRunner:
         if self.graph_pool is None:
             self.graph_pool = graph.pool()
         return _DecodeGraph(graph, logits)
+
+    @torch.inference_mode()
+    def capture_base_graphs(self) -> None:
+        """Capture the base-only decode graph of every batch bucket now (at start-up), on dummy rows
+        that write into the spare block; adapter and merged variants are captured on first use."""
+        if not self.use_graphs:
+            return
+        self.rows64.zero_()
+        self.rows64[2].fill_(self.spare_slot)
+        self.static["block_tables"].fill_(self.blocks.num_blocks)  # the spare block
+        self.static["context_lens"].fill_(1)
+        for bucket in self.buckets:
+            key = (bucket, None, None, None)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(bucket, None, None)
 
     def drop_graphs(self, merged_only: bool = False) -> None:
         """Forget captured graphs (all, or those that use the merged weights)."""

@@ -11,48 +11,21 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _adapters(base):
+    from loraplex.runtime.adapters.peft_format import ModuleDelta
     from loraplex.runtime.adapters.registry import AdapterRef
     from test_engine import random_adapter
     shapes, n = base.projection_shapes, base.num_layers
-    scaled = lambda w: (w.modules.update({k: type(m)(m.k, m.A * 0.1, m.B * 0.1, m.scale, m.general_A, m.general_B)
-                                           for k, m in w.modules.items()}), w)[1]
     made = [random_adapter(shapes, n, rank=16, seed=1), random_adapter(shapes, n, k=4, rank=16, seed=2),
             random_adapter(shapes, n, rank=8, seed=3, projections=("q_proj", "v_proj")),
             random_adapter(shapes, n, k=2, rank=8, hybrid=4, seed=4)]
-    return [AdapterRef(f"a{i}", 1, scaled(w)) for i, w in enumerate(made)]
-
-
-def _run(base, requests, fast: bool, merge_policy: str):
-    import loraplex.runtime.engine as engine_module
-    from loraplex.runtime.engine import Engine, EngineConfig
-    from loraplex.runtime import nf4_linear
-    if not fast:  # the reference: bitsandbytes' own matmul for every row count
-        saved = dict(nf4_linear.DISPATCH)
-        for m in base.model.modules():
-            if isinstance(m, nf4_linear.NF4Linear):
-                nf4_linear.DISPATCH[(m.out_features, m.in_features)] = frozenset()
-    config = EngineConfig(kv_cache_tokens=8192, cuda_graphs=fast, adapter_ops="triton" if fast else "torch",
-                          merge_policy=merge_policy if fast else "off")
-    engine = Engine(base, config)
-    engine.runner.paged = fast
-    engine.merger.patience, engine.merger.min_rows = 1, 1
-    steps = []
-    real_sample = engine_module.sample
-    engine_module.sample = lambda logits, seqs: steps.append(logits.float().cpu()) or real_sample(logits, seqs)
-    try:
-        engine.generate(requests)  # first pass: merged weights get built; graphs captured
-        engine.merger.wait()
-        steps.clear()
-        outs = engine.generate(requests)
-    finally:
-        engine_module.sample = real_sample
-        if not fast:
-            nf4_linear.DISPATCH.clear()
-            nf4_linear.DISPATCH.update(saved)
-    return [[t for o in out for t in o.token_ids] for out in outs], steps, engine
+    for w in made:  # deltas a tenth of random_adapter's, so the outputs stay text-like
+        w.modules = {k: ModuleDelta(m.k, m.A * 0.1, m.B * 0.1, m.scale, m.general_A, m.general_B)
+                     for k, m in w.modules.items()}
+    return [AdapterRef(f"a{i}", 1, w) for i, w in enumerate(made)]
 
 
 def test_fast_path_equals_eager_reference():
+    from gpu_fidelity import compare, forced_logits
     from loraplex.runtime.base_model import load_base_model
     from loraplex.runtime.sequence import SamplingParams
     base = load_base_model(None, quantization="nf4", device="cuda")
@@ -63,11 +36,13 @@ def test_fast_path_equals_eager_reference():
                "def fibonacci(n):", "Once upon a time", "The quick brown fox", "Q: What is 7*8? A:"]
     owners = [refs[0], refs[0], refs[1], None, refs[2], refs[3], refs[0], None]
     requests = [(tok(p)["input_ids"], params, r) for p, r in zip(prompts, owners)]
-    ref_tokens, ref_steps, _ = _run(base, requests, fast=False, merge_policy="off")
-    fast_tokens, fast_steps, engine = _run(base, requests, fast=True, merge_policy="a0")
+    ref_logits, ref_tokens, _ = forced_logits(base, requests, None, fast=False)
+    fast_logits, fast_tokens, engine = forced_logits(base, requests, ref_tokens, fast=True, merge_policy="a0")
     assert engine.runner.graph_steps > 0 and engine.merger.merged_steps > 0
-    agree = sum(a == b for a, b in zip(fast_tokens, ref_tokens))
-    assert agree >= len(requests) - 1, f"greedy tokens differ in {len(requests) - agree} of {len(requests)} requests"
-    for a, b in zip(fast_steps[:4], ref_steps[:4]):  # before any token could diverge
-        rel = (a - b).norm() / b.norm()
-        assert rel < 2e-2, f"logits differ by {rel:.3e} (relative)"
+    result = compare(fast_logits, ref_logits)
+    print(result)
+    assert result["median_rel_err"] < 1e-2 and result["max_rel_err"] < 5e-2, result
+    assert result["argmax_agreement"] >= 0.98, result
+    _, free_tokens, _ = forced_logits(base, requests, None, fast=True, merge_policy="a0")
+    same = sum(free_tokens[k] == ref_tokens[k] for k in ref_tokens)
+    assert same >= len(requests) - 1, f"free-running greedy outputs differ in {len(requests) - same} of {len(requests)}"
