@@ -265,13 +265,22 @@ def qv_spec(i: int) -> AdapterSpec:
 
 # -- checkpoint and tokenizer ------------------------------------------------------------------------------
 def write_tokenizer(shape: ModelShape, path: Path) -> None:
-    """A WordLevel tokenizer over the whole vocabulary, so every id the random model emits decodes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A byte-level BPE tokenizer (like Llama 3's) over the whole vocabulary: the 256 byte symbols, then
+    synthetic words, so every id the random model emits decodes and the server detokenizes as it
+    would for a real Llama-3 checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    byte_symbols = list(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    vocab.update({f"t{i}": i for i in range(len(SPECIAL_TOKENS), shape.vocab)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    for symbol in sorted(byte_symbols):
+        vocab[symbol] = len(vocab)
+    i = 0
+    while len(vocab) < shape.vocab:
+        vocab.setdefault(f"\u0120w{i}", len(vocab))  # "Ġw17" decodes to " w17"
+        i += 1
+    tok = Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", model_max_length=131072)

@@ -59,8 +59,8 @@ def choose_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> NF4Til
     as the register operand. Split-K until about 4 programs per SM are started, keeping the fp32
     partial sums (written and read once, in L2) under half of the packed weight bytes.
     """
-    if M <= 16:
-        bm, bk, stages = 16, 128, 2
+    if M <= 16:  # (H100 sweep, bench/nf4_matmul.py --sweep: 64 x 3 stages beat 128 x 2 by 5-14%)
+        bm, bk, stages = 16, 64, 3
     elif M <= 32:
         bm, bk, stages = 32, 128, 2
     else:  # the [128, 64] fp32 accumulator and dot result take ~210 registers: shorter steps, deeper prefetch

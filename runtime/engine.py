@@ -19,7 +19,7 @@ from .adapters.registry import AdapterRef
 from .adapters.slots import LOADING, AdapterSlots
 from .base_model import BaseModel
 from .block_manager import BlockManager
-from .detokenizer import append_token_texts, batch_decoder, find_stop, releasable_text
+from .detokenizer import Detokenizer, find_stop, releasable_text
 from .merged import Merger
 from .model_runner import ModelRunner, kv_bytes_per_token
 from .sampler import sample
@@ -105,7 +105,7 @@ class Engine:
         self.slots = AdapterSlots(self.ops, adapter_bytes, config.max_gpu_adapters)
         self.merger = Merger(base.model, base.projection_shapes, config.merge_policy, config.merge_format, base.dtype)
         self.runner.capture_base_graphs()
-        self.decode = batch_decoder(base.tokenizer)
+        self.detokenizer = Detokenizer(base.tokenizer)
         self.scheduler = Scheduler(self.blocks, self.slots, max_num_seqs=config.max_num_seqs,
                                    max_batched_tokens=config.max_batched_tokens)
         self.scheduler.prefill_budget = config.prefill_chunk_tokens  # on the CPU replaced once measured
@@ -257,7 +257,7 @@ class Engine:
             else:
                 seq.token_ids.append(token)
                 live.append((seq, len(seq.text)))
-        append_token_texts(self.decode, [seq for seq, _ in live])
+        self.detokenizer.append([seq for seq, _ in live])
         for seq, previous_len in live:
             self._after_token(seq, previous_len)
 

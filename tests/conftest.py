@@ -181,3 +181,9 @@ def busy_service(waiting: int = 8):
             return [1, 2, 3]
 
     return BusyService()
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(default_model_dir())
