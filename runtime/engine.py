@@ -42,7 +42,7 @@ class EngineConfig:
     adapter_ops: str = "auto"  # auto | torch | triton
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only)
     merge_policy: str = "auto"  # off | auto | an adapter id (see merged.py)
-    merge_format: str = "bf16"  # bf16 | nf4: the merged copy's format
+    merge_format: str = "auto"  # bf16 | nf4 | auto (nf4 when the base is NF4): the merged copy's format
     # While decode rows run, a step's prefill chunk is capped so a long prompt cannot stall the streams:
     max_step_seconds: float = 0.25  # CPU: the cap is sized from measured cost to keep a step near this
     prefill_chunk_tokens: int = 512  # CUDA: the cap in tokens
@@ -103,7 +103,9 @@ class Engine:
         self.ops = make_ops(config.adapter_ops, base, num_slots, adapter_bytes)
         self.runner.attach_ops(self.ops)
         self.slots = AdapterSlots(self.ops, adapter_bytes, config.max_gpu_adapters)
-        self.merger = Merger(base.model, base.projection_shapes, config.merge_policy, config.merge_format, base.dtype)
+        merge_format = config.merge_format if config.merge_format != "auto" else \
+            "nf4" if base.quantization == "nf4" else "bf16"
+        self.merger = Merger(base.model, base.projection_shapes, config.merge_policy, merge_format, base.dtype)
         self.runner.capture_base_graphs()
         self.detokenizer = Detokenizer(base.tokenizer)
         self.scheduler = Scheduler(self.blocks, self.slots, max_num_seqs=config.max_num_seqs,

@@ -12,7 +12,7 @@ from loraplex.runtime.engine import Engine, EngineConfig
 
 def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast: bool, merge_policy: str = "off",
                   paged: bool | None = None, graphs: bool | None = None, fused: bool | None = None,
-                  triton: bool | None = None):
+                  triton: bool | None = None, merge_format: str = "auto"):
     """{(prompt, step): logits row} and the tokens fed, running requests twice in one engine (the
     first pass builds merged weights and captures graphs). forced: {prompt: tokens} to feed; None =
     greedy (the tokens chosen are returned for the other runs)."""
@@ -24,7 +24,8 @@ def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast
             if isinstance(m, nf4_linear.NF4Linear):
                 nf4_linear.DISPATCH[(m.out_features, m.in_features)] = frozenset()
     engine = Engine(base, EngineConfig(kv_cache_tokens=16384, cuda_graphs=graphs,
-                                       adapter_ops="triton" if triton else "torch", merge_policy=merge_policy))
+                                       adapter_ops="triton" if triton else "torch", merge_policy=merge_policy,
+                                       merge_format=merge_format))
     engine.runner.paged = paged
     engine.merger.patience, engine.merger.min_rows = 1, 1
     logits, chosen = {}, {}
