@@ -66,7 +66,7 @@ QV = ("q_proj", "v_proj")
 GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3; not word-like (see NOTES.md)
-CASES = ("base", "over8", "distinct", "mix", "merged", "residency", "hotload", "unmerged", "peft")
+CASES = ("base", "over8", "distinct", "mix", "merged", "residency", "hotload", "unmerged", "forcemerged", "peft")
 CASE_ALIASES = {"mixed": "distinct"}
 SERVER_CASES = CASES[:7]
 OVER = 8  # adapters in the over8 case
@@ -697,6 +697,16 @@ class ShapeSession:
         await self.measure(f"merged_b{b}", [a.id] * b, floor=False)
         await self.measure(f"two_adapters_b{b}", [a.id, c.id] * (b // 2) + [a.id] * (b % 2))
 
+    async def case_forcemerged(self):
+        """On a server started with --merge-policy <adapter> --merge-format <fmt>: traffic until the
+        merged weights are in use, then B rows of that adapter."""
+        a, b = distinct_specs(1)[0], self.args.batch
+        await self.ensure([a])
+        deadline = time.monotonic() + 120
+        while not engine_stats(await self.health()).get("merged_adapter") and time.monotonic() < deadline:
+            await self.completions([a.id] * b, 8)
+        await self.measure(f"merged_{self.merge_format}_b{b}", [a.id] * b, floor=False)
+
     async def case_unmerged(self):
         a = distinct_specs(1)[0]
         await self.ensure([a])
@@ -830,8 +840,11 @@ def summarize(record: dict, batch: int, resident: int) -> dict:
         "resident128_over_8": ratio(get(f"over8_b{batch}_resident{resident}", "tokens_per_s"),
                                     get(f"over8_b{batch}", "tokens_per_s")),
         "hotload_p50_ms": record.get("hotload", {}).get("p50_ms"),
-        "merged_over_unmerged": ratio(get(f"merged_b{batch}", "tokens_per_s"), unmerged or get(basis, "tokens_per_s")),
-        "merged_over_unmerged_basis": basis,
+        "merged_over_unmerged": ratio(get(f"merged_bf16_b{batch}", "tokens_per_s") or get(f"merged_b{batch}", "tokens_per_s"),
+                                      unmerged or get(basis, "tokens_per_s")),
+        "merged_over_unmerged_basis": (f"merged_bf16_b{batch}" if get(f"merged_bf16_b{batch}", "tokens_per_s")
+                                       else f"merged_b{batch}") + " / " + basis,
+        "merged_nf4_over_unmerged": ratio(get(f"merged_nf4_b{batch}", "tokens_per_s"), unmerged or get(basis, "tokens_per_s")),
         "merged_steps_in_merged_wave": (waves.get(f"merged_b{batch}", {}).get("counters") or {}).get("merged_steps"),
         "mix_over_base": ratio(get(f"mix_b{batch}", "tokens_per_s"), get(base, "tokens_per_s")),
     }
@@ -970,6 +983,12 @@ def main() -> None:
             failed += [f"{key}:{c}" for c in with_server(args, session, server_cases)]
         if "unmerged" in cases and (key != "8b" or explicit_unmerged):
             failed += [f"{key}:{c}" for c in with_server(args, session, ["unmerged"], extra=("--merge-policy", "off"))]
+        if "forcemerged" in cases:
+            for fmt in ("bf16", "nf4"):
+                session.merge_format = fmt
+                failed += [f"{key}:forcemerged_{fmt}" for c in with_server(
+                    args, session, ["forcemerged"],
+                    extra=("--merge-policy", distinct_specs(1)[0].id, "--merge-format", fmt))]
         if "peft" in cases:
             t = time.perf_counter()
             try:

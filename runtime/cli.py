@@ -120,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="adapter math: Triton kernels (auto on CUDA) or the PyTorch reference (auto on CPU)")
     serve.add_argument("--merge-policy", default="auto",
                        help="serve a dominant adapter from merged weights: off, auto (when it holds the whole "
-                            "decode batch) or an adapter id (always that one)")
+                            "decode batch and the merged copy reads no more bytes than the base) or an adapter "
+                            "id (always that one)")
     serve.add_argument("--merge-format", choices=["auto", "bf16", "nf4"], default="auto",
-                       help="merged copy of the touched linears: dense bf16 or re-quantised NF4 "
-                            "(auto: nf4 when the base is NF4, since decode reads a bf16 copy 4x slower)")
+                       help="merged copy of the touched linears: dense bf16 (auto) or re-quantised NF4 "
+                            "(as fast as the NF4 base, but a second quantisation error)")
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)

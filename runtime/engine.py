@@ -42,7 +42,7 @@ class EngineConfig:
     adapter_ops: str = "auto"  # auto | torch | triton
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only)
     merge_policy: str = "auto"  # off | auto | an adapter id (see merged.py)
-    merge_format: str = "auto"  # bf16 | nf4 | auto (nf4 when the base is NF4): the merged copy's format
+    merge_format: str = "auto"  # bf16 | nf4 | auto (= bf16): the merged copy's format
     # While decode rows run, a step's prefill chunk is capped so a long prompt cannot stall the streams:
     max_step_seconds: float = 0.25  # CPU: the cap is sized from measured cost to keep a step near this
     prefill_chunk_tokens: int = 512  # CUDA: the cap in tokens
@@ -103,9 +103,12 @@ class Engine:
         self.ops = make_ops(config.adapter_ops, base, num_slots, adapter_bytes)
         self.runner.attach_ops(self.ops)
         self.slots = AdapterSlots(self.ops, adapter_bytes, config.max_gpu_adapters)
-        merge_format = config.merge_format if config.merge_format != "auto" else \
-            "nf4" if base.quantization == "nf4" else "bf16"
+        merge_format = "bf16" if config.merge_format == "auto" else config.merge_format
         self.merger = Merger(base.model, base.projection_shapes, config.merge_policy, merge_format, base.dtype)
+        # Measured on an H100 (README): a bf16 copy of an NF4 base reads 4x the bytes per decode step
+        # (slower than the unmerged path) and a re-quantised NF4 copy moves the logits by up to 0.6
+        # (relative), so `auto` merges only where the merged copy costs no more bytes than the base.
+        self.merger.auto_merges = not (base.quantization == "nf4" and merge_format == "bf16")
         self.runner.capture_base_graphs()
         self.detokenizer = Detokenizer(base.tokenizer)
         self.scheduler = Scheduler(self.blocks, self.slots, max_num_seqs=config.max_num_seqs,

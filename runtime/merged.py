@@ -6,7 +6,9 @@ through W + s·ΔW directly; the other rows keep the base weights and the unmerg
 `auto`: merge the adapter that holds at least `threshold` of the running rows for `patience`
 consecutive decode steps, and stop using it as soon as it no longer does. Rows of the merged
 adapter and other rows in one step cost two passes over the weights, which at decode speed (bound
-by weight bytes) is slower than the unmerged path, so auto waits for the whole batch (threshold 1.0).
+by weight bytes) is slower than the unmerged path, so auto waits for the whole batch (threshold 1.0);
+and auto does not merge where the merged copy would read more bytes than the base (a bf16 copy of
+an NF4 base): there the unmerged path is faster.
 
 The merged copy is built on a background thread and a side stream while the engine keeps serving
 unmerged; format `bf16` (dense bf16 of the touched linears) or `nf4` (re-quantised with
@@ -87,6 +89,7 @@ class Merger:
         self._building: tuple[AdapterRef, threading.Thread] | None = None
         self._ready: tuple[AdapterRef, dict] | None = None  # built, waiting to be installed
         self._candidate, self._streak = None, 0
+        self.auto_merges = True  # False: `auto` never merges (see Engine)
         self.builds = 0
         self.merged_steps = 0
 
@@ -102,6 +105,8 @@ class Merger:
             return None
         if self.policy != "auto":
             return next((r for r in refs if r is not None and r.id == self.policy), None)
+        if not self.auto_merges:
+            return None
         key, count = by_key.most_common(1)[0]
         if count < self.threshold * len(refs):
             return None

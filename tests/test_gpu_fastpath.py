@@ -25,24 +25,34 @@ def _adapters(base):
 
 
 def test_fast_path_equals_eager_reference():
+    """Every configuration is teacher-forced with the fp32 reference's greedy tokens. bf16 tolerance
+    = what the eager bf16 reference itself differs from fp32 by: the fast path may differ from fp32
+    by little more, and must pick the same greedy tokens as often."""
     from gpu_fidelity import compare, forced_logits
     from loraplex.runtime.base_model import load_base_model
     from loraplex.runtime.sequence import SamplingParams
+    base32 = load_base_model(None, quantization="nf4", dtype="float32", device="cuda")
     base = load_base_model(None, quantization="nf4", device="cuda")
-    refs = _adapters(base)
     tok = base.tokenizer
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     prompts = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3,", "Translate: bonjour",
                "def fibonacci(n):", "Once upon a time", "The quick brown fox", "Q: What is 7*8? A:"]
-    owners = [refs[0], refs[0], refs[1], None, refs[2], refs[3], refs[0], None]
-    requests = [(tok(p)["input_ids"], params, r) for p, r in zip(prompts, owners)]
-    ref_logits, ref_tokens, _ = forced_logits(base, requests, None, fast=False)
-    fast_logits, fast_tokens, engine = forced_logits(base, requests, ref_tokens, fast=True, merge_policy="a0")
+    owners = [0, 0, 1, None, 2, 3, 0, None]
+
+    def requests(b):
+        refs = _adapters(b)
+        return [(tok(p)["input_ids"], params, None if o is None else refs[o]) for p, o in zip(prompts, owners)]
+
+    truth, tokens, _ = forced_logits(base32, requests(base32), None, fast=False)
+    eager, eager_tokens, _ = forced_logits(base, requests(base), tokens, fast=False)
+    fast, _, engine = forced_logits(base, requests(base), tokens, fast=True, merge_policy="a0")
     assert engine.runner.graph_steps > 0 and engine.merger.merged_steps > 0
-    result = compare(fast_logits, ref_logits)
-    print(result)
-    assert result["median_rel_err"] < 1e-2 and result["max_rel_err"] < 5e-2, result
-    assert result["argmax_agreement"] >= 0.98, result
-    _, free_tokens, _ = forced_logits(base, requests, None, fast=True, merge_policy="a0")
-    same = sum(free_tokens[k] == ref_tokens[k] for k in ref_tokens)
-    assert same >= len(requests) - 1, f"free-running greedy outputs differ in {len(requests) - same} of {len(requests)}"
+    eager_err, fast_err = compare(eager, truth), compare(fast, truth)
+    print("eager bf16 vs fp32", eager_err, "\nfast vs fp32", fast_err, "\nfast vs eager bf16", compare(fast, eager))
+    assert fast_err["median_rel_err"] <= 1.5 * eager_err["median_rel_err"] + 2e-3, (fast_err, eager_err)
+    assert fast_err["max_rel_err"] <= 1.5 * eager_err["max_rel_err"] + 1e-2, (fast_err, eager_err)
+    assert fast_err["argmax_agreement"] >= eager_err["argmax_agreement"] - 0.02, (fast_err, eager_err)
+    _, free_fast, _ = forced_logits(base, requests(base), None, fast=True, merge_policy="a0")
+    _, free_eager, _ = forced_logits(base, requests(base), None, fast=False)
+    same = sum(free_fast[k] == free_eager[k] for k in free_eager)
+    assert same >= len(prompts) - 2, f"free-running greedy outputs differ in {len(prompts) - same} of {len(prompts)}"
