@@ -4,7 +4,8 @@
 # Usage there: bash bench/gpu_run.sh STEP [STEP ...]
 #   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
 #   test       the CUDA-only tests (fast path vs eager reference)
-#   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS: extra flags)
+#   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS: extra flags;
+#              LIMIT: seconds before it is stopped, its JSON kept as far as it got)
 #   engine | quality16 | quality64   the older engine and training benchmarks
 set -uo pipefail
 export PYTHONUNBUFFERED=1 LORAPLEX_CACHE=/tmp/lpcache LORAPLEX_GGUF=${LORAPLEX_GGUF:-/tmp/model.gguf}
@@ -30,9 +31,9 @@ for step in "$@"; do
     test)
       python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fastpath.py 2>&1 | tail -30 ;;
     serve1b)
-      python3 bench/serve_gpu.py --shapes 1b --out "$OUT/serve_gpu.json" ${ARGS:-} 2>&1 | tail -60 ;;
+      timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 1b --out "$OUT/serve_gpu.json" ${ARGS:-} 2>&1 | tail -60 ;;
     serve8b)
-      python3 bench/serve_gpu.py --shapes 8b --out "$OUT/serve_gpu.json" ${ARGS:-} 2>&1 | tail -60 ;;
+      timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 8b --out "$OUT/serve_gpu.json" ${ARGS:-} 2>&1 | tail -60 ;;
     engine)
       python3 bench/engine_cpu.py --device cuda --quantization nf4 --adapter-ops triton --batch 32 --new-tokens 64 \
         --out "$OUT/engine_gpu_nf4_triton.json" 2>&1 | grep -v "it/s\]" ;;

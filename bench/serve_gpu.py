@@ -6,7 +6,7 @@ engine's counters beside its bandwidth floor, and the HF transformers + PEFT bas
     python bench/serve_gpu.py --shapes tiny --device cpu --new-tokens 4 --skip-peft   # smoke run on a CPU
 
 Per shape: one server process, started with no tuning flags (the defaults are the product), serves the
-cases in this order (`--cases` picks a subset; results merge into an existing --out file whose settings
+cases in this order (`--cases` picks a subset, in its own order; results merge into an existing --out file whose settings
 match, so a run can be split across commands):
   base       base model only, batch 1, B, 2B (B = --batch, 32), no adapters registered
   over8      B rows over 8 rank-16 adapters, 8 registered
@@ -932,7 +932,7 @@ def main() -> None:
     for bad in [s for s in shape_keys if s not in SHAPES] + [c for c in cases if c not in CASES]:
         ap.error(f"unknown shape or case {bad!r}")
     explicit_unmerged = "unmerged" in (args.cases or "")
-    cases = [c for c in CASES if c in cases and not (c == "peft" and args.skip_peft)
+    cases = [c for c in (dict.fromkeys(cases) if args.cases else CASES) if not (c == "peft" and args.skip_peft)
              and not (c == "residency" and args.skip_residency)]
 
     work = Path(args.work)
