@@ -108,6 +108,35 @@ class AdmissionMiddleware:
         return await self.app(scope, counted_receive, send)
 
 
+class CatchAllMiddleware:
+    """An exception no handler took becomes a JSON 500 here, and is not re-raised: re-raised, it reaches
+    the server, which may then reset the keep-alive connection the answer went out on."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:
+            known = error_of(e)
+            if known is None:
+                log.exception("unexpected error")
+            if started:  # the status line is out: nothing better to do than end the response
+                return
+            response = service_error_response(known) if known else error(
+                500, f"internal error ({type(e).__name__}); the server logged the details", "server_error")
+            await response(scope, receive, send)
+
+
 def tenant_of(request: Request) -> Tenant:
     return request.state.tenant
 
@@ -143,7 +172,8 @@ async def collect(generation: Generation, request: Request) -> tuple[str, object
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="loraplex", version="0.1.0")
     app.state.service = service
-    app.add_middleware(AdmissionMiddleware, service=service)
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(AdmissionMiddleware, service=service)  # outermost: refuses before anything is read
 
     @app.exception_handler(ServiceError)
     async def _service_error(_, e: ServiceError):
@@ -165,14 +195,6 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http(_, e: HTTPException):
         return error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_, e: Exception):
-        known = error_of(e)
-        if known is not None:
-            return service_error_response(known)
-        log.exception("unexpected error")
-        return error(500, f"internal error ({type(e).__name__}); the server logged the details", "server_error")
 
     async def open_request(request: Request, req: oa.SamplingFields, encode) -> Generation:
         params = req.sampling_params(service.config.default_max_tokens)
