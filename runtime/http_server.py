@@ -65,10 +65,6 @@ def validation_message(e: RequestValidationError) -> str:
     return "; ".join(problems)
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class AdmissionMiddleware:
     """Before any route runs: the caller's tenant from its key (on /v1/ paths) and the body-size
     limit, checked on Content-Length before the body is read, and again while it streams in."""
@@ -95,17 +91,31 @@ class AdmissionMiddleware:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             return await error(413, f"the request body is {length} bytes, above the limit of {limit}")(scope, receive, send)
-        received = 0
+        received, refused = 0, False
 
         async def counted_receive():
-            nonlocal received
+            # A body without Content-Length (chunked) is counted as it arrives; past the limit the
+            # client gets its 413 now and the route sees a disconnect (its answer is dropped).
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(f"the request body is above the limit of {limit} bytes")
+                    refused = True
+                    await error(413, f"the request body is above the limit of {limit} bytes")(scope, receive, send)
+                    return {"type": "http.disconnect"}
             return message
-        return await self.app(scope, counted_receive, send)
+
+        async def guarded_send(message):
+            if not refused:
+                await send(message)
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
 
 
 class CatchAllMiddleware:
@@ -183,10 +193,6 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(RequestError)
     async def _known_error(_, e: Exception):
         return service_error_response(error_of(e))
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(_, e: BodyTooLarge):
-        return error(413, str(e))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
