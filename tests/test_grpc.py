@@ -196,7 +196,7 @@ def test_errors_map_to_status_codes(fp32_server, client):
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     cases = [
         (lambda: client.complete("missing-adapter", PROMPT), grpc.StatusCode.NOT_FOUND, "not found"),
-        (lambda: client.complete("base", PROMPT, max_tokens=100000), invalid, "context"),
+        (lambda: client.complete("base", PROMPT, max_tokens=100000), invalid, "limit of 4096"),
         (lambda: client.complete("base", PROMPT, max_tokens=0), invalid, "max_tokens"),
         (lambda: client.complete("base", PROMPT, temperature=2.5), invalid, "temperature"),
         (lambda: client.complete("base", PROMPT, top_p=0.0), invalid, "top_p"),

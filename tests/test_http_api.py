@@ -215,7 +215,7 @@ def test_errors_are_json(fp32_server):
     r = s.client.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 0})
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
     r = s.client.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 100000})
-    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "limit of 4096" in r.json()["error"]["message"]
     r = s.client.post("/v1/completions", json={"model": "missing", "prompt": "x"})
     assert r.status_code == 404
     assert s.client.get("/v1/adapters/missing").status_code == 404
