@@ -103,3 +103,22 @@ def test_sigterm_drains(tiny_model_dir, tmp_path):
         if server.proc.poll() is None:
             server.stop()
     assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length", events[-3:]
+
+
+def test_client_commands_say_one_line_when_the_server_is_down(tmp_path):
+    port = free_port()
+    for cmd in (["adapters", "list", "--url", f"http://127.0.0.1:{port}"],
+                ["adapters", "list", "--grpc", "--grpc-target", f"127.0.0.1:{port}"]):
+        done = subprocess.run([EXE, *cmd], capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "loraplex adapters list" in done.stderr, done.stderr
+
+
+def test_train_upload_key_defaults_to_the_environment(monkeypatch):
+    import argparse
+
+    from loraplex.trainer.cli import add_arguments
+    monkeypatch.setenv("LORAPLEX_API_KEY", "from-env")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.get_default("api_key") == "from-env"
