@@ -12,46 +12,111 @@ from pathlib import Path
 def _serve(args) -> None:
     import asyncio
 
-    from .base_model import load_base_model
     from .engine import EngineConfig
     from .service import Service, ServiceConfig
 
+    log = logging.getLogger("loraplex")
+    keys = _key_ring(args)
+    host = args.host or LOOPBACK
+    if keys is None:
+        log.warning("no API keys (--api-keys / --api-key): open mode, every caller manages every adapter%s",
+                    "" if args.host else f"; listening on {LOOPBACK} only (give --host to listen elsewhere)")
+    ports = [("HTTP", args.port)] + ([("gRPC", args.grpc_port)] if args.grpc_port else [])
+    for what, port in ports:  # before the model loads: a clash fails in a second, not after a minute
+        _check_port_free(host, port, what)
+
+    from .base_model import load_base_model
     base = load_base_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device)
     engine_config = EngineConfig(max_gpu_adapters=args.max_gpu_adapters, adapter_memory=args.adapter_memory,
                                  max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                                  kv_cache_tokens=args.kv_cache_tokens, adapter_ops=args.adapter_ops,
                                  cuda_graphs=not args.enforce_eager, merge_policy=args.merge_policy,
                                  merge_format=args.merge_format)
-    service = Service(base, engine_config, ServiceConfig(adapter_dir=args.adapter_dir, max_lora_rank=args.max_lora_rank,
-                                                         max_adapter_bytes=args.max_adapter_mb << 20,
-                                                         max_host_adapters=args.max_cpu_adapters,
-                                                         max_waiting=args.max_waiting))
+    config = ServiceConfig(adapter_dir=args.adapter_dir, max_lora_rank=args.max_lora_rank,
+                           max_adapter_bytes=args.max_adapter_mb << 20, max_host_adapters=args.max_cpu_adapters,
+                           max_waiting=args.max_waiting, max_concurrent=args.max_concurrent,
+                           max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
+                           max_body_bytes=args.max_body_kb << 10, max_adapters_per_tenant=args.max_adapters_per_tenant,
+                           request_timeout=args.request_timeout)
+    service = Service(base, engine_config, config, keys=keys)
     service.start()
     try:
-        asyncio.run(_serve_http_and_grpc(service, args))
+        asyncio.run(_serve_http_and_grpc(service, host, args))
+    except OSError as e:
+        sys.exit(f"loraplex serve: {e}")
     finally:
         service.stop()
 
 
-async def _serve_http_and_grpc(service, args) -> None:
-    """HTTP (uvicorn) and gRPC on one event loop, sharing the one Service."""
+LOOPBACK = "127.0.0.1"
+
+
+def _key_ring(args):
+    from .tenants import KeyFileError, KeyRing
+    if args.api_keys and args.api_key:
+        sys.exit("loraplex serve: give --api-keys FILE or --api-key KEY, not both")
+    try:
+        if args.api_keys:
+            return KeyRing.from_file(args.api_keys)
+    except (OSError, KeyFileError) as e:
+        sys.exit(f"loraplex serve: --api-keys: {e}")
+    return KeyRing.single(args.api_key) if args.api_key else None
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    import socket
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no clash
+            s.bind(address)
+    except OSError as e:
+        sys.exit(f"loraplex serve: cannot listen for {what} on {host}:{port}: {e.strerror or e} "
+                 f"(is another server running? pick another --{'grpc-' if what == 'gRPC' else ''}port)")
+
+
+async def _serve_http_and_grpc(service, host: str, args) -> None:
+    """HTTP (uvicorn) and gRPC on one event loop, sharing the one Service. SIGTERM / SIGINT drain:
+    admission stops (503 / UNAVAILABLE), requests in flight get --shutdown-grace seconds, then both stop."""
+    import asyncio
+
     import uvicorn
 
     from .grpc_server import start_grpc_server
     from .http_server import create_app
 
     log = logging.getLogger("loraplex")
+    loop, tasks = asyncio.get_running_loop(), []
     grpc_server = None
     if args.grpc_port:
-        grpc_server = await start_grpc_server(service, args.host, args.grpc_port, api_key=args.api_key)
-        log.info("serving %s over gRPC on %s:%d", service.base.name, args.host, args.grpc_port)
-    log.info("serving %s on http://%s:%d", service.base.name, args.host, args.port)
-    http = uvicorn.Server(uvicorn.Config(create_app(service, api_key=args.api_key), host=args.host, port=args.port, log_level=args.log_level))
+        grpc_server = await start_grpc_server(service, host, args.grpc_port)
+        log.info("serving %s over gRPC on %s:%d", service.base.name, host, args.grpc_port)
+
+    class DrainingServer(uvicorn.Server):
+        draining = False
+
+        def handle_exit(self, sig, frame) -> None:  # replaces uvicorn's: drain first, exit 0 after
+            if self.draining:  # a second signal: stop now
+                self.should_exit = self.force_exit = True
+                return
+            log.info("signal %d: draining (grace %g s)", sig, args.shutdown_grace)
+            self.draining = True
+            loop.call_soon_threadsafe(lambda: tasks.append(loop.create_task(drain())))
+
+    async def drain() -> None:
+        await service.drain(args.shutdown_grace)
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1)
+        http.should_exit = True
+
+    log.info("serving %s on http://%s:%d", service.base.name, host, args.port)
+    http = DrainingServer(uvicorn.Config(create_app(service), host=host, port=args.port, log_level=args.log_level,
+                                         timeout_graceful_shutdown=5))
     try:
         await http.serve()
     finally:
         if grpc_server is not None:
-            await grpc_server.stop(grace=5)
+            await grpc_server.stop(grace=1)
 
 
 def _adapters(args) -> None:
@@ -91,11 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the HTTP and gRPC servers")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default=None,
+                       help=f"address to listen on (default {LOOPBACK}; without API keys only an explicit --host "
+                            "listens beyond loopback)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=50051, help="gRPC port on the same host (0: no gRPC)")
+    serve.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
+                       help="tenants and their keys: one 'TENANT KEY' pair a line (KEY plain or sha256:<hex>); "
+                            "tenant 'admin' manages every adapter")
     serve.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"),
-                       help="required from gRPC clients as 'authorization: Bearer KEY' (default: $LORAPLEX_API_KEY)")
+                       help="one key (the admin tenant), sent as 'Authorization: Bearer KEY' on HTTP and gRPC "
+                            "(default: $LORAPLEX_API_KEY)")
     serve.add_argument("--model", default=None, help="local Hugging Face Llama-family checkpoint (default: SmolLM2-135M-Instruct)")
     serve.add_argument("--quantization", choices=["nf4", "none"], default=None,
                        help="base weights: nf4 (bitsandbytes, default on a GPU) or none (default on the CPU)")
@@ -115,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens per engine step")
     serve.add_argument("--max-waiting", type=int, default=512,
                        help="requests waiting for admission beyond which new ones are refused (HTTP 429)")
+    serve.add_argument("--max-concurrent", type=int, default=1024,
+                       help="requests admitted and not finished beyond which new ones are refused (HTTP 429)")
+    serve.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest accepted prompt")
+    serve.add_argument("--max-tokens-limit", type=int, default=4096, help="largest accepted max_tokens")
+    serve.add_argument("--max-body-kb", type=int, default=4096,
+                       help="largest request body but uploads (HTTP 413), checked before it is read")
+    serve.add_argument("--max-adapters-per-tenant", type=int, default=256)
+    serve.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds a request may run; past it, it ends with an error and is aborted")
+    serve.add_argument("--shutdown-grace", type=float, default=30.0,
+                       help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled")
     serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens")
     serve.add_argument("--adapter-ops", choices=["auto", "torch", "triton"], default="auto",
                        help="adapter math: Triton kernels (auto on CUDA) or the PyTorch reference (auto on CPU)")

@@ -1,14 +1,16 @@
 """The gRPC API (grpc.aio): completions and chat per adapter, token streaming, adapter upload, health and
-reflection. It runs on the HTTP server's event loop and shares its Service (one engine, one store).
+reflection. It runs on the HTTP server's event loop and shares its Service (one engine, one store,
+one admission path: `Service.open_request`).
 
 A call that is cancelled or runs past its deadline has its handler task cancelled by grpc; the
-cancellation lands inside `Service.generate`, whose `finally` aborts the engine request at once.
+cancellation lands inside `aclosing(generation)`, which aborts the engine request at once.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
-import hmac
+import logging
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -19,15 +21,23 @@ from grpc_reflection.v1alpha import reflection
 from loraplex.protos.loraplex.v1 import serving_pb2 as pb
 from loraplex.protos.loraplex.v1 import serving_pb2_grpc as pb_grpc
 
-from .adapters.peft_format import AdapterError
 from .adapters.store import StoredAdapter, check_adapter_id
 from .engine import RequestError
 from .sequence import SamplingParams, StepOutput
-from .service import ModelNotFound, QueueFull, Service
+from .service import Generation, Service, error_of
+from .tenants import Tenant
 
 SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Completions", "Adapters")]
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+              403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+              413: grpc.StatusCode.RESOURCE_EXHAUSTED, 422: grpc.StatusCode.INVALID_ARGUMENT,
+              429: grpc.StatusCode.RESOURCE_EXHAUSTED, 499: grpc.StatusCode.CANCELLED,
+              500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+log = logging.getLogger("loraplex.grpc")
 
 
 class Rejected(Exception):
@@ -42,24 +52,28 @@ class Rejected(Exception):
 def status_of(e: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, Rejected):
         return e.code, e.message
-    if isinstance(e, ModelNotFound):
-        return grpc.StatusCode.NOT_FOUND, str(e)
-    if isinstance(e, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-    if isinstance(e, AdapterError):
-        code = {404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(
-            e.status, grpc.StatusCode.INVALID_ARGUMENT)
-        return code, e.message
-    return grpc.StatusCode.INVALID_ARGUMENT, str(e)  # RequestError
+    known = error_of(e)
+    if known is None:
+        log.error("unexpected error in a gRPC call", exc_info=e)
+        return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server logged the details"
+    return GRPC_CODES.get(known.status, grpc.StatusCode.INVALID_ARGUMENT), known.message
 
 
-def rpc_errors(method):
-    """End the call with the status code and message of the service's errors."""
+def rpc(method):
+    """Authenticate the caller (metadata `authorization: Bearer KEY`), pass its Tenant to `method`, and end
+    the call with a status code and message for every error, an unexpected one included (INTERNAL)."""
     @functools.wraps(method)
     async def handler(self, request, context):
         try:
-            return await method(self, request, context)
-        except (Rejected, ModelNotFound, QueueFull, AdapterError, RequestError) as e:
+            metadata = dict(context.invocation_metadata() or ())
+            tenant = self.service.authenticate(metadata.get("authorization"))
+            return await method(self, request, context, tenant)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            known = error_of(e)
+            if known is not None and known.retry_after is not None:
+                context.set_trailing_metadata((("retry-after", str(known.retry_after)),))
             await context.abort(*status_of(e))
     return handler
 
@@ -96,11 +110,6 @@ def completion_chunk(out: StepOutput) -> pb.CompletionChunk:
     return chunk
 
 
-def check_engine_error(out: StepOutput) -> None:
-    if out.error:
-        raise Rejected(grpc.StatusCode.INTERNAL, out.error)
-
-
 def adapter_message(a: StoredAdapter) -> pb.Adapter:
     return pb.Adapter(id=a.id, version=a.version, peft_type=a.peft_type, rank=a.rank, size_bytes=a.size_bytes,
                       created=int(a.created))
@@ -110,37 +119,35 @@ class CompletionsServicer(pb_grpc.CompletionsServicer):
     def __init__(self, service: Service):
         self.service = service
 
-    async def _generate(self, model: str, prompt_ids: list[int], sampling: pb.SamplingParams
-                        ) -> AsyncIterator[StepOutput]:
+    async def _open(self, tenant: Tenant, model: str, encode, sampling: pb.SamplingParams) -> Generation:
         params = sampling_params(sampling, self.service.config.default_max_tokens)
-        adapter = await self.service.resolve(model)
-        self.service.engine.check(prompt_ids, params)
-        self.service.check_capacity()
-        return self.service.generate(prompt_ids, params, adapter)
+        return await self.service.open_request(tenant, model, encode, params)
 
-    def _prompt_ids(self, request: pb.CompletionRequest) -> list[int]:
+    def _prompt(self, request: pb.CompletionRequest):
         which = request.WhichOneof("prompt")
         if which == "text":
-            return self.service.encode_prompt(request.text)
+            text = request.text
+            return lambda: self.service.encode_prompt(text)
         if which == "token_ids":
-            return list(request.token_ids.ids)
+            ids = list(request.token_ids.ids)
+            return lambda: ids
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is missing: set text or token_ids")
 
-    def _chat_ids(self, request: pb.ChatRequest) -> list[int]:
+    def _chat(self, request: pb.ChatRequest):
         if not request.messages:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "messages is empty")
         for m in request.messages:
             if m.role not in CHAT_ROLES:
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                                f"unknown role {m.role!r}: use one of {', '.join(sorted(CHAT_ROLES))}")
-        return self.service.encode_chat([{"role": m.role, "content": m.content} for m in request.messages])
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        return lambda: self.service.encode_chat(messages)
 
     @staticmethod
-    async def _collect(outputs: AsyncIterator[StepOutput]) -> pb.Completion:
+    async def _collect(generation: Generation) -> pb.Completion:
         text, token_ids, last = [], [], None
-        async with aclosing(outputs):
-            async for out in outputs:
-                check_engine_error(out)
+        async with aclosing(generation):
+            async for out in generation:
                 text.append(out.text)
                 token_ids += out.token_ids
                 last = out
@@ -149,29 +156,28 @@ class CompletionsServicer(pb_grpc.CompletionsServicer):
                              usage=usage(last))
 
     @staticmethod
-    async def _stream(outputs: AsyncIterator[StepOutput], context: grpc.aio.ServicerContext) -> None:
+    async def _stream(generation: Generation, context: grpc.aio.ServicerContext) -> None:
         # context.write rather than an async-generator handler: a cancellation then always lands in
         # this coroutine, and aclosing closes the engine stream right here.
-        async with aclosing(outputs):
-            async for out in outputs:
-                check_engine_error(out)
+        async with aclosing(generation):
+            async for out in generation:
                 await context.write(completion_chunk(out))
 
-    @rpc_errors
-    async def Complete(self, request, context):
-        return await self._collect(await self._generate(request.model, self._prompt_ids(request), request.sampling))
+    @rpc
+    async def Complete(self, request, context, tenant):
+        return await self._collect(await self._open(tenant, request.model, self._prompt(request), request.sampling))
 
-    @rpc_errors
-    async def CompleteStream(self, request, context):
-        await self._stream(await self._generate(request.model, self._prompt_ids(request), request.sampling), context)
+    @rpc
+    async def CompleteStream(self, request, context, tenant):
+        await self._stream(await self._open(tenant, request.model, self._prompt(request), request.sampling), context)
 
-    @rpc_errors
-    async def Chat(self, request, context):
-        return await self._collect(await self._generate(request.model, self._chat_ids(request), request.sampling))
+    @rpc
+    async def Chat(self, request, context, tenant):
+        return await self._collect(await self._open(tenant, request.model, self._chat(request), request.sampling))
 
-    @rpc_errors
-    async def ChatStream(self, request, context):
-        await self._stream(await self._generate(request.model, self._chat_ids(request), request.sampling), context)
+    @rpc
+    async def ChatStream(self, request, context, tenant):
+        await self._stream(await self._open(tenant, request.model, self._chat(request), request.sampling), context)
 
 
 async def receive_weights(chunks: AsyncIterator[pb.UploadAdapterRequest], size: int, sha256: str) -> bytes:
@@ -197,8 +203,8 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     def __init__(self, service: Service):
         self.service = service
 
-    @rpc_errors
-    async def UploadAdapter(self, request_iterator, context):
+    @rpc
+    async def UploadAdapter(self, request_iterator, context, tenant):
         messages = aiter(request_iterator)
         first = await anext(messages, None)
         if first is None or first.WhichOneof("part") != "metadata":
@@ -212,68 +218,41 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         if not meta.sha256:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the metadata needs the sha256 of the weights")
         weights = await receive_weights(messages, meta.size_bytes, meta.sha256)
-        return adapter_message(await self.service.upload_adapter(meta.id, meta.config_json, weights))
+        return adapter_message(await self.service.upload_adapter(tenant, meta.id, meta.config_json, weights))
 
-    @rpc_errors
-    async def ListAdapters(self, request, context):
-        return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in self.service.registry.list()])
+    @rpc
+    async def ListAdapters(self, request, context, tenant):
+        return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in self.service.list_adapters(tenant)])
 
-    @rpc_errors
-    async def GetAdapter(self, request, context):
-        return adapter_message(self.service.registry.get(request.id))
+    @rpc
+    async def GetAdapter(self, request, context, tenant):
+        return adapter_message(self.service.get_adapter(tenant, request.id))
 
-    @rpc_errors
-    async def DeleteAdapter(self, request, context):
-        return adapter_message(self.service.registry.delete(request.id))
-
-
-_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
-                  (False, True): grpc.unary_stream_rpc_method_handler,
-                  (True, False): grpc.stream_unary_rpc_method_handler,
-                  (True, True): grpc.stream_stream_rpc_method_handler}
-
-
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Every call but health checks needs the metadata `authorization: Bearer KEY`."""
-
-    def __init__(self, api_key: str):
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(f"/{health.SERVICE_NAME}/"):
-            return handler
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization")
-        if given is None:
-            return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED,
-                             "missing API key: send the metadata 'authorization: Bearer KEY'")
-        if not hmac.compare_digest(given.encode(), self.expected):
-            return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED, "invalid API key")
-        return handler
-
-
-def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that ends every call with `code`."""
-    async def refuse(request, context):
-        await context.abort(code, message)
-    make = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
-    return make(refuse, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    @rpc
+    async def DeleteAdapter(self, request, context, tenant):
+        return adapter_message(self.service.delete_adapter(tenant, request.id))
 
 
 def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def start_grpc_server(service: Service, host: str, port: int, api_key: str | None = None) -> grpc.aio.Server:
-    """Serve the gRPC API on the running event loop; health reports SERVING once it listens."""
-    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else None)
+async def start_grpc_server(service: Service, host: str, port: int) -> grpc.aio.Server:
+    """Serve the gRPC API on the running event loop; health reports SERVING once it listens.
+    The port is bound without SO_REUSEPORT: a port another server holds is an error, not shared."""
+    options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", service.config.max_body_bytes)]
+    server = grpc.aio.server(options=options)
     pb_grpc.add_CompletionsServicer_to_server(CompletionsServicer(service), server)
     pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    server.add_insecure_port(address(host, port))
+    try:
+        bound = server.add_insecure_port(address(host, port))
+    except RuntimeError as e:
+        raise OSError(f"cannot listen for gRPC on {address(host, port)}: {e}") from None
+    if bound == 0:
+        raise OSError(f"cannot listen for gRPC on {address(host, port)}: the port is taken")
     await server.start()
     for name in ["", *SERVICE_NAMES]:  # "": the whole server; the model was loaded before we got here
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,156 +1,291 @@
-"""The HTTP API (FastAPI): OpenAI-compatible completions and chat, adapters, health and metrics."""
+"""The HTTP API (FastAPI): OpenAI-compatible completions and chat, adapters, health and metrics.
+
+Every error is JSON in the OpenAI shape `{"error": {"message", "type", "code"}}`: validation
+errors are 400 (never FastAPI's 422 `{"detail"}`), unknown routes 404, wrong methods 405, and an
+unexpected exception a JSON 500.
+"""
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
-from typing import AsyncIterator
+import logging
+from contextlib import aclosing
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from . import openai_schemas as oa
 from .adapters.peft_format import AdapterError
 from .engine import RequestError
-from .service import ModelNotFound, QueueFull, Service, adapter_json
-from .sequence import StepOutput
+from .service import Generation, Service, ServiceError, adapter_json, error_of
+from .tenants import Tenant
+
+log = logging.getLogger("loraplex.http")
+OPEN_PATHS = ("/health", "/metrics")  # probes: no key needed
+UPLOAD_PATH = "/v1/adapters"
+UPLOAD_FORM_SLACK = 1 << 20  # the config file and the multipart framing around the weights
+HTTP_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+              404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+              429: "rate_limit_error", 503: "unavailable_error"}
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def error(status: int, message: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind or HTTP_KINDS.get(status, "server_error"),
+                                   "code": status}}, status_code=status, headers=headers)
+
+
+def service_error_response(e: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    return error(e.status, e.message, e.kind, headers)
 
 
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(service: Service, api_key: str | None = None) -> FastAPI:
+def sse_error(e: Exception) -> str:
+    known = error_of(e)
+    status, message, kind = (known.status, known.message, known.kind) if known else (500, "internal error", "server_error")
+    return sse({"error": {"message": message, "type": kind, "code": status}})
+
+
+def validation_message(e: RequestValidationError) -> str:
+    """One line per problem, `field: message`; union branches (`str`, `list[int]`) left out of the path."""
+    problems = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"] if p != "body" and "[" not in str(p)]
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unsupported field (refused, not ignored)"
+        problem = f"{'.'.join(loc)}: {message}" if loc else message
+        if problem not in problems:
+            problems.append(problem)
+    return "; ".join(problems)
+
+
+class AdmissionMiddleware:
+    """Before any route runs: the caller's tenant from its key (on /v1/ paths) and the body-size
+    limit, checked on Content-Length before the body is read, and again while it streams in."""
+
+    def __init__(self, app, service: Service):
+        self.app = app
+        self.service = service
+
+    def limit(self, path: str) -> int:
+        config = self.service.config
+        return config.max_adapter_bytes + UPLOAD_FORM_SLACK if path == UPLOAD_PATH else config.max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if path.startswith("/v1/"):
+            try:
+                scope.setdefault("state", {})["tenant"] = self.service.authenticate(headers.get("authorization"))
+            except ServiceError as e:
+                return await service_error_response(e)(scope, receive, send)
+        limit = self.limit(path)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await error(413, f"the request body is {length} bytes, above the limit of {limit}")(scope, receive, send)
+        received, refused = 0, False
+
+        async def counted_receive():
+            # A body without Content-Length (chunked) is counted as it arrives; past the limit the
+            # client gets its 413 now and the route sees a disconnect (its answer is dropped).
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    await error(413, f"the request body is above the limit of {limit} bytes")(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not refused:
+                await send(message)
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+
+
+class CatchAllMiddleware:
+    """An exception no handler took becomes a JSON 500 here, and is not re-raised: re-raised, it reaches
+    the server, which may then reset the keep-alive connection the answer went out on."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:
+            known = error_of(e)
+            if known is None:
+                log.exception("unexpected error")
+            if started:  # the status line is out: nothing better to do than end the response
+                return
+            response = service_error_response(known) if known else error(
+                500, f"internal error ({type(e).__name__}); the server logged the details", "server_error")
+            await response(scope, receive, send)
+
+
+def tenant_of(request: Request) -> Tenant:
+    return request.state.tenant
+
+
+async def until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(generation: Generation, request: Request) -> tuple[str, object]:
+    """All of a non-streamed request's text; a client that disconnects first aborts it in the engine."""
+    async def outputs():
+        text, last = [], None
+        async for out in generation:
+            text.append(out.text)
+            last = out
+        return "".join(text), last
+
+    async with aclosing(generation):
+        work = asyncio.ensure_future(outputs())
+        gone = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()  # the client left: aclosing aborts the engine request
+        if work.cancelled():
+            raise ServiceError("the client disconnected", 499, "client_closed_request")
+        return work.result()
+
+
+def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="loraplex", version="0.1.0")
     app.state.service = service
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(AdmissionMiddleware, service=service)  # outermost: refuses before anything is read
 
-    if api_key:
-        expected = f"Bearer {api_key}"
-
-        @app.middleware("http")
-        async def _require_key(request: Request, call_next):
-            if request.url.path.startswith("/v1/"):  # /health and /metrics stay open for probes
-                given = request.headers.get("authorization")
-                if given is None:
-                    return error(401, "missing API key: send 'Authorization: Bearer <key>'", "authentication_error")
-                if not hmac.compare_digest(given.encode(), expected.encode()):
-                    return error(403, "invalid API key", "permission_error")
-            return await call_next(request)
+    @app.exception_handler(ServiceError)
+    async def _service_error(_, e: ServiceError):
+        return service_error_response(e)
 
     @app.exception_handler(AdapterError)
-    async def _adapter_error(_, e: AdapterError):
-        return error(e.status, e.message, "adapter_error" if e.status != 404 else "not_found_error")
-
-    @app.exception_handler(ModelNotFound)
-    async def _not_found(_, e: ModelNotFound):
-        return error(404, str(e), "not_found_error")
-
-    @app.exception_handler(QueueFull)
-    async def _busy(_, e: QueueFull):
-        return error(429, str(e), "rate_limit_error")
-
     @app.exception_handler(RequestError)
-    async def _bad_request(_, e: RequestError):
-        return error(400, str(e))
+    async def _known_error(_, e: Exception):
+        return service_error_response(error_of(e))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        return error(422, problems)
+        return error(400, validation_message(e))
 
-    async def run(req: oa.SamplingFields, prompt_ids: list[int]):
+    @app.exception_handler(HTTPException)
+    async def _http(_, e: HTTPException):
+        return error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    async def open_request(request: Request, req: oa.SamplingFields, encode) -> Generation:
         params = req.sampling_params(service.config.default_max_tokens)
-        adapter = await service.resolve(req.model)
-        service.engine.check(prompt_ids, params)
-        service.check_capacity()
-        return service.generate(prompt_ids, params, adapter)
+        return await service.open_request(tenant_of(request), req.model, encode, params)
 
-    async def collect(outputs: AsyncIterator[StepOutput]) -> tuple[str, StepOutput]:
-        text, last = [], None
-        async for out in outputs:
-            text.append(out.text)
-            last = out
-        if last.error:
-            raise RuntimeError(last.error)
-        return "".join(text), last
+    def stream(generation: Generation, events) -> StreamingResponse:
+        async def guarded():
+            async with aclosing(generation):  # also when the client leaves mid-stream
+                try:
+                    async for event in events():
+                        yield event
+                except Exception as e:  # headers are sent: report in-band, then end the stream
+                    if error_of(e) is None:
+                        log.exception("unexpected error while streaming")
+                    yield sse_error(e)
+            yield sse("[DONE]")
+        return StreamingResponse(guarded(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(req: oa.CompletionRequest):
-        outputs = await run(req, service.encode_prompt(req.prompt))
+    async def completions(request: Request, req: oa.CompletionRequest):
+        generation = await open_request(request, req, lambda: service.encode_prompt(req.prompt))
         rid = oa.new_id("cmpl")
         if not req.stream:
-            text, last = await collect(outputs)
+            text, last = await collect(generation, request)
             if req.echo and isinstance(req.prompt, str):
                 text = req.prompt + text
             return oa.completion_response(rid, req.model, text, last)
 
         async def events():
-            async for out in outputs:
-                if out.error:
-                    yield sse({"error": {"message": out.error, "type": "server_error", "code": 500}})
-                    break
+            async for out in generation:
                 if out.text or out.finished:
                     yield sse(oa.completion_chunk(rid, req.model, out))
                 if out.finished and req.include_usage:
                     yield sse(oa.usage_chunk(rid, req.model, "text_completion", out))
-            yield sse("[DONE]")
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return stream(generation, events)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: oa.ChatCompletionRequest):
+    async def chat(request: Request, req: oa.ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        outputs = await run(req, service.encode_chat(messages))
+        generation = await open_request(request, req, lambda: service.encode_chat(messages))
         rid = oa.new_id("chatcmpl")
         if not req.stream:
-            text, last = await collect(outputs)
+            text, last = await collect(generation, request)
             return oa.chat_response(rid, req.model, text, last)
 
         async def events():
             yield sse(oa.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}))
-            async for out in outputs:
-                if out.error:
-                    yield sse({"error": {"message": out.error, "type": "server_error", "code": 500}})
-                    break
+            async for out in generation:
                 if out.text:
                     yield sse(oa.chat_chunk(rid, req.model, {"content": out.text}))
                 if out.finished:
                     yield sse(oa.chat_chunk(rid, req.model, {}, out.finish_reason))
                     if req.include_usage:
                         yield sse(oa.usage_chunk(rid, req.model, "chat.completion.chunk", out))
-            yield sse("[DONE]")
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return stream(generation, events)
 
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": service.models()}
+    async def models(request: Request):
+        return {"object": "list", "data": service.models(tenant_of(request))}
 
     @app.post("/v1/adapters", status_code=201)
-    async def upload_adapter(id: str = Form(...), config: UploadFile = File(...), weights: UploadFile = File(...)):
+    async def upload_adapter(request: Request, id: str = Form(...), config: UploadFile = File(...),
+                             weights: UploadFile = File(...)):
         limit = service.config.max_adapter_bytes
         if weights.size is not None and weights.size > limit:
-            raise AdapterError(f"adapter weights are {weights.size} bytes, above the limit of {limit}", 413)
+            raise ServiceError(f"adapter weights are {weights.size} bytes, above the limit of {limit}", 413)
         name = (weights.filename or "").lower()
         if name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")):
-            raise AdapterError(f"{weights.filename}: pickle formats are refused (loraplex never unpickles); "
-                               "upload adapter_model.safetensors", 400)
-        record = await service.upload_adapter(id, await config.read(), await weights.read(limit + 1))
+            raise ServiceError(f"{weights.filename}: pickle formats are refused (loraplex never unpickles); "
+                               "upload adapter_model.safetensors", 400, "adapter_error")
+        record = await service.upload_adapter(tenant_of(request), id, await config.read(),
+                                              await weights.read(limit + 1))
         return adapter_json(record)
 
     @app.get("/v1/adapters")
-    async def list_adapters():
-        return {"object": "list", "data": [adapter_json(a) for a in service.registry.list()]}
+    async def list_adapters(request: Request):
+        return {"object": "list", "data": [adapter_json(a) for a in service.list_adapters(tenant_of(request))]}
 
     @app.get("/v1/adapters/{adapter_id}")
-    async def get_adapter(adapter_id: str):
-        return adapter_json(service.registry.get(adapter_id))
+    async def get_adapter(request: Request, adapter_id: str):
+        return adapter_json(service.get_adapter(tenant_of(request), adapter_id))
 
     @app.delete("/v1/adapters/{adapter_id}")
-    async def delete_adapter(adapter_id: str):
-        record = service.registry.delete(adapter_id)
+    async def delete_adapter(request: Request, adapter_id: str):
+        record = service.delete_adapter(tenant_of(request), adapter_id)
         return {**adapter_json(record), "deleted": True}
 
     @app.get("/health")

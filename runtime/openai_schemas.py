@@ -1,29 +1,72 @@
-"""OpenAI-compatible request schemas (completions and chat) and response builders."""
+"""OpenAI-compatible request schemas (completions and chat) and response builders.
+
+Types are strict (`max_tokens: true` or `stream: "yes"` is refused, not coerced) and unknown fields
+are refused by name: a field we do not implement must not be silently ignored.
+"""
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .sequence import SamplingParams, StepOutput
 
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what a 64-bit generator seed can hold
+# OpenAI fields we do not implement: refused by name unless they carry their no-op value.
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
+               "frequency_penalty": (None, 0), "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
+               "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None,),
+               "best_of": (None, 1), "suffix": (None,), "parallel_tool_calls": (None,), "modalities": (None,),
+               "audio": (None,), "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,)}
 
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we don't use (penalties, user...)
 
-    model: str
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone UTF-16 surrogate (not valid Unicode)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(Strict):
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: Text | list[Text] | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     ignore_eos: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and unused, as OpenAI's own servers use it only for abuse tracking
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        """An unimplemented OpenAI field with a value that would change the answer is refused by name;
+        one carrying its no-op value (`logprobs: false`, `presence_penalty: 0`) is dropped."""
+        if not isinstance(data, dict):
+            return data
+        for name in UNSUPPORTED.keys() & data.keys():
+            value = data[name]
+            if not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in UNSUPPORTED[name]):
+                raise ValueError(f"{name} is not supported by this server")
+        return {k: v for k, v in data.items() if k not in UNSUPPORTED}
 
     @field_validator("stop")
     @classmethod
@@ -40,11 +83,11 @@ class SamplingFields(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
+    prompt: Text | list[Text] | list[int]
     echo: bool = False
 
     @field_validator("prompt")
@@ -57,14 +100,19 @@ class CompletionRequest(SamplingFields):
         return v
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TextPart(Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None  # accepted; the chat template decides whether it is shown
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
         return self.content or ""
 
 
@@ -77,7 +125,6 @@ class ChatCompletionRequest(SamplingFields):
         if self.max_completion_tokens and not self.max_tokens:
             params.max_tokens = self.max_completion_tokens
         return params
-
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"

@@ -1,54 +1,170 @@
-"""What every transport (HTTP, gRPC) does with a request, without touching tensors or sockets:
-resolve the `model` name to an adapter version, tokenize, stream engine outputs, manage adapters.
+"""What every transport (HTTP, gRPC) does with a request, without touching tensors or sockets.
+
+One admission path for both transports: `Service.open_request` authenticates nothing (the
+transport hands it the caller's Tenant), resolves the `model` name in the tenant's namespace to an
+adapter version, tokenises off the event loop, checks the limits and submits to the engine; the
+check of the in-flight counter and the submit happen together, under one lock.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Callable
 
 from .adapters.peft_format import AdapterError, BaseShape
 from .adapters.registry import AdapterRef, AdapterRegistry
-from .adapters.store import AdapterStore, StoredAdapter
+from .adapters.store import AdapterStore, StoredAdapter, check_adapter_id
 from .base_model import BaseModel, cache_dir, describe
 from .engine import Engine, EngineConfig, RequestError
 from .metrics import Metrics
 from .sequence import SamplingParams, StepOutput
+from .tenants import OPEN_TENANT, KeyRing, Tenant, bearer_key
 
 BASE_MODEL_ID = "base"
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # protocol-2+ pickles, torch.save zip archives
+log = logging.getLogger("loraplex.service")
 
 
 @dataclass
 class ServiceConfig:
     adapter_dir: Path | None = None
     max_lora_rank: int = 64
-    max_adapter_bytes: int = 512 << 20
+    max_adapter_bytes: int = 512 << 20  # largest upload (weights)
     max_host_adapters: int = 64
     default_max_tokens: int = 256
-    max_waiting: int = 512  # requests waiting for admission beyond which new ones are refused
+    max_waiting: int = 512  # admitted requests the engine has not started yet
+    max_concurrent: int = 1024  # admitted requests not finished (running + waiting)
+    max_prompt_tokens: int = 8192
+    max_tokens: int = 4096  # the largest max_tokens a request may ask for
+    max_body_bytes: int = 4 << 20  # request bodies other than uploads
+    max_adapters_per_tenant: int = 256
+    request_timeout: float = 600.0  # seconds from admission to the last token
+    retry_after: int = 1  # seconds, in the Retry-After of a 429 / 503
+
+    def limits(self) -> dict:
+        return {"max_body_bytes": self.max_body_bytes, "max_prompt_tokens": self.max_prompt_tokens,
+                "max_tokens": self.max_tokens, "max_concurrent": self.max_concurrent,
+                "max_waiting": self.max_waiting, "max_upload_bytes": self.max_adapter_bytes,
+                "max_adapters_per_tenant": self.max_adapters_per_tenant, "request_timeout_s": self.request_timeout}
 
 
-class ModelNotFound(LookupError):
-    pass
+class ServiceError(Exception):
+    """A request refused or ended by the service: an HTTP status (mapped to a gRPC code) and a message."""
+    status = 400
+    kind = "invalid_request_error"
+
+    def __init__(self, message: str, status: int | None = None, kind: str | None = None,
+                 retry_after: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status or self.status
+        self.kind = kind or self.kind
+        self.retry_after = retry_after
 
 
-class QueueFull(RuntimeError):
-    """The engine already has `max_waiting` requests waiting for admission (HTTP 429)."""
+class ModelNotFound(ServiceError):
+    status, kind = 404, "not_found_error"
+
+
+class QueueFull(ServiceError):
+    """Too many requests in flight or waiting for the engine (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
+    status, kind = 429, "rate_limit_error"
+
+
+class ShuttingDown(ServiceError):
+    status, kind = 503, "unavailable_error"
+
+
+class RequestTimeout(ServiceError):
+    status, kind = 504, "timeout_error"
+
+
+class EngineFailure(ServiceError):
+    status, kind = 500, "server_error"
+
+
+def error_of(e: Exception) -> ServiceError | None:
+    """The ServiceError a known exception stands for; None for an unexpected one (a bug: 500)."""
+    if isinstance(e, ServiceError):
+        return e
+    if isinstance(e, AdapterError):
+        return ServiceError(e.message, e.status, "not_found_error" if e.status == 404 else "adapter_error")
+    if isinstance(e, RequestError):
+        return ServiceError(str(e))
+    return None
+
+
+class Generation:
+    """One admitted request's engine outputs, iterated asynchronously. Closing it before the last
+    output (client gone, timeout, shutdown) aborts the engine request; it is released exactly once."""
+
+    def __init__(self, service: Service, deadline: float):
+        self.service = service
+        self.deadline = deadline
+        self.queue: asyncio.Queue[StepOutput | ServiceError] = asyncio.Queue()
+        self.request_id: int | None = None
+        self.finished = False
+        self.closed = False
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.finished or self.closed:
+            raise StopAsyncIteration
+        remaining = self.deadline - asyncio.get_running_loop().time()
+        try:
+            out = await asyncio.wait_for(self.queue.get(), max(remaining, 0.0))
+        except TimeoutError:
+            self.close()
+            raise RequestTimeout(f"the request ran past the server's timeout of "
+                                 f"{self.service.config.request_timeout:g} s") from None
+        if isinstance(out, ServiceError):  # cancelled by the service (shutdown)
+            self.close()
+            raise out
+        if out.error:
+            self.close()
+            raise EngineFailure(out.error)
+        if out.finished:
+            self.finished = True
+            self.close()
+        return out
+
+    def cancel(self, error: ServiceError) -> None:
+        self.queue.put_nowait(error)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.finished and self.request_id is not None:
+            self.service.engine.abort(self.request_id)
+        self.service._release(self)
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 class Service:
     def __init__(self, base: BaseModel, engine_config: EngineConfig | None = None,
-                 config: ServiceConfig | None = None):
+                 config: ServiceConfig | None = None, keys: KeyRing | None = None):
         self.base = base
         self.config = config = config or ServiceConfig()
+        self.keys = keys  # None: open mode
         store = AdapterStore(config.adapter_dir or cache_dir() / "adapters")
         shape = BaseShape(base.num_layers, base.projection_shapes)
         self.registry = AdapterRegistry(store, shape, max_rank=config.max_lora_rank,
                                         max_bytes=config.max_adapter_bytes, max_host_adapters=config.max_host_adapters)
         self.engine = Engine(base, engine_config)
         self.metrics = Metrics(self.engine)
+        self._lock = threading.Lock()  # the in-flight set and the submit that grows it
+        self._upload_lock = threading.Lock()  # the per-tenant count and the commit that grows it
+        self._in_flight: set[Generation] = set()
+        self.draining = False
 
     def start(self) -> None:
         self.engine.start()
@@ -56,19 +172,79 @@ class Service:
     def stop(self) -> None:
         self.engine.stop()
 
+    # -- callers ----------------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> Tenant:
+        """The tenant of an `Authorization` value (HTTP header or gRPC metadata); the key is never logged."""
+        if self.keys is None:
+            return OPEN_TENANT
+        key = bearer_key(authorization)
+        if key is None:
+            raise ServiceError("missing API key: send 'Authorization: Bearer <key>'", 401, "authentication_error")
+        tenant = self.keys.tenant_for(key)
+        if tenant is None:
+            raise ServiceError("invalid API key", 403, "permission_error")
+        return tenant
+
     # -- requests ---------------------------------------------------------------------------
-    async def resolve(self, model: str) -> AdapterRef | None:
+    async def open_request(self, tenant: Tenant, model: str, encode: Callable[[], list[int]],
+                           params: SamplingParams) -> Generation:
+        """Admit one request: resolve its adapter, tokenise (`encode`, off the event loop), check the
+        limits and submit. The caller iterates the Generation and closes it (aclosing)."""
+        self._check_open()
+        if params.max_tokens > self.config.max_tokens:
+            raise ServiceError(f"max_tokens is {params.max_tokens}, above the server's limit of {self.config.max_tokens}")
+        adapter = await self._resolve(tenant, model)
+        prompt_ids = await asyncio.to_thread(encode)
+        if len(prompt_ids) > self.config.max_prompt_tokens:
+            raise ServiceError(f"the prompt is {len(prompt_ids)} tokens, above the server's limit of "
+                               f"{self.config.max_prompt_tokens}")
+        self.engine.check(prompt_ids, params)
+        loop = asyncio.get_running_loop()
+        generation = Generation(self, loop.time() + self.config.request_timeout)
+        emit = lambda out: loop.call_soon_threadsafe(generation.queue.put_nowait, out)  # noqa: E731
+        with self._lock:
+            self._check_open()
+            self._check_capacity()
+            generation.request_id = self.engine.submit(prompt_ids, params, adapter, emit)
+            self._in_flight.add(generation)
+        return generation
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica",
+                               retry_after=self.config.retry_after)
+
+    def _check_capacity(self) -> None:
+        in_flight = len(self._in_flight)
+        if in_flight >= self.config.max_concurrent:
+            raise QueueFull(f"the server is at its limit of {self.config.max_concurrent} concurrent requests; "
+                            "retry later", retry_after=self.config.retry_after)
+        waiting = in_flight - self.engine.stats()["running"]  # admitted here, not started by the engine
+        if waiting >= self.config.max_waiting:
+            raise QueueFull(f"the engine queue is full ({waiting} requests waiting); retry later",
+                            retry_after=self.config.retry_after)
+
+    def _release(self, generation: Generation) -> None:
+        with self._lock:
+            self._in_flight.discard(generation)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def _resolve(self, tenant: Tenant, model: str) -> AdapterRef | None:
         if model in (BASE_MODEL_ID, self.base.name):
             return None
         try:
-            return await asyncio.to_thread(self._resolve_and_prepare, model)
+            check_adapter_id(model)
+            return await asyncio.to_thread(self._resolve_and_prepare, tenant.stored_id(model))
         except AdapterError as e:
-            if e.status == 404:
+            if e.status in (400, 404):
                 raise ModelNotFound(f"model {model!r} not found: use {BASE_MODEL_ID!r} or an uploaded adapter id")
             raise
 
-    def _resolve_and_prepare(self, model: str) -> AdapterRef:
-        ref = self.registry.resolve(model)
+    def _resolve_and_prepare(self, stored_id: str) -> AdapterRef:
+        ref = self.registry.resolve(stored_id)
         self.engine.prepare_adapter(ref)  # pack for loading here, not on the engine thread
         return ref
 
@@ -84,48 +260,87 @@ class Service:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    def check_capacity(self) -> None:
-        waiting = self.engine.stats()["waiting"]
-        if waiting >= self.config.max_waiting:
-            raise QueueFull(f"the engine queue is full ({waiting} requests waiting); retry later")
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       adapter: AdapterRef | None) -> AsyncIterator[StepOutput]:
-        """Engine outputs for one request; closing the iterator early (client gone) aborts it."""
+    # -- shutdown ---------------------------------------------------------------------------
+    async def drain(self, grace: float) -> None:
+        """Stop admitting, let the requests in flight finish within `grace` seconds, then end the rest."""
+        self.draining = True
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        request_id = self.engine.submit(prompt_ids, params, adapter,
-                                        lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
-        finished = False
-        try:
-            while not finished:
-                out = await queue.get()
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self.engine.abort(request_id)
+        deadline = loop.time() + grace
+        while self._in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._in_flight:
+            log.warning("shutdown grace of %g s over: cancelling %d requests", grace, len(self._in_flight))
+        for generation in list(self._in_flight):
+            generation.cancel(ShuttingDown("the server shut down before the request finished"))
+        while self._in_flight and loop.time() < deadline + 5:  # their transports close them
+            await asyncio.sleep(0.05)
 
-    # -- adapters ---------------------------------------------------------------------------
-    async def upload_adapter(self, adapter_id: str, config_raw: bytes, weights_raw: bytes) -> StoredAdapter:
+    # -- adapters (in the caller's namespace) ---------------------------------------------
+    def _own(self, tenant: Tenant, record: StoredAdapter) -> StoredAdapter | None:
+        own_id = tenant.own_id(record.id)
+        return None if own_id is None else dataclasses.replace(record, id=own_id)
+
+    def _check_own_id(self, adapter_id: str) -> None:
+        check_adapter_id(adapter_id)
+        if adapter_id in (BASE_MODEL_ID, self.base.name):
+            raise AdapterError(f"adapter id {adapter_id!r} is reserved for the base model", 400)
+
+    def _not_found(self, adapter_id: str) -> AdapterError:
+        return AdapterError(f"adapter {adapter_id!r} not found", 404)
+
+    async def upload_adapter(self, tenant: Tenant, adapter_id: str, config_raw: bytes,
+                             weights_raw: bytes) -> StoredAdapter:
+        self._check_own_id(adapter_id)
         if weights_raw.startswith(_PICKLE_MAGIC):
             raise AdapterError("the weights look like a pickle (.bin/.pt): loraplex never unpickles; "
                                "upload adapter_model.safetensors", 400)
         try:
-            record = await asyncio.to_thread(self.registry.upload, adapter_id, config_raw, weights_raw)
+            record = await asyncio.to_thread(self._upload, tenant, adapter_id, config_raw, weights_raw)
         except AdapterError:
             self.metrics.uploads.labels("rejected").inc()
             raise
         self.metrics.uploads.labels("ok").inc()
-        return record
+        return self._own(tenant, record)
 
-    def models(self) -> list[dict]:
+    def _upload(self, tenant: Tenant, adapter_id: str, config_raw: bytes, weights_raw: bytes) -> StoredAdapter:
+        stored_id = tenant.stored_id(adapter_id)
+        try:
+            check_adapter_id(stored_id)
+        except AdapterError:
+            raise AdapterError(f"adapter id {adapter_id!r} is too long for tenant {tenant.name!r}", 400) from None
+        with self._upload_lock:
+            if not tenant.admin and self.registry.store.get(stored_id) is None:
+                owned = len(self.list_adapters(tenant))
+                if owned >= self.config.max_adapters_per_tenant:
+                    raise AdapterError(f"tenant {tenant.name!r} already has {owned} adapters, the limit; "
+                                       "delete one first", 403)
+            return self.registry.upload(stored_id, config_raw, weights_raw)
+
+    def list_adapters(self, tenant: Tenant) -> list[StoredAdapter]:
+        return [own for record in self.registry.list() if (own := self._own(tenant, record)) is not None]
+
+    def get_adapter(self, tenant: Tenant, adapter_id: str) -> StoredAdapter:
+        self._check_own_id(adapter_id)
+        try:
+            return self._own(tenant, self.registry.get(tenant.stored_id(adapter_id)))
+        except AdapterError as e:
+            raise self._not_found(adapter_id) if e.status in (400, 404) else e
+
+    def delete_adapter(self, tenant: Tenant, adapter_id: str) -> StoredAdapter:
+        self._check_own_id(adapter_id)
+        try:
+            return self._own(tenant, self.registry.delete(tenant.stored_id(adapter_id)))
+        except AdapterError as e:
+            raise self._not_found(adapter_id) if e.status in (400, 404) else e
+
+    def models(self, tenant: Tenant) -> list[dict]:
         base = {"id": BASE_MODEL_ID, "object": "model", "owned_by": "loraplex", "root": self.base.name}
         return [base] + [{"id": a.id, "object": "model", "owned_by": "loraplex", "root": self.base.name,
-                          "parent": BASE_MODEL_ID, "version": a.version} for a in self.registry.list()]
+                          "parent": BASE_MODEL_ID, "version": a.version} for a in self.list_adapters(tenant)]
 
     def health(self) -> dict:
-        return {"status": "ok", "model": describe(self.base), **self.engine.stats()}
+        return {"status": "draining" if self.draining else "ok", "model": describe(self.base),
+                **self.engine.stats(), "in_flight": self.in_flight, "limits": self.config.limits()}
 
 
 def adapter_json(a: StoredAdapter) -> dict:

@@ -158,31 +158,6 @@ def rerun_under_triton_interpreter(test_file: str) -> None:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
 
-def busy_service(waiting: int = 8):
-    """A stand-in Service whose engine already has `waiting` requests queued, at max_waiting = waiting."""
-    from loraplex.runtime.service import Service, ServiceConfig
-
-    class BusyEngine:
-        def check(self, prompt_ids, params):
-            pass
-
-        def stats(self):
-            return {"waiting": waiting}
-
-    class BusyService:
-        config = ServiceConfig(max_waiting=waiting)
-        engine = BusyEngine()
-        check_capacity = Service.check_capacity
-
-        async def resolve(self, model):
-            return None
-
-        def encode_prompt(self, prompt):
-            return [1, 2, 3]
-
-    return BusyService()
-
-
 @pytest.fixture(scope="session")
 def default_tokenizer():
     from transformers import AutoTokenizer

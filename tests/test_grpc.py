@@ -15,7 +15,7 @@ import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from conftest import ServerProcess, busy_service, free_port
+from conftest import ServerProcess
 from loraplex.client import GrpcClient, GrpcError
 from loraplex.client.grpc import completion_request, upload_requests
 from loraplex.protos.generate import PROTO_ROOT, generate
@@ -196,7 +196,7 @@ def test_errors_map_to_status_codes(fp32_server, client):
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     cases = [
         (lambda: client.complete("missing-adapter", PROMPT), grpc.StatusCode.NOT_FOUND, "not found"),
-        (lambda: client.complete("base", PROMPT, max_tokens=100000), invalid, "context"),
+        (lambda: client.complete("base", PROMPT, max_tokens=100000), invalid, "limit of 4096"),
         (lambda: client.complete("base", PROMPT, max_tokens=0), invalid, "max_tokens"),
         (lambda: client.complete("base", PROMPT, temperature=2.5), invalid, "temperature"),
         (lambda: client.complete("base", PROMPT, top_p=0.0), invalid, "top_p"),
@@ -314,27 +314,7 @@ def test_api_key(tmp_path, peft_adapters):
         r = server.client.post("/v1/completions", json=body)
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
         assert server.client.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 403
-        r = server.client.post("/v1/completions", json=body, headers={"Authorization": "Bearer sekret"})
+        r = server.client.post("/v1/completions", json=body, headers={"Authorization": "bearer sekret"})  # any case
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     finally:
         server.stop()
-
-
-def test_full_queue_is_resource_exhausted():
-    """Past max_waiting engine requests, new calls are refused with RESOURCE_EXHAUSTED (a stand-in service)."""
-    from loraplex.runtime.grpc_server import start_grpc_server
-
-
-    async def call() -> grpc.aio.AioRpcError:
-        port = free_port()
-        server = await start_grpc_server(busy_service(), "127.0.0.1", port)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                with pytest.raises(grpc.aio.AioRpcError) as e:
-                    await pb_grpc.CompletionsStub(channel).Complete(completion_request("base", "hi"), timeout=10)
-                return e.value
-        finally:
-            await server.stop(None)
-
-    error = asyncio.run(call())
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in error.details()

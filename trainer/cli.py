@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--flexora-val-batches", type=int, default=1, help="validation batches per hyper-step")
     u = p.add_argument_group("upload")
     u.add_argument("--upload", default=None, metavar="URL", help="upload the adapter to a running loraplex server")
-    u.add_argument("--api-key", default=None)
+    u.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"), help="default: $LORAPLEX_API_KEY")
     u.add_argument("--adapter-id", default=None, help="id for --upload (default: the output directory's name)")
 
 

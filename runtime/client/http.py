@@ -19,6 +19,12 @@ class HttpClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
+    def _send(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            return self.http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise ClientError(f"cannot reach the server at {self.http.base_url}: {e or type(e).__name__}") from None
+
     def _check(self, r: httpx.Response) -> dict:
         if r.status_code >= 400:
             try:
@@ -35,19 +41,19 @@ class HttpClient:
         with open(d / CONFIG_FILE, "rb") as cfg, open(d / WEIGHTS_FILE, "rb") as w:
             files = {"config": (CONFIG_FILE, cfg, "application/json"),
                      "weights": (WEIGHTS_FILE, w, "application/octet-stream")}
-            return self._check(self.http.post("/v1/adapters", data={"id": adapter_id}, files=files))
+            return self._check(self._send("POST", "/v1/adapters", data={"id": adapter_id}, files=files))
 
     def list_adapters(self) -> list[dict]:
-        return self._check(self.http.get("/v1/adapters"))["data"]
+        return self._check(self._send("GET", "/v1/adapters"))["data"]
 
     def delete_adapter(self, adapter_id: str) -> dict:
-        return self._check(self.http.delete(f"/v1/adapters/{adapter_id}"))
+        return self._check(self._send("DELETE", f"/v1/adapters/{adapter_id}"))
 
     def complete(self, model: str, prompt: str, **params) -> dict:
-        return self._check(self.http.post("/v1/completions", json={"model": model, "prompt": prompt, **params}))
+        return self._check(self._send("POST", "/v1/completions", json={"model": model, "prompt": prompt, **params}))
 
     def chat(self, model: str, messages: list[dict], **params) -> dict:
-        return self._check(self.http.post("/v1/chat/completions", json={"model": model, "messages": messages, **params}))
+        return self._check(self._send("POST", "/v1/chat/completions", json={"model": model, "messages": messages, **params}))
 
     def health(self) -> dict:
-        return self._check(self.http.get("/health"))
+        return self._check(self._send("GET", "/health"))
