@@ -48,7 +48,8 @@ class Service:
         self.registry = AdapterRegistry(store, shape, max_rank=config.max_lora_rank,
                                         max_bytes=config.max_adapter_bytes, max_host_adapters=config.max_host_adapters)
         self.engine = Engine(base, engine_config)
-        self.metrics = Metrics(self.engine)
+        self.metrics = Metrics(self.engine.stats)
+        self.engine.on_finish = self.metrics.on_finish  # the engine's one metrics hook
 
     def start(self) -> None:
         self.engine.start()
