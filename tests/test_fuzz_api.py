@@ -67,7 +67,7 @@ CHECKS = [not_a_server_error, response_schema_conformance, content_type_conforma
 
 def steer(case, mode: GenerationMode) -> None:
     """Keep generation requests fast and make valid ones reach the engine: a valid (integer) token
-    budget is lowered to MAX_TOKENS, prompts are cut to MAX_PROMPT, and a valid request names the
+    budget is lowered to MAX_TOKENS (and set when absent), prompts are cut to MAX_PROMPT, and a valid request names the
     base model (a random model name only ever meets a 404). Invalid values are sent as generated."""
     if not isinstance(case.body, dict):
         return
@@ -77,6 +77,8 @@ def steer(case, mode: GenerationMode) -> None:
             case.body[key] = MAX_TOKENS
     if mode is GenerationMode.POSITIVE and "model" in case.body:
         case.body["model"] = "base"
+        if not any(key in case.body for key in TOKEN_BUDGETS):  # not the server's default of 256 tokens
+            case.body["max_tokens"] = MAX_TOKENS
     prompt = case.body.get("prompt")
     if isinstance(prompt, (str, list)):  # prefill of thousands of tokens takes seconds on this CPU
         case.body["prompt"] = prompt[:MAX_PROMPT]
