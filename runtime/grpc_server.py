@@ -74,7 +74,9 @@ def rpc(method):
             known = error_of(e)
             if known is not None and known.retry_after is not None:
                 context.set_trailing_metadata((("retry-after", str(known.retry_after)),))
-            await context.abort(*status_of(e))
+            code, message = status_of(e)
+            self.service.metrics.rejected(code.name, "grpc")
+            await context.abort(code, message)
     return handler
 
 

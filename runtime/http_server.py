@@ -77,9 +77,14 @@ class AdmissionMiddleware:
         config = self.service.config
         return config.max_adapter_bytes + UPLOAD_FORM_SLACK if path == UPLOAD_PATH else config.max_body_bytes
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope, receive, plain_send):
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return await self.app(scope, receive, plain_send)
+
+        async def send(message):  # every refusal, whoever answers it, counted once here
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.service.metrics.rejected(message["status"], "http")
+            await plain_send(message)
         path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if path.startswith("/v1/"):

@@ -160,7 +160,8 @@ class Service:
         self.registry = AdapterRegistry(store, shape, max_rank=config.max_lora_rank,
                                         max_bytes=config.max_adapter_bytes, max_host_adapters=config.max_host_adapters)
         self.engine = Engine(base, engine_config)
-        self.metrics = Metrics(self.engine)
+        self.metrics = Metrics(self.engine.stats)
+        self.engine.on_finish = self.metrics.on_finish  # the engine's one metrics hook
         self._lock = threading.Lock()  # the in-flight set and the submit that grows it
         self._upload_lock = threading.Lock()  # the per-tenant count and the commit that grows it
         self._in_flight: set[Generation] = set()
@@ -329,9 +330,11 @@ class Service:
     def delete_adapter(self, tenant: Tenant, adapter_id: str) -> StoredAdapter:
         self._check_own_id(adapter_id)
         try:
-            return self._own(tenant, self.registry.delete(tenant.stored_id(adapter_id)))
+            record = self.registry.delete(tenant.stored_id(adapter_id))
         except AdapterError as e:
             raise self._not_found(adapter_id) if e.status in (400, 404) else e
+        self.metrics.forget_adapter(record.id, record.version)
+        return self._own(tenant, record)
 
     def models(self, tenant: Tenant) -> list[dict]:
         base = {"id": BASE_MODEL_ID, "object": "model", "owned_by": "loraplex", "root": self.base.name}
