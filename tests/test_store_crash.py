@@ -230,6 +230,8 @@ def test_sigkill_during_commits_never_loses_or_corrupts(tmp_path):
 
 # -- kill -9 of a real server during 50 uploads ----------------------------------------------------
 
+SERVER_ARGS = ("--dtype", "float32", "--kv-cache-tokens", "1024", "--max-num-seqs", "4")  # small: restarts dominate
+
 def test_kill_9_of_the_server_during_uploads(tmp_path):
     store_dir = tmp_path / "adapters"
     rng = random.Random(7)
@@ -264,7 +266,7 @@ def test_kill_9_of_the_server_during_uploads(tmp_path):
         outcome.append((adapter_id, r.json()["version"], adapter_digest(*files[i])))
 
     started = time.monotonic()
-    server = ServerProcess("--dtype", "float32", adapter_dir=store_dir, grpc_port=0)
+    server = ServerProcess(*SERVER_ARGS, adapter_dir=store_dir, grpc_port=0)
     try:
         for i in range(uploads):
             outcome: list = []
@@ -283,7 +285,7 @@ def test_kill_9_of_the_server_during_uploads(tmp_path):
             if i in kill_at:
                 server.client.close()
                 server.log.close()
-                server = ServerProcess("--dtype", "float32", adapter_dir=store_dir, grpc_port=0)
+                server = ServerProcess(*SERVER_ARGS, adapter_dir=store_dir, grpc_port=0)
                 check_served(server)
         check_served(server)
         assert len(acked) == 8
