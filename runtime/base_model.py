@@ -147,26 +147,62 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _fused_state_dict(raw: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    """Map a Hugging Face Llama state dict onto CausalLM's fused q/k/v and gate/up layout."""
+def _fused_state_dict(raw: dict[str, torch.Tensor], n_layers: int) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Map a Hugging Face Llama state dict onto CausalLM's fused q/k/v and gate/up layout.
+
+    Returns the state dict and, for each of its keys, the checkpoint tensors it came from, so that a
+    strict load names the checkpoint's tensors the model has no place for (an MLP bias, say).
+    """
     sd = {k.removeprefix("model."): v for k, v in raw.items()}
-    out = {}
+    origin = {k.removeprefix("model."): [k] for k in raw}
+
+    def fuse(prefix: str, names: tuple[str, ...], kind: str) -> tuple[torch.Tensor | None, list[str]]:
+        keys = [f"{prefix}{n}.{kind}" for n in names]
+        present = [k for k in keys if k in sd]
+        if not present and kind == "bias":
+            return None, []
+        if len(present) != len(keys):
+            raise SystemExit(f"checkpoint has {present} but lacks {sorted(set(keys) - set(present))}")
+        return torch.cat([sd.pop(k) for k in keys]), [origin[k][0] for k in keys]
+
+    out, out_origin = {}, {}
     for i in range(n_layers):
-        p = f"layers.{i}."
-        attn, mlp = p + "self_attn.", p + "mlp."
-        out[attn + "qkv_proj.base.weight"] = torch.cat([sd.pop(attn + f"{n}.weight") for n in ("q_proj", "k_proj", "v_proj")])
-        if attn + "q_proj.bias" in sd:
-            out[attn + "qkv_proj.base.bias"] = torch.cat([sd.pop(attn + f"{n}.bias") for n in ("q_proj", "k_proj", "v_proj")])
-        out[attn + "o_proj.base.weight"] = sd.pop(attn + "o_proj.weight")
-        if attn + "o_proj.bias" in sd:
-            out[attn + "o_proj.base.bias"] = sd.pop(attn + "o_proj.bias")
-        out[mlp + "gate_up_proj.base.weight"] = torch.cat([sd.pop(mlp + "gate_proj.weight"), sd.pop(mlp + "up_proj.weight")])
-        out[mlp + "down_proj.base.weight"] = sd.pop(mlp + "down_proj.weight")
-    sd = {k: v for k, v in sd.items() if "rotary_emb" not in k}
-    out.update(sd)
-    if "lm_head.weight" not in out:
-        out["lm_head.weight"] = out["embed_tokens.weight"]
-    return out
+        attn, mlp = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        for fused, prefix, names in (("qkv_proj", attn, ("q_proj", "k_proj", "v_proj")),
+                                     ("gate_up_proj", mlp, ("gate_proj", "up_proj"))):
+            for kind in ("weight", "bias"):
+                tensor, sources = fuse(prefix, names, kind)
+                if tensor is not None:
+                    out[f"{prefix}{fused}.base.{kind}"], out_origin[f"{prefix}{fused}.base.{kind}"] = tensor, sources
+        for prefix, name in ((attn, "o_proj"), (mlp, "down_proj")):
+            for kind in ("weight", "bias"):
+                key = f"{prefix}{name}.{kind}"
+                if key in sd:
+                    out[f"{prefix}{name}.base.{kind}"], out_origin[f"{prefix}{name}.base.{kind}"] = sd.pop(key), origin[key]
+    for key, tensor in sd.items():
+        if not key.endswith("rotary_emb.inv_freq"):  # recomputed from the config
+            out[key], out_origin[key] = tensor, origin[key]
+    if "lm_head.weight" not in out and "embed_tokens.weight" in out:  # tied embeddings
+        out["lm_head.weight"], out_origin["lm_head.weight"] = out["embed_tokens.weight"], out_origin["embed_tokens.weight"]
+    return out, out_origin
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _load_strict(net: CausalLM, state: dict[str, torch.Tensor], origin: dict[str, list[str]], path: Path) -> None:
+    """Every tensor of the model from the checkpoint and every checkpoint tensor into the model."""
+    result = net.load_state_dict(state, assign=True, strict=False)
+    problems = []
+    if result.unexpected_keys:
+        unused = sorted({source for key in result.unexpected_keys for source in origin.get(key, [key])})
+        problems.append(f"tensors the model does not use: {_listed(unused)}")
+    if result.missing_keys:
+        problems.append(f"missing tensors: {_listed(sorted(result.missing_keys))}")
+    if problems:
+        raise SystemExit(f"{path}: the checkpoint does not match its {net.config.model_type} config: {'; '.join(problems)}")
 
 
 def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
@@ -216,12 +252,9 @@ def load_base_model(model: str | None = None, *, quantization: str | None = None
 
     with torch.device("meta"):
         net = CausalLM(config)
-    state = _fused_state_dict(_read_state_dict(path), config.num_hidden_layers)
-    net.load_state_dict({k: v.to(compute_dtype) for k, v in state.items()}, assign=True, strict=False)
+    state, origin = _fused_state_dict(_read_state_dict(path), config.num_hidden_layers)
+    _load_strict(net, {k: v.to(compute_dtype) for k, v in state.items()}, origin, path)
     net.rotary = type(net.rotary)(config)  # buffers were created on meta
-    missing = [n for n, p in net.named_parameters() if p.is_meta]
-    if missing:
-        raise SystemExit(f"{path}: checkpoint lacks {missing[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         net.lm_head.weight = net.embed_tokens.weight
     if quantization == "nf4":

@@ -61,6 +61,20 @@ def head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def layer_sliding_window(cfg, layer_idx: int) -> int | None:
+    """The attention window of one layer (a query sees the keys at positions > pos - window), or None.
+
+    Mistral windows every layer; configs with `layer_types` (Qwen2 with use_sliding_window) say per layer.
+    """
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        return int(window) if layer_types[layer_idx] == "sliding_attention" else None
+    return int(window) if cfg.model_type == "mistral" else None
+
+
 def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each adaptable projection."""
     h, hd = cfg.hidden_size, head_dim(cfg)
@@ -125,7 +139,7 @@ class Attention(nn.Module):
                                               bias=bool(getattr(cfg, "attention_bias", False))),
                                     layer_idx, ("o_proj",))
         self.scale = self.head_dim ** -0.5
-        self.sliding_window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
+        self.sliding_window = layer_sliding_window(cfg, layer_idx)
         self.k_cache: torch.Tensor | None = None  # [num_slots, n_kv, head_dim], set by the runner
         self.v_cache: torch.Tensor | None = None
 
@@ -152,7 +166,12 @@ class Attention(nn.Module):
             qd = q[ctx.decode_token_idx].unsqueeze(2)  # [Bd, H, 1, D]
             kd = self.k_cache[ctx.decode_ctx_slots].transpose(1, 2)  # [Bd, KV, ctx, D]
             vd = self.v_cache[ctx.decode_ctx_slots].transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=ctx.decode_mask,
+            mask = ctx.decode_mask
+            if self.sliding_window is not None and kd.shape[2] > self.sliding_window:
+                key_pos = torch.arange(kd.shape[2], device=q.device)  # decode_ctx_slots hold positions 0..ctx-1
+                query_pos = ctx.positions[ctx.decode_token_idx].unsqueeze(1)
+                mask = mask & (key_pos > query_pos - self.sliding_window).view(len(qd), 1, 1, -1)
+            od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=mask,
                                                 scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
             out[ctx.decode_token_idx] = od.squeeze(2)
         for chunk in ctx.prefills:
@@ -160,8 +179,15 @@ class Attention(nn.Module):
             qp = q[s].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             kp = self.k_cache[chunk.ctx_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
             vp = self.v_cache[chunk.ctx_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.causal_mask,
-                                                is_causal=chunk.causal_mask is None, scale=self.scale,
+            mask = chunk.causal_mask
+            ctx_len = chunk.ctx_slots.numel()
+            if self.sliding_window is not None and ctx_len > self.sliding_window:
+                key_pos = torch.arange(ctx_len, device=q.device)
+                query_pos = torch.arange(ctx_len - chunk.length, ctx_len, device=q.device).unsqueeze(1)
+                window = (key_pos <= query_pos) & (key_pos > query_pos - self.sliding_window)
+                mask = window if mask is None else mask & window
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask,
+                                                is_causal=mask is None, scale=self.scale,
                                                 enable_gqa=self.n_kv != self.n_heads)
             out[s] = op.squeeze(0).transpose(0, 1)
         return self.o_proj(out.reshape(T, -1), ctx)

@@ -57,3 +57,22 @@ def test_default_model_cache_is_fp32_and_bf16_loads_cast_it():
     del fp32
     bf16 = load_base_model(None, dtype="bfloat16", device="cpu")
     assert torch.equal(bf16.model.embed_tokens.weight, embed.to(torch.bfloat16))
+
+
+def test_float32_serves_the_ggufs_dequantised_weights_exactly():
+    """`--dtype float32` holds the GGUF's own dequantised values (Q4_1 / Q8_0 blocks), not a rounding of them."""
+    import gguf
+    reader = gguf.GGUFReader(base_model.default_gguf())
+    tensors = {t.name: t for t in reader.tensors}
+
+    def dequantised(name: str) -> torch.Tensor:
+        t = tensors[name]
+        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+
+    net = load_base_model(None, dtype="float32", device="cpu").model
+    inter, kv = net.config.intermediate_size, net.layers[0].self_attn.n_kv * net.layers[0].self_attn.head_dim
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
+    assert torch.equal(net.layers[0].mlp.down_proj.base.weight, dequantised("blk.0.ffn_down.weight"))
+    assert torch.equal(net.layers[29].mlp.gate_up_proj.base.weight[:inter], dequantised("blk.29.ffn_gate.weight"))
+    assert torch.equal(net.layers[7].self_attn.qkv_proj.base.weight[-kv:], dequantised("blk.7.attn_v.weight"))
+    assert torch.equal(net.embed_tokens.weight, dequantised("token_embd.weight"))

@@ -59,6 +59,7 @@ def load_model(model: str | None, method: str, device: torch.device, gradient_ch
         net = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
                                                    device_map={"": str(device)}, **extra)
         net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=True)
+        keep_nf4_storage_layout(net)
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device)
@@ -67,6 +68,19 @@ def load_model(model: str | None, method: str, device: torch.device, gradient_ch
             net.enable_input_require_grads()
     net.config.use_cache = False
     return net
+
+
+def keep_nf4_storage_layout(net) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of NF4 weights (AVX512-BF16 CPUs).
+
+    Its first no-grad eval forward repacks each weight and rounds absmax to bf16; every state_dict()
+    (so every save_pretrained) undoes that by re-quantising absmax, which changes the in-memory base
+    model. A trained model then differs from the same adapter reloaded from disk (~1% logits).
+    """
+    import bitsandbytes as bnb
+    for module in net.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def check_targets(spec: AdapterSpec, config) -> None:

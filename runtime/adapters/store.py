@@ -1,12 +1,22 @@
-"""The on-disk adapter store: every committed adapter version survives a restart.
+"""The on-disk adapter store: every committed adapter version survives a restart, and nothing else does.
 
 Layout: `<root>/<id>/v<N>/{adapter_config.json, adapter_model.safetensors}` and `<root>/<id>/CURRENT`
-(JSON naming the served version). A commit writes a temp directory, fsyncs it, renames it into
-place, then atomically replaces CURRENT: a crash leaves either the old or the new version served.
+(JSON naming the served version and the sha256 digest of its files). A commit writes a temp
+directory, fsyncs it, renames it into place, then atomically replaces CURRENT, fsyncing every
+directory it changes: a crash leaves either the old or the new version served. CURRENT is the commit
+point: an upload returns success only after it is durable.
+
+At start the store removes what a crash can leave (temp directories, `CURRENT.tmp`, version folders
+CURRENT does not name, adapter folders without CURRENT: uploads that never returned) and verifies every
+committed adapter against its digest. A corrupt or incomplete one is moved under `<root>/.quarantine/`,
+logged and listed in `quarantined`; it is never served. Every read is verified again, so a file
+damaged after start never reaches the engine either.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +30,11 @@ from .peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RESERVED_IDS = {"base"}
+QUARANTINE_DIR = ".quarantine"
+QUARANTINE_NOTE = "QUARANTINE.json"
+TEMP_PREFIX = ".tmp-"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +45,20 @@ class StoredAdapter:
     rank: int
     size_bytes: int
     created: float
+    sha256: str = ""  # adapter_digest of the version's files; "" only in CURRENT files written before digests
+
+
+@dataclass(frozen=True)
+class QuarantinedAdapter:
+    id: str
+    version: int | None  # None when CURRENT itself was unreadable
+    reason: str
+    path: str  # where the files were moved
+    when: float
+
+
+class CorruptAdapter(FileNotFoundError):
+    """A stored version failed its digest check on read; it has been quarantined, so it is gone."""
 
 
 def check_adapter_id(adapter_id: str) -> None:
@@ -38,6 +67,14 @@ def check_adapter_id(adapter_id: str) -> None:
                            "starting with a letter or digit", 400)
     if adapter_id in RESERVED_IDS:
         raise AdapterError(f"adapter id {adapter_id!r} is reserved for the base model", 400)
+
+
+def adapter_digest(config_raw: bytes, weights_raw: bytes) -> str:
+    """sha256 over both files; the config's length is hashed first so bytes cannot move between them."""
+    h = hashlib.sha256(len(config_raw).to_bytes(8, "big"))
+    h.update(config_raw)
+    h.update(weights_raw)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,20 +92,130 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+RECORD_TYPES = {"id": str, "version": int, "peft_type": str, "rank": int, "size_bytes": int, "created": (int, float),
+                "sha256": str}
+
+
+def _parse_record(raw: bytes) -> StoredAdapter:
+    data = json.loads(raw)
+    if not isinstance(data, dict) or not set(RECORD_TYPES) - {"sha256"} <= set(data) <= set(RECORD_TYPES):
+        raise ValueError(f"CURRENT holds {data!r:.200}")
+    for name, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, RECORD_TYPES[name]):
+            raise ValueError(f"CURRENT field {name!r} is {value!r:.100}")
+    return StoredAdapter(**data)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 class AdapterStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._last_version: dict[str, int] = {}  # kept after delete so a re-upload never reuses a version
-        for leftover in self.root.glob(".tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        self._quarantined: list[QuarantinedAdapter] = self._read_quarantine()
+        for q in self._quarantined:
+            if q.version is not None:
+                self._last_version[q.id] = max(self._last_version.get(q.id, 0), q.version)
+        self._recover()
 
+    # -- start-up ---------------------------------------------------------------------------
+    def _recover(self) -> None:
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(TEMP_PREFIX):  # an unfinished commit or delete
+                log.warning("adapter store: removing leftover %s", entry)
+                _remove(entry)
+            elif entry.is_dir() and ADAPTER_ID.match(entry.name):
+                self._recover_adapter(entry)
+        _fsync_dir(self.root)
+
+    def _recover_adapter(self, adapter_dir: Path) -> None:
+        (adapter_dir / "CURRENT.tmp").unlink(missing_ok=True)
+        if not (adapter_dir / "CURRENT").exists():  # its first upload died before the commit point
+            log.warning("adapter store: removing %s: no committed version", adapter_dir)
+            shutil.rmtree(adapter_dir)
+            return
+        try:
+            record = _parse_record((adapter_dir / "CURRENT").read_bytes())
+        except (OSError, ValueError, TypeError) as e:
+            self._quarantine(adapter_dir.name, None, f"unreadable CURRENT: {e}")
+            return
+        for entry in adapter_dir.iterdir():
+            if entry.name not in ("CURRENT", f"v{record.version}"):  # e.g. a version renamed in before a crash
+                log.warning("adapter store: removing orphan %s (CURRENT names v%d)", entry, record.version)
+                _remove(entry)
+        _fsync_dir(adapter_dir)
+        problem = self._verify(adapter_dir.name, record)
+        if problem == "no digest":  # a store written before digests: adopt what is there
+            config_raw, weights_raw = self._read_files(record.id, record.version)
+            record = StoredAdapter(**{**asdict(record), "sha256": adapter_digest(config_raw, weights_raw)})
+            self._write_current(adapter_dir, record)
+            log.warning("adapter store: %s v%d had no digest; recorded one now", record.id, record.version)
+        elif problem is not None:
+            self._quarantine(adapter_dir.name, record.version, problem)
+
+    def _verify(self, dir_name: str, record: StoredAdapter) -> str | None:
+        """What is wrong with a committed version, or None."""
+        if record.id != dir_name:
+            return f"CURRENT names adapter {record.id!r}"
+        try:
+            config_raw, weights_raw = self._read_files(record.id, record.version)
+        except OSError as e:
+            return f"version v{record.version} is incomplete: {e}"
+        if not record.sha256:
+            return "no digest"
+        if len(weights_raw) != record.size_bytes or adapter_digest(config_raw, weights_raw) != record.sha256:
+            return f"version v{record.version} does not match its sha256 digest"
+        return None
+
+    # -- quarantine -------------------------------------------------------------------------
+    @property
+    def quarantined(self) -> list[QuarantinedAdapter]:
+        """Adapters moved aside because they were corrupt or incomplete (oldest first)."""
+        with self._lock:
+            return list(self._quarantined)
+
+    def _read_quarantine(self) -> list[QuarantinedAdapter]:
+        found = []
+        for note in sorted((self.root / QUARANTINE_DIR).glob(f"*/{QUARANTINE_NOTE}")):
+            try:
+                found.append(QuarantinedAdapter(**json.loads(note.read_text())))
+            except (OSError, ValueError, TypeError):
+                log.warning("adapter store: unreadable quarantine note %s", note)
+        return sorted(found, key=lambda q: q.when)
+
+    def _quarantine(self, adapter_id: str, version: int | None, reason: str) -> None:
+        """Move `<root>/<id>` aside in one rename: from then on the adapter is absent."""
+        quarantine = self.root / QUARANTINE_DIR
+        quarantine.mkdir(exist_ok=True)
+        when = time.time()
+        target = quarantine / f"{adapter_id}.v{version}.{time.time_ns()}"
+        os.rename(self.root / adapter_id, target)
+        _fsync_dir(self.root)
+        entry = QuarantinedAdapter(adapter_id, version, reason, str(target), when)
+        _write_synced(target / QUARANTINE_NOTE, json.dumps(asdict(entry)).encode())
+        _fsync_dir(quarantine)
+        if version is not None:
+            self._last_version[adapter_id] = max(self._last_version.get(adapter_id, 0), version)
+        self._quarantined.append(entry)
+        log.error("adapter store: quarantined adapter %r v%s (%s) to %s", adapter_id, version, reason, target)
+
+    # -- reads ------------------------------------------------------------------------------
     def _current(self, adapter_id: str) -> StoredAdapter | None:
         try:
-            return StoredAdapter(**json.loads((self.root / adapter_id / "CURRENT").read_text()))
+            return _parse_record((self.root / adapter_id / "CURRENT").read_bytes())
         except (OSError, ValueError, TypeError):
             return None
+
+    def _read_files(self, adapter_id: str, version: int) -> tuple[bytes, bytes]:
+        d = self.root / adapter_id / f"v{version}"
+        return (d / CONFIG_FILE).read_bytes(), (d / WEIGHTS_FILE).read_bytes()
 
     def list(self) -> list[StoredAdapter]:
         found = []
@@ -84,8 +231,28 @@ class AdapterStore:
         return self._current(adapter_id)
 
     def read(self, adapter_id: str, version: int) -> tuple[bytes, bytes]:
-        d = self.root / adapter_id / f"v{version}"
-        return (d / CONFIG_FILE).read_bytes(), (d / WEIGHTS_FILE).read_bytes()
+        """The files of a committed version, verified against its digest.
+
+        FileNotFoundError when the version is no longer current (replaced or deleted meanwhile);
+        CorruptAdapter (a FileNotFoundError: the version is gone) when it failed the check and was
+        quarantined just now.
+        """
+        record = self._current(adapter_id)
+        if record is None or record.version != version:
+            raise FileNotFoundError(f"adapter {adapter_id!r} v{version} is not the current version")
+        config_raw, weights_raw = self._read_files(adapter_id, version)
+        if adapter_digest(config_raw, weights_raw) == record.sha256:
+            return config_raw, weights_raw
+        with self._lock:
+            if self._current(adapter_id) == record:  # still the same commit: the files themselves are damaged
+                self._quarantine(adapter_id, version, f"version v{version} does not match its sha256 digest")
+        raise CorruptAdapter(f"adapter {adapter_id!r} v{version} failed its digest check and was quarantined")
+
+    # -- writes -----------------------------------------------------------------------------
+    def _write_current(self, adapter_dir: Path, record: StoredAdapter) -> None:
+        _write_synced(adapter_dir / "CURRENT.tmp", json.dumps(asdict(record)).encode())
+        os.replace(adapter_dir / "CURRENT.tmp", adapter_dir / "CURRENT")
+        _fsync_dir(adapter_dir)
 
     def commit(self, adapter_id: str, config_raw: bytes, weights_raw: bytes, peft_type: str, rank: int) -> StoredAdapter:
         check_adapter_id(adapter_id)
@@ -93,23 +260,34 @@ class AdapterStore:
             adapter_dir = self.root / adapter_id
             existing = [int(p.name[1:]) for p in adapter_dir.glob("v*") if p.name[1:].isdigit()]
             version = max(existing + [self._last_version.get(adapter_id, 0)]) + 1
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+            version_dir = adapter_dir / f"v{version}"
+            previous = self._current(adapter_id)
+            record = StoredAdapter(adapter_id, version, peft_type, rank, len(weights_raw), time.time(),
+                                   adapter_digest(config_raw, weights_raw))
+            tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.root))
             try:
                 _write_synced(tmp / CONFIG_FILE, config_raw)
                 _write_synced(tmp / WEIGHTS_FILE, weights_raw)
                 _fsync_dir(tmp)
-                adapter_dir.mkdir(exist_ok=True)
-                os.rename(tmp, adapter_dir / f"v{version}")
-            except BaseException:
+                if not adapter_dir.exists():
+                    adapter_dir.mkdir()
+                    _fsync_dir(self.root)
+                os.rename(tmp, version_dir)
+                _fsync_dir(self.root)
+                self._write_current(adapter_dir, record)  # the commit point
+            except BaseException:  # a rejected commit leaves the store as it was
                 shutil.rmtree(tmp, ignore_errors=True)
+                if previous is None:
+                    shutil.rmtree(adapter_dir, ignore_errors=True)
+                else:
+                    if self._current(adapter_id) != previous:
+                        self._write_current(adapter_dir, previous)
+                    (adapter_dir / "CURRENT.tmp").unlink(missing_ok=True)
+                    shutil.rmtree(version_dir, ignore_errors=True)
                 raise
-            record = StoredAdapter(adapter_id, version, peft_type, rank, len(weights_raw), time.time())
-            _write_synced(adapter_dir / "CURRENT.tmp", json.dumps(asdict(record)).encode())
-            os.replace(adapter_dir / "CURRENT.tmp", adapter_dir / "CURRENT")
-            _fsync_dir(adapter_dir)
             self._last_version[adapter_id] = version
             for old in adapter_dir.glob("v*"):  # older versions are no longer served from disk
-                if old.name != f"v{version}":
+                if old != version_dir:
                     shutil.rmtree(old, ignore_errors=True)
             return record
 
@@ -120,7 +298,7 @@ class AdapterStore:
             if current is None:
                 return None
             self._last_version[adapter_id] = current.version
-            trash = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+            trash = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.root))
             os.rename(self.root / adapter_id, trash / adapter_id)  # atomic: gone from list() at once
             _fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)
