@@ -13,7 +13,7 @@ from contextlib import aclosing
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from . import openai_schemas as oa
@@ -152,6 +152,11 @@ class CatchAllMiddleware:
             await response(scope, receive, send)
 
 
+# `"stream": true` answers with server-sent events: documented beside the JSON answer (OpenAPI)
+STREAMED = {200: {"content": {"text/event-stream": {}},
+                  "description": "JSON, or server-sent events when the request sets stream"}}
+
+
 def tenant_of(request: Request) -> Tenant:
     return request.state.tenant
 
@@ -224,7 +229,7 @@ def create_app(service: Service) -> FastAPI:
             yield sse("[DONE]")
         return StreamingResponse(guarded(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=STREAMED)
     async def completions(request: Request, req: oa.CompletionRequest):
         generation = await open_request(request, req, lambda: service.encode_prompt(req.prompt))
         rid = oa.new_id("cmpl")
@@ -242,7 +247,7 @@ def create_app(service: Service) -> FastAPI:
                     yield sse(oa.usage_chunk(rid, req.model, "text_completion", out))
         return stream(generation, events)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=STREAMED)
     async def chat(request: Request, req: oa.ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         generation = await open_request(request, req, lambda: service.encode_chat(messages))
@@ -297,8 +302,8 @@ def create_app(service: Service) -> FastAPI:
     async def health():
         return service.health()
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -343,7 +343,8 @@ class Service:
 
     def health(self) -> dict:
         return {"status": "draining" if self.draining else "ok", "model": describe(self.base),
-                **self.engine.stats(), "in_flight": self.in_flight, "limits": self.config.limits()}
+                **self.engine.stats(), "in_flight": self.in_flight, "limits": self.config.limits(),
+                "quarantined_adapters": [dataclasses.asdict(q) for q in self.registry.store.quarantined]}
 
 
 def adapter_json(a: StoredAdapter) -> dict:

@@ -24,6 +24,7 @@ EXAMPLES_PER_OPERATION = 20
 MAX_TOKENS = 4  # generated token budgets above this are lowered so completions stay fast on a CPU
 TOKEN_BUDGETS = ("max_tokens", "max_completion_tokens")
 MAX_PROMPT = 200  # characters of a prompt or message content (items of a token-id list)
+MAX_MESSAGES = 6  # chat messages of a request
 STUCK = "server stuck"
 REQUEST_TIMEOUT = 20  # seconds; a request of at most MAX_TOKENS tokens that takes longer is a hang
 
@@ -67,7 +68,7 @@ CHECKS = [not_a_server_error, response_schema_conformance, content_type_conforma
 
 def steer(case, mode: GenerationMode) -> None:
     """Keep generation requests fast and make valid ones reach the engine: a valid (integer) token
-    budget is lowered to MAX_TOKENS (and set when absent), prompts are cut to MAX_PROMPT, and a valid request names the
+    budget is lowered to MAX_TOKENS (and set when absent), prompts are cut to MAX_PROMPT (chats to MAX_MESSAGES), and a valid request names the
     base model (a random model name only ever meets a 404). Invalid values are sent as generated."""
     if not isinstance(case.body, dict):
         return
@@ -77,11 +78,13 @@ def steer(case, mode: GenerationMode) -> None:
             case.body[key] = MAX_TOKENS
     if mode is GenerationMode.POSITIVE and "model" in case.body:
         case.body["model"] = "base"
-        if not any(key in case.body for key in TOKEN_BUDGETS):  # not the server's default of 256 tokens
+        if all(case.body.get(key) is None for key in TOKEN_BUDGETS):  # not the server's default of 256 tokens
             case.body["max_tokens"] = MAX_TOKENS
     prompt = case.body.get("prompt")
     if isinstance(prompt, (str, list)):  # prefill of thousands of tokens takes seconds on this CPU
         case.body["prompt"] = prompt[:MAX_PROMPT]
+    if isinstance(case.body.get("messages"), list):  # dozens of messages make a prompt of thousands of tokens
+        case.body["messages"] = case.body["messages"][:MAX_MESSAGES]
     for message in case.body.get("messages") or []:
         if isinstance(message, dict) and isinstance(message.get("content"), (str, list)):
             message["content"] = message["content"][:MAX_PROMPT]

@@ -292,3 +292,17 @@ def test_kill_9_of_the_server_during_uploads(tmp_path):
     finally:
         server.stop()
     assert time.monotonic() - started < 120
+
+
+def test_health_reports_quarantined_adapters(tmp_path, tiny_model_dir):
+    from service_fixtures import make_service
+    store = AdapterStore(tmp_path / "adapters")
+    committed(store, "damaged")
+    weights = tmp_path / "adapters" / "damaged" / "v1" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    service = make_service(tiny_model_dir, tmp_path / "adapters")
+    try:
+        [q] = service.health()["quarantined_adapters"]
+        assert q["id"] == "damaged" and q["version"] == 1 and q["reason"]
+    finally:
+        service.stop()
