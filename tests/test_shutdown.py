@@ -122,3 +122,40 @@ def test_train_upload_key_defaults_to_the_environment(monkeypatch):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert parser.get_default("api_key") == "from-env"
+
+
+def test_sigterm_grace_over_cancels_the_rest_and_grpc_refuses(tmp_path):
+    """Past --shutdown-grace the streams still running end with an error event, the process exits 0, and
+    while draining a new gRPC call gets UNAVAILABLE (the default model: a 400-token stream outlasts 1 s)."""
+    import grpc
+
+    from loraplex.client import GrpcClient, GrpcError
+    server = ServerProcess("--shutdown-grace", "1", adapter_dir=tmp_path / "a")
+    events, started = [], threading.Event()
+
+    def stream():
+        body = {"model": "base", "prompt": "hi", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            for event in sse_events(r.iter_lines()):
+                events.append(event)
+                started.set()
+    reader = threading.Thread(target=stream)
+    reader.start()
+    try:
+        assert started.wait(60)
+        signalled = time.time()
+        server.proc.send_signal(signal.SIGTERM)
+        with GrpcClient(server.grpc_target, timeout=10) as client:
+            with pytest.raises(GrpcError) as refused:
+                client.complete("base", "hi", max_tokens=2)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE, refused.value
+        reader.join(60)
+        assert server.proc.wait(30) == 0
+        assert time.time() - signalled < 20
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+    errors = [e for e in events if isinstance(e, dict) and "error" in e]
+    assert errors and errors[0]["error"]["code"] == 503, events[-3:]
+    assert not any(isinstance(e, dict) and e.get("choices") and e["choices"][0]["finish_reason"] == "length"
+                   for e in events)
