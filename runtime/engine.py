@@ -2,6 +2,14 @@
 
 Transports call `submit` / `abort` from any thread; outputs go back through each request's `emit`
 callback (called on the engine thread: it must only hand the output over, never block).
+
+Failures are contained to the request they belong to: `check` refuses bad parameters up front
+(RequestError); a row whose logits are not finite (e.g. an adapter whose deltas overflow) ends
+that request alone with an error; an `emit` callback that raises ends that request alone. Any
+other exception in the loop is a bug the engine cannot reason about: the engine is then dead —
+`alive` turns False, `error` holds the reason (both in `stats()`), every request in flight ends
+with that error and `submit` raises EngineDead. The server must treat a dead engine as fatal
+(health not ok, process exits); it never comes back to life.
 """
 from __future__ import annotations
 
@@ -50,6 +58,10 @@ class EngineConfig:
 
 class RequestError(ValueError):
     """A request the engine cannot serve (too long, bad parameters)."""
+
+
+class EngineDead(RuntimeError):
+    """The engine thread died (see Engine.error); no request can be served any more."""
 
 
 DEFAULT_ADAPTER_SLOTS = 1024  # slot indices (module-table rows) when no count cap is given
@@ -119,6 +131,9 @@ class Engine:
                                  self.blocks.num_blocks * config.block_size)
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[int] = deque()
+        self._submit_lock = threading.Lock()  # submit vs. death: no request is queued after the last drain
+        self.alive = True
+        self.error: str | None = None  # why the engine died
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -134,8 +149,14 @@ class Engine:
 
     # -- called from any thread -------------------------------------------------------------
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_token_ids:
+        try:
+            params.validate()
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if not isinstance(prompt_token_ids, list) or not prompt_token_ids:
             raise RequestError("the prompt is empty")
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in prompt_token_ids):
+            raise RequestError("prompt token ids must be integers")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise RequestError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                                f"the model's context of {self.max_model_len} tokens")
@@ -147,16 +168,21 @@ class Engine:
                emit: Callable[[StepOutput], None]) -> int:
         self.check(prompt_token_ids, params)
         seq = Sequence(prompt_token_ids, params, adapter, emit)
-        self._inbox.append(seq)
+        with self._submit_lock:
+            if not self.alive:
+                raise EngineDead(f"the engine is dead: {self.error}")
+            self._by_id[seq.id] = seq  # from here on an abort finds it, wherever it is
+            self._inbox.append(seq)
         self._wake.set()
         return seq.id
 
     def abort(self, request_id: int) -> None:
+        """End a request (reason "abort") at the engine's next iteration: in the inbox, waiting or running."""
         self._aborts.append(request_id)
         self._wake.set()
 
     def stats(self) -> dict:
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+        return {"alive": self.alive, "error": self.error, "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
                 "kv_block_size": self.blocks.block_size, "resident_adapters": len(self.slots.resident),
                 "adapter_slots": self.slots.capacity, "adapter_ops": self.ops.name, "steps": self.steps,
@@ -187,28 +213,50 @@ class Engine:
 
     # -- engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stop:
-            self._drain_inbox()
-            if not self.scheduler.has_work():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
                 self.step()
-            except Exception as e:  # fail the requests in flight, keep serving
-                log.exception("engine step failed")
-                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    self._finish(seq, "error", error=f"engine error: {e}")
+        except Exception as e:  # not attributable to one request: the engine's state is unknown
+            log.exception("engine thread died")
+            self._die(f"{type(e).__name__}: {e}")
+
+    def _die(self, reason: str) -> None:
+        with self._submit_lock:
+            self.alive, self.error = False, reason
+        for seq in list(self._by_id.values()):
+            try:
+                self._finish(seq, "error", error=f"engine error: {reason}")
+            except Exception:  # the scheduler's state may be what broke: still tell the client
+                self._by_id.pop(seq.id, None)
+                self._emit(seq, StepOutput(seq.id, "", [], True, "error", seq.num_prompt_tokens,
+                                           seq.num_completion_tokens, f"engine error: {reason}"))
+        self._inbox.clear()
 
     def _drain_inbox(self) -> None:
         while self._inbox:
             seq = self._inbox.popleft()
-            self._by_id[seq.id] = seq
-            self.scheduler.add(seq)
+            if seq.status is not SeqStatus.FINISHED:  # not aborted while in the inbox
+                self.scheduler.add(seq)
         while self._aborts:
             seq = self._by_id.get(self._aborts.popleft())
             if seq is not None and seq.status is not SeqStatus.FINISHED:
                 self._finish(seq, "abort")
+
+    def _emit(self, seq: Sequence, out: StepOutput) -> bool:
+        """Hand an output to its request's consumer; a consumer that raises ends its own request only."""
+        try:
+            seq.emit(out)
+            return True
+        except Exception:
+            log.exception("emit of request %d failed; ending that request", seq.id)
+            if not out.finished:
+                self._finish(seq, "error", error="the request's output consumer failed", notify=False)
+            return False
 
     def _measure_prefill(self, prefill_tokens: int, seconds: float) -> None:
         """CPU: size the prefill budget so that a step with decode rows takes about max_step_seconds.
@@ -258,6 +306,7 @@ class Engine:
         live = []
         for seq, token in zip(ready, tokens):
             if token < 0:  # the sampler's mark for a row whose logits were NaN/inf: fail this request alone
+                self.runner.clear_kv(seq)  # its NaN/inf K/V must not reach the block's next owner
                 self._finish(seq, "error", error="the model produced non-finite logits (NaN or inf) for this request")
             else:
                 seq.token_ids.append(token)
@@ -284,16 +333,21 @@ class Engine:
         if reason is not None:
             self._finish(seq, reason, last_token=token)
         else:
-            seq.emit(StepOutput(seq.id, releasable_text(seq, False), [token], False, None,
-                                seq.num_prompt_tokens, seq.num_completion_tokens))
+            self._emit(seq, StepOutput(seq.id, releasable_text(seq, False), [token], False, None,
+                                       seq.num_prompt_tokens, seq.num_completion_tokens))
 
-    def _finish(self, seq: Sequence, reason: str, last_token: int | None = None, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, last_token: int | None = None, error: str | None = None,
+                notify: bool = True) -> None:
         self.scheduler.finish(seq, reason)
         self._by_id.pop(seq.id, None)
         if self.on_finish is not None:
-            self.on_finish(seq)
-        seq.emit(StepOutput(seq.id, releasable_text(seq, True), [] if last_token is None else [last_token], True,
-                            reason, seq.num_prompt_tokens, seq.num_completion_tokens, error))
+            try:
+                self.on_finish(seq)
+            except Exception:  # a metrics hook must not take the engine down
+                log.exception("on_finish hook failed for request %d", seq.id)
+        if notify:
+            self._emit(seq, StepOutput(seq.id, releasable_text(seq, True), [] if last_token is None else [last_token],
+                                       True, reason, seq.num_prompt_tokens, seq.num_completion_tokens, error))
 
     # -- synchronous helpers (tests, benchmarks) ---------------------------------------------
     def generate(self, requests: list[tuple[list[int], SamplingParams, AdapterRef | None]]) -> list[list[StepOutput]]:

@@ -115,7 +115,10 @@ class ModelRunner:
         elif decode_idx:
             lengths = torch.tensor([len(c) for c in decode_ctx])
             ctx.decode_token_idx = torch.tensor(decode_idx, device=dev)
-            ctx.decode_ctx_slots = torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True).to(dev)
+            # padding gathers the spare slot, which no sequence owns: never another request's stale K/V
+            # (masked out, but 0 * NaN is NaN)
+            ctx.decode_ctx_slots = torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True,
+                                                                   padding_value=self.spare_slot).to(dev)
             width = ctx.decode_ctx_slots.shape[1]
             ctx.decode_mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).view(-1, 1, 1, width).to(dev)
         if self.ops is not None and any(s != NO_ADAPTER for s in token_slots):
@@ -134,6 +137,17 @@ class ModelRunner:
         dev = self.device
         return PagedAttentionMeta(padded.to(dev), lens.to(dev), starts.to(dev), max(n for _, n in batch),
                                   self.blocks.block_size)
+
+    @torch.inference_mode()
+    def clear_kv(self, seq: Sequence) -> None:
+        """Zero the K/V of seq's blocks (before freeing them when they may hold NaN/inf)."""
+        if not seq.block_table:
+            return
+        size = self.blocks.block_size
+        slots = (torch.tensor(seq.block_table)[:, None] * size + torch.arange(size)).flatten().to(self.device)
+        for layer in self.base.model.layers:
+            layer.self_attn.k_cache.index_fill_(0, slots, 0)
+            layer.self_attn.v_cache.index_fill_(0, slots, 0)
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], all_logits: bool = False,

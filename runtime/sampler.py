@@ -40,10 +40,11 @@ def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, position: torch.T
     return -torch.log(-torch.log(u))
 
 
-def _row_parameters(seqs: list[Sequence], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (temperature, top_p) float32 and (top_k, seed_lo, seed_hi, position) int64 on `device`."""
+def _row_parameters(seqs: list[Sequence], vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (temperature, top_p) float32 and (top_k, seed_lo, seed_hi, position) int64 on `device`.
+    A temperature below float32's range becomes 0 (greedy: the limit of a vanishing temperature)."""
     floats = [(s.params.temperature, s.params.top_p) for s in seqs]
-    ints = [(s.params.top_k, s.seed & MASK32, (s.seed >> 32) & MASK32, s.num_completion_tokens) for s in seqs]
+    ints = [(min(s.params.top_k, vocab), s.seed & MASK32, (s.seed >> 32) & MASK32, s.num_completion_tokens) for s in seqs]
     pin = device.type == "cuda"
     host_floats = torch.tensor(floats, dtype=torch.float32, pin_memory=pin)
     host_ints = torch.tensor(ints, dtype=torch.int64, pin_memory=pin)
@@ -81,7 +82,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         vocab = logits.shape[1]
         max_k = min(max(p.top_k for p in sampled_params), vocab)
         use_top_p = any(p.top_p < 1.0 for p in sampled_params)
-        floats, ints = _row_parameters(seqs, logits.device)
+        floats, ints = _row_parameters(seqs, vocab, logits.device)
         temperature, top_p = floats[:, 0], floats[:, 1]
         top_k, seed_lo, seed_hi, position = ints.unbind(dim=1)
         greedy = temperature == 0.0

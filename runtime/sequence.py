@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,18 @@ from typing import Callable
 
 from .adapters.registry import AdapterRef
 from .adapters.segments import NO_ADAPTER
+
+
+SEED_MIN, SEED_END = -(1 << 63), 1 << 64  # a seed is any signed or unsigned 64-bit integer
+SEED_MASK = (1 << 64) - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -25,6 +38,23 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field the sampler cannot honour exactly."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed < SEED_END):
+            raise ValueError(f"seed must be a 64-bit integer in [-2^63, 2^64), got {self.seed!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
 
 
 class SeqStatus(enum.Enum):
@@ -68,7 +98,7 @@ class Sequence:
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
         # the sampler's noise is a pure function of (seed, completion index, vocabulary index)
-        self.seed: int = params.seed if params.seed is not None else _seed_source.getrandbits(63)
+        self.seed: int = params.seed & SEED_MASK if params.seed is not None else _seed_source.getrandbits(64)
         # detokenizer state (see detokenizer.py)
         self.text = ""
         self.emitted_chars = 0

@@ -5,6 +5,9 @@ PEFT LoRA and GraLoRA (with its hybrid LoRA part) both become, per adapted proje
 plain low-rank "general" pair. Everything after this module sees only that representation.
 
 Nothing here unpickles: only `adapter_config.json` and `adapter_model.safetensors` are read.
+Every config field is either honoured, known to be harmless metadata, or refused by name; the
+regular expressions an upload carries (`rank_pattern` / `alpha_pattern` keys, a string
+`target_modules`) run on RE2, a linear-time engine, so no pattern can stall the server.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 
+import re2
 import torch
 from safetensors.torch import load as load_safetensors
 
@@ -25,6 +29,30 @@ MAX_CONFIG_BYTES = 1 << 20
 ALLOWED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+MAX_ABS_SCALE = 1e4  # |alpha / r|: beyond this a delta swamps the base model's activations (overflow in bf16)
+MAX_PATTERN_CHARS = 1000
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+# Config fields that change nothing we serve: provenance and training-time settings (initialisation,
+# dropout), or fields whose effect we check on the tensors themselves (layers_pattern, exclude_modules).
+METADATA_FIELDS = {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision", "peft_version",
+                   "inference_mode", "lora_dropout", "gralora_dropout", "init_lora_weights", "init_weights",
+                   "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+                   "layers_pattern", "exclude_modules", "megatron_core", "qalora_group_size", "ensure_weight_tying"}
+HONOURED_FIELDS = {"LORA": {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                            "target_modules"},
+                   "GRALORA": {"r", "alpha", "gralora_k", "hybrid_r", "layers_to_transform", "target_modules"}}
+# Fields that change the computation in ways we do not implement: accepted only when off (null/false/empty).
+OFF_FIELDS = {"bias": "trained biases", "lora_bias": "trained biases", "modules_to_save": "modules_to_save (only "
+              "low-rank deltas are served)", "fan_in_fan_out": "fan_in_fan_out (Conv1D bases do not fit a Llama model)",
+              "use_dora": "DoRA adapters (use_dora)", "use_qalora": "QALoRA (use_qalora)",
+              "layer_replication": "layer_replication", "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+              "megatron_config": "Megatron parallel layers (megatron_config)",
+              "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
+              "target_parameters": "LoRA on parameters (target_parameters)", "arrow_config": "Arrow routing (arrow_config)",
+              "use_bdlora": "use_bdlora", "kasa_config": "KaSA (kasa_config)", "monteclora_config": "MonteCLoRA",
+              "velora_config": "VeLoRA (velora_config)"}
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
                   r"(lora_A\.weight|lora_B\.weight|gralora_A|gralora_B|gralora_A_general\.weight|"
                   r"gralora_B_general\.weight)$")
@@ -98,7 +126,26 @@ def parse_config(raw: bytes) -> dict:
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "GRALORA"):
         raise AdapterError(f"unsupported peft_type {peft_type!r}: loraplex serves LORA and GRALORA adapters")
+    _check_fields(config)
     return config
+
+
+def _is_off(value) -> bool:
+    return value is None or value is False or value == [] or value == {} or value == "none"
+
+
+def _check_fields(config: dict) -> None:
+    """Refuse, by name, every field we do not honour and that is not harmless metadata."""
+    honoured = HONOURED_FIELDS[config["peft_type"]]
+    for key, value in config.items():
+        if key in honoured or key in METADATA_FIELDS:
+            continue
+        if key in OFF_FIELDS:
+            if not _is_off(value):
+                raise AdapterError(f"{CONFIG_FILE}: {OFF_FIELDS[key]} is not supported ({key}={value!r})", 400)
+        elif not _is_off(value):
+            raise AdapterError(f"{CONFIG_FILE}: unsupported field {key!r} for a {config['peft_type']} adapter "
+                               f"(value {value!r}); loraplex refuses what it would otherwise ignore", 400)
 
 
 def _check_safetensors_header(raw: bytes) -> None:
@@ -122,9 +169,20 @@ def _check_safetensors_header(raw: bytes) -> None:
         if not isinstance(info, dict) or info.get("dtype") not in ALLOWED_DTYPES:
             raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has dtype {info.get('dtype') if isinstance(info, dict) else '?'};"
                                f" expected one of {sorted(ALLOWED_DTYPES)}")
-        offsets = info.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_len):
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has malformed data_offsets {offsets!r}", 400)
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has malformed shape {shape!r}", 400)
+        if not 0 <= offsets[0] <= offsets[1] <= data_len:
             raise AdapterError(f"{WEIGHTS_FILE} is truncated: tensor {name!r} lies past the end of the file", 400)
+        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[info["dtype"]]:
+            raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} holds {offsets[1] - offsets[0]} bytes, but shape "
+                               f"{shape} of {info['dtype']} needs {math.prod(shape) * _DTYPE_BYTES[info['dtype']]}", 400)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def parse_weights(raw: bytes) -> dict[str, torch.Tensor]:
@@ -135,18 +193,91 @@ def parse_weights(raw: bytes) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{WEIGHTS_FILE} could not be read: {e}", 400)
 
 
-def _pattern_value(pattern: dict, module_name: str, default):
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+def _compile(field: str, pattern) -> "re2._Regexp":
+    """A user-supplied regular expression on RE2 (linear time); refused if RE2 cannot run it."""
+    if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN_CHARS:
+        raise AdapterError(f"{CONFIG_FILE}: {field} patterns must be non-empty strings of at most "
+                           f"{MAX_PATTERN_CHARS} characters, got {pattern!r}", 400)
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as e:
+        raise AdapterError(f"{CONFIG_FILE}: {field} pattern {pattern!r} is malformed or uses a feature "
+                           f"without a linear-time match (backreferences, lookaround): {e}", 400)
+
+
+def _patterns(config: dict, field: str, check_value) -> list[tuple["re2._Regexp", object]]:
+    """PEFT's rank_pattern / alpha_pattern: the first key with re.match(rf"(.*\.)?({key})$", name) wins."""
+    pattern = config.get(field) or {}
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"{CONFIG_FILE}: {field} must be an object mapping module patterns to values", 400)
+    compiled = []
+    for key, value in pattern.items():
+        _compile(field, key)  # the key alone first, so a malformed key is named as such
+        check_value(field, key, value)
+        compiled.append((_compile(field, rf"(.*\.)?({key})"), value))
+    return compiled
+
+
+def _pattern_value(patterns: list, module_name: str, default):
+    for regex, value in patterns:
+        if regex.fullmatch(module_name):  # fullmatch == re.match(...$) on names without newlines
             return value
     return default
 
 
-def _targets_layer(config: dict, layer: int) -> bool:
+def _check_rank_value(field: str, key: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise AdapterError(f"{CONFIG_FILE}: {field}[{key!r}] must be a positive integer, got {value!r}", 400)
+
+
+def _check_alpha_value(field: str, key: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise AdapterError(f"{CONFIG_FILE}: {field}[{key!r}] must be a finite number, got {value!r}", 400)
+
+
+def _layer_filter(config: dict) -> set[int] | None:
     layers = config.get("layers_to_transform")
     if layers is None:
-        return True
-    return layer in ([layers] if isinstance(layers, int) else layers)
+        return None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, list) or not all(_is_count(i) for i in layers):
+        raise AdapterError(f"{CONFIG_FILE}: layers_to_transform must be a non-negative integer or a list of them, "
+                           f"got {layers!r}", 400)
+    return set(layers)
+
+
+def _target_filter(config: dict):
+    """A predicate on module names from target_modules (PEFT: a string is a regex fullmatch, a list
+    matches a name or its last components), or None when every module may be adapted."""
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return None
+    if isinstance(targets, str):
+        regex = _compile("target_modules", targets)
+        return lambda name: regex.fullmatch(name) is not None
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise AdapterError(f"{CONFIG_FILE}: target_modules must be a string (a regular expression) or a list of "
+                           f"module names, got {targets!r}", 400)
+    return lambda name: any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_targets(config: dict, grouped: dict) -> None:
+    """Every tensor belongs to a module the config says it adapts."""
+    layers, targeted = _layer_filter(config), _target_filter(config)
+    for layer, proj in sorted(grouped):
+        name = _module_name(layer, proj)
+        if layers is not None and layer not in layers:
+            raise AdapterError(f"{name}: weights for a layer outside layers_to_transform")
+        if targeted is not None and not targeted(name):
+            raise AdapterError(f"{name}: weights for a module outside target_modules", 400)
+
+
+def _checked_scale(name: str, scale: float) -> float:
+    if not math.isfinite(scale) or abs(scale) > MAX_ABS_SCALE:
+        raise AdapterError(f"{name}: scale {scale!r} (alpha / rank) is not a finite number of magnitude at most "
+                           f"{MAX_ABS_SCALE:g}", 400)
+    return scale
 
 
 def _positive_int(config: dict, key: str, default=None) -> int:
@@ -154,17 +285,6 @@ def _positive_int(config: dict, key: str, default=None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise AdapterError(f"{CONFIG_FILE}: {key} must be a positive integer, got {value!r}")
     return value
-
-
-def _check_common(config: dict) -> None:
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise AdapterError(f"{CONFIG_FILE}: trained biases (bias={config.get('bias')!r}) are not supported")
-    if config.get("modules_to_save"):
-        raise AdapterError(f"{CONFIG_FILE}: modules_to_save is not supported (only low-rank deltas are served)")
-    if config.get("fan_in_fan_out"):
-        raise AdapterError(f"{CONFIG_FILE}: fan_in_fan_out adapters (Conv1D bases) do not fit a Llama model")
-    if config.get("use_dora"):
-        raise AdapterError(f"{CONFIG_FILE}: DoRA adapters (use_dora) are not supported")
 
 
 def _group_tensors(tensors: dict[str, torch.Tensor], base: BaseShape) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
@@ -201,23 +321,26 @@ def _module_name(layer: int, proj: str) -> str:
 def _lora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tuple[int, str], ModuleDelta]:
     r = _positive_int(config, "r", 8)
     alpha = config.get("lora_alpha", 8)
-    rslora = bool(config.get("use_rslora", False))
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterError(f"{CONFIG_FILE}: lora_alpha must be a finite number, got {alpha!r}", 400)
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise AdapterError(f"{CONFIG_FILE}: use_rslora must be true or false, got {rslora!r}", 400)
+    rank_pattern = _patterns(config, "rank_pattern", _check_rank_value)
+    alpha_pattern = _patterns(config, "alpha_pattern", _check_alpha_value)
     modules = {}
     for (layer, proj), parts in sorted(grouped.items()):
         name = _module_name(layer, proj)
         if set(parts) - {"lora_A.weight", "lora_B.weight"}:
             raise AdapterError(f"{name}: GraLoRA tensors in a LORA adapter")
-        if not _targets_layer(config, layer):
-            raise AdapterError(f"{name}: weights for a layer outside layers_to_transform")
-        rank = _pattern_value(config.get("rank_pattern"), name, r)
-        a = alpha if isinstance(alpha, (int, float)) else 8
-        a = _pattern_value(config.get("alpha_pattern"), name, a)
+        rank = _pattern_value(rank_pattern, name, r)
+        a = _pattern_value(alpha_pattern, name, alpha)
         if rank > max_rank:
             raise AdapterError(f"{name}: rank {rank} is above the server's --max-lora-rank {max_rank}")
         fin, fout = base.projections[proj]
         A = _expect(f"{name}.lora_A.weight", parts.get("lora_A.weight"), (rank, fin))
         B = _expect(f"{name}.lora_B.weight", parts.get("lora_B.weight"), (fout, rank))
-        scale = a / math.sqrt(rank) if rslora else a / rank
+        scale = _checked_scale(name, a / math.sqrt(rank) if rslora else a / rank)
         modules[(layer, proj)] = ModuleDelta(1, A.t().unsqueeze(0).contiguous(), B.t().unsqueeze(0).contiguous(), scale)
     return modules
 
@@ -226,21 +349,19 @@ def _gralora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tu
     r = _positive_int(config, "r", 32)
     k = _positive_int(config, "gralora_k", 2)
     hybrid_r = config.get("hybrid_r", 0)
-    if not isinstance(hybrid_r, int) or hybrid_r < 0:
+    if not isinstance(hybrid_r, int) or isinstance(hybrid_r, bool) or hybrid_r < 0:
         raise AdapterError(f"{CONFIG_FILE}: hybrid_r must be a non-negative integer, got {hybrid_r!r}")
     if r % k:
         raise AdapterError(f"{CONFIG_FILE}: gralora_k={k} must divide r={r}")
     if r + hybrid_r > max_rank:
         raise AdapterError(f"rank {r + hybrid_r} (r + hybrid_r) is above the server's --max-lora-rank {max_rank}")
     alpha = config.get("alpha", 64)
-    if not isinstance(alpha, (int, float)):
-        raise AdapterError(f"{CONFIG_FILE}: alpha must be a number")
-    scale = alpha / (r + hybrid_r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterError(f"{CONFIG_FILE}: alpha must be a finite number, got {alpha!r}", 400)
+    scale = _checked_scale(CONFIG_FILE, alpha / (r + hybrid_r))
     modules = {}
     for (layer, proj), parts in sorted(grouped.items()):
         name = _module_name(layer, proj)
-        if not _targets_layer(config, layer):
-            raise AdapterError(f"{name}: weights for a layer outside layers_to_transform")
         fin, fout = base.projections[proj]
         if fin % k or fout % k:
             raise AdapterError(f"{name}: gralora_k={k} must divide in_features={fin} and out_features={fout}")
@@ -259,8 +380,8 @@ def _gralora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tu
 def parse_adapter(config_raw: bytes, weights_raw: bytes, base: BaseShape, max_rank: int) -> AdapterWeights:
     """Validate an uploaded adapter against the base model; raises AdapterError naming the problem."""
     config = parse_config(config_raw)
-    _check_common(config)
     grouped = _group_tensors(parse_weights(weights_raw), base)
+    _check_targets(config, grouped)
     if config["peft_type"] == "LORA":
         modules = _lora_modules(config, grouped, base, max_rank)
     else:

@@ -3,15 +3,24 @@
 A request resolves its adapter once, at admission, into an `AdapterRef` that holds that version's
 weights. Replacing or deleting the adapter afterwards changes what *new* requests get; requests
 already admitted keep computing with the version they hold.
+
+Host memory for the parsed (fp32) weights is bounded in bytes (`max_host_bytes`): every request
+holding a version shares one copy, which counts until the last holder drops it (a held copy is
+pinned); unpinned copies stay cached, least-recently-used first out, while they fit. A resolve that
+cannot fit even after evicting every unpinned copy is refused (429, retry later); an upload whose
+weights alone exceed the budget is refused (413) before anything is written.
 """
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from .peft_format import AdapterError, AdapterWeights, BaseShape, parse_adapter
 from .store import AdapterStore, StoredAdapter
+
+DEFAULT_MAX_HOST_BYTES = 4 << 30
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,33 +36,84 @@ class AdapterRef:
 
 class AdapterRegistry:
     def __init__(self, store: AdapterStore, base: BaseShape, *, max_rank: int = 64,
-                 max_bytes: int = 512 << 20, max_host_adapters: int = 64):
+                 max_bytes: int = 512 << 20, max_host_bytes: int = DEFAULT_MAX_HOST_BYTES,
+                 max_host_adapters: int | None = None):
         self.store = store
         self.base = base
         self.max_rank = max_rank
-        self.max_bytes = max_bytes
-        self.max_host_adapters = max_host_adapters
-        self._host: OrderedDict[tuple[str, int], AdapterWeights] = OrderedDict()
-        self._lock = threading.Lock()
+        self.max_bytes = max_bytes  # upload size (the safetensors file)
+        self.max_host_bytes = max_host_bytes
+        self.max_host_adapters = max_host_adapters  # optional cap on the count of cached copies
+        self._host: OrderedDict[tuple[str, int], AdapterWeights] = OrderedDict()  # cached, oldest first
+        self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # every copy in memory
+        self._pins: dict[tuple[str, int], int] = {}  # AdapterRefs alive per version
+        self.host_bytes_used = 0  # bytes of every copy in memory: cached or held by requests
+        self.host_evictions = 0
+        self._lock = threading.RLock()  # re-entered by a copy's finalizer when an eviction frees it
 
-    def _cache(self, key: tuple[str, int], weights: AdapterWeights) -> None:
+    def _freed(self, nbytes: int) -> None:
         with self._lock:
-            self._host[key] = weights
+            self.host_bytes_used -= nbytes
+
+    def _pin(self, ref: AdapterRef) -> AdapterRef:
+        """Count ref as a holder of its version's copy until ref itself is gone (its request ended)."""
+        with self._lock:
+            self._pins[ref.key] = self._pins.get(ref.key, 0) + 1
+        weakref.finalize(ref, self._unpin, ref.key)
+        return ref
+
+    def _unpin(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            self._pins[key] -= 1
+            if not self._pins[key]:
+                del self._pins[key]
+
+    def _pinned(self, key: tuple[str, int]) -> bool:
+        return key in self._pins
+
+    def _cache(self, key: tuple[str, int], weights: AdapterWeights) -> AdapterWeights:
+        """Keep `weights` in memory under the byte budget; returns the one shared copy of `key`."""
+        with self._lock:
+            shared = self._live.get(key)
+            new = shared is None
+            if new:
+                shared = weights
+                self._live[key] = shared
+                self.host_bytes_used += shared.nbytes
+                weakref.finalize(shared, self._freed, shared.nbytes)
+            self._host[key] = shared
             self._host.move_to_end(key)
-            while len(self._host) > self.max_host_adapters:
-                self._host.popitem(last=False)
+            for old in [k for k in self._host if k != key]:
+                over_count = self.max_host_adapters is not None and len(self._host) > self.max_host_adapters
+                if self.host_bytes_used <= self.max_host_bytes and not over_count:
+                    break
+                if over_count or not self._pinned(old):
+                    del self._host[old]  # an unpinned copy is freed now; a pinned one when its holder ends
+                    self.host_evictions += 1
+            if new and self.host_bytes_used > self.max_host_bytes:
+                del self._host[key]
+                raise AdapterError(f"host memory for adapters is full ({self.host_bytes_used} of "
+                                   f"{self.max_host_bytes} bytes held by requests in flight); retry later", 429)
+            return shared
 
     def validate(self, config_raw: bytes, weights_raw: bytes) -> AdapterWeights:
         if len(weights_raw) > self.max_bytes:
             raise AdapterError(f"adapter weights are {len(weights_raw)} bytes, above the limit of {self.max_bytes}", 413)
-        return parse_adapter(config_raw, weights_raw, self.base, self.max_rank)
+        weights = parse_adapter(config_raw, weights_raw, self.base, self.max_rank)
+        if weights.nbytes > self.max_host_bytes:
+            raise AdapterError(f"adapter weights take {weights.nbytes} bytes in host memory, above the server's "
+                               f"adapter host memory of {self.max_host_bytes} bytes", 413)
+        return weights
 
     def upload(self, adapter_id: str, config_raw: bytes, weights_raw: bytes) -> StoredAdapter:
         """Validate, then commit to disk; on any error nothing is written and nothing changes."""
         self.store.get(adapter_id)  # checks the id before any parsing work
         weights = self.validate(config_raw, weights_raw)
         record = self.store.commit(adapter_id, config_raw, weights_raw, weights.peft_type, weights.rank)
-        self._cache(record_key(record), weights)
+        try:
+            self._cache(record_key(record), weights)
+        except AdapterError:  # committed; loaded from disk when first used and memory allows
+            pass
         return record
 
     def delete(self, adapter_id: str) -> StoredAdapter:
@@ -76,18 +136,14 @@ class AdapterRegistry:
         for _ in range(3):  # a concurrent replace can remove the version between get and read
             record = self.get(adapter_id)
             key = record_key(record)
-            with self._lock:
-                weights = self._host.get(key)
-                if weights is not None:
-                    self._host.move_to_end(key)
+            weights = self._live.get(key)  # cached, or held by requests in flight: shared, never copied again
             if weights is None:
                 try:
                     config_raw, weights_raw = self.store.read(record.id, record.version)
                 except FileNotFoundError:
                     continue
                 weights = parse_adapter(config_raw, weights_raw, self.base, max(self.max_rank, record.rank))
-                self._cache(key, weights)
-            return AdapterRef(record.id, record.version, weights)
+            return self._pin(AdapterRef(record.id, record.version, self._cache(key, weights)))
         raise AdapterError(f"adapter {adapter_id!r} not found", 404)
 
 

@@ -1,0 +1,73 @@
+"""Host memory for adapters is bounded in bytes: one shared copy per version, LRU eviction of copies
+no request holds, refusal (429) when requests in flight hold the whole budget, 413 at upload."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from loraplex.runtime.adapters.peft_format import AdapterError
+from loraplex.runtime.adapters.registry import AdapterRegistry
+from loraplex.runtime.adapters.store import AdapterStore
+
+from test_store import SHAPE, lora_files
+
+ADAPTER_BYTES = 2 * (4 * 16 + 16 * 4) * 4  # two layers of q_proj A [4, 16] and B [16, 4] in fp32
+
+
+def registry(tmp_path, adapters: int, **kw) -> AdapterRegistry:
+    return AdapterRegistry(AdapterStore(tmp_path), SHAPE, max_host_bytes=int(adapters * ADAPTER_BYTES), **kw)
+
+
+def test_unpinned_copies_are_evicted_to_stay_within_bytes(tmp_path):
+    reg = registry(tmp_path, 2.5)
+    for name in "abcd":
+        reg.upload(name, *lora_files())
+        assert reg.host_bytes_used <= reg.max_host_bytes
+    for name in "abcdabcd":
+        assert reg.resolve(name).weights.nbytes == ADAPTER_BYTES  # the ref dies here: nothing stays pinned
+        assert reg.host_bytes_used <= 2 * ADAPTER_BYTES
+    assert reg.host_evictions >= 6
+
+
+def test_requests_share_one_copy_even_after_its_eviction(tmp_path):
+    reg = registry(tmp_path, 2.5, max_host_adapters=1)
+    for name in "abc":
+        reg.upload(name, *lora_files())
+    held = reg.resolve("a")  # a waiting request holds version a/1
+    reg.resolve("b")
+    reg.resolve("c")  # the count cap evicts a from the cache; it stays in memory: held
+    assert ("a", 1) not in reg._host
+    again = reg.resolve("a")
+    assert again.weights is held.weights  # not a second fp32 copy
+    assert reg.host_bytes_used <= reg.max_host_bytes
+
+
+def test_a_resolve_that_cannot_fit_is_refused_and_frees_nothing_held(tmp_path):
+    reg = registry(tmp_path, 2.5)
+    for name in "abc":
+        reg.upload(name, *lora_files())
+    held = [reg.resolve("a"), reg.resolve("b")]  # two requests in flight pin two copies
+    with pytest.raises(AdapterError, match="host memory for adapters is full") as e:
+        reg.resolve("c")
+    assert e.value.status == 429
+    del e  # its traceback holds the refused copy
+    gc.collect()
+    assert [h.weights.nbytes for h in held] == [ADAPTER_BYTES] * 2
+    assert reg.host_bytes_used == 2 * ADAPTER_BYTES
+    del held
+    gc.collect()
+    assert reg.resolve("c").version == 1  # the holders ended: their copies are evictable again
+
+
+def test_an_adapter_larger_than_the_budget_is_refused_at_upload(tmp_path):
+    reg = registry(tmp_path, 0.5)
+    with pytest.raises(AdapterError, match="host memory") as e:
+        reg.upload("big", *lora_files())
+    assert e.value.status == 413
+    assert reg.list() == [] and reg.host_bytes_used == 0
+
+
+def test_default_budget_is_bytes():
+    reg = AdapterRegistry.__init__.__kwdefaults__
+    assert reg["max_host_bytes"] == 4 << 30
