@@ -34,6 +34,11 @@ from safetensors.torch import save as save_safetensors
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_gpu import Server  # noqa: E402  (a sibling benchmark script: same server handling)
 
+def idle(health: dict) -> bool:
+    """Nothing running or waiting, and nothing it held still held: KV blocks and adapter pins."""
+    return (health["running"], health["waiting"], health["kv_blocks_used"], health["pinned_adapters"]) == (0, 0, 0, 0)
+
+
 PROMPTS = ["The capital of France is", "Once upon a time", "List three colours:", "def fibonacci(n):"]
 TARGETS = ("q_proj", "o_proj")  # hidden x hidden on Llama-family models: shapes from /health alone
 
@@ -200,7 +205,7 @@ class Load:
         deadline = time.monotonic() + self.args.idle_timeout
         while True:
             health = (await self.client.get("/health")).json()
-            if (health["running"], health["waiting"], health["kv_blocks_used"]) == (0, 0, 0) \
+            if idle(health) \
                     or time.monotonic() > deadline:
                 return health
             await asyncio.sleep(0.2)
@@ -266,8 +271,8 @@ async def bench(args, url: str, pid: int | None) -> dict:
                 "ttft_p50_s": percentile([r.ttft for r in completed if r.ttft is not None], 0.5),
                 "ttft_p99_s": percentile([r.ttft for r in completed if r.ttft is not None], 0.99),
                 **churn, "health_after": {k: health.get(k) for k in ("running", "waiting", "kv_blocks_used",
-                                                                    "resident_adapters", "adapter_memory_bytes_used")},
-                "leaked": (health["running"], health["waiting"], health["kv_blocks_used"]) != (0, 0, 0),
+                                                                    "pinned_adapters", "resident_adapters", "adapter_memory_bytes_used")},
+                "leaked": not idle(health),
                 "rss_bytes": rss_bytes(pid)})
             all_results += completed
             print(f"  round {number}: {len(completed)}/{len(results)} completed, {rounds[-1]['disconnected']} "

@@ -34,6 +34,7 @@ def _serve(args) -> None:
                                  merge_format=args.merge_format)
     config = ServiceConfig(adapter_dir=args.adapter_dir, max_lora_rank=args.max_lora_rank,
                            max_adapter_bytes=args.max_adapter_mb << 20, max_host_adapters=args.max_cpu_adapters,
+                           max_host_adapter_bytes=int(args.host_adapter_memory * (1 << 30)),
                            max_waiting=args.max_waiting, max_concurrent=args.max_concurrent,
                            max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                            max_body_bytes=args.max_body_kb << 10, max_adapters_per_tenant=args.max_adapters_per_tenant,
@@ -109,6 +110,15 @@ async def _serve_http_and_grpc(service, host: str, args) -> None:
             await grpc_server.stop(grace=1)
         http.should_exit = True
 
+    async def watch_engine() -> None:  # a dead engine never recovers: the process ends, non-zero
+        while service.engine.alive:
+            await asyncio.sleep(0.5)
+        log.critical("the engine died (%s): stopping the server", service.engine.error)
+        engine_died.append(service.engine.error)
+        http.should_exit = True
+
+    engine_died: list[str] = []
+    tasks.append(loop.create_task(watch_engine()))
     log.info("serving %s on http://%s:%d", service.base.name, host, args.port)
     http = DrainingServer(uvicorn.Config(create_app(service), host=host, port=args.port, log_level=args.log_level,
                                          timeout_graceful_shutdown=5))
@@ -117,6 +127,8 @@ async def _serve_http_and_grpc(service, host: str, args) -> None:
     finally:
         if grpc_server is not None:
             await grpc_server.stop(grace=1)
+    if engine_died:
+        raise SystemExit(f"loraplex serve: the engine died: {engine_died[0]}")
 
 
 def _adapters(args) -> None:
@@ -180,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "after weights and KV (e.g. 0.5, the default)")
     serve.add_argument("--max-gpu-adapters", type=int, default=None,
                        help="optional cap on the number of adapters resident in accelerator memory")
-    serve.add_argument("--max-cpu-adapters", type=int, default=64, help="adapters cached in host memory")
+    serve.add_argument("--host-adapter-memory", type=float, default=4.0,
+                       help="GB of host memory for parsed adapter weights (LRU; an upload larger than this is refused)")
+    serve.add_argument("--max-cpu-adapters", type=int, default=None,
+                       help="optional cap on the number of adapters cached in host memory")
     serve.add_argument("--max-adapter-mb", type=int, default=512, help="largest accepted adapter upload")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
     serve.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens per engine step")

@@ -185,6 +185,7 @@ class Engine:
         return {"alive": self.alive, "error": self.error, "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
                 "kv_block_size": self.blocks.block_size, "resident_adapters": len(self.slots.resident),
+                "pinned_adapters": self.slots.pinned,
                 "adapter_slots": self.slots.capacity, "adapter_ops": self.ops.name, "steps": self.steps,
                 "tokens_generated": self.tokens_generated,
                 "adapter_memory_bytes_total": self.slots.capacity_bytes,
@@ -319,8 +320,9 @@ class Engine:
         """Stop strings, end of sequence, length; then emit the new text or finish."""
         token = seq.token_ids[-1]
         self.tokens_generated += 1
+        seq.last_token_at = time.monotonic()
         if seq.first_token_at is None:
-            seq.first_token_at = time.monotonic()
+            seq.first_token_at = seq.last_token_at
         reason = None
         stop_at = find_stop(seq, previous_len)
         if stop_at is not None:

@@ -300,7 +300,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return service.health()
+        state = service.health()
+        return JSONResponse(state, status_code=503) if state["status"] == "error" else state
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():

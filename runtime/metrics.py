@@ -114,17 +114,10 @@ class Metrics:
 
     # -- recording --------------------------------------------------------------------------
     def _record(self, seq: Sequence, now: float) -> None:
-        admitted_at = getattr(seq, "admitted_at", None)  # TODO(engine): Sequence.admitted_at, set at admission
-        if admitted_at is not None:
-            self.queue_wait.observe(admitted_at - seq.arrival)
+        if seq.admitted_at is not None:
+            self.queue_wait.observe(seq.admitted_at - seq.arrival)
         if seq.first_token_at is not None and seq.num_completion_tokens > 1:
-            # without Sequence.last_token_at, `now` stands for the last token: exact for stop and
-            # length (the engine finishes right after appending it), not for abort or error
-            last_token_at = getattr(seq, "last_token_at", None)
-            if last_token_at is None and seq.finish_reason in ("stop", "length"):
-                last_token_at = now
-            if last_token_at is not None:
-                self.inter_token.observe((last_token_at - seq.first_token_at) / (seq.num_completion_tokens - 1))
+            self.inter_token.observe((seq.last_token_at - seq.first_token_at) / (seq.num_completion_tokens - 1))
         adapter = seq.adapter
         if adapter is not None and adapter.version <= self._deleted.get(adapter.id, 0):
             return  # its series were removed: a late finish must not bring them back

@@ -11,6 +11,8 @@ runs out of blocks the most recently admitted sequence is preempted (freed, reco
 """
 from __future__ import annotations
 
+import time
+
 from collections import deque
 
 from .adapters.segments import NO_ADAPTER
@@ -101,6 +103,8 @@ class Scheduler:
             self.waiting.popleft()
             seq.adapter_slot = slot
             seq.status = SeqStatus.RUNNING
+            if seq.admitted_at is None:  # not again after a preemption
+                seq.admitted_at = time.monotonic()
             self.blocks.allocate(seq, seq.num_computed + n)
             self.running.append(seq)
             batch.append((seq, n))

@@ -96,7 +96,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.aborted = False
         self.arrival = time.monotonic()
+        self.admitted_at: float | None = None  # first entry into the running batch
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         # the sampler's noise is a pure function of (seed, completion index, vocabulary index)
         self.seed: int = params.seed & SEED_MASK if params.seed is not None else _seed_source.getrandbits(64)
         # detokenizer state (see detokenizer.py)

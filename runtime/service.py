@@ -19,7 +19,7 @@ from .adapters.peft_format import AdapterError, BaseShape
 from .adapters.registry import AdapterRef, AdapterRegistry
 from .adapters.store import AdapterStore, StoredAdapter, check_adapter_id
 from .base_model import BaseModel, cache_dir, describe
-from .engine import Engine, EngineConfig, RequestError
+from .engine import Engine, EngineConfig, EngineDead, RequestError
 from .metrics import Metrics
 from .sequence import SamplingParams, StepOutput
 from .tenants import OPEN_TENANT, KeyRing, Tenant, bearer_key
@@ -34,7 +34,8 @@ class ServiceConfig:
     adapter_dir: Path | None = None
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 << 20  # largest upload (weights)
-    max_host_adapters: int = 64
+    max_host_adapters: int | None = None  # optional cap on parsed adapters cached in host memory
+    max_host_adapter_bytes: int = 4 << 30  # host memory for parsed adapter weights
     default_max_tokens: int = 256
     max_waiting: int = 512  # admitted requests the engine has not started yet
     max_concurrent: int = 1024  # admitted requests not finished (running + waiting)
@@ -49,7 +50,8 @@ class ServiceConfig:
         return {"max_body_bytes": self.max_body_bytes, "max_prompt_tokens": self.max_prompt_tokens,
                 "max_tokens": self.max_tokens, "max_concurrent": self.max_concurrent,
                 "max_waiting": self.max_waiting, "max_upload_bytes": self.max_adapter_bytes,
-                "max_adapters_per_tenant": self.max_adapters_per_tenant, "request_timeout_s": self.request_timeout}
+                "max_adapters_per_tenant": self.max_adapters_per_tenant,
+                "max_host_adapter_bytes": self.max_host_adapter_bytes, "request_timeout_s": self.request_timeout}
 
 
 class ServiceError(Exception):
@@ -93,6 +95,8 @@ def error_of(e: Exception) -> ServiceError | None:
         return e
     if isinstance(e, AdapterError):
         return ServiceError(e.message, e.status, "not_found_error" if e.status == 404 else "adapter_error")
+    if isinstance(e, EngineDead):
+        return EngineFailure(str(e), 503, "unavailable_error")
     if isinstance(e, RequestError):
         return ServiceError(str(e))
     return None
@@ -158,7 +162,8 @@ class Service:
         store = AdapterStore(config.adapter_dir or cache_dir() / "adapters")
         shape = BaseShape(base.num_layers, base.projection_shapes)
         self.registry = AdapterRegistry(store, shape, max_rank=config.max_lora_rank,
-                                        max_bytes=config.max_adapter_bytes, max_host_adapters=config.max_host_adapters)
+                                        max_bytes=config.max_adapter_bytes, max_host_bytes=config.max_host_adapter_bytes,
+                                        max_host_adapters=config.max_host_adapters)
         self.engine = Engine(base, engine_config)
         self.metrics = Metrics(self.engine.stats)
         self.engine.on_finish = self.metrics.on_finish  # the engine's one metrics hook
@@ -342,7 +347,8 @@ class Service:
                           "parent": BASE_MODEL_ID, "version": a.version} for a in self.list_adapters(tenant)]
 
     def health(self) -> dict:
-        return {"status": "draining" if self.draining else "ok", "model": describe(self.base),
+        status = "error" if not self.engine.alive else "draining" if self.draining else "ok"
+        return {"status": status, "model": describe(self.base),
                 **self.engine.stats(), "in_flight": self.in_flight, "limits": self.config.limits(),
                 "quarantined_adapters": [dataclasses.asdict(q) for q in self.registry.store.quarantined]}
 

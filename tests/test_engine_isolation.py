@@ -98,7 +98,7 @@ def test_poisoned_adapter_fails_only_its_request(tiny_base, adapters):
     for layer in tiny_base.model.layers:
         assert layer.self_attn.k_cache.isfinite().all() and layer.self_attn.v_cache.isfinite().all()
     assert texts(engine.generate(healthy)) == expected
-    assert engine.alive and engine.blocks.num_used == 0
+    assert engine.alive and engine.blocks.num_used == 0 and engine.slots.pinned == 0
 
 
 def test_a_consumer_that_raises_ends_only_its_request(tiny_base):

@@ -159,3 +159,52 @@ def test_sigterm_grace_over_cancels_the_rest_and_grpc_refuses(tmp_path):
     assert errors and errors[0]["error"]["code"] == 503, events[-3:]
     assert not any(isinstance(e, dict) and e.get("choices") and e["choices"][0]["finish_reason"] == "length"
                    for e in events)
+
+
+def test_a_dead_engine_fails_health_and_ends_the_server(tiny_model_dir, tmp_path):
+    """The engine's death is fatal and visible: /health answers 503 with status "error", requests get a
+    JSON error, and the serving coroutine ends with a non-zero exit naming the cause."""
+    import argparse
+    import asyncio
+
+    from loraplex.runtime.cli import _serve_http_and_grpc
+    from service_fixtures import make_service
+    service = make_service(tiny_model_dir, tmp_path / "a")
+    port = free_port()
+    args = argparse.Namespace(port=port, grpc_port=0, shutdown_grace=1.0, log_level="warning")
+    outcome = {}
+
+    def serve():
+        try:
+            asyncio.run(_serve_http_and_grpc(service, "127.0.0.1", args))
+        except SystemExit as e:
+            outcome["exit"] = e.code
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+        def broken_run(*_, **__):
+            raise RuntimeError("device fell off the bus")
+        service.engine.runner.run = broken_run
+        r = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code >= 500 and "device fell off the bus" in r.json()["error"]["message"], r.text
+        health = None
+        try:
+            health = httpx.get(f"{url}/health", timeout=5)
+        except httpx.TransportError:
+            pass  # already stopped
+        if health is not None:
+            assert health.status_code == 503 and health.json()["status"] == "error", health.text
+        server.join(30)
+        assert not server.is_alive()
+        assert outcome["exit"] and "device fell off the bus" in str(outcome["exit"]), outcome
+    finally:
+        service.stop()

@@ -32,6 +32,11 @@ class AdapterSlots:
         self.evictions = 0
 
     @property
+    def pinned(self) -> int:
+        """Slots that running requests hold: 0 whenever no request runs (else a pin leaked)."""
+        return sum(1 for pins in self._pins if pins)
+
+    @property
     def resident(self) -> list[tuple[str, int]]:
         return list(self._slot_of)
 
