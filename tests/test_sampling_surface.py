@@ -1,0 +1,152 @@
+"""The OpenAI sampling surface: penalties, logit_bias, min_tokens, stop_token_ids, logprobs and n.
+
+Unit tests on the sampler with hand-made logits, an engine test on a tiny random model, and
+end-to-end tests with the official `openai` client (and the gRPC client) against a real server.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loraplex.runtime.base_model import load_base_model
+from loraplex.runtime.engine import Engine, EngineConfig, RequestError
+from loraplex.runtime.sampler import process_logits, sample, token_logprobs
+from loraplex.runtime.sequence import SamplingParams, Sequence
+
+
+def seq(prompt=(1, 2, 3), generated=(), **params) -> Sequence:
+    s = Sequence(list(prompt), SamplingParams(**params), None, lambda o: None)
+    s.token_ids += list(generated)
+    return s
+
+
+# -- the sampler, on hand-made logits ----------------------------------------------------------
+def test_frequency_and_presence_penalties_follow_openai_over_generated_tokens():
+    logits = torch.tensor([[1.0, 2.0, 3.0, -1.0, 0.5]])
+    s = seq(prompt=[4], generated=[2, 2, 3], frequency_penalty=0.5, presence_penalty=0.25)
+    out = process_logits(logits, [s])
+    # token 2 twice, token 3 once; token 4 is only in the prompt: untouched
+    expected = logits.clone()
+    expected[0, 2] -= 0.5 * 2 + 0.25
+    expected[0, 3] -= 0.5 * 1 + 0.25
+    assert torch.equal(out, expected)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_over_prompt_and_output():
+    logits = torch.tensor([[2.0, -2.0, 3.0, -1.0, 0.5]])
+    s = seq(prompt=[0, 1], generated=[3], repetition_penalty=2.0)
+    out = process_logits(logits, [s])
+    assert out.tolist() == [[1.0, -4.0, 3.0, -2.0, 0.5]]
+
+
+def test_logit_bias_is_added_and_can_force_or_ban_a_token():
+    logits = torch.zeros(2, 6)
+    logits[:, 1] = 5.0
+    rows = [seq(temperature=0.0, logit_bias={4: 100.0}), seq(temperature=0.0, logit_bias={1: -100.0, 2: 1.5})]
+    out = process_logits(logits, rows)
+    assert out[0, 4] == 100.0 and out[1, 1] == -95.0 and out[1, 2] == 1.5
+    assert sample(logits, rows) == [4, 2]
+
+
+def test_min_tokens_masks_eos_and_stop_token_ids_until_reached():
+    logits = torch.zeros(1, 8)
+    logits[0, 7] = 10.0  # EOS, the favourite
+    logits[0, 6] = 9.0  # a stop token id, second
+    def row(generated, **kw):
+        s = seq(generated=[5] * generated, temperature=0.0, min_tokens=3, stop_token_ids=[6], **kw)
+        s.eos_token_ids = frozenset({7})
+        return s
+    assert sample(logits.expand(3, 8), [row(0), row(2), row(3)]) == [0, 0, 7]
+    assert sample(logits, [row(0, ignore_eos=True)]) == [7]  # EOS does not stop it: nothing to mask
+    # the raw logits' log-softmax is reported, not the masked one
+    masked = row(0, logprobs=1)
+    [lp] = token_logprobs(logits, [masked], [0])
+    assert lp.logprob == pytest.approx(float(torch.log_softmax(logits, 1)[0, 0]))
+    assert lp.top == [(7, pytest.approx(float(torch.log_softmax(logits, 1)[0, 7])))]
+
+
+def test_penalties_leave_other_rows_of_the_batch_alone():
+    logits = torch.randn(3, 50)
+    rows = [seq(generated=[1, 1], frequency_penalty=2.0), seq(generated=[1, 1]), seq(logit_bias={3: 7.0})]
+    out = process_logits(logits, rows)
+    assert torch.equal(out[1], logits[1])
+    assert out[0, 1] == logits[0, 1] - 4.0 and out[2, 3] == logits[2, 3] + 7.0
+
+
+def test_token_logprobs_are_the_raw_log_softmax_with_top_n():
+    logits = torch.randn(3, 40)
+    rows = [seq(logprobs=3), seq(), seq(logprobs=0, frequency_penalty=1.0, generated=[5])]
+    tokens = [5, 6, 7]
+    lps = token_logprobs(logits, rows, tokens)
+    reference = torch.log_softmax(logits, 1)
+    assert lps[1] is None
+    assert lps[0].token_id == 5 and lps[0].logprob == pytest.approx(float(reference[0, 5]))
+    top = torch.topk(reference[0], 3)
+    assert [t for t, _ in lps[0].top] == top.indices.tolist()
+    assert [v for _, v in lps[0].top] == pytest.approx(top.values.tolist())
+    assert lps[2].top == [] and lps[2].logprob == pytest.approx(float(reference[2, 7]))
+
+
+def test_choices_of_a_seeded_request_derive_distinct_reproducible_seeds():
+    params = SamplingParams(seed=-5)
+    seeds = [params.for_choice(i).seed for i in range(4)]
+    assert seeds[0] == -5 and len(set(seeds)) == 4
+    assert seeds == [SamplingParams(seed=-5).for_choice(i).seed for i in range(4)]
+    assert SamplingParams().for_choice(2).seed is None  # unseeded: each choice draws its own
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("presence_penalty", 2.5, "presence_penalty"), ("frequency_penalty", -3, "frequency_penalty"),
+    ("repetition_penalty", 0.0, "repetition_penalty"), ("logit_bias", {1: 101.0}, "logit_bias"),
+    ("logit_bias", {-1: 1.0}, "logit_bias"), ("min_tokens", 99, "min_tokens"),
+    ("stop_token_ids", [True], "stop_token_ids"), ("logprobs", 21, "logprobs"),
+])
+def test_sampling_params_refuse_out_of_range_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(max_tokens=16, **{field: value}).validate(vocab_size=100)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused():
+    with pytest.raises(ValueError, match=r"stop_token_ids.*\[0, 100\)"):
+        SamplingParams(stop_token_ids=[100]).validate(vocab_size=100)
+
+
+# -- the engine, on a tiny random model ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_base(tiny_model_dir):
+    return load_base_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+def tokens_of(outs) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+def test_engine_stop_token_ids_min_tokens_and_logprobs(tiny_base):
+    prompt = tiny_base.tokenizer("a tiny model")["input_ids"]
+    engine = Engine(tiny_base, EngineConfig(kv_cache_tokens=2048))
+    free = tokens_of(engine.generate([(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                                       None)])[0])
+    stop_at = free[2]
+    first = free.index(stop_at)
+    stopped, held, logged = engine.generate([
+        (prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at]), None),
+        (prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at],
+                                min_tokens=8), None),
+        (prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2), None)])
+    assert tokens_of(stopped) == free[:first + 1] and stopped[-1].finish_reason == "stop"
+    assert len(tokens_of(held)) == 8 and stop_at not in tokens_of(held) and held[-1].finish_reason == "length"
+    entries = [lp for o in logged for lp in o.logprobs]
+    assert [e.token_id for e in entries] == free[:4]
+    reference = engine.score([(prompt + free[:3], None)])[0][len(prompt) - 1:]
+    for e, row in zip(entries, reference):
+        assert e.logprob == pytest.approx(float(torch.log_softmax(row, 0)[e.token_id]), abs=1e-4)
+        assert len(e.top) == 2 and e.top[0][0] == e.token_id  # greedy: the chosen token is the top one
+
+
+def test_engine_refuses_a_bias_on_a_token_outside_the_vocabulary(tiny_base):
+    engine = Engine(tiny_base, EngineConfig(kv_cache_tokens=1024))
+    vocab = tiny_base.config.vocab_size
+    with pytest.raises(RequestError, match="logit_bias"):
+        engine.check([1, 2], SamplingParams(logit_bias={vocab: 1.0}))
