@@ -150,3 +150,116 @@ def test_engine_refuses_a_bias_on_a_token_outside_the_vocabulary(tiny_base):
     vocab = tiny_base.config.vocab_size
     with pytest.raises(RequestError, match="logit_bias"):
         engine.check([1, 2], SamplingParams(logit_bias={vocab: 1.0}))
+
+
+# -- end to end: the official openai client against a real server (fp32) --------------------------
+@pytest.fixture(scope="module")
+def oai(fp32_server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{fp32_server.url}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+PROMPT = "The three primary colours are"
+
+
+def test_n_choices_with_a_seed_are_reproducible(oai):
+    ask = lambda: oai.completions.create(model="base", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=11, n=3)
+    first, again = ask(), ask()
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.text for c in first.choices]
+    assert texts == [c.text for c in again.choices]
+    assert len(set(texts)) > 1  # each choice has its own seed
+    assert first.usage.completion_tokens == 24  # 8 per choice (the prompt counted once)
+    chat = lambda: oai.chat.completions.create(model="base", messages=[{"role": "user", "content": "Name a fruit."}],
+                                               max_tokens=6, temperature=1.0, seed=3, n=2)
+    assert [c.message.content for c in chat().choices] == [c.message.content for c in chat().choices]
+
+
+def greedy_reference(prompt_ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """The default model's own greedy tokens and the log-softmax at each step, computed directly."""
+    from conftest import peft_reference
+    model = peft_reference(None)
+    ids = list(prompt_ids)
+    rows = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            rows.append(torch.log_softmax(logits, 0))
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids):], torch.stack(rows)
+
+
+def test_logprobs_equal_the_log_softmax_of_the_model_logits(oai, default_tokenizer):
+    prompt_ids = default_tokenizer(PROMPT)["input_ids"]
+    tokens, reference = greedy_reference(prompt_ids, 5)
+    r = oai.completions.create(model="base", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [default_tokenizer.decode([t]) for t in tokens]
+    assert lp.token_logprobs == pytest.approx([float(reference[i, t]) for i, t in enumerate(tokens)], abs=2e-3)
+    for i, top in enumerate(lp.top_logprobs):
+        values, ids = torch.topk(reference[i], 3)
+        assert list(top) == [default_tokenizer.decode([t]) for t in ids.tolist()]
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=2e-3)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+
+    chat = oai.chat.completions.create(model="base", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob)
+        assert c.bytes == list(c.token.encode("utf-8")) and c.logprob <= 0
+
+
+def test_penalties_bias_and_stop_tokens_change_outputs_as_defined(oai, default_tokenizer):
+    prompt = "one one one one one one one"
+    base = oai.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0)
+    penalized = oai.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0, presence_penalty=2.0,
+                                       frequency_penalty=2.0, extra_body={"repetition_penalty": 1.5})
+    assert base.choices[0].text != penalized.choices[0].text
+    forced_id = default_tokenizer(" blue")["input_ids"][0]
+    forced = oai.completions.create(model="base", prompt=prompt, max_tokens=3, temperature=0,
+                                    logit_bias={str(forced_id): 100})
+    assert forced.choices[0].text == " blue" * 3
+    first = default_tokenizer(base.choices[0].text)["input_ids"][0]
+    stopped = oai.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0,
+                                     extra_body={"stop_token_ids": [first]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 1
+    held = oai.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0,
+                                  extra_body={"stop_token_ids": [first], "min_tokens": 8, "repetition_penalty": 1.0})
+    assert held.usage.completion_tokens == 8 and held.choices[0].finish_reason == "length"
+
+
+def test_unsupported_fields_are_400_naming_them(oai):
+    import openai
+    for fields, name in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"extra_body": {"best_of": 2}}, "best_of")):
+        with pytest.raises(openai.BadRequestError, match=name) as e:
+            oai.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                        **fields)
+        assert e.value.status_code == 400
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        oai.completions.create(model="base", prompt="hi", max_tokens=2, echo=True, logprobs=1)
+
+
+def test_streams_carry_each_choice_index_and_logprobs(oai):
+    kw = dict(model="base", prompt=PROMPT, max_tokens=6, temperature=0.8, seed=5, n=2, logprobs=1)
+    whole = oai.completions.create(**kw)
+    texts, tokens = ["", ""], [[], []]
+    for chunk in oai.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            tokens[c.index] += c.logprobs.tokens
+    assert texts == [c.text for c in whole.choices]
+    assert tokens == [c.logprobs.tokens for c in whole.choices]
+
+    chat_kw = dict(model="base", messages=[{"role": "user", "content": "Count."}], max_tokens=5, temperature=0.8,
+                   seed=5, n=2, logprobs=True)
+    whole = oai.chat.completions.create(**chat_kw)
+    texts, entries = ["", ""], [[], []]
+    for chunk in oai.chat.completions.create(stream=True, **chat_kw):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            entries[c.index] += c.logprobs.content if c.logprobs else []
+    assert texts == [c.message.content for c in whole.choices]
+    assert [[e.token for e in es] for es in entries] == [[e.token for e in c.logprobs.content] for c in whole.choices]
