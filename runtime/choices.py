@@ -14,6 +14,8 @@ from .sequence import SamplingParams, StepOutput, TokenLogprob
 from .service import Generation, Service
 from .tenants import Tenant
 
+MAX_N = 16  # choices per request; each is one engine request and counts against the server's limits
+
 
 @dataclass
 class Choice:

@@ -11,11 +11,10 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .choices import Choice
+from .choices import MAX_N, Choice
 from .sequence import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, SamplingParams, StepOutput, TokenLogprob
 
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what a 64-bit generator seed can hold
-MAX_N = 16  # choices per request; each is one engine request and counts against the server's limits
 # OpenAI fields we do not implement: refused by name unless they carry their no-op value.
 UNSUPPORTED = {"response_format": (None, {"type": "text"}),
                "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None,),

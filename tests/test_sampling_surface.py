@@ -263,3 +263,29 @@ def test_streams_carry_each_choice_index_and_logprobs(oai):
             entries[c.index] += c.logprobs.content if c.logprobs else []
     assert texts == [c.message.content for c in whole.choices]
     assert [[e.token for e in es] for es in entries] == [[e.token for e in c.logprobs.content] for c in whole.choices]
+
+
+def test_grpc_n_choices_logprobs_and_penalties_equal_http(fp32_server, oai):
+    from loraplex.client.grpc import GrpcClient, GrpcError
+    kw = dict(max_tokens=5, temperature=0.9, seed=21)
+    http = oai.completions.create(model="base", prompt=PROMPT, n=2, logprobs=2, frequency_penalty=1.0,
+                                  logit_bias={"13": -100}, **kw)
+    with GrpcClient(fp32_server.grpc_target) as client:
+        unary = client.complete("base", PROMPT, n=2, logprobs=2, frequency_penalty=1.0, logit_bias={13: -100}, **kw)
+        assert [c.text for c in unary.choices] == [c.text for c in http.choices] and unary.text == http.choices[0].text
+        assert unary.usage.completion_tokens == http.usage.completion_tokens
+        for mine, theirs in zip(unary.choices, http.choices):
+            assert [e.token for e in mine.logprobs] == theirs.logprobs.tokens
+            assert [e.logprob for e in mine.logprobs] == pytest.approx(theirs.logprobs.token_logprobs, abs=1e-6)
+            assert all(len(e.top_logprobs) == 2 for e in mine.logprobs)
+        texts = ["", ""]
+        for chunk in client.complete_stream("base", PROMPT, n=2, logprobs=2, frequency_penalty=1.0,
+                                            logit_bias={13: -100}, **kw):
+            texts[chunk.index] += chunk.text
+            assert len(chunk.logprobs) == len(chunk.token_ids)
+        assert texts == [c.text for c in http.choices]
+        for bad, name in (({"n": 17}, "n must"), ({"logit_bias": {1: 200.0}}, "logit_bias"),
+                          ({"stop_token_ids": [1 << 30]}, "stop_token_ids")):
+            with pytest.raises(GrpcError, match=name) as e:
+                client.complete("base", PROMPT, max_tokens=2, **bad)
+            assert e.value.code.name == "INVALID_ARGUMENT"
