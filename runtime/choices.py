@@ -47,6 +47,7 @@ def encode_once(encode: Callable[[], list[int]]) -> Callable[[], list[int]]:
 class Choices:
     def __init__(self, generations: list[Generation]):
         self.generations = generations
+        self._pumps: list[asyncio.Future] = []  # n > 1: one task per choice feeding outputs()
 
     @classmethod
     async def open(cls, service: Service, tenant: Tenant, model: str, encode: Callable[[], list[int]],
@@ -78,7 +79,7 @@ class Choices:
                 queue.put_nowait((index, None, None))
             except Exception as e:
                 queue.put_nowait((index, None, e))
-        tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(self.generations)]
+        self._pumps = tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(self.generations)]
         try:
             running = len(tasks)
             while running:
@@ -100,6 +101,10 @@ class Choices:
         return choices
 
     def close(self) -> None:
+        """Abort every unfinished choice; also when outputs() was left without being closed (a
+        cancelled task), so no pump is left waiting on a closed generation."""
+        for task in self._pumps:
+            task.cancel()
         for generation in self.generations:
             generation.close()
 

@@ -5,8 +5,9 @@ end-to-end tests with the official `openai` client (and the gRPC client) against
 """
 from __future__ import annotations
 
-import math
+import time
 
+import httpx
 import pytest
 import torch
 
@@ -289,3 +290,16 @@ def test_grpc_n_choices_logprobs_and_penalties_equal_http(fp32_server, oai):
             with pytest.raises(GrpcError, match=name) as e:
                 client.complete("base", PROMPT, max_tokens=2, **bad)
             assert e.value.code.name == "INVALID_ARGUMENT"
+
+
+def test_a_client_that_leaves_aborts_every_choice(fp32_server):
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 300, "temperature": 1.0, "n": 3, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{fp32_server.url}/v1/completions", json=body, timeout=1.5)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        health = fp32_server.client.get("/health").json()
+        if health["in_flight"] == 0 and health["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert (health["in_flight"], health["running"]) == (0, 0)
