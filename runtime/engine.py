@@ -30,7 +30,7 @@ from .block_manager import BlockManager
 from .detokenizer import Detokenizer, find_stop, releasable_text
 from .merged import Merger
 from .model_runner import ModelRunner, kv_bytes_per_token
-from .sampler import sample
+from .sampler import sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence, SeqStatus, StepOutput
 
@@ -150,7 +150,7 @@ class Engine:
     # -- called from any thread -------------------------------------------------------------
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         try:
-            params.validate()
+            params.validate(self.base.config.vocab_size)
         except ValueError as e:
             raise RequestError(str(e)) from None
         if not isinstance(prompt_token_ids, list) or not prompt_token_ids:
@@ -168,6 +168,7 @@ class Engine:
                emit: Callable[[StepOutput], None]) -> int:
         self.check(prompt_token_ids, params)
         seq = Sequence(prompt_token_ids, params, adapter, emit)
+        seq.eos_token_ids = frozenset(self.base.eos_token_ids)
         with self._submit_lock:
             if not self.alive:
                 raise EngineDead(f"the engine is dead: {self.error}")
@@ -296,6 +297,7 @@ class Engine:
         self._measure_prefill(prefill_tokens, time.perf_counter() - run_started)
         ready = [seq for seq, _ in batch if seq.num_computed == len(seq)]
         tokens = sample(logits, ready)  # the step's one device->host copy
+        logprobs = token_logprobs(logits, ready, tokens)  # a second one, only when a row asks for logprobs
         self.steps += 1
         if decode:
             self.decode_steps += 1
@@ -305,12 +307,14 @@ class Engine:
         else:
             self.prefill_steps += 1
         live = []
-        for seq, token in zip(ready, tokens):
+        for seq, token, logprob in zip(ready, tokens, logprobs):
             if token < 0:  # the sampler's mark for a row whose logits were NaN/inf: fail this request alone
                 self.runner.clear_kv(seq)  # its NaN/inf K/V must not reach the block's next owner
                 self._finish(seq, "error", error="the model produced non-finite logits (NaN or inf) for this request")
             else:
                 seq.token_ids.append(token)
+                if logprob is not None:
+                    seq.logprobs.append(logprob)
                 live.append((seq, len(seq.text)))
         self.detokenizer.append([seq for seq, _ in live])
         for seq, previous_len in live:
@@ -324,19 +328,20 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = seq.last_token_at
         reason = None
-        stop_at = find_stop(seq, previous_len)
+        stop_at = find_stop(seq, previous_len) if seq.num_completion_tokens >= seq.params.min_tokens else None
         if stop_at is not None:
             seq.text = seq.text[:stop_at]
             reason = "stop"
-        elif token in self.base.eos_token_ids and not seq.params.ignore_eos:
-            reason = "stop"
+        elif token in seq.params.stop_token_ids or (token in self.base.eos_token_ids and not seq.params.ignore_eos):
+            reason = "stop"  # the sampler masked both while fewer than min_tokens were generated
         elif seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
         if reason is not None:
             self._finish(seq, reason, last_token=token)
         else:
             self._emit(seq, StepOutput(seq.id, releasable_text(seq, False), [token], False, None,
-                                       seq.num_prompt_tokens, seq.num_completion_tokens))
+                                       seq.num_prompt_tokens, seq.num_completion_tokens,
+                                       logprobs=seq.logprobs[-1:] if seq.params.logprobs is not None else None))
 
     def _finish(self, seq: Sequence, reason: str, last_token: int | None = None, error: str | None = None,
                 notify: bool = True) -> None:
@@ -348,8 +353,11 @@ class Engine:
             except Exception:  # a metrics hook must not take the engine down
                 log.exception("on_finish hook failed for request %d", seq.id)
         if notify:
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs = seq.logprobs[-1:] if last_token is not None else []
             self._emit(seq, StepOutput(seq.id, releasable_text(seq, True), [] if last_token is None else [last_token],
-                                       True, reason, seq.num_prompt_tokens, seq.num_completion_tokens, error))
+                                       True, reason, seq.num_prompt_tokens, seq.num_completion_tokens, error, logprobs))
 
     # -- synchronous helpers (tests, benchmarks) ---------------------------------------------
     def generate(self, requests: list[tuple[list[int], SamplingParams, AdapterRef | None]]) -> list[list[StepOutput]]:

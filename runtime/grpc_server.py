@@ -22,9 +22,10 @@ from loraplex.protos.loraplex.v1 import serving_pb2 as pb
 from loraplex.protos.loraplex.v1 import serving_pb2_grpc as pb_grpc
 
 from .adapters.store import StoredAdapter, check_adapter_id
+from .choices import MAX_N, Choice, Choices
 from .engine import RequestError
-from .sequence import SamplingParams, StepOutput
-from .service import Generation, Service, error_of
+from .sequence import SamplingParams, StepOutput, TokenLogprob
+from .service import Service, error_of
 from .tenants import Tenant
 
 SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Completions", "Adapters")]
@@ -87,7 +88,12 @@ def sampling_params(sampling: pb.SamplingParams, default_max_tokens: int) -> Sam
                             temperature=sampling.temperature if has("temperature") else 1.0,
                             top_p=sampling.top_p if has("top_p") else 1.0, top_k=sampling.top_k,
                             seed=sampling.seed if has("seed") else None, stop=list(sampling.stop),
-                            ignore_eos=sampling.ignore_eos)
+                            ignore_eos=sampling.ignore_eos, presence_penalty=sampling.presence_penalty,
+                            frequency_penalty=sampling.frequency_penalty,
+                            repetition_penalty=sampling.repetition_penalty if has("repetition_penalty") else 1.0,
+                            logit_bias=dict(sampling.logit_bias), min_tokens=sampling.min_tokens,
+                            stop_token_ids=list(sampling.stop_token_ids),
+                            logprobs=sampling.logprobs if has("logprobs") else None)
     if params.max_tokens < 1:
         raise RequestError("max_tokens must be at least 1")
     if not 0.0 <= params.temperature <= 2.0:
@@ -99,13 +105,41 @@ def sampling_params(sampling: pb.SamplingParams, default_max_tokens: int) -> Sam
     return params
 
 
-def usage(out: StepOutput) -> pb.Usage:
-    return pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                    total_tokens=out.prompt_tokens + out.completion_tokens)
+def choice_count(sampling: pb.SamplingParams) -> int:
+    n = sampling.n if sampling.HasField("n") else 1
+    if not 1 <= n <= MAX_N:
+        raise RequestError(f"n must lie in [1, {MAX_N}], got {n}")
+    return n
 
 
-def completion_chunk(out: StepOutput) -> pb.CompletionChunk:
-    chunk = pb.CompletionChunk(text=out.text, token_ids=out.token_ids)
+def usage(*outs: StepOutput) -> pb.Usage:
+    """The prompt once, the completion tokens of every choice."""
+    completion = sum(out.completion_tokens for out in outs)
+    return pb.Usage(prompt_tokens=outs[0].prompt_tokens, completion_tokens=completion,
+                    total_tokens=outs[0].prompt_tokens + completion)
+
+
+def logprob_messages(entries: list[TokenLogprob], token_text) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=e.token_id, token=token_text(e.token_id), logprob=e.logprob,
+                            top_logprobs=[pb.TopLogprob(token_id=t, token=token_text(t), logprob=lp) for t, lp in e.top])
+            for e in entries]
+
+
+def choice_message(c: Choice, token_text) -> pb.Choice:
+    return pb.Choice(index=c.index, text=c.text, token_ids=c.token_ids, logprobs=logprob_messages(c.logprobs, token_text),
+                     finish_reason=FINISH_REASONS.get(c.last.finish_reason, pb.FINISH_REASON_UNSPECIFIED))
+
+
+def completion_message(choices: list[Choice], token_text) -> pb.Completion:
+    first = choice_message(choices[0], token_text)
+    return pb.Completion(text=first.text, token_ids=first.token_ids, finish_reason=first.finish_reason,
+                         logprobs=first.logprobs, usage=usage(*(c.last for c in choices)),
+                         choices=[first] + [choice_message(c, token_text) for c in choices[1:]])
+
+
+def completion_chunk(index: int, out: StepOutput, token_text) -> pb.CompletionChunk:
+    chunk = pb.CompletionChunk(text=out.text, token_ids=out.token_ids, index=index,
+                               logprobs=logprob_messages(out.logprobs or [], token_text))
     if out.finished:
         chunk.finish_reason = FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
         chunk.usage.CopyFrom(usage(out))
@@ -120,10 +154,11 @@ def adapter_message(a: StoredAdapter) -> pb.Adapter:
 class CompletionsServicer(pb_grpc.CompletionsServicer):
     def __init__(self, service: Service):
         self.service = service
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: service.base.tokenizer.decode([t]))
 
-    async def _open(self, tenant: Tenant, model: str, encode, sampling: pb.SamplingParams) -> Generation:
+    async def _open(self, tenant: Tenant, model: str, encode, sampling: pb.SamplingParams) -> Choices:
         params = sampling_params(sampling, self.service.config.default_max_tokens)
-        return await self.service.open_request(tenant, model, encode, params)
+        return await Choices.open(self.service, tenant, model, encode, params, choice_count(sampling))
 
     def _prompt(self, request: pb.CompletionRequest):
         which = request.WhichOneof("prompt")
@@ -145,25 +180,16 @@ class CompletionsServicer(pb_grpc.CompletionsServicer):
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         return lambda: self.service.encode_chat(messages)
 
-    @staticmethod
-    async def _collect(generation: Generation) -> pb.Completion:
-        text, token_ids, last = [], [], None
-        async with aclosing(generation):
-            async for out in generation:
-                text.append(out.text)
-                token_ids += out.token_ids
-                last = out
-        return pb.Completion(text="".join(text), token_ids=token_ids,
-                             finish_reason=FINISH_REASONS.get(last.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-                             usage=usage(last))
+    async def _collect(self, choices: Choices) -> pb.Completion:
+        async with aclosing(choices):
+            return completion_message(await choices.collect(), self.token_text)
 
-    @staticmethod
-    async def _stream(generation: Generation, context: grpc.aio.ServicerContext) -> None:
+    async def _stream(self, choices: Choices, context: grpc.aio.ServicerContext) -> None:
         # context.write rather than an async-generator handler: a cancellation then always lands in
-        # this coroutine, and aclosing closes the engine stream right here.
-        async with aclosing(generation):
-            async for out in generation:
-                await context.write(completion_chunk(out))
+        # this coroutine, and aclosing closes the engine streams right here.
+        async with aclosing(choices):
+            async for index, out in choices.outputs():
+                await context.write(completion_chunk(index, out, self.token_text))
 
     @rpc
     async def Complete(self, request, context, tenant):

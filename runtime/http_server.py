@@ -7,6 +7,7 @@ unexpected exception a JSON 500.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from contextlib import aclosing
@@ -18,8 +19,9 @@ from starlette.exceptions import HTTPException
 
 from . import openai_schemas as oa
 from .adapters.peft_format import AdapterError
+from .choices import Choice, Choices
 from .engine import RequestError
-from .service import Generation, Service, ServiceError, adapter_json, error_of
+from .service import Service, ServiceError, adapter_json, error_of
 from .tenants import Tenant
 
 log = logging.getLogger("loraplex.http")
@@ -166,17 +168,10 @@ async def until_disconnected(request: Request) -> None:
         pass
 
 
-async def collect(generation: Generation, request: Request) -> tuple[str, object]:
-    """All of a non-streamed request's text; a client that disconnects first aborts it in the engine."""
-    async def outputs():
-        text, last = [], None
-        async for out in generation:
-            text.append(out.text)
-            last = out
-        return "".join(text), last
-
-    async with aclosing(generation):
-        work = asyncio.ensure_future(outputs())
+async def collect(choices: Choices, request: Request) -> list[Choice]:
+    """Every choice of a non-streamed request; a client that disconnects first aborts them in the engine."""
+    async with aclosing(choices):
+        work = asyncio.ensure_future(choices.collect())
         gone = asyncio.ensure_future(until_disconnected(request))
         try:
             await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -212,13 +207,17 @@ def create_app(service: Service) -> FastAPI:
     async def _http(_, e: HTTPException):
         return error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
-    async def open_request(request: Request, req: oa.SamplingFields, encode) -> Generation:
-        params = req.sampling_params(service.config.default_max_tokens)
-        return await service.open_request(tenant_of(request), req.model, encode, params)
+    @functools.lru_cache(maxsize=1 << 16)
+    def token_text(token_id: int) -> str:
+        return service.base.tokenizer.decode([token_id])
 
-    def stream(generation: Generation, events) -> StreamingResponse:
+    async def open_choices(request: Request, req: oa.SamplingFields, encode) -> Choices:
+        params = req.sampling_params(service.config.default_max_tokens)
+        return await Choices.open(service, tenant_of(request), req.model, encode, params, req.n)
+
+    def stream(choices: Choices, events) -> StreamingResponse:
         async def guarded():
-            async with aclosing(generation):  # also when the client leaves mid-stream
+            async with aclosing(choices):  # also when the client leaves mid-stream
                 try:
                     async for event in events():
                         yield event
@@ -231,41 +230,53 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/completions", responses=STREAMED)
     async def completions(request: Request, req: oa.CompletionRequest):
-        generation = await open_request(request, req, lambda: service.encode_prompt(req.prompt))
+        choices = await open_choices(request, req, lambda: service.encode_prompt(req.prompt))
         rid = oa.new_id("cmpl")
+        wants_logprobs = req.logprobs is not None
         if not req.stream:
-            text, last = await collect(generation, request)
-            if req.echo and isinstance(req.prompt, str):
-                text = req.prompt + text
-            return oa.completion_response(rid, req.model, text, last)
+            prefix = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+            return oa.completion_response(rid, req.model, await collect(choices, request), token_text,
+                                          wants_logprobs, prefix)
 
         async def events():
-            async for out in generation:
-                if out.text or out.finished:
-                    yield sse(oa.completion_chunk(rid, req.model, out))
-                if out.finished and req.include_usage:
-                    yield sse(oa.usage_chunk(rid, req.model, "text_completion", out))
-        return stream(generation, events)
+            offsets, lasts = [0] * req.n, {}
+            async for index, out in choices.outputs():
+                if out.text or out.finished or out.logprobs:
+                    logprobs = None
+                    if wants_logprobs:
+                        logprobs = oa.completion_logprobs(out.logprobs or [], token_text, offsets[index])
+                        offsets[index] += sum(len(t) for t in logprobs["tokens"])
+                    yield sse(oa.completion_chunk(rid, req.model, index, out, logprobs))
+                if out.finished:
+                    lasts[index] = out
+            if req.include_usage:
+                yield sse(oa.usage_chunk(rid, req.model, "text_completion", list(lasts.values())))
+        return stream(choices, events)
 
     @app.post("/v1/chat/completions", responses=STREAMED)
     async def chat(request: Request, req: oa.ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        generation = await open_request(request, req, lambda: service.encode_chat(messages))
+        choices = await open_choices(request, req, lambda: service.encode_chat(messages))
         rid = oa.new_id("chatcmpl")
+        wants_logprobs = bool(req.logprobs)
         if not req.stream:
-            text, last = await collect(generation, request)
-            return oa.chat_response(rid, req.model, text, last)
+            return oa.chat_response(rid, req.model, await collect(choices, request), token_text, wants_logprobs)
 
         async def events():
-            yield sse(oa.chat_chunk(rid, req.model, {"role": "assistant", "content": ""}))
-            async for out in generation:
-                if out.text:
-                    yield sse(oa.chat_chunk(rid, req.model, {"content": out.text}))
+            for index in range(req.n):
+                yield sse(oa.chat_chunk(rid, req.model, index, {"role": "assistant", "content": ""}))
+            lasts = {}
+            async for index, out in choices.outputs():
+                # a token's logprobs travel with the chunk of its text (or alone while its text is held back)
+                if out.text or (wants_logprobs and out.logprobs):
+                    logprobs = oa.chat_logprobs(out.logprobs or [], token_text) if wants_logprobs else None
+                    yield sse(oa.chat_chunk(rid, req.model, index, {"content": out.text}, logprobs=logprobs))
                 if out.finished:
-                    yield sse(oa.chat_chunk(rid, req.model, {}, out.finish_reason))
-                    if req.include_usage:
-                        yield sse(oa.usage_chunk(rid, req.model, "chat.completion.chunk", out))
-        return stream(generation, events)
+                    lasts[index] = out
+                    yield sse(oa.chat_chunk(rid, req.model, index, {}, out.finish_reason))
+            if req.include_usage:
+                yield sse(oa.usage_chunk(rid, req.model, "chat.completion.chunk", list(lasts.values())))
+        return stream(choices, events)
 
     @app.get("/v1/models")
     async def models(request: Request):

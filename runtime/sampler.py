@@ -6,12 +6,22 @@ argmax((logits - rowmax) / T + g) where g = -log(-log u) and u is a counter-base
 nothing else in the batch nor on the device: a seeded request gives the same tokens wherever it
 runs and whoever it runs with. Working from logits minus the row's max keeps a tiny temperature
 finite (it degenerates to the argmax). A row with NaN/inf logits gets the id -1.
+
+Before the choice, rows that ask for them get, in this order: the repetition penalty (HF/vLLM:
+over prompt + generated tokens, a seen token's logit is divided by it when positive and multiplied
+by it otherwise), OpenAI's frequency and presence penalties (over the generated tokens:
+logit - frequency * count - presence * [count > 0]), logit_bias (added), and, while a row has
+generated fewer than min_tokens, -inf on its end-of-sequence and stop_token_ids. Each is one
+batched tensor op over the rows that use it, so rows of any mix share the step.
+
+`token_logprobs` reports, as vLLM does by default, the log-softmax of the model's raw logits
+(before penalties, bias, masks, temperature and top-k/top-p).
 """
 from __future__ import annotations
 
 import torch
 
-from .sequence import Sequence
+from .sequence import Sequence, TokenLogprob
 
 MASK32 = 0xFFFFFFFF
 # Multipliers of a 32-bit xorshift-multiply mix (Wellons' lowbias32). Stored as signed values in
@@ -71,10 +81,94 @@ def _keep_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
     return ordered.gather(1, (kept - 1)[:, None])
 
 
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """[R, longest] int64 of the rows' token ids, padded with `pad`."""
+    width = max(1, max(len(r) for r in rows))
+    host = torch.full((len(rows), width), pad, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        host[i, :len(r)] = torch.tensor(r, dtype=torch.int64)
+    return host.to(device, non_blocking=True)
+
+
+def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    rows = [i for i, s in enumerate(seqs) if s.params.penalized]
+    if not rows:
+        return logits
+    device, vocab = logits.device, logits.shape[1]
+    index = torch.tensor(rows, device=device)
+    part = logits[index]
+    params = [seqs[i].params for i in rows]
+    per_row = torch.tensor([(p.repetition_penalty, p.frequency_penalty, p.presence_penalty) for p in params],
+                           dtype=torch.float32).to(device)
+    repetition, frequency, presence = per_row[:, 0:1], per_row[:, 1:2], per_row[:, 2:3]
+    if any(p.repetition_penalty != 1.0 for p in params):  # the padding id `vocab` lands in a dropped column
+        seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, _padded([seqs[i].token_ids for i in rows], vocab, device), True)
+        penalized = torch.where(part > 0, part / repetition, part * repetition)
+        part = torch.where(seen[:, :vocab], penalized, part)
+    if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
+        generated = _padded([seqs[i].generated_ids for i in rows], vocab, device)
+        counts = torch.zeros(len(rows), vocab + 1, dtype=torch.float32, device=device)
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=torch.float32))
+        counts = counts[:, :vocab]
+        part = part - frequency * counts - presence * (counts > 0).float()
+    return logits.index_copy(0, index, part)
+
+
+def _apply_bias_and_masks(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    bias_rows, bias_cols, bias_values, mask_rows, mask_cols = [], [], [], [], []
+    for i, s in enumerate(seqs):
+        for token, bias in s.params.logit_bias.items():
+            bias_rows.append(i)
+            bias_cols.append(token)
+            bias_values.append(float(bias))
+        if s.num_completion_tokens < s.params.min_tokens:
+            masked = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else set(s.eos_token_ids))
+            mask_rows += [i] * len(masked)
+            mask_cols += sorted(masked)
+    if not bias_rows and not mask_rows:
+        return logits
+    logits = logits.clone()
+    device = logits.device
+    if bias_rows:
+        logits.index_put_((torch.tensor(bias_rows, device=device), torch.tensor(bias_cols, device=device)),
+                          torch.tensor(bias_values, device=device), accumulate=True)
+    if mask_rows:
+        logits[torch.tensor(mask_rows, device=device), torch.tensor(mask_cols, device=device)] = float("-inf")
+    return logits
+
+
+def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Float32 logits after each row's penalties, logit_bias and min_tokens mask (the module docstring)."""
+    return _apply_bias_and_masks(_apply_penalties(logits.float(), seqs), seqs)
+
+
+def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+    """Per row: log-softmax of the raw `logits` at the chosen token and the row's top `params.logprobs`
+    alternatives; None for rows that did not ask for logprobs or whose token is -1 (non-finite row)."""
+    wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and tokens[i] >= 0]
+    result: list[TokenLogprob | None] = [None] * len(seqs)
+    if not wanted:
+        return result
+    device = logits.device
+    index = torch.tensor(wanted, device=device)
+    logprobs = torch.log_softmax(logits[index].float(), dim=1)
+    chosen = logprobs.gather(1, torch.tensor([tokens[i] for i in wanted], device=device)[:, None])[:, 0]
+    top_n = max(seqs[i].params.logprobs for i in wanted)
+    top = torch.topk(logprobs, top_n, dim=1) if top_n > 0 else None
+    chosen_host = chosen.tolist()
+    top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+    for row, i in enumerate(wanted):
+        n = seqs[i].params.logprobs
+        alternatives = list(zip(top_ids[row][:n], top_values[row][:n])) if n else []
+        result[i] = TokenLogprob(tokens[i], chosen_host[row], alternatives)
+    return result
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """One token id per row of `logits` [R, V] (row i belongs to seqs[i]); -1 where the row is not finite."""
-    logits = logits.float()
     finite = torch.isfinite(logits).all(dim=1)
+    logits = process_logits(logits, seqs)
     sampled_params = [s.params for s in seqs if not s.params.greedy]
     if not sampled_params:
         chosen = logits.argmax(dim=1)

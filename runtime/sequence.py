@@ -1,6 +1,7 @@
 """One request's state as it moves through the engine."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import math
@@ -15,6 +16,10 @@ from .adapters.segments import NO_ADAPTER
 
 SEED_MIN, SEED_END = -(1 << 63), 1 << 64  # a seed is any signed or unsigned 64-bit integer
 SEED_MASK = (1 << 64) - 1
+CHOICE_SEED_STEP = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: choice i of a seeded request has seed + i * step
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's chat API allows
+MAX_LOGIT_BIAS = 1024  # entries per request
+MAX_STOP_TOKEN_IDS = 64
 
 
 def _is_int(value) -> bool:
@@ -34,13 +39,34 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # OpenAI's penalties, over the generated tokens: logit - frequency * count - presence * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # HF/vLLM's, over prompt + generated tokens: a seen token's logit is divided by it if positive, else multiplied
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    min_tokens: int = 0  # end-of-sequence and stop_token_ids are masked until this many tokens are generated
+    stop_token_ids: list[int] = field(default_factory=list)  # generating one of these ends the request ("stop")
+    logprobs: int | None = None  # None: none; N: the chosen token's logprob and the N most likely alternatives
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first field the sampler cannot honour exactly."""
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters of choice `index` of an n-choice request: a seeded request's choices each
+        derive their own seed (choice 0 keeps it), so re-running it gives the same n choices."""
+        if self.seed is None or index == 0:
+            return dataclasses.replace(self)
+        return dataclasses.replace(self, seed=(self.seed + index * CHOICE_SEED_STEP) & SEED_MASK)
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first field the sampler cannot honour exactly (token ids are
+        checked against `vocab_size` when given)."""
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
@@ -55,12 +81,46 @@ class SamplingParams:
             raise ValueError("stop must be a list of non-empty strings")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be a number in (0, 2], got {self.repetition_penalty!r}")
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must map up to {MAX_LOGIT_BIAS} token ids to biases")
+        for token, bias in self.logit_bias.items():
+            self._check_token_id("logit_bias", token, vocab_size)
+            if not _is_number(bias) or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids must be a list of up to {MAX_STOP_TOKEN_IDS} token ids")
+        for token in self.stop_token_ids:
+            self._check_token_id("stop_token_ids", token, vocab_size)
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+    @staticmethod
+    def _check_token_id(name: str, token, vocab_size: int | None) -> None:
+        if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
+            bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise ValueError(f"{name}: token id {token!r} is not an integer in {bound}")
 
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives (token id, logprob)."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -74,6 +134,7 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
 
 
 _ids = itertools.count(1)
@@ -107,6 +168,8 @@ class Sequence:
         self.prefix_offset = max(len(prompt_token_ids) - 5, 0)
         self.read_offset = len(prompt_token_ids)
         self.utf8 = None  # incremental UTF-8 decoder of the generated bytes (byte-level tokenizers)
+        self.eos_token_ids: frozenset[int] = frozenset()  # set by the engine: masked before min_tokens
+        self.logprobs: list[TokenLogprob] = []  # per generated token, when params.logprobs is set
 
     @property
     def num_prompt_tokens(self) -> int:
