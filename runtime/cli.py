@@ -31,7 +31,7 @@ def _serve(args) -> None:
                                  max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                                  kv_cache_tokens=args.kv_cache_tokens, adapter_ops=args.adapter_ops,
                                  cuda_graphs=not args.enforce_eager, merge_policy=args.merge_policy,
-                                 merge_format=args.merge_format)
+                                 merge_format=args.merge_format, prefix_caching=not args.no_prefix_caching)
     config = ServiceConfig(adapter_dir=args.adapter_dir, max_lora_rank=args.max_lora_rank,
                            max_adapter_bytes=args.max_adapter_mb << 20, max_host_adapters=args.max_cpu_adapters,
                            max_host_adapter_bytes=int(args.host_adapter_memory * (1 << 30)),
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="merged copy of the touched linears: dense bf16 (auto) or re-quantised NF4 "
                             "(as fast as the NF4 base, but a second quantisation error)")
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    serve.add_argument("--no-prefix-caching", action="store_true",
+                       help="do not share computed prompt KV blocks between requests")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 

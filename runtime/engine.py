@@ -54,6 +54,7 @@ class EngineConfig:
     # While decode rows run, a step's prefill chunk is capped so a long prompt cannot stall the streams:
     max_step_seconds: float = 0.25  # CPU: the cap is sized from measured cost to keep a step near this
     prefill_chunk_tokens: int = 512  # CUDA: the cap in tokens
+    prefix_caching: bool = True  # share computed prompt blocks between requests (block_manager.py)
 
 
 class RequestError(ValueError):
@@ -106,7 +107,7 @@ class Engine:
         self.base = base
         self.config = config = config or EngineConfig()
         tokens = _kv_cache_tokens(base, config.kv_cache_tokens)
-        self.blocks = BlockManager(tokens // config.block_size, config.block_size)
+        self.blocks = BlockManager(tokens // config.block_size, config.block_size, config.prefix_caching)
         # KV first (the runner allocates it), then the adapter pool from what is left
         self.runner = ModelRunner(base, self.blocks, None, cuda_graphs=config.cuda_graphs,
                                   max_graph_batch=config.max_num_seqs)
@@ -185,7 +186,11 @@ class Engine:
     def stats(self) -> dict:
         return {"alive": self.alive, "error": self.error, "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
-                "kv_block_size": self.blocks.block_size, "resident_adapters": len(self.slots.resident),
+                "kv_block_size": self.blocks.block_size, "kv_blocks_cached": self.blocks.num_cached,
+                "prefix_caching": self.blocks.prefix_caching,
+                "prefix_cache_queried_blocks": self.blocks.queried_blocks,
+                "prefix_cache_hit_blocks": self.blocks.hit_blocks, "prefix_cache_hit_rate": self.blocks.hit_rate,
+                "prefix_cache_evictions": self.blocks.evictions, "resident_adapters": len(self.slots.resident),
                 "pinned_adapters": self.slots.pinned,
                 "adapter_slots": self.slots.capacity, "adapter_ops": self.ops.name, "steps": self.steps,
                 "tokens_generated": self.tokens_generated,
@@ -294,6 +299,8 @@ class Engine:
         prefill_tokens = sum(n for _, n in batch if n > 1)
         run_started = time.perf_counter()
         logits = self.runner.run(batch, merged=merged)
+        for seq, n in batch:
+            self.blocks.cache_computed(seq, n)
         self._measure_prefill(prefill_tokens, time.perf_counter() - run_started)
         ready = [seq for seq, _ in batch if seq.num_computed == len(seq)]
         tokens = sample(logits, ready)  # the step's one device->host copy
@@ -309,7 +316,8 @@ class Engine:
         live = []
         for seq, token, logprob in zip(ready, tokens, logprobs):
             if token < 0:  # the sampler's mark for a row whose logits were NaN/inf: fail this request alone
-                self.runner.clear_kv(seq)  # its NaN/inf K/V must not reach the block's next owner
+                # its NaN/inf K/V must reach neither the prefix cache nor the block's next owner
+                self.runner.clear_kv(self.blocks.uncache(seq))
                 self._finish(seq, "error", error="the model produced non-finite logits (NaN or inf) for this request")
             else:
                 seq.token_ids.append(token)

@@ -36,10 +36,15 @@ ENGINE_GAUGES = {
     "resident_adapters": ("loraplex_resident_adapters", "Adapters in accelerator slots"),
     "adapter_memory_bytes_used": ("loraplex_adapter_memory_used_bytes", "Accelerator memory held by adapters"),
     "adapter_memory_bytes_total": ("loraplex_adapter_memory_total_bytes", "Accelerator memory set aside for adapters"),
+    "kv_blocks_cached": ("loraplex_kv_blocks_cached", "KV-cache blocks registered in the prefix cache"),
+    "prefix_cache_hit_rate": ("loraplex_prefix_cache_hit_rate", "Prompt blocks reused / prompt blocks looked up"),
 }
 ENGINE_COUNTERS = {
     "adapter_loads": ("loraplex_adapter_loads", "Adapter loads into accelerator slots"),
     "adapter_evictions": ("loraplex_adapter_evictions", "Adapters evicted from accelerator slots"),
+    "prefix_cache_queried_blocks": ("loraplex_prefix_cache_queried_blocks", "Full prompt blocks looked up in the prefix cache"),
+    "prefix_cache_hit_blocks": ("loraplex_prefix_cache_hit_blocks", "Prompt blocks served from the prefix cache"),
+    "prefix_cache_evictions": ("loraplex_prefix_cache_evictions", "Cached KV blocks evicted to make room"),
 }
 
 

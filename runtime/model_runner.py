@@ -139,12 +139,12 @@ class ModelRunner:
                                   self.blocks.block_size)
 
     @torch.inference_mode()
-    def clear_kv(self, seq: Sequence) -> None:
-        """Zero the K/V of seq's blocks (before freeing them when they may hold NaN/inf)."""
-        if not seq.block_table:
+    def clear_kv(self, blocks: list[int]) -> None:
+        """Zero the K/V of these blocks (before freeing them when they may hold NaN/inf)."""
+        if not blocks:
             return
         size = self.blocks.block_size
-        slots = (torch.tensor(seq.block_table)[:, None] * size + torch.arange(size)).flatten().to(self.device)
+        slots = (torch.tensor(blocks)[:, None] * size + torch.arange(size)).flatten().to(self.device)
         for layer in self.base.model.layers:
             layer.self_attn.k_cache.index_fill_(0, slots, 0)
             layer.self_attn.v_cache.index_fill_(0, slots, 0)

@@ -8,6 +8,8 @@ a long prompt is prefilled in chunks between decode steps instead of stalling ev
 rows are scheduled before any prefill chunk. A request is
 admitted only when its adapter has an accelerator slot and its tokens have KV blocks; when decode
 runs out of blocks the most recently admitted sequence is preempted (freed, recomputed later).
+A sequence is admitted on the longest prefix of its prompt that the block manager has cached for its
+adapter version and prefills only the rest.
 """
 from __future__ import annotations
 
@@ -90,9 +92,11 @@ class Scheduler:
         skipped: list[Sequence] = []  # waiting for their adapter's load (or for room to load it)
         while self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(len(seq) - seq.num_computed, budget, prefill_budget)
+            prefix = self.blocks.cached_prefix(seq)  # a waiting sequence holds no blocks: it starts at 0
+            start = len(prefix) * self.blocks.block_size
+            n = min(len(seq) - start, budget, prefill_budget)
             # keep a block of headroom per running sequence so admission does not force preemption
-            if self.blocks.blocks_needed(seq, seq.num_computed + n) + len(self.running) > self.blocks.num_free:
+            if self.blocks.blocks_needed_with_prefix(prefix, start + n) + len(self.running) > self.blocks.num_free:
                 break
             slot = NO_ADAPTER
             if seq.adapter is not None:
@@ -105,6 +109,7 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             if seq.admitted_at is None:  # not again after a preemption
                 seq.admitted_at = time.monotonic()
+            self.blocks.take_prefix(seq, prefix)
             self.blocks.allocate(seq, seq.num_computed + n)
             self.running.append(seq)
             batch.append((seq, n))
