@@ -6,7 +6,8 @@ all-zero table row, `null_slot`, stands for "no adapter": tiles that point at it
 CUDA graphs can pad a step's tiles to a fixed count. Per step, `metadata` groups the tokens into
 tiles and fixes a `LaunchPlan` from the adapters that step uses (never from everything resident,
 so the cost of a step does not depend on how many adapters are loaded); every layer's `apply` is
-then two launches (shrink, expand) with no host work beyond computing the launch arguments.
+then two launches (shrink, expand) with no host work beyond computing the launch arguments, and a
+third (dora_rescale) when a DoRA adapter is in the step: its rows' outputs scaled per channel.
 
 Loads: `prepare` packs an adapter into the pool layout once, in (pinned) host memory, on any
 thread; `load` copies it into a pool region on a side stream and returns an event to wait on, so
@@ -24,6 +25,7 @@ from loraplex.runtime.adapters.peft_format import AdapterWeights
 from loraplex.runtime.adapters.segments import Segments, build_segments
 
 from . import packed_layout as layout
+from .dora_rescale import dora_rescale
 from .segmented_lora import MAX_FUSED, expand, interpreting, shrink
 from .tile_config import TileConfig, choose_splits, choose_tile_config
 from .weight_pool import WeightPool
@@ -42,6 +44,7 @@ class LaunchPlan:
     block_rank: int  # largest rank of one block (r, or the hybrid rank)
     width: int  # widest shrink result (k*r + hybrid rank)
     num_tiles: int
+    has_dora: bool = False
 
     @property
     def max_k(self) -> int:
@@ -68,6 +71,7 @@ class PackedAdapter:
     has_general: bool
     block_rank: int
     width: int
+    has_dora: bool = False
 
 
 @dataclass
@@ -81,8 +85,9 @@ class TritonAdapterOps(AdapterOps):
     name = "triton"
     graph_safe = True  # apply() does no host work that depends on the step: CUDA graphs may capture it
 
-    def __init__(self, num_slots, projection_shapes, num_layers, device, dtype, pool_bytes: int | None = None):
-        super().__init__(num_slots, projection_shapes, num_layers, device, dtype)
+    def __init__(self, num_slots, projection_shapes, num_layers, device, dtype, pool_bytes: int | None = None,
+                 base_weight=None):
+        super().__init__(num_slots, projection_shapes, num_layers, device, dtype, base_weight)
         if self.device.type != "cuda" and not interpreting():
             raise RuntimeError("TritonAdapterOps needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
         self.proj_ids = {name: i for i, name in enumerate(projection_shapes)}
@@ -118,6 +123,7 @@ class TritonAdapterOps(AdapterOps):
         packed = adapter.packed
         if isinstance(packed, PackedAdapter) and packed.data.dtype == self.dtype:
             return packed
+        super().prepare(adapter)  # DoRA factors
         modules = adapter.modules
         for layer, proj in modules:
             if layer >= self.num_layers or proj not in self.proj_ids:
@@ -132,7 +138,8 @@ class TritonAdapterOps(AdapterOps):
             data, rows, frozenset(m.k for m in modules.values()),
             any(m.general_A is not None for m in modules.values()),
             max((max(m.rank, layout.general_rank(m)) for m in modules.values()), default=1),
-            max((layout.intermediate_width(m) for m in modules.values()), default=1))
+            max((layout.intermediate_width(m) for m in modules.values()), default=1),
+            adapter.is_dora)
         adapter.packed = packed
         return packed
 
@@ -156,6 +163,8 @@ class TritonAdapterOps(AdapterOps):
             row = list(row)
             for f in offsets:
                 row[f] += region
+            if row[layout.DORA_OFFSET]:  # 0: not DoRA
+                row[layout.DORA_OFFSET] += region
             rows[layer, self.proj_ids[proj]] = torch.tensor(row)
             scales[layer, self.proj_ids[proj]] = scale
         target = self.pool.buffer[region:region + packed.data.numel()]
@@ -199,7 +208,8 @@ class TritonAdapterOps(AdapterOps):
             has_general=any(p.has_general for p in used),
             block_rank=max((p.block_rank for p in used), default=1),
             width=max((p.width for p in used), default=1),
-            num_tiles=num_tiles)
+            num_tiles=num_tiles,
+            has_dora=any(p.has_dora for p in used))
 
     def metadata(self, token_slots: list[int], pad_to: int | None = None) -> StepSegments:
         """pad_to: a CUDA-graph batch size; the step's tensors are then written into fixed buffers
@@ -262,6 +272,8 @@ class TritonAdapterOps(AdapterOps):
             expand(*common, blocks=False, general=True, aligned=aligned, pdl=self.pdl)
         else:
             expand(*common, blocks=True, general=plan.has_general, aligned=aligned, pdl=self.pdl)
+        if plan.has_dora:
+            dora_rescale(y, meta.token_order, meta.tiles, self.pool.buffer, table, proj_ids, out_features, cfg)
 
     @staticmethod
     def _aligned(plan: LaunchPlan, widths: list[int]) -> bool:

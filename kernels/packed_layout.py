@@ -5,7 +5,9 @@ Per (layer, projection) module, in the slot's region, each piece starting 64-ele
   B          [k, r, out/k]  as in ModuleDelta
   general_A  [hr, in]       general_A transposed (hybrid only)
   general_B  [hr, out]      (hybrid only)
-The module table holds one int64 row per (slot, layer, projection); K == 0 means "no module".
+  rescale    [2, out]       DoRA only: g, c of runtime/adapters/dora.py
+The module table holds one int64 row per (slot, layer, projection); K == 0 means "no module",
+DORA_OFFSET == 0 "not DoRA" (a rescale piece always follows A and B, so it never starts a region).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from loraplex.runtime.adapters.peft_format import ModuleDelta
 from .weight_pool import aligned
 
 # Fields of a module-table row.
-K, RANK, GENERAL_RANK, A_OFFSET, B_OFFSET, GENERAL_A_OFFSET, GENERAL_B_OFFSET = range(7)
+K, RANK, GENERAL_RANK, A_OFFSET, B_OFFSET, GENERAL_A_OFFSET, GENERAL_B_OFFSET, DORA_OFFSET = range(8)
 NUM_FIELDS = 8
 
 
@@ -25,16 +27,25 @@ def general_rank(m: ModuleDelta) -> int:
     return 0 if m.general_A is None else m.general_A.shape[1]
 
 
-def pool_pieces(m: ModuleDelta) -> list[torch.Tensor]:
-    """The module's tensors in pool order and pool layout (views where possible)."""
-    pieces = [m.A.transpose(1, 2), m.B]
+def pool_pieces(m: ModuleDelta) -> list[tuple[int, torch.Tensor]]:
+    """(table field of its offset, tensor) of each of the module's pieces, in pool order and pool layout."""
+    pieces = [(A_OFFSET, m.A.transpose(1, 2)), (B_OFFSET, m.B)]
     if m.general_A is not None:
-        pieces += [m.general_A.t(), m.general_B]
+        pieces += [(GENERAL_A_OFFSET, m.general_A.t()), (GENERAL_B_OFFSET, m.general_B)]
+    if m.is_dora:
+        assert m.rescale is not None, "a DoRA module is packed after dora.prepare_dora"
+        pieces.append((DORA_OFFSET, m.rescale))
     return pieces
 
 
 def module_size(m: ModuleDelta) -> int:
-    return sum(aligned(t.numel()) for t in pool_pieces(m))
+    """Pool elements the module takes (known before a DoRA module's rescale is computed)."""
+    sizes = [m.A.numel(), m.B.numel()]
+    if m.general_A is not None:
+        sizes += [m.general_A.numel(), m.general_B.numel()]
+    if m.is_dora:
+        sizes.append(2 * m.magnitude.numel())
+    return sum(aligned(n) for n in sizes)
 
 
 def write_module(m: ModuleDelta, pool: torch.Tensor, offset: int) -> list[int]:
@@ -42,8 +53,7 @@ def write_module(m: ModuleDelta, pool: torch.Tensor, offset: int) -> list[int]:
     row = [0] * NUM_FIELDS
     row[K], row[RANK] = m.k, m.rank
     row[GENERAL_RANK] = general_rank(m)
-    fields = (A_OFFSET, B_OFFSET, GENERAL_A_OFFSET, GENERAL_B_OFFSET)
-    for field, piece in zip(fields, pool_pieces(m)):
+    for field, piece in pool_pieces(m):
         pool[offset:offset + piece.numel()].view(piece.shape).copy_(piece)
         row[field] = offset
         offset += aligned(piece.numel())

@@ -134,6 +134,18 @@ class BaseModel:
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
+    def projection_weight(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One projection's dense [out, in] weight (dequantised when NF4) and bias, cut from its fused linear."""
+        from .merged import dense_weight
+        from .model import AdaptedLinear
+        linear = next(m for m in self.model.layers[layer].modules()
+                      if isinstance(m, AdaptedLinear) and proj in m.projections)
+        shapes = self.projection_shapes
+        start = sum(shapes[p][1] for p in linear.projections[:linear.projections.index(proj)])
+        rows = slice(start, start + shapes[proj][1])
+        bias = getattr(linear.base, "bias", None)
+        return dense_weight(linear.base)[rows], None if bias is None else bias.data[rows]
+
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))

@@ -75,10 +75,10 @@ def make_ops(kind: str, base: BaseModel, num_slots: int, pool_bytes: int | None 
         kind = "triton" if base.device.type == "cuda" else "torch"
     args = (num_slots, base.projection_shapes, base.num_layers, base.device, base.dtype)
     if kind == "torch":
-        return TorchAdapterOps(*args)
+        return TorchAdapterOps(*args, base_weight=base.projection_weight)
     if kind == "triton":
         from loraplex.kernels.ops import TritonAdapterOps
-        return TritonAdapterOps(*args, pool_bytes=pool_bytes)
+        return TritonAdapterOps(*args, pool_bytes=pool_bytes, base_weight=base.projection_weight)
     raise ValueError(f"unknown adapter ops {kind!r}: auto, torch or triton")
 
 

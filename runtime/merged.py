@@ -67,6 +67,8 @@ def merged_linear(linear: AdaptedLinear, ref: AdapterRef, shapes: dict[str, tupl
             for start in range(0, fin, 4096):  # delta^T = module_delta(I): its rows are the input features
                 eye = torch.eye(fin, device=weight.device)[start:start + 4096]
                 weight[row:row + fout, start:start + eye.shape[0]] += module_delta(eye, m).T
+            if m.rescale is not None:  # DoRA: (1 + g) * (W + s*BA) with the bias kept (see adapters/dora.py)
+                weight[row:row + fout] *= (1 + m.rescale[0]).unsqueeze(1)
         row += fout
     bias = getattr(linear.base, "bias", None)
     bias = None if bias is None else bias.data.to(dtype)

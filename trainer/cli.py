@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-modules", nargs="+", default=list(PROJECTIONS),
                    help="projections to adapt, space or comma separated (default: all seven linear projections)")
     p.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(rank) (rsLoRA)")
+    p.add_argument("--use-dora", action="store_true", help="DoRA: LoRA plus a trained magnitude per output channel "
+                   "(--method lora or qlora)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
     p.add_argument("--warmup", type=float, default=0, help="warm-up steps (a value below 1 is a fraction of all steps)")
@@ -60,7 +62,7 @@ def job_from_args(args):
     targets = tuple(t for item in args.target_modules for t in item.split(",") if t)
     spec = AdapterSpec(method=args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                        target_modules=targets, use_rslora=args.use_rslora, gralora_k=args.gralora_k,
-                       hybrid_r=args.hybrid_r)
+                       hybrid_r=args.hybrid_r, use_dora=args.use_dora)
     loop = LoopConfig(lr=args.lr, schedule=args.schedule, epochs=args.epochs, max_steps=args.max_steps,
                       batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
                       save_every=args.save_every, paged_adamw=args.method == "qlora", warmup=args.warmup)

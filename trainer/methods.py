@@ -1,4 +1,6 @@
-"""The base model and PEFT adapter for each training method (LoRA, QLoRA, GraLoRA; Flexora builds on LoRA)."""
+"""The base model and PEFT adapter for each training method (LoRA, QLoRA, GraLoRA; Flexora builds on LoRA).
+
+`use_dora` turns a LoRA or QLoRA adapter into DoRA (PEFT's `use_dora`: a trained magnitude per output channel)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ class AdapterSpec:
     gralora_k: int | None = None  # default: 2 for rank <= 32, else 4
     hybrid_r: int = 0
     layers_to_transform: list[int] | None = None
+    use_dora: bool = False
 
     @property
     def lora_alpha(self) -> float:
@@ -87,6 +90,8 @@ def check_targets(spec: AdapterSpec, config) -> None:
     unknown = set(spec.target_modules) - set(PROJECTIONS)
     if unknown:
         raise MethodError(f"--target-modules: unknown {sorted(unknown)}; choose from {', '.join(PROJECTIONS)}")
+    if spec.use_dora and spec.method not in ("lora", "qlora"):
+        raise MethodError(f"--use-dora applies to --method lora or qlora, not {spec.method}")
     if spec.method != "gralora":
         return
     k = spec.k
@@ -107,7 +112,8 @@ def peft_config(spec: AdapterSpec):
                              gralora_dropout=spec.dropout, target_modules=targets,
                              layers_to_transform=spec.layers_to_transform, task_type="CAUSAL_LM")
     return LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, lora_dropout=spec.dropout, target_modules=targets,
-                      use_rslora=spec.use_rslora, layers_to_transform=spec.layers_to_transform, task_type="CAUSAL_LM")
+                      use_rslora=spec.use_rslora, use_dora=spec.use_dora, layers_to_transform=spec.layers_to_transform,
+                      task_type="CAUSAL_LM")
 
 
 def attach_adapter(model, spec: AdapterSpec):

@@ -5,11 +5,15 @@ add each token's adapter delta to the output slice of each projection. Weights l
 slots (`load` / `evict`), filled from the packed `AdapterWeights` representation; `load` may finish
 asynchronously (it returns an event to poll). The Triton implementation (loraplex.kernels)
 implements the same interface.
+
+Rows of a DoRA adapter also get their projection outputs (base + delta) rescaled per output channel
+(dora.py); the ops need the base weights for that once per adapter version: `base_weight`.
 """
 from __future__ import annotations
 
 import torch
 
+from .dora import BaseWeight, prepare_dora
 from .peft_format import AdapterWeights, ModuleDelta
 from .segments import Segments, build_segments
 
@@ -20,15 +24,17 @@ class AdapterOps:
     name = "abstract"
 
     def __init__(self, num_slots: int, projection_shapes: dict[str, tuple[int, int]], num_layers: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, base_weight: BaseWeight | None = None):
         self.num_slots = num_slots
+        self.base_weight = base_weight
         self.projection_shapes = projection_shapes
         self.num_layers = num_layers
         self.device = torch.device(device)
         self.dtype = dtype
 
     def prepare(self, adapter: AdapterWeights) -> None:
-        """Host-side preparation for a later `load` (any thread); optional."""
+        """Host-side preparation for a later `load` (any thread); `load` calls it when not done yet."""
+        prepare_dora(adapter, self.base_weight)
 
     def nbytes(self, adapter: AdapterWeights) -> int:
         """Accelerator bytes the adapter takes once loaded."""
@@ -64,6 +70,13 @@ def module_delta(x: torch.Tensor, w: ModuleDelta) -> torch.Tensor:
     return out * w.scale
 
 
+def dora_output(y: torch.Tensor, delta: torch.Tensor, w: ModuleDelta) -> torch.Tensor:
+    """A DoRA row's projection output from its base output y (bias included) and delta (see dora.py)."""
+    g, c = w.rescale[0], w.rescale[1]
+    z = y + delta
+    return z + g * z + c
+
+
 class TorchAdapterOps(AdapterOps):
     """Reference implementation: a loop over segments, exact for every mix of LoRA/GraLoRA/ranks."""
 
@@ -76,6 +89,7 @@ class TorchAdapterOps(AdapterOps):
         self.compute_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
 
     def load(self, slot: int, adapter: AdapterWeights) -> bool:
+        self.prepare(adapter)
         self.slots[slot] = {key: m.to(self.device, self.compute_dtype) for key, m in adapter.modules.items()}
         return True
 
@@ -93,5 +107,10 @@ class TorchAdapterOps(AdapterOps):
                 w = weights.get((layer, proj))
                 if w is not None:
                     xs = x.index_select(0, idx).to(self.compute_dtype) if xs is None else xs
-                    y.narrow(1, offset, out).index_add_(0, idx, module_delta(xs, w).to(y.dtype))
+                    ys = y.narrow(1, offset, out)
+                    if w.rescale is None:
+                        ys.index_add_(0, idx, module_delta(xs, w).to(y.dtype))
+                    else:
+                        rows = ys.index_select(0, idx).to(self.compute_dtype)
+                        ys.index_copy_(0, idx, dora_output(rows, module_delta(xs, w), w).to(y.dtype))
                 offset += out

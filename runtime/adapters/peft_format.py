@@ -2,7 +2,9 @@
 
 PEFT LoRA and GraLoRA (with its hybrid LoRA part) both become, per adapted projection, a
 `ModuleDelta`: a block-structured low-rank pair with k blocks (k = 1 for LoRA), plus an optional
-plain low-rank "general" pair. Everything after this module sees only that representation.
+plain low-rank "general" pair; a DoRA LoRA (`use_dora`) also carries its magnitude vector, turned
+into a per-output-channel factor once the base weights are known (see dora.py). Everything after
+this module sees only that representation.
 
 Nothing here unpickles: only `adapter_config.json` and `adapter_model.safetensors` are read.
 Every config field is either honoured, known to be harmless metadata, or refused by name; the
@@ -39,12 +41,12 @@ METADATA_FIELDS = {"peft_type", "task_type", "auto_mapping", "base_model_name_or
                    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
                    "layers_pattern", "exclude_modules", "megatron_core", "qalora_group_size", "ensure_weight_tying"}
 HONOURED_FIELDS = {"LORA": {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
-                            "target_modules"},
+                            "target_modules", "use_dora"},
                    "GRALORA": {"r", "alpha", "gralora_k", "hybrid_r", "layers_to_transform", "target_modules"}}
 # Fields that change the computation in ways we do not implement: accepted only when off (null/false/empty).
 OFF_FIELDS = {"bias": "trained biases", "lora_bias": "trained biases", "modules_to_save": "modules_to_save (only "
               "low-rank deltas are served)", "fan_in_fan_out": "fan_in_fan_out (Conv1D bases do not fit a Llama model)",
-              "use_dora": "DoRA adapters (use_dora)", "use_qalora": "QALoRA (use_qalora)",
+              "use_qalora": "QALoRA (use_qalora)",
               "layer_replication": "layer_replication", "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
               "megatron_config": "Megatron parallel layers (megatron_config)",
               "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
@@ -55,7 +57,7 @@ _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
                   r"(lora_A\.weight|lora_B\.weight|gralora_A|gralora_B|gralora_A_general\.weight|"
-                  r"gralora_B_general\.weight)$")
+                  r"gralora_B_general\.weight|lora_magnitude_vector)$")
 
 
 class AdapterError(Exception):
@@ -81,17 +83,27 @@ class ModuleDelta:
     scale: float
     general_A: torch.Tensor | None = None  # [in, hybrid_r]
     general_B: torch.Tensor | None = None  # [hybrid_r, out]
+    magnitude: torch.Tensor | None = None  # [out] DoRA's m (lora_magnitude_vector)
+    # DoRA on the served base, [2, out]: rows g = m / |W + scale*BA| - 1 and c = -g * bias; the output
+    # of a DoRA row becomes (1 + g) * (base + delta) + c. Set by dora.prepare_dora, None until then.
+    rescale: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.A.shape[-1]
 
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.A, self.B, self.general_A, self.general_B) if t is not None]
+        return [t for t in (self.A, self.B, self.general_A, self.general_B, self.magnitude, self.rescale)
+                if t is not None]
 
     def to(self, device, dtype) -> "ModuleDelta":
         cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()
-        return ModuleDelta(self.k, cast(self.A), cast(self.B), self.scale, cast(self.general_A), cast(self.general_B))
+        return ModuleDelta(self.k, cast(self.A), cast(self.B), self.scale, cast(self.general_A), cast(self.general_B),
+                           cast(self.magnitude), cast(self.rescale))
 
 
 @dataclass
@@ -105,6 +117,10 @@ class AdapterWeights:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for m in self.modules.values() for t in m.tensors())
+
+    @property
+    def is_dora(self) -> bool:
+        return any(m.is_dora for m in self.modules.values())
 
 
 @dataclass(frozen=True)
@@ -326,13 +342,18 @@ def _lora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tuple
     rslora = config.get("use_rslora", False)
     if not isinstance(rslora, bool):
         raise AdapterError(f"{CONFIG_FILE}: use_rslora must be true or false, got {rslora!r}", 400)
+    dora = config.get("use_dora", False)
+    if not isinstance(dora, bool):
+        raise AdapterError(f"{CONFIG_FILE}: use_dora must be true or false, got {dora!r}", 400)
     rank_pattern = _patterns(config, "rank_pattern", _check_rank_value)
     alpha_pattern = _patterns(config, "alpha_pattern", _check_alpha_value)
     modules = {}
     for (layer, proj), parts in sorted(grouped.items()):
         name = _module_name(layer, proj)
-        if set(parts) - {"lora_A.weight", "lora_B.weight"}:
+        if set(parts) - {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}:
             raise AdapterError(f"{name}: GraLoRA tensors in a LORA adapter")
+        if "lora_magnitude_vector" in parts and not dora:
+            raise AdapterError(f"{name}.lora_magnitude_vector in an adapter without use_dora: true", 400)
         rank = _pattern_value(rank_pattern, name, r)
         a = _pattern_value(alpha_pattern, name, alpha)
         if rank > max_rank:
@@ -341,7 +362,13 @@ def _lora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tuple
         A = _expect(f"{name}.lora_A.weight", parts.get("lora_A.weight"), (rank, fin))
         B = _expect(f"{name}.lora_B.weight", parts.get("lora_B.weight"), (fout, rank))
         scale = _checked_scale(name, a / math.sqrt(rank) if rslora else a / rank)
-        modules[(layer, proj)] = ModuleDelta(1, A.t().unsqueeze(0).contiguous(), B.t().unsqueeze(0).contiguous(), scale)
+        magnitude = None
+        if dora:
+            if "lora_magnitude_vector" not in parts:
+                raise AdapterError(f"{name}.lora_magnitude_vector is missing: a DoRA adapter (use_dora: true) needs one per module", 400)
+            magnitude = _expect(f"{name}.lora_magnitude_vector", parts["lora_magnitude_vector"], (fout,))
+        modules[(layer, proj)] = ModuleDelta(1, A.t().unsqueeze(0).contiguous(), B.t().unsqueeze(0).contiguous(), scale,
+                                             magnitude=magnitude)
     return modules
 
 
@@ -368,11 +395,12 @@ def _gralora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tu
         A = _expect(f"{name}.gralora_A", parts.get("gralora_A"), (k, fin // k, r))
         B = _expect(f"{name}.gralora_B", parts.get("gralora_B"), (k, r, fout // k))
         gA = gB = None
+        expected = {"gralora_A", "gralora_B"} | ({"gralora_A_general.weight", "gralora_B_general.weight"} if hybrid_r else set())
+        if set(parts) - expected:
+            raise AdapterError(f"{name}: unexpected tensors {sorted(set(parts) - expected)}")
         if hybrid_r:
             gA = _expect(f"{name}.gralora_A_general.weight", parts.get("gralora_A_general.weight"), (hybrid_r, fin)).t().contiguous()
             gB = _expect(f"{name}.gralora_B_general.weight", parts.get("gralora_B_general.weight"), (fout, hybrid_r)).t().contiguous()
-        elif set(parts) - {"gralora_A", "gralora_B"}:
-            raise AdapterError(f"{name}: unexpected tensors {sorted(set(parts) - {'gralora_A', 'gralora_B'})}")
         modules[(layer, proj)] = ModuleDelta(k, A.contiguous(), B.contiguous(), scale, gA, gB)
     return modules
 
