@@ -63,7 +63,7 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|ml
 class AdapterError(Exception):
     """An adapter that cannot be accepted; `status` is the HTTP status the API answers with."""
 
-    def __init__(self, message: str, status: int = 422):
+    def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.message = message
         self.status = status
@@ -138,7 +138,7 @@ def parse_config(raw: bytes) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}", 400)
     if not isinstance(config, dict):
-        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object", 422)
+        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object", 400)
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "GRALORA"):
         raise AdapterError(f"unsupported peft_type {peft_type!r}: loraplex serves LORA and GRALORA adapters")
