@@ -214,7 +214,8 @@ def create_app(service: Service) -> FastAPI:
 
     async def open_request(request: Request, req: oa.SamplingFields, encode) -> Generation:
         params = req.sampling_params(service.config.default_max_tokens)
-        return await service.open_request(tenant_of(request), req.model, encode, params)
+        mix = [(a.id, a.weight) for a in req.adapters] if req.adapters else None
+        return await service.open_request(tenant_of(request), req.model, encode, params, mix)
 
     def stream(generation: Generation, events) -> StreamingResponse:
         async def guarded():

@@ -24,47 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loraplex/v1/serving.proto\x12\x0bloraplex.v1\"\xcd\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x97\x01\n\x11\x43ompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParamsB\x08\n\x06prompt\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"w\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x82\x01\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\"\x87\x01\n\x0f\x43ompletionChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\"\\\n\x15UploadAdapterMetadata\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\x0c\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"g\n\x14UploadAdapterRequest\x12\x36\n\x08metadata\x18\x01 \x01(\x0b\x32\".loraplex.v1.UploadAdapterMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"l\n\x07\x41\x64\x61pter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\tpeft_type\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\"\x15\n\x13ListAdaptersRequest\">\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.loraplex.v1.Adapter\"\x1f\n\x11GetAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14\x44\x65leteAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa7\x02\n\x0b\x43ompletions\x12\x43\n\x08\x43omplete\x12\x1e.loraplex.v1.CompletionRequest\x1a\x17.loraplex.v1.Completion\x12P\n\x0e\x43ompleteStream\x12\x1e.loraplex.v1.CompletionRequest\x1a\x1c.loraplex.v1.CompletionChunk0\x01\x12\x39\n\x04\x43hat\x12\x18.loraplex.v1.ChatRequest\x1a\x17.loraplex.v1.Completion\x12\x46\n\nChatStream\x12\x18.loraplex.v1.ChatRequest\x1a\x1c.loraplex.v1.CompletionChunk0\x01\x32\xb9\x02\n\x08\x41\x64\x61pters\x12J\n\rUploadAdapter\x12!.loraplex.v1.UploadAdapterRequest\x1a\x14.loraplex.v1.Adapter(\x01\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x14.loraplex.v1.Adapter\x12H\n\rDeleteAdapter\x12!.loraplex.v1.DeleteAdapterRequest\x1a\x14.loraplex.v1.Adapterb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loraplex/v1/serving.proto\x12\x0bloraplex.v1\"\xcd\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"+\n\rAdapterWeight\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\xc5\x01\n\x11\x43ompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12,\n\x08\x61\x64\x61pters\x18( \x03(\x0b\x32\x1a.loraplex.v1.AdapterWeightB\x08\n\x06prompt\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa5\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12,\n\x08\x61\x64\x61pters\x18( \x03(\x0b\x32\x1a.loraplex.v1.AdapterWeight\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x82\x01\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\"\x87\x01\n\x0f\x43ompletionChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\"\\\n\x15UploadAdapterMetadata\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\x0c\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"g\n\x14UploadAdapterRequest\x12\x36\n\x08metadata\x18\x01 \x01(\x0b\x32\".loraplex.v1.UploadAdapterMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"l\n\x07\x41\x64\x61pter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x11\n\tpeft_type\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\"\x15\n\x13ListAdaptersRequest\">\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.loraplex.v1.Adapter\"\x1f\n\x11GetAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14\x44\x65leteAdapterRequest\x12\n\n\x02id\x18\x01 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa7\x02\n\x0b\x43ompletions\x12\x43\n\x08\x43omplete\x12\x1e.loraplex.v1.CompletionRequest\x1a\x17.loraplex.v1.Completion\x12P\n\x0e\x43ompleteStream\x12\x1e.loraplex.v1.CompletionRequest\x1a\x1c.loraplex.v1.CompletionChunk0\x01\x12\x39\n\x04\x43hat\x12\x18.loraplex.v1.ChatRequest\x1a\x17.loraplex.v1.Completion\x12\x46\n\nChatStream\x12\x18.loraplex.v1.ChatRequest\x1a\x1c.loraplex.v1.CompletionChunk0\x01\x32\xb9\x02\n\x08\x41\x64\x61pters\x12J\n\rUploadAdapter\x12!.loraplex.v1.UploadAdapterRequest\x1a\x14.loraplex.v1.Adapter(\x01\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x14.loraplex.v1.Adapter\x12H\n\rDeleteAdapter\x12!.loraplex.v1.DeleteAdapterRequest\x1a\x14.loraplex.v1.Adapterb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.serving_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1413
-  _globals['_FINISHREASON']._serialized_end=1508
+  _globals['_FINISHREASON']._serialized_start=1551
+  _globals['_FINISHREASON']._serialized_end=1646
   _globals['_SAMPLINGPARAMS']._serialized_start=43
   _globals['_SAMPLINGPARAMS']._serialized_end=248
   _globals['_TOKENIDS']._serialized_start=250
   _globals['_TOKENIDS']._serialized_end=273
-  _globals['_COMPLETIONREQUEST']._serialized_start=276
-  _globals['_COMPLETIONREQUEST']._serialized_end=427
-  _globals['_CHATMESSAGE']._serialized_start=429
-  _globals['_CHATMESSAGE']._serialized_end=473
-  _globals['_CHATREQUEST']._serialized_start=475
-  _globals['_CHATREQUEST']._serialized_end=594
-  _globals['_USAGE']._serialized_start=596
-  _globals['_USAGE']._serialized_end=675
-  _globals['_COMPLETION']._serialized_start=678
-  _globals['_COMPLETION']._serialized_end=808
-  _globals['_COMPLETIONCHUNK']._serialized_start=811
-  _globals['_COMPLETIONCHUNK']._serialized_end=946
-  _globals['_UPLOADADAPTERMETADATA']._serialized_start=948
-  _globals['_UPLOADADAPTERMETADATA']._serialized_end=1040
-  _globals['_UPLOADADAPTERREQUEST']._serialized_start=1042
-  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1145
-  _globals['_ADAPTER']._serialized_start=1147
-  _globals['_ADAPTER']._serialized_end=1255
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1257
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1278
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1280
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1342
-  _globals['_GETADAPTERREQUEST']._serialized_start=1344
-  _globals['_GETADAPTERREQUEST']._serialized_end=1375
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1377
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1411
-  _globals['_COMPLETIONS']._serialized_start=1511
-  _globals['_COMPLETIONS']._serialized_end=1806
-  _globals['_ADAPTERS']._serialized_start=1809
-  _globals['_ADAPTERS']._serialized_end=2122
+  _globals['_ADAPTERWEIGHT']._serialized_start=275
+  _globals['_ADAPTERWEIGHT']._serialized_end=318
+  _globals['_COMPLETIONREQUEST']._serialized_start=321
+  _globals['_COMPLETIONREQUEST']._serialized_end=518
+  _globals['_CHATMESSAGE']._serialized_start=520
+  _globals['_CHATMESSAGE']._serialized_end=564
+  _globals['_CHATREQUEST']._serialized_start=567
+  _globals['_CHATREQUEST']._serialized_end=732
+  _globals['_USAGE']._serialized_start=734
+  _globals['_USAGE']._serialized_end=813
+  _globals['_COMPLETION']._serialized_start=816
+  _globals['_COMPLETION']._serialized_end=946
+  _globals['_COMPLETIONCHUNK']._serialized_start=949
+  _globals['_COMPLETIONCHUNK']._serialized_end=1084
+  _globals['_UPLOADADAPTERMETADATA']._serialized_start=1086
+  _globals['_UPLOADADAPTERMETADATA']._serialized_end=1178
+  _globals['_UPLOADADAPTERREQUEST']._serialized_start=1180
+  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1283
+  _globals['_ADAPTER']._serialized_start=1285
+  _globals['_ADAPTER']._serialized_end=1393
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1395
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1416
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1418
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1480
+  _globals['_GETADAPTERREQUEST']._serialized_start=1482
+  _globals['_GETADAPTERREQUEST']._serialized_end=1513
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1515
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1549
+  _globals['_COMPLETIONS']._serialized_start=1649
+  _globals['_COMPLETIONS']._serialized_end=1944
+  _globals['_ADAPTERS']._serialized_start=1947
+  _globals['_ADAPTERS']._serialized_end=2260
 # @@protoc_insertion_point(module_scope)
