@@ -52,6 +52,12 @@ def service(tmp_path_factory, adapters) -> Service:
     return service
 
 
+@pytest.fixture(scope="module")
+def peft_cat(adapters):
+    """The PEFT reference: a and b loaded, mixed 0.7/0.3 by add_weighted_adapter(combination_type="cat")."""
+    return peft_cat_model(adapters, MIX)
+
+
 def peft_cat_model(adapters: dict, mix: list[tuple[str, float]]):
     from peft import PeftModel
     model = PeftModel.from_pretrained(peft_reference(None), adapters[mix[0][0]], adapter_name=mix[0][0])
@@ -66,14 +72,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_mix_logits_equal_peft_cat(service, adapters):
+def test_mix_logits_equal_peft_cat(service, peft_cat):
     mix = asyncio.run(service._resolve_mix(ALICE, "base", MIX))
     single = service.registry.resolve("alice.a")
     ids = service.base.tokenizer(PROMPT)["input_ids"]
     got_mix, got_single, got_base = service.engine.score([(ids, mix), (ids, single), (ids, None)])  # one batch
     assert mix.weights.rank == 8 + 16  # r1 + r2
     with torch.no_grad():
-        expected = peft_cat_model(adapters, MIX)(torch.tensor([ids])).logits[0]
+        expected = peft_cat(torch.tensor([ids])).logits[0]
     assert rel_err(got_mix, expected) <= 1e-4
     assert rel_err(got_single, expected) > 1e-3 and rel_err(got_base, expected) > 1e-3  # the mix has teeth
 
@@ -117,7 +123,7 @@ def post(live, body: dict, key: str = KEYS["alice"]) -> httpx.Response:
                       headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
 
-def test_mix_over_http_and_grpc_equals_peft_cat_generation(live, adapters, default_tokenizer):
+def test_mix_over_http_and_grpc_equals_peft_cat_generation(live, peft_cat, default_tokenizer):
     from loraplex.client import GrpcClient
     body = {"model": "base", "adapters": [{"id": i, "weight": w} for i, w in MIX], "ignore_eos": True}
     r = post(live, body)
@@ -127,7 +133,7 @@ def test_mix_over_http_and_grpc_equals_peft_cat_generation(live, adapters, defau
         grpc_text = client.complete("base", PROMPT, adapters=dict(MIX), max_tokens=8, temperature=0, ignore_eos=True).text
     ids = torch.tensor([default_tokenizer(PROMPT)["input_ids"]])
     with torch.no_grad():
-        out = peft_cat_model(adapters, MIX).generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+        out = peft_cat.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
                                                      pad_token_id=0)
     assert http_text == grpc_text == default_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
