@@ -51,13 +51,14 @@ class Choices:
 
     @classmethod
     async def open(cls, service: Service, tenant: Tenant, model: str, encode: Callable[[], list[int]],
-                   params: SamplingParams, n: int) -> Choices:
-        """Admit the n engine requests; if one is refused, those already admitted are closed."""
+                   params: SamplingParams, n: int, adapters: list[tuple[str, float]] | None = None) -> Choices:
+        """Admit the n engine requests (on `model`, or on a mix of `adapters`: see Service.open_request);
+        if one is refused, those already admitted are closed."""
         encode = encode_once(encode)
         generations: list[Generation] = []
         try:
             for i in range(n):
-                generations.append(await service.open_request(tenant, model, encode, params.for_choice(i)))
+                generations.append(await service.open_request(tenant, model, encode, params.for_choice(i), adapters))
         except BaseException:
             for generation in generations:
                 generation.close()

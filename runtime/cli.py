@@ -133,6 +133,8 @@ async def _serve_http_and_grpc(service, host: str, args) -> None:
 
 def _adapters(args) -> None:
     from loraplex.client import ClientError, GrpcClient, HttpClient, adapter_dict
+    from loraplex.client.http import quiet_transport_logs
+    quiet_transport_logs(args.verbose)
     try:
         if args.grpc:
             with GrpcClient(args.grpc_target, api_key=args.api_key) as client:
@@ -246,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--grpc", action="store_true", help="talk to the gRPC API instead of HTTP")
         p.add_argument("--grpc-target", default="127.0.0.1:50051", help="host:port of the gRPC API")
         p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"))
+        p.add_argument("--verbose", action="store_true", help="log each HTTP request")
         p.set_defaults(func=_adapters)
     return parser
 

@@ -156,9 +156,11 @@ class CompletionsServicer(pb_grpc.CompletionsServicer):
         self.service = service
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: service.base.tokenizer.decode([t]))
 
-    async def _open(self, tenant: Tenant, model: str, encode, sampling: pb.SamplingParams) -> Choices:
-        params = sampling_params(sampling, self.service.config.default_max_tokens)
-        return await Choices.open(self.service, tenant, model, encode, params, choice_count(sampling))
+    async def _open(self, tenant: Tenant, request, encode) -> Choices:
+        params = sampling_params(request.sampling, self.service.config.default_max_tokens)
+        mix = [(a.id, a.weight) for a in request.adapters] or None
+        return await Choices.open(self.service, tenant, request.model, encode, params, choice_count(request.sampling),
+                                  mix)
 
     def _prompt(self, request: pb.CompletionRequest):
         which = request.WhichOneof("prompt")
@@ -193,19 +195,19 @@ class CompletionsServicer(pb_grpc.CompletionsServicer):
 
     @rpc
     async def Complete(self, request, context, tenant):
-        return await self._collect(await self._open(tenant, request.model, self._prompt(request), request.sampling))
+        return await self._collect(await self._open(tenant, request, self._prompt(request)))
 
     @rpc
     async def CompleteStream(self, request, context, tenant):
-        await self._stream(await self._open(tenant, request.model, self._prompt(request), request.sampling), context)
+        await self._stream(await self._open(tenant, request, self._prompt(request)), context)
 
     @rpc
     async def Chat(self, request, context, tenant):
-        return await self._collect(await self._open(tenant, request.model, self._chat(request), request.sampling))
+        return await self._collect(await self._open(tenant, request, self._chat(request)))
 
     @rpc
     async def ChatStream(self, request, context, tenant):
-        await self._stream(await self._open(tenant, request.model, self._chat(request), request.sampling), context)
+        await self._stream(await self._open(tenant, request, self._chat(request)), context)
 
 
 async def receive_weights(chunks: AsyncIterator[pb.UploadAdapterRequest], size: int, sha256: str) -> bytes:

@@ -213,7 +213,8 @@ def create_app(service: Service) -> FastAPI:
 
     async def open_choices(request: Request, req: oa.SamplingFields, encode) -> Choices:
         params = req.sampling_params(service.config.default_max_tokens)
-        return await Choices.open(service, tenant_of(request), req.model, encode, params, req.n)
+        mix = [(a.id, a.weight) for a in req.adapters] if req.adapters else None
+        return await Choices.open(service, tenant_of(request), req.model, encode, params, req.n, mix)
 
     def stream(choices: Choices, events) -> StreamingResponse:
         async def guarded():

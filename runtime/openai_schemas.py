@@ -42,8 +42,15 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class AdapterWeight(Strict):
+    id: Text
+    weight: float = Field(allow_inf_nan=False)
+
+
 class SamplingFields(Strict):
     model: Text
+    # a per-request mix on the base model (`model` "base"): sum of weight * each adapter's delta
+    adapters: list[AdapterWeight] | None = Field(None, min_length=2, max_length=8)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -74,6 +81,14 @@ class SamplingFields(Strict):
             if not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in UNSUPPORTED[name]):
                 raise ValueError(f"{name} is not supported by this server")
         return {k: v for k, v in data.items() if k not in UNSUPPORTED}
+
+    @field_validator("adapters")
+    @classmethod
+    def _distinct_adapters(cls, v):
+        ids = [a.id for a in v or []]
+        if len(set(ids)) != len(ids):
+            raise ValueError("each adapter id may appear once in adapters")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -193,13 +193,14 @@ class Service:
 
     # -- requests ---------------------------------------------------------------------------
     async def open_request(self, tenant: Tenant, model: str, encode: Callable[[], list[int]],
-                           params: SamplingParams) -> Generation:
-        """Admit one request: resolve its adapter, tokenise (`encode`, off the event loop), check the
-        limits and submit. The caller iterates the Generation and closes it (aclosing)."""
+                           params: SamplingParams, adapters: list[tuple[str, float]] | None = None) -> Generation:
+        """Admit one request: resolve its adapter (or its mix of `adapters`, (id, weight) pairs, on the
+        base model), tokenise (`encode`, off the event loop), check the limits and submit. The caller
+        iterates the Generation and closes it (aclosing)."""
         self._check_open()
         if params.max_tokens > self.config.max_tokens:
             raise ServiceError(f"max_tokens is {params.max_tokens}, above the server's limit of {self.config.max_tokens}")
-        adapter = await self._resolve(tenant, model)
+        adapter = await (self._resolve_mix(tenant, model, adapters) if adapters else self._resolve(tenant, model))
         prompt_ids = await asyncio.to_thread(encode)
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise ServiceError(f"the prompt is {len(prompt_ids)} tokens, above the server's limit of "
@@ -252,6 +253,34 @@ class Service:
     def _resolve_and_prepare(self, stored_id: str) -> AdapterRef:
         ref = self.registry.resolve(stored_id)
         self.engine.prepare_adapter(ref)  # pack for loading here, not on the engine thread
+        return ref
+
+    async def _resolve_mix(self, tenant: Tenant, model: str, adapters: list[tuple[str, float]]) -> AdapterRef:
+        """A weighted mix of the tenant's adapters, each resolved in its namespace like a `model`."""
+        if model not in (BASE_MODEL_ID, self.base.name):
+            raise ServiceError(f"with adapters, model must be {BASE_MODEL_ID!r} (the mix is applied to the base "
+                               f"model), got {model!r}")
+        ids = [adapter_id for adapter_id, _ in adapters]
+        if len(set(ids)) != len(ids):
+            raise ServiceError(f"an adapter appears twice in the mix ({', '.join(ids)}): give each id once")
+        for adapter_id in ids:
+            try:
+                check_adapter_id(adapter_id)
+            except AdapterError:
+                raise ModelNotFound(f"adapter {adapter_id!r} of the mix not found") from None
+        return await asyncio.to_thread(self._mix_and_prepare, tenant, adapters)
+
+    def _mix_and_prepare(self, tenant: Tenant, adapters: list[tuple[str, float]]) -> AdapterRef:
+        members = []
+        for adapter_id, weight in adapters:
+            try:
+                members.append((self.registry.resolve(tenant.stored_id(adapter_id)), weight))
+            except AdapterError as e:
+                if e.status in (400, 404):
+                    raise ModelNotFound(f"adapter {adapter_id!r} of the mix not found") from None
+                raise
+        ref = self.registry.mix(members)
+        self.engine.prepare_adapter(ref)
         return ref
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:

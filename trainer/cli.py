@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     u.add_argument("--upload", default=None, metavar="URL", help="upload the adapter to a running loraplex server")
     u.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"), help="default: $LORAPLEX_API_KEY")
     u.add_argument("--adapter-id", default=None, help="id for --upload (default: the output directory's name)")
+    u.add_argument("--verbose", action="store_true", help="log each HTTP request of --upload")
 
 
 def job_from_args(args):
@@ -88,6 +89,8 @@ def run(args) -> None:
     print(f"adapter written to {args.output} (val loss {s['initial_val_loss']:.4f} -> {s['final_val_loss']:.4f})")
     if args.upload:
         from loraplex.client import ClientError, HttpClient
+        from loraplex.client.http import quiet_transport_logs
+        quiet_transport_logs(args.verbose)
         adapter_id = args.adapter_id or re.sub(r"[^A-Za-z0-9._-]", "-", args.output.resolve().name).lstrip(".-_") or "adapter"
         try:
             record = HttpClient(args.upload, api_key=args.api_key).upload_adapter(args.output, adapter_id)

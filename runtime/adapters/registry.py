@@ -9,29 +9,38 @@ holding a version shares one copy, which counts until the last holder drops it (
 pinned); unpinned copies stay cached, least-recently-used first out, while they fit. A resolve that
 cannot fit even after evicting every unpinned copy is refused (429, retry later); an upload whose
 weights alone exceed the budget is refused (413) before anything is written.
+
+A per-request mix of adapters (`mix`) becomes one virtual adapter, keyed by its members' ids,
+versions and weights, whose modules concatenate the members' factors: the engine and the kernels
+see an ordinary LoRA of rank r1 + r2 + ..., cached and pinned like any other version.
 """
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .peft_format import AdapterError, AdapterWeights, BaseShape, parse_adapter
+import torch
+
+from .peft_format import MAX_ABS_SCALE, AdapterError, AdapterWeights, BaseShape, ModuleDelta, parse_adapter
 from .store import AdapterStore, StoredAdapter
 
 DEFAULT_MAX_HOST_BYTES = 4 << 30
+MIN_MIX, MAX_MIX = 2, 8  # members of one mix
 
 
 @dataclass(frozen=True, eq=False)
 class AdapterRef:
     id: str
-    version: int
+    version: int  # 0 for a mix
     weights: AdapterWeights
+    mix: tuple[tuple[str, int, float], ...] = ()  # a mix's members: (id, version, weight)
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.id, self.version)
+    def key(self) -> tuple:
+        return ("mix", self.mix) if self.mix else (self.id, self.version)
 
 
 class AdapterRegistry:
@@ -145,6 +154,67 @@ class AdapterRegistry:
                 weights = parse_adapter(config_raw, weights_raw, self.base, max(self.max_rank, record.rank))
             return self._pin(AdapterRef(record.id, record.version, self._cache(key, weights)))
         raise AdapterError(f"adapter {adapter_id!r} not found", 404)
+
+
+    def mix(self, members: list[tuple[AdapterRef, float]]) -> AdapterRef:
+        """One virtual adapter computing sum_i weight_i * delta_i of resolved members (PEFT's
+        add_weighted_adapter(combination_type="cat")), shared by every request with the same mix."""
+        if not MIN_MIX <= len(members) <= MAX_MIX:
+            raise AdapterError(f"a mix takes {MIN_MIX} to {MAX_MIX} adapters, got {len(members)}", 400)
+        if not all(math.isfinite(weight) for _, weight in members):
+            raise AdapterError(f"mix weights must be finite numbers, got {[weight for _, weight in members]}", 400)
+        mix = tuple((ref.id, ref.version, float(weight)) for ref, weight in members)
+        key = ("mix", mix)  # AdapterRef.key of this mix
+        weights = self._live.get(key)
+        if weights is None:
+            weights = mix_weights([(ref.weights, weight) for ref, weight in members], self.max_rank)
+        mix_id = "+".join(ref.id for ref, _ in members)
+        return self._pin(AdapterRef(mix_id, 0, self._cache(key, weights), mix))
+
+
+def lora_form(m: ModuleDelta) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain LoRA factors (A [in, R], B [R, out], without the scale) of a module: GraLoRA with k
+    blocks of rank r (+ hybrid_r) is exactly a block-sparse LoRA of rank k*r (+ hybrid_r).
+
+    Block n of the input feeds columns n*r..(n+1)*r of A through A[n]; piece j (r/k wide) of that
+    rank-r result feeds output block j through rows n*r/k.. of B[j] (see ModuleDelta)."""
+    k, in_k, r = m.A.shape
+    out_k, rk = m.B.shape[2], r // k
+    A = torch.zeros(k * in_k, k * r, dtype=m.A.dtype)
+    B = torch.zeros(k * r, k * out_k, dtype=m.B.dtype)
+    for n in range(k):
+        A[n * in_k:(n + 1) * in_k, n * r:(n + 1) * r] = m.A[n]
+        for j in range(k):
+            B[n * r + j * rk:n * r + (j + 1) * rk, j * out_k:(j + 1) * out_k] = m.B[j][n * rk:(n + 1) * rk]
+    if m.general_A is not None:
+        A, B = torch.cat([A, m.general_A], dim=1), torch.cat([B, m.general_B], dim=0)
+    return A, B
+
+
+def mix_weights(members: list[tuple[AdapterWeights, float]], max_rank: int) -> AdapterWeights:
+    """Concatenate the members' factors per module, weight * scale folded into A as PEFT's "cat" does;
+    the mixed module's own scale is 1 (PEFT's lora_alpha = r of the result)."""
+    parts: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for weights, weight in members:
+        for key, m in weights.modules.items():
+            if m.is_dora:  # its magnitude rescales base + delta per channel: no meaning inside a sum of deltas
+                raise AdapterError("a DoRA adapter cannot be part of a mix (use it on its own)", 400)
+            A, B = lora_form(m)
+            folded = weight * m.scale
+            if abs(folded) > MAX_ABS_SCALE:
+                raise AdapterError(f"a mix weight of {weight!r} makes a scale of {folded:g}, above the "
+                                   f"server's bound of {MAX_ABS_SCALE:g}", 400)
+            parts.setdefault(key, []).append((A * folded, B))
+    modules = {}
+    for key, factors in sorted(parts.items()):
+        A = torch.cat([a for a, _ in factors], dim=1)
+        B = torch.cat([b for _, b in factors], dim=0)
+        modules[key] = ModuleDelta(1, A.unsqueeze(0).contiguous(), B.unsqueeze(0).contiguous(), 1.0)
+    rank = max(m.rank for m in modules.values())
+    if rank > max_rank:
+        raise AdapterError(f"the mix has rank {rank} (the members' ranks added, a GraLoRA member counting "
+                           f"k*r + hybrid_r), above the server's --max-lora-rank {max_rank}", 400)
+    return AdapterWeights(peft_type="LORA", rank=rank, config={"mix": [w for _, w in members]}, modules=modules)
 
 
 def record_key(record: StoredAdapter) -> tuple[str, int]:

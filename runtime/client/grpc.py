@@ -1,7 +1,8 @@
 """A gRPC client of a running loraplex server: completions, chat (unary or streamed) and adapters.
 
 Answers are the protobuf messages of `loraplex.v1` (see protos/loraplex/v1/serving.proto); sampling
-fields are keyword arguments (`max_tokens=16, temperature=0, stop=["\\n"]`, ...).
+fields are keyword arguments (`max_tokens=16, temperature=0, stop=["\\n"]`, ...); a per-request mix is
+`adapters={"a": 0.7, "b": 0.3}` with model "base".
 """
 from __future__ import annotations
 
@@ -31,8 +32,15 @@ class GrpcError(ClientError):
         self.details = error.details()
 
 
-def completion_request(model: str, prompt: str | list[int], **sampling) -> pb.CompletionRequest:
-    request = pb.CompletionRequest(model=model, sampling=pb.SamplingParams(**sampling))
+def adapter_weights(adapters: dict[str, float] | None) -> list[pb.AdapterWeight]:
+    """A per-request mix, {adapter id: weight}, as the requests' `adapters` field."""
+    return [pb.AdapterWeight(id=adapter_id, weight=weight) for adapter_id, weight in (adapters or {}).items()]
+
+
+def completion_request(model: str, prompt: str | list[int], adapters: dict[str, float] | None = None,
+                       **sampling) -> pb.CompletionRequest:
+    request = pb.CompletionRequest(model=model, sampling=pb.SamplingParams(**sampling),
+                                   adapters=adapter_weights(adapters))
     if isinstance(prompt, str):
         request.text = prompt
     else:
@@ -40,9 +48,10 @@ def completion_request(model: str, prompt: str | list[int], **sampling) -> pb.Co
     return request
 
 
-def chat_request(model: str, messages: list[dict], **sampling) -> pb.ChatRequest:
+def chat_request(model: str, messages: list[dict], adapters: dict[str, float] | None = None,
+                 **sampling) -> pb.ChatRequest:
     return pb.ChatRequest(model=model, messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
-                          sampling=pb.SamplingParams(**sampling))
+                          sampling=pb.SamplingParams(**sampling), adapters=adapter_weights(adapters))
 
 
 def upload_requests(directory: str | Path, adapter_id: str,

@@ -1,6 +1,7 @@
 """A small HTTP client of a running loraplex server (used by `loraplex adapters ...`)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,12 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 class ClientError(RuntimeError):
     pass
+
+
+def quiet_transport_logs(verbose: bool = False) -> None:
+    """Client commands print their answer, not httpx's INFO line per request (shown with verbose)."""
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 class HttpClient:
