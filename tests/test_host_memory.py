@@ -71,3 +71,21 @@ def test_an_adapter_larger_than_the_budget_is_refused_at_upload(tmp_path):
 def test_default_budget_is_bytes():
     reg = AdapterRegistry.__init__.__kwdefaults__
     assert reg["max_host_bytes"] == 4 << 30
+
+
+def test_replaced_and_deleted_versions_leave_host_memory(tmp_path):
+    """A replace or delete drops the superseded copies at once (no request can resolve them again), so
+    churn does not fill the budget with dead versions; a request still holding one keeps it alive."""
+    reg = registry(tmp_path, 100)
+    reg.upload("a", *lora_files())
+    held = reg.resolve("a")  # a request in flight on a/1
+    for seed in range(1, 6):
+        reg.upload("a", *lora_files(scale=1.0 + seed))
+    assert list(reg._host) == [("a", 6)]
+    assert reg.resolve("a").version == 6 and held.version == 1 and held.weights.nbytes == ADAPTER_BYTES
+    del held
+    gc.collect()
+    assert reg.host_bytes_used == ADAPTER_BYTES
+    reg.delete("a")
+    gc.collect()
+    assert not reg._host and reg.host_bytes_used == 0

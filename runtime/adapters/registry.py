@@ -119,6 +119,7 @@ class AdapterRegistry:
         self.store.get(adapter_id)  # checks the id before any parsing work
         weights = self.validate(config_raw, weights_raw)
         record = self.store.commit(adapter_id, config_raw, weights_raw, weights.peft_type, weights.rank)
+        self._forget_superseded(record.id, record.version)
         try:
             self._cache(record_key(record), weights)
         except AdapterError:  # committed; loaded from disk when first used and memory allows
@@ -129,7 +130,18 @@ class AdapterRegistry:
         record = self.store.delete(adapter_id)
         if record is None:
             raise AdapterError(f"adapter {adapter_id!r} not found", 404)
+        self._forget_superseded(record.id, None)
         return record
+
+    def _forget_superseded(self, adapter_id: str, current: int | None) -> None:
+        """Drop cached copies of adapter_id's other versions (and mixes using them): no new request can
+        resolve them. Requests still holding one keep it alive until they end."""
+        def stale(key) -> bool:
+            members = key[1] if key[0] == "mix" else (key,)
+            return any(m[0] == adapter_id and m[1] != current for m in members)
+        with self._lock:
+            for key in [k for k in self._host if stale(k)]:
+                del self._host[key]
 
     def list(self) -> list[StoredAdapter]:
         return self.store.list()
