@@ -114,20 +114,25 @@ def test_queue_depth_counts_requests_the_engine_has_not_started(live):
     service = live.service
     wait_idle(service)
     service.config.max_concurrent = 10
+    step = service.engine.step
+    slow_engine(service, 0.05)  # the two requests outlast the third's admission, however fast the machine
     try:
         threads = [threading.Thread(target=lambda: httpx.post(
             f"{live.url}/v1/completions", timeout=30, json={"model": "base", "prompt": "hi", "max_tokens": 15,
                                                              "ignore_eos": True})) for _ in range(2)]
-        for t in threads:
+        for started, t in enumerate(threads, 1):  # the first is running before the second waits
             t.start()
-        deadline = time.time() + 10
-        while service.in_flight < 2 and time.time() < deadline:
-            time.sleep(0.005)
+            deadline = time.time() + 10
+            while service.in_flight < started and time.time() < deadline:
+                time.sleep(0.005)
+            while started == 1 and service.engine.stats()["running"] < 1 and time.time() < deadline:
+                time.sleep(0.005)
         r = httpx.post(f"{live.url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 429 and "queue is full" in r.json()["error"]["message"]
         for t in threads:
             t.join(30)
     finally:
+        service.engine.step = step
         service.config.max_concurrent = 2
     wait_idle(service)
 

@@ -93,7 +93,8 @@ def one_thread():
 
 
 def test_running_stream_keeps_pace_while_a_long_prompt_is_admitted(long_context_base, one_thread):
-    engine = Engine(long_context_base, EngineConfig(kv_cache_tokens=4096, max_step_seconds=0.02))
+    # no prefix caching: the warm-up prompt is submitted again and must be prefilled again, in chunks
+    engine = Engine(long_context_base, EngineConfig(kv_cache_tokens=4096, max_step_seconds=0.02, prefix_caching=False))
     long_prompt = torch.randint(100, 40000, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
     engine.generate([(long_prompt, greedy(1), None)])  # warm-up
     # the stall the budget prevents: the long prompt's first step with no decode rows (2,048 tokens)
