@@ -76,8 +76,8 @@ def test_open_mode_binds_loopback_and_keys_stay_out_of_logs(tiny_model_dir, tmp_
     assert "secret" not in log  # ... their keys are not
 
 
-def test_sigterm_drains(tiny_model_dir, tmp_path):
-    server = ServerProcess("--model", str(tiny_model_dir), "--shutdown-grace", "30", adapter_dir=tmp_path / "a")
+def open_stream(server: ServerProcess) -> tuple[threading.Thread, list, threading.Event]:
+    """A 400-token stream read in a thread: (the thread, its events so far, set at the first event)."""
     events, started = [], threading.Event()
 
     def stream():
@@ -88,6 +88,12 @@ def test_sigterm_drains(tiny_model_dir, tmp_path):
                 started.set()
     reader = threading.Thread(target=stream)
     reader.start()
+    return reader, events, started
+
+
+def test_sigterm_drains(tiny_model_dir, tmp_path):
+    server = ServerProcess("--model", str(tiny_model_dir), "--shutdown-grace", "30", adapter_dir=tmp_path / "a")
+    reader, events, started = open_stream(server)
     try:
         assert started.wait(30)
         server.proc.send_signal(signal.SIGTERM)
@@ -131,16 +137,7 @@ def test_sigterm_grace_over_cancels_the_rest_and_grpc_refuses(tmp_path):
 
     from loraplex.client import GrpcClient, GrpcError
     server = ServerProcess("--shutdown-grace", "1", adapter_dir=tmp_path / "a")
-    events, started = [], threading.Event()
-
-    def stream():
-        body = {"model": "base", "prompt": "hi", "max_tokens": 400, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
-            for event in sse_events(r.iter_lines()):
-                events.append(event)
-                started.set()
-    reader = threading.Thread(target=stream)
-    reader.start()
+    reader, events, started = open_stream(server)
     try:
         assert started.wait(60)
         signalled = time.time()
