@@ -33,6 +33,7 @@ from .model_runner import ModelRunner, kv_bytes_per_token
 from .sampler import sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence, SeqStatus, StepOutput
+from .structured import GrammarError, Grammars
 
 log = logging.getLogger("loraplex.engine")
 PREFILL_COST_EMA = 0.3  # weight of the newest step in the CPU's seconds-per-prefill-token average
@@ -124,6 +125,7 @@ class Engine:
         self.merger.auto_merges = not (base.quantization == "nf4" and merge_format == "bf16")
         self.runner.capture_base_graphs()
         self.detokenizer = Detokenizer(base.tokenizer)
+        self.grammars = Grammars(base.tokenizer, base.config.vocab_size, list(base.eos_token_ids))
         self.scheduler = Scheduler(self.blocks, self.slots, max_num_seqs=config.max_num_seqs,
                                    max_batched_tokens=config.max_batched_tokens)
         self.scheduler.prefill_budget = config.prefill_chunk_tokens  # on the CPU replaced once measured
@@ -164,12 +166,19 @@ class Engine:
         vocab = self.base.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+        if params.response_format is not None:  # compiles on the caller's thread (cached): never on the loop's
+            try:
+                self.grammars.compile(params.response_format)
+            except GrammarError as e:
+                raise RequestError(str(e)) from None
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, adapter: AdapterRef | None,
                emit: Callable[[StepOutput], None]) -> int:
         self.check(prompt_token_ids, params)
         seq = Sequence(prompt_token_ids, params, adapter, emit)
         seq.eos_token_ids = frozenset(self.base.eos_token_ids)
+        if params.response_format is not None:
+            seq.matcher = self.grammars.matcher(params.response_format)  # compiled by check: a cache hit
         with self._submit_lock:
             if not self.alive:
                 raise EngineDead(f"the engine is dead: {self.error}")
@@ -319,6 +328,8 @@ class Engine:
                 # its NaN/inf K/V must reach neither the prefix cache nor the block's next owner
                 self.runner.clear_kv(self.blocks.uncache(seq))
                 self._finish(seq, "error", error="the model produced non-finite logits (NaN or inf) for this request")
+            elif seq.matcher is not None and not seq.matcher.accept_token(token):
+                self._finish(seq, "error", error="no token the response_format grammar allows could be sampled")
             else:
                 seq.token_ids.append(token)
                 if logprob is not None:
@@ -342,6 +353,8 @@ class Engine:
             reason = "stop"
         elif token in seq.params.stop_token_ids or (token in self.base.eos_token_ids and not seq.params.ignore_eos):
             reason = "stop"  # the sampler masked both while fewer than min_tokens were generated
+        elif seq.matcher is not None and seq.matcher.is_terminated():
+            reason = "stop"  # the output is complete: the grammar allows nothing more
         elif seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
         if reason is not None:

@@ -9,15 +9,16 @@ import time
 import uuid
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from .choices import MAX_N, Choice
 from .sequence import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, SamplingParams, StepOutput, TokenLogprob
+from .structured import ResponseFormat
 
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what a 64-bit generator seed can hold
 # OpenAI fields we do not implement: refused by name unless they carry their no-op value.
-UNSUPPORTED = {"response_format": (None, {"type": "text"}),
-               "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None,),
+UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None,),
                "best_of": (None, 1), "suffix": (None,), "parallel_tool_calls": (None,), "modalities": (None,),
                "audio": (None,), "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,)}
 TokenText = Callable[[int], str]  # a token id's text, as the tokenizer decodes it alone
@@ -47,6 +48,51 @@ class AdapterWeight(Strict):
     weight: float = Field(allow_inf_nan=False)
 
 
+class TextFormat(Strict):
+    type: Literal["text"]
+
+    def response_format(self) -> ResponseFormat | None:
+        return None
+
+
+class JsonObjectFormat(Strict):
+    type: Literal["json_object"]
+
+    def response_format(self) -> ResponseFormat | None:
+        return ResponseFormat("json_object")
+
+
+class JsonSchemaSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Text | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    # the output always conforms to the schema (properties it does not name are never generated), so
+    # OpenAI's strict mode is what we do either way
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+    def response_format(self) -> ResponseFormat | None:
+        return ResponseFormat.json_schema(self.json_schema.json_schema)
+
+
+ResponseFormatField = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+_response_format_json = TypeAdapter(ResponseFormatField)
+
+
+def response_format_from_json(text: str) -> ResponseFormat | None:
+    """gRPC's `response_format_json`: the HTTP field's JSON, checked the same way; ValueError naming the problem."""
+    try:
+        return _response_format_json.validate_json(text).response_format()
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'response_format'}: {err['msg']}"
+                             for err in e.errors())
+        raise ValueError(f"response_format_json: {problems}") from None
+
+
 class SamplingFields(Strict):
     model: Text
     # a per-request mix on the base model (`model` "base"): sum of weight * each adapter's delta
@@ -67,6 +113,7 @@ class SamplingFields(Strict):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormatField | None = None
     user: str | None = None  # accepted and unused, as OpenAI's own servers use it only for abuse tracking
 
     @model_validator(mode="before")
@@ -124,7 +171,8 @@ class SamplingFields(Strict):
                               frequency_penalty=self.frequency_penalty or 0.0,
                               repetition_penalty=self.repetition_penalty or 1.0, logit_bias=dict(self.logit_bias or {}),
                               min_tokens=self.min_tokens, stop_token_ids=list(self.stop_token_ids or []),
-                              logprobs=self.requested_logprobs())
+                              logprobs=self.requested_logprobs(),
+                              response_format=self.response_format.response_format() if self.response_format else None)
 
     @property
     def include_usage(self) -> bool:

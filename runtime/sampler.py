@@ -11,8 +11,10 @@ Before the choice, rows that ask for them get, in this order: the repetition pen
 over prompt + generated tokens, a seen token's logit is divided by it when positive and multiplied
 by it otherwise), OpenAI's frequency and presence penalties (over the generated tokens:
 logit - frequency * count - presence * [count > 0]), logit_bias (added), and, while a row has
-generated fewer than min_tokens, -inf on its end-of-sequence and stop_token_ids. Each is one
-batched tensor op over the rows that use it, so rows of any mix share the step.
+generated fewer than min_tokens, -inf on its end-of-sequence and stop_token_ids; last, a row with a
+response_format grammar gets -inf on every token its matcher does not allow (structured.py). Each
+is one batched tensor op over the rows that use it, so rows of any mix share the step; with no
+such row a step pays nothing for it.
 
 `token_logprobs` reports, as vLLM does by default, the log-softmax of the model's raw logits
 (before penalties, bias, masks, temperature and top-k/top-p).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .sequence import Sequence, TokenLogprob
+from .structured import allowed_tokens, apply_allowed
 
 MASK32 = 0xFFFFFFFF
 # Multipliers of a 32-bit xorshift-multiply mix (Wellons' lowbias32). Stored as signed values in
@@ -138,9 +141,20 @@ def _apply_bias_and_masks(logits: torch.Tensor, seqs: list[Sequence]) -> torch.T
     return logits
 
 
+def _apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Rows with a grammar matcher keep only the tokens it allows next; the others are untouched."""
+    rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    if not rows:
+        return logits
+    index = torch.tensor(rows, device=logits.device)
+    part = logits[index]  # a copy: the raw logits stay as they were for token_logprobs
+    apply_allowed(part, allowed_tokens([seqs[i].matcher for i in rows], logits.shape[1]))
+    return logits.index_copy(0, index, part)
+
+
 def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Float32 logits after each row's penalties, logit_bias and min_tokens mask (the module docstring)."""
-    return _apply_bias_and_masks(_apply_penalties(logits.float(), seqs), seqs)
+    """Float32 logits after each row's penalties, logit_bias, min_tokens mask and grammar (the module docstring)."""
+    return _apply_grammars(_apply_bias_and_masks(_apply_penalties(logits.float(), seqs), seqs), seqs)
 
 
 def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
