@@ -24,6 +24,7 @@ from loraplex.protos.loraplex.v1 import serving_pb2_grpc as pb_grpc
 from .adapters.store import StoredAdapter, check_adapter_id
 from .choices import MAX_N, Choice, Choices
 from .engine import RequestError
+from .openai_schemas import response_format_from_json
 from .sequence import SamplingParams, StepOutput, TokenLogprob
 from .service import Service, error_of
 from .tenants import Tenant
@@ -94,6 +95,11 @@ def sampling_params(sampling: pb.SamplingParams, default_max_tokens: int) -> Sam
                             logit_bias=dict(sampling.logit_bias), min_tokens=sampling.min_tokens,
                             stop_token_ids=list(sampling.stop_token_ids),
                             logprobs=sampling.logprobs if has("logprobs") else None)
+    if sampling.response_format_json:
+        try:
+            params.response_format = response_format_from_json(sampling.response_format_json)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
     if params.max_tokens < 1:
         raise RequestError("max_tokens must be at least 1")
     if not 0.0 <= params.temperature <= 2.0:

@@ -205,7 +205,7 @@ class Service:
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise ServiceError(f"the prompt is {len(prompt_ids)} tokens, above the server's limit of "
                                f"{self.config.max_prompt_tokens}")
-        self.engine.check(prompt_ids, params)
+        await asyncio.to_thread(self.engine.check, prompt_ids, params)  # compiles a response_format grammar
         loop = asyncio.get_running_loop()
         generation = Generation(self, loop.time() + self.config.request_timeout)
         emit = lambda out: loop.call_soon_threadsafe(generation.queue.put_nowait, out)  # noqa: E731
