@@ -9,6 +9,7 @@ without a format have no matcher and cost nothing) and one `accept_token` per sa
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 import xgrammar as xgr
 
 MAX_CACHED_GRAMMARS = 256
+_CPP_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[21:17:59] /project/cpp/file.cc:94: " before the reason
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ class Grammars:
                     # strict_mode: properties a schema does not name are not generated (always valid output)
                     compiled = self._compiler.compile_json_schema(fmt.schema, any_whitespace=False, strict_mode=True)
             except Exception as e:  # xgrammar raises RuntimeError / ValueError / its own types
-                raise GrammarError(f"response_format: the JSON schema cannot be compiled: {e}") from None
+                reason = _CPP_LOG_PREFIX.sub("", str(e)).strip()
+                raise GrammarError(f"response_format: the JSON schema cannot be compiled: {reason}") from None
             self.compiles += 1
             self._cache[fmt] = compiled
             if len(self._cache) > self._max_cached:

@@ -52,7 +52,7 @@ BAD_COMPLETIONS = {  # body: message fragment
     "frequency_penalty string": ({"frequency_penalty": "1"}, "frequency_penalty"),
     "logit_bias key not a token id": ({"logit_bias": {"a": 5}}, "logit_bias"),
     "best_of": ({"best_of": 2}, "best_of"),
-    "response_format": ({"response_format": {"type": "json_object"}}, "response_format"),
+    "response_format unknown type": ({"response_format": {"type": "yaml"}}, "response_format"),
     "tools": ({"tools": [{"type": "function"}]}, "tools"),
     "stream_options extra": ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, "x"),
     "max_tokens zero": ({"max_tokens": 0}, "max_tokens"),
