@@ -171,3 +171,25 @@ def test_grpc_constrained_request(server):
         with pytest.raises(grpc.RpcError) as e:
             stub.Complete(pb.CompletionRequest(model="base", text="Hi", sampling=bad), timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "response_format_json" in e.value.details()
+
+
+def test_grammar_compiles_off_the_engine_and_event_loop_threads(server, monkeypatch):
+    """The compile itself (a cache miss) runs in a worker thread; submit only finds it in the cache."""
+    import threading
+    grammars = server.service.engine.grammars
+    grammars.compile(ResponseFormat("json_object"))  # builds the library's compiler
+    compile_threads = []
+    compile_json_schema = grammars._compiler.compile_json_schema
+
+    def recording_compile(*args, **kwargs):
+        compile_threads.append(threading.current_thread())
+        return compile_json_schema(*args, **kwargs)
+    monkeypatch.setattr(grammars._compiler, "compile_json_schema", recording_compile)
+    schema = {**ANSWER_SCHEMA, "title": "threads"}  # not compiled before
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        r = client.post("/v1/completions", json={"model": "base", "prompt": "Is it?", "max_tokens": 24,
+                                                 "temperature": 0.0, "response_format": json_schema_format(schema)})
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["choices"][0]["text"]), schema)
+    assert len(compile_threads) == 1
+    assert compile_threads[0] is not server.thread and compile_threads[0].name != "loraplex-engine"
