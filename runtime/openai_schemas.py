@@ -65,7 +65,7 @@ class JsonObjectFormat(Strict):
 class JsonSchemaSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: Text | None = None
-    json_schema: dict[str, Any] = Field(alias="schema")
+    schema_: dict[str, Any] = Field(alias="schema")
     # the output always conforms to the schema (properties it does not name are never generated), so
     # OpenAI's strict mode is what we do either way
     strict: bool | None = None
@@ -76,7 +76,7 @@ class JsonSchemaFormat(Strict):
     json_schema: JsonSchemaSpec
 
     def response_format(self) -> ResponseFormat | None:
-        return ResponseFormat.json_schema(self.json_schema.json_schema)
+        return ResponseFormat.json_schema(self.json_schema.schema_)
 
 
 ResponseFormatField = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]

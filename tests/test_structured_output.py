@@ -150,12 +150,38 @@ def test_invalid_schema_unknown_type_and_text(server):
 def test_json_object_gives_json(server):
     with httpx.Client(base_url=server.url, timeout=60) as client:
         r = client.post("/v1/chat/completions", json={
-            "model": "a", "max_tokens": 48, "temperature": 0.0, "response_format": {"type": "json_object"},
+            "model": "a", "max_tokens": 48, "temperature": 0.7, "seed": 5, "n": 2,
+            "response_format": {"type": "json_object"},
             "messages": [{"role": "user", "content": "Give a JSON object with a name and an age."}]})
     assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
-    assert choice["finish_reason"] == "stop", choice
-    assert isinstance(json.loads(choice["message"]["content"]), dict)
+    for choice in r.json()["choices"]:  # each choice has a matcher of its own
+        assert choice["finish_reason"] == "stop", choice
+        assert isinstance(json.loads(choice["message"]["content"]), dict)
+
+
+def test_a_token_the_grammar_refuses_ends_that_request_alone(server, monkeypatch):
+    """Should a constrained row ever sample a token its matcher refuses, that request ends with an
+    error and the free row beside it finishes normally."""
+    import loraplex.runtime.engine as engine_module
+    sample = engine_module.sample
+    brace = server.service.base.tokenizer.encode("}")[0]  # never allowed before the object opens
+
+    def sample_breaking_grammar(logits, seqs):
+        return [brace if seq.matcher is not None and seq.num_completion_tokens == 0 else token
+                for seq, token in zip(seqs, sample(logits, seqs))]
+    monkeypatch.setattr(engine_module, "sample", sample_breaking_grammar)
+
+    async def both():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            body = {"model": "a", "prompt": "Hello", "max_tokens": 8, "temperature": 0.0}
+            return await asyncio.gather(
+                client.post("/v1/completions", json={**body, "response_format": {"type": "json_object"}}),
+                client.post("/v1/completions", json=body))
+    constrained, free = asyncio.run(both())
+    assert constrained.status_code == 500
+    assert "grammar" in constrained.json()["error"]["message"]
+    assert free.status_code == 200 and free.json()["choices"][0]["finish_reason"] == "length"
+    assert server.service.engine.alive
 
 
 def test_grpc_constrained_request(server):
