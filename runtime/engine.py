@@ -5,8 +5,9 @@ callback (called on the engine thread: it must only hand the output over, never 
 
 Failures are contained to the request they belong to: `check` refuses bad parameters up front
 (RequestError); a row whose logits are not finite (e.g. an adapter whose deltas overflow) ends
-that request alone with an error; an `emit` callback that raises ends that request alone. Any
-other exception in the loop is a bug the engine cannot reason about: the engine is then dead —
+that request alone with an error, and so does a token that a row's response_format grammar refuses;
+an `emit` callback that raises ends that request alone. Any other exception in the loop is a bug
+the engine cannot reason about: the engine is then dead —
 `alive` turns False, `error` holds the reason (both in `stats()`), every request in flight ends
 with that error and `submit` raises EngineDead. The server must treat a dead engine as fatal
 (health not ok, process exits); it never comes back to life.

@@ -66,8 +66,8 @@ class JsonSchemaSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: Text | None = None
     schema_: dict[str, Any] = Field(alias="schema")
-    # the output always conforms to the schema (properties it does not name are never generated), so
-    # OpenAI's strict mode is what we do either way
+    # xgrammar's strict mode is used either way (properties the schema does not name are never
+    # generated): that is what OpenAI's strict asks for, and with strict false it is still valid output
     strict: bool | None = None
 
 
