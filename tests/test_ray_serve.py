@@ -14,9 +14,7 @@ import pytest
 
 from conftest import free_port
 
-pytest.importorskip("ray.serve")
-
-from loraplex.runtime.ray_serve import routing_id  # noqa: E402
+from loraplex.runtime.ray_serve import routing_id
 
 ADAPTERS = ("lora", "rslora", "gralora", "hybrid")
 PROMPTS = ("The capital of France is", "Count: one, two,", "def add(a, b):", "Water boils at", "My favourite colour is")
