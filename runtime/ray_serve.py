@@ -16,8 +16,8 @@ registry resolves an id through the store's CURRENT version on each request.
 
 Spill-over of a hot adapter: each replica admits at most --max-num-seqs requests at a time (its
 running batch, Serve's max_ongoing_requests). Serve routes a request to the replicas holding its
-adapter while one of them has room; when all are full it routes to another replica, which loads the
-adapter and from then on holds it too. So a hot adapter spreads over replicas exactly when one
+adapter while one of them has room; when all are full it routes to the replica holding the fewest
+adapters, which loads the adapter and from then on holds it too (a new adapter goes there as well). So a hot adapter spreads over replicas exactly when one
 replica's batch is full. Serve forgets the least recently used id of a replica beyond
 --max-adapters-per-replica; the registry's own LRU decides what stays in accelerator memory.
 
