@@ -12,9 +12,6 @@ from pathlib import Path
 def _serve(args) -> None:
     import asyncio
 
-    from .engine import EngineConfig
-    from .service import Service, ServiceConfig
-
     log = logging.getLogger("loraplex")
     keys = _key_ring(args)
     host = args.host or LOOPBACK
@@ -25,7 +22,21 @@ def _serve(args) -> None:
     for what, port in ports:  # before the model loads: a clash fails in a second, not after a minute
         _check_port_free(host, port, what)
 
+    service = build_service(args, keys)
+    service.start()
+    try:
+        asyncio.run(_serve_http_and_grpc(service, host, args))
+    except OSError as e:
+        sys.exit(f"loraplex serve: {e}")
+    finally:
+        service.stop()
+
+
+def build_service(args, keys):
+    """The Service the serve flags describe (not started)."""
     from .base_model import load_base_model
+    from .engine import EngineConfig
+    from .service import Service, ServiceConfig
     base = load_base_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device)
     engine_config = EngineConfig(max_gpu_adapters=args.max_gpu_adapters, adapter_memory=args.adapter_memory,
                                  max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
@@ -39,14 +50,7 @@ def _serve(args) -> None:
                            max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                            max_body_bytes=args.max_body_kb << 10, max_adapters_per_tenant=args.max_adapters_per_tenant,
                            request_timeout=args.request_timeout)
-    service = Service(base, engine_config, config, keys=keys)
-    service.start()
-    try:
-        asyncio.run(_serve_http_and_grpc(service, host, args))
-    except OSError as e:
-        sys.exit(f"loraplex serve: {e}")
-    finally:
-        service.stop()
+    return Service(base, engine_config, config, keys=keys)
 
 
 LOOPBACK = "127.0.0.1"
@@ -165,70 +169,81 @@ def _memory_amount(text: str) -> float:
     return value if value <= 1 else value * (1 << 30)
 
 
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `loraplex serve` (`serve-ray` takes the same)."""
+    p.add_argument("--host", default=None,
+                   help=f"address to listen on (default {LOOPBACK}; without API keys only an explicit --host "
+                        "listens beyond loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port on the same host (0: no gRPC)")
+    p.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
+                   help="tenants and their keys: one 'TENANT KEY' pair a line (KEY plain or sha256:<hex>); "
+                        "tenant 'admin' manages every adapter")
+    p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"),
+                   help="one key (the admin tenant), sent as 'Authorization: Bearer KEY' on HTTP and gRPC "
+                        "(default: $LORAPLEX_API_KEY)")
+    p.add_argument("--model", default=None, help="local Hugging Face Llama-family checkpoint (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--quantization", choices=["nf4", "none"], default=None,
+                   help="base weights: nf4 (bitsandbytes, default on a GPU) or none (default on the CPU)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="compute/activation dtype (auto: bfloat16 on a GPU or a CPU with native bf16, else float32)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--adapter-dir", type=Path, default=None, help="adapter store (default: user cache dir)")
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--adapter-memory", type=_memory_amount, default=None,
+                   help="accelerator memory for resident adapters: GB (e.g. 12) or a fraction of what is free "
+                        "after weights and KV (e.g. 0.5, the default)")
+    p.add_argument("--max-gpu-adapters", type=int, default=None,
+                   help="optional cap on the number of adapters resident in accelerator memory")
+    p.add_argument("--host-adapter-memory", type=float, default=4.0,
+                   help="GB of host memory for parsed adapter weights (LRU; an upload larger than this is refused)")
+    p.add_argument("--max-cpu-adapters", type=int, default=None,
+                   help="optional cap on the number of adapters cached in host memory")
+    p.add_argument("--max-adapter-mb", type=int, default=512, help="largest accepted adapter upload")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
+    p.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens per engine step")
+    p.add_argument("--max-waiting", type=int, default=512,
+                   help="requests waiting for admission beyond which new ones are refused (HTTP 429)")
+    p.add_argument("--max-concurrent", type=int, default=1024,
+                   help="requests admitted and not finished beyond which new ones are refused (HTTP 429)")
+    p.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest accepted prompt")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest accepted max_tokens")
+    p.add_argument("--max-body-kb", type=int, default=4096,
+                   help="largest request body but uploads (HTTP 413), checked before it is read")
+    p.add_argument("--max-adapters-per-tenant", type=int, default=256)
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may run; past it, it ends with an error and is aborted")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens")
+    p.add_argument("--adapter-ops", choices=["auto", "torch", "triton"], default="auto",
+                   help="adapter math: Triton kernels (auto on CUDA) or the PyTorch reference (auto on CPU)")
+    p.add_argument("--merge-policy", default="auto",
+                   help="serve a dominant adapter from merged weights: off, auto (when it holds the whole "
+                        "decode batch and the merged copy reads no more bytes than the base) or an adapter "
+                        "id (always that one)")
+    p.add_argument("--merge-format", choices=["auto", "bf16", "nf4"], default="auto",
+                   help="merged copy of the touched linears: dense bf16 (auto) or re-quantised NF4 "
+                        "(as fast as the NF4 base, but a second quantisation error)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not share computed prompt KV blocks between requests")
+    p.add_argument("--log-level", default="info")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Serve and train many adapters on one base model")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the HTTP and gRPC servers")
-    serve.add_argument("--host", default=None,
-                       help=f"address to listen on (default {LOOPBACK}; without API keys only an explicit --host "
-                            "listens beyond loopback)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=50051, help="gRPC port on the same host (0: no gRPC)")
-    serve.add_argument("--api-keys", type=Path, default=None, metavar="FILE",
-                       help="tenants and their keys: one 'TENANT KEY' pair a line (KEY plain or sha256:<hex>); "
-                            "tenant 'admin' manages every adapter")
-    serve.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"),
-                       help="one key (the admin tenant), sent as 'Authorization: Bearer KEY' on HTTP and gRPC "
-                            "(default: $LORAPLEX_API_KEY)")
-    serve.add_argument("--model", default=None, help="local Hugging Face Llama-family checkpoint (default: SmolLM2-135M-Instruct)")
-    serve.add_argument("--quantization", choices=["nf4", "none"], default=None,
-                       help="base weights: nf4 (bitsandbytes, default on a GPU) or none (default on the CPU)")
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                       help="compute/activation dtype (auto: bfloat16 on a GPU or a CPU with native bf16, else float32)")
-    serve.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    serve.add_argument("--adapter-dir", type=Path, default=None, help="adapter store (default: user cache dir)")
-    serve.add_argument("--max-lora-rank", type=int, default=64)
-    serve.add_argument("--adapter-memory", type=_memory_amount, default=None,
-                       help="accelerator memory for resident adapters: GB (e.g. 12) or a fraction of what is free "
-                            "after weights and KV (e.g. 0.5, the default)")
-    serve.add_argument("--max-gpu-adapters", type=int, default=None,
-                       help="optional cap on the number of adapters resident in accelerator memory")
-    serve.add_argument("--host-adapter-memory", type=float, default=4.0,
-                       help="GB of host memory for parsed adapter weights (LRU; an upload larger than this is refused)")
-    serve.add_argument("--max-cpu-adapters", type=int, default=None,
-                       help="optional cap on the number of adapters cached in host memory")
-    serve.add_argument("--max-adapter-mb", type=int, default=512, help="largest accepted adapter upload")
-    serve.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
-    serve.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens per engine step")
-    serve.add_argument("--max-waiting", type=int, default=512,
-                       help="requests waiting for admission beyond which new ones are refused (HTTP 429)")
-    serve.add_argument("--max-concurrent", type=int, default=1024,
-                       help="requests admitted and not finished beyond which new ones are refused (HTTP 429)")
-    serve.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest accepted prompt")
-    serve.add_argument("--max-tokens-limit", type=int, default=4096, help="largest accepted max_tokens")
-    serve.add_argument("--max-body-kb", type=int, default=4096,
-                       help="largest request body but uploads (HTTP 413), checked before it is read")
-    serve.add_argument("--max-adapters-per-tenant", type=int, default=256)
-    serve.add_argument("--request-timeout", type=float, default=600.0,
-                       help="seconds a request may run; past it, it ends with an error and is aborted")
-    serve.add_argument("--shutdown-grace", type=float, default=30.0,
-                       help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled")
-    serve.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens")
-    serve.add_argument("--adapter-ops", choices=["auto", "torch", "triton"], default="auto",
-                       help="adapter math: Triton kernels (auto on CUDA) or the PyTorch reference (auto on CPU)")
-    serve.add_argument("--merge-policy", default="auto",
-                       help="serve a dominant adapter from merged weights: off, auto (when it holds the whole "
-                            "decode batch and the merged copy reads no more bytes than the base) or an adapter "
-                            "id (always that one)")
-    serve.add_argument("--merge-format", choices=["auto", "bf16", "nf4"], default="auto",
-                       help="merged copy of the touched linears: dense bf16 (auto) or re-quantised NF4 "
-                            "(as fast as the NF4 base, but a second quantisation error)")
-    serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    serve.add_argument("--no-prefix-caching", action="store_true",
-                       help="do not share computed prompt KV blocks between requests")
-    serve.add_argument("--log-level", default="info")
+    add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    from .ray_serve import add_ray_arguments, serve_ray
+    ray = sub.add_parser("serve-ray", help="serve on Ray Serve: N engine replicas, requests routed by adapter id")
+    add_serve_arguments(ray)
+    add_ray_arguments(ray)
+    ray.set_defaults(func=serve_ray)
 
     from loraplex.trainer.cli import add_arguments as add_train_arguments, run as run_train
     train = sub.add_parser("train", help="train a LoRA / QLoRA / GraLoRA / Flexora adapter (PEFT format)")

@@ -85,6 +85,8 @@ def run(args) -> None:
         outcome = train(job)
     except (DataError, MethodError) as e:
         sys.exit(f"loraplex train: {e}")
+    if not outcome.wrote_output:
+        return  # torchrun: rank 0 reports and uploads
     s = outcome.summary
     print(f"adapter written to {args.output} (val loss {s['initial_val_loss']:.4f} -> {s['final_val_loss']:.4f})")
     if args.upload:

@@ -2,10 +2,12 @@
 
 A checkpoint holds the trainable weights, optimizer, scheduler, RNG states and loss history; the
 batch of every step is a pure function of (seed, step) (data.BatchStream), so a resumed run
-replays the uninterrupted one exactly.
+replays the uninterrupted one exactly. Under torchrun (distributed.World) every rank trains on its
+share of each global batch through DDP, and rank 0 alone writes checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -20,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .data import IGNORE, BatchStream, Example, collate
+from .distributed import SINGLE, World
 
 
 @dataclass
@@ -85,17 +88,18 @@ def batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float:
-    """Mean loss per completion token over examples."""
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device, world: World = SINGLE) -> float:
+    """Mean loss per completion token over examples (batches dealt round-robin over the ranks)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
+    for i in range(world.rank * batch_size, len(examples), batch_size * world.size):
         batch = collate(examples[i:i + batch_size], pad_id, device)
         n = int((batch["labels"][:, 1:] != IGNORE).sum())
         total += float(batch_loss(model, batch)) * n
         count += n
     model.train(was_training)
+    total, count = world.all_sum([total, count])
     return total / max(count, 1)
 
 
@@ -142,7 +146,9 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 def run_loop(model, stream: BatchStream, cfg: LoopConfig, *, pad_id: int, device, checkpoint_dir: Path | None,
              resume: bool = False, hook: StepHook | None = None, desc: str = "training",
-             loss_fn: Callable = batch_loss) -> LoopResult:
+             loss_fn: Callable = batch_loss, world: World = SINGLE) -> LoopResult:
+    if world.distributed and hook is not None:
+        raise ValueError("a step hook (Flexora's search) does not run under torchrun")
     params = trainable_parameters(model)
     optimizer = make_optimizer(list(params.values()), cfg, device)
     total = cfg.total_steps(stream)
@@ -150,8 +156,9 @@ def run_loop(model, stream: BatchStream, cfg: LoopConfig, *, pad_id: int, device
     result = LoopResult(steps=total)
     start_step = 0
     torch.manual_seed(cfg.seed)
-    if checkpoint_dir and not resume:
+    if checkpoint_dir and not resume and world.is_main:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a fresh run never resumes a stale checkpoint later
+    world.barrier()
     checkpoint = latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir) else None
     if checkpoint is not None:
         weights = load_file(str(checkpoint / "trainable.safetensors"))
@@ -168,16 +175,23 @@ def run_loop(model, stream: BatchStream, cfg: LoopConfig, *, pad_id: int, device
         start_step = state["step"]
 
     model.train()
-    bar = tqdm(total=total, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
+    # Every rank starts from the same weights (same seed, same checkpoint): DDP only averages gradients.
+    net = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else model
+    bar = tqdm(total=total, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, disable=not world.is_main)
     for step in range(start_step, total):
         began = time.perf_counter()
         step_loss, step_tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
-            batch = collate(stream.batch(step * cfg.grad_accum + micro), pad_id, device)
-            loss = loss_fn(model, batch) / cfg.grad_accum
-            loss.backward()
+            rows = stream.batch(step * cfg.grad_accum + micro)
+            mine, weight = world.shard(rows)
+            batch = collate(mine, pad_id, device)
+            last = micro == cfg.grad_accum - 1
+            with net.no_sync() if world.distributed and not last else contextlib.nullcontext():
+                loss = loss_fn(net, batch) * weight / cfg.grad_accum
+                loss.backward()
             step_loss += loss.item()
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += sum(len(e.input_ids) for e in rows)
+        step_loss = world.all_sum([step_loss])[0] / world.size
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -190,6 +204,8 @@ def run_loop(model, stream: BatchStream, cfg: LoopConfig, *, pad_id: int, device
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{result.tokens_per_s:.0f}")
         bar.update()
         if checkpoint_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total):
-            save_checkpoint(checkpoint_dir, step + 1, params, optimizer, scheduler, result, hook)
+            if world.is_main:
+                save_checkpoint(checkpoint_dir, step + 1, params, optimizer, scheduler, result, hook)
+            world.barrier()
     bar.close()
     return result

@@ -1,4 +1,7 @@
-"""`loraplex train`: data → model + adapter → loop → PEFT adapter, summary and (optionally) upload."""
+"""`loraplex train`: data → model + adapter → loop → PEFT adapter, summary and (optionally) upload.
+
+Under `torchrun --nproc-per-node N --no-python loraplex train ...` the same job runs data-parallel
+(distributed.py: --batch-size stays the global batch); rank 0 alone writes the output."""
 from __future__ import annotations
 
 import json
@@ -9,9 +12,10 @@ from pathlib import Path
 import torch
 
 from .data import BatchStream, load_jsonl, split_validation
+from .distributed import SINGLE, World, close_world, init_world
 from .flexora import FlexoraSearch, LayerGates, select_layers
 from .loop import LoopConfig, LoopResult, evaluate, run_loop
-from .methods import AdapterSpec, attach_adapter, load_model, load_tokenizer, training_device
+from .methods import AdapterSpec, MethodError, attach_adapter, load_model, load_tokenizer
 
 
 @dataclass
@@ -36,6 +40,7 @@ class TrainOutcome:
     model: object  # the trained PeftModel, in memory
     tokenizer: object
     summary: dict
+    wrote_output: bool = True  # False on the ranks other than 0 under torchrun
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -55,7 +60,7 @@ def _prepare_data(job: TrainJob, tokenizer):
 
 
 def _train_stage(job: TrainJob, spec: AdapterSpec, train_rows, val_rows, tokenizer, device, checkpoints: Path,
-                 *, desc: str, loop: LoopConfig | None = None, gates: bool = False):
+                 *, desc: str, loop: LoopConfig | None = None, gates: bool = False, world: World = SINGLE):
     """One LoRA/QLoRA/GraLoRA training run; with `gates`, Flexora's stage-1 search runs alongside."""
     loop = loop or job.loop
     torch.manual_seed(loop.seed)  # adapter init is part of the run's determinism
@@ -65,7 +70,7 @@ def _train_stage(job: TrainJob, spec: AdapterSpec, train_rows, val_rows, tokeniz
     model = attach_adapter(base, spec)
     pad = tokenizer.pad_token_id
     stream = BatchStream(train_rows, loop.batch_size, loop.seed)
-    initial_val = evaluate(model, val_rows, loop.batch_size, pad, device)
+    initial_val = evaluate(model, val_rows, loop.batch_size, pad, device, world)
     hook = None
     if gates:
         layer_gates = LayerGates(model.config.num_hidden_layers, device)
@@ -75,8 +80,8 @@ def _train_stage(job: TrainJob, spec: AdapterSpec, train_rows, val_rows, tokeniz
                              unroll=job.flexora["unroll"], inner_lr=loop.lr, alpha_lr=job.flexora["alpha_lr"],
                              val_batches=job.flexora["val_batches"], pad_id=pad, device=device)
     result = run_loop(model, stream, loop, pad_id=pad, device=device, checkpoint_dir=checkpoints, resume=job.resume,
-                      hook=hook, desc=desc)
-    final_val = evaluate(model, val_rows, loop.batch_size, pad, device)
+                      hook=hook, desc=desc, world=world)
+    final_val = evaluate(model, val_rows, loop.batch_size, pad, device, world)
     return model, result, initial_val, final_val, hook
 
 
@@ -89,14 +94,25 @@ def _losses(result: LoopResult, initial_val: float, final_val: float) -> dict:
 
 
 def train(job: TrainJob) -> TrainOutcome:
-    device = training_device()
+    world = init_world()
+    try:
+        return _train(job, world)
+    finally:
+        close_world(world)
+
+
+def _train(job: TrainJob, world: World) -> TrainOutcome:
+    if world.distributed and job.spec.method == "flexora":
+        raise MethodError("--method flexora does not run under torchrun yet (its layer search is single-process); "
+                          "run it as one process")
+    device = world.device()
     tokenizer = load_tokenizer(job.model)
     train_rows, val_rows, skipped = _prepare_data(job, tokenizer)
     job.output.mkdir(parents=True, exist_ok=True)
     checkpoints = job.output / "checkpoints"
     spec = job.spec
     summary = {"method": spec.method, "model": job.model or "SmolLM2-135M-Instruct (default)",
-               "device": str(device), "rank": spec.rank, "alpha": spec.lora_alpha, "target_modules": list(spec.target_modules),
+               "device": str(device), "world_size": world.size, "rank": spec.rank, "alpha": spec.lora_alpha, "target_modules": list(spec.target_modules),
                "train_rows": len(train_rows), "val_rows": len(val_rows), "skipped_rows": skipped,
                "loop": asdict(job.loop)}
 
@@ -122,9 +138,11 @@ def train(job: TrainJob) -> TrainOutcome:
         summary["selected_layers"] = selected
     else:
         model, result, initial_val, final_val, _ = _train_stage(job, spec, train_rows, val_rows, tokenizer, device,
-                                                                checkpoints, desc=f"{spec.method} training")
-    model.save_pretrained(job.output)
-    tokenizer.save_pretrained(job.output / "tokenizer")
+                                                                checkpoints, desc=f"{spec.method} training", world=world)
     summary.update(_losses(result, initial_val, final_val))
-    _write_json(job.output / "training_summary.json", summary)
-    return TrainOutcome(model, tokenizer, summary)
+    if world.is_main:
+        model.save_pretrained(job.output)
+        tokenizer.save_pretrained(job.output / "tokenizer")
+        _write_json(job.output / "training_summary.json", summary)
+    world.barrier()  # no rank exits (and no caller reads the output) before rank 0 has written it
+    return TrainOutcome(model, tokenizer, summary, wrote_output=world.is_main)
