@@ -6,6 +6,12 @@
 #   test       the CUDA-only tests (fast path vs eager reference)
 #   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS: extra flags;
 #              LIMIT: seconds before it is stopped, its JSON kept as far as it got)
+#   profile1b | profile8b   bench/profile_step.py (kernels by GPU time per case; ARGS_PROFILE: extra flags)
+#   background  run BG_STEPS (default "serve8b serve1b") detached (setsid) into /tmp/out, so that one run
+#              can outlast a command; later commands copy /tmp/out to $OUT
+#   wait       until the background run ends or WAIT seconds (default 540) passed: progress, then copy
+#   gguf       append the carried chunks .gguf_part/* to /tmp/model.gguf (the default model's 98 MB do not
+#              fit one 64 MiB carry beside the wheels: cut it here with `split -b`, carry a chunk per command)
 #   engine | quality16 | quality64   the older engine and training benchmarks
 set -uo pipefail
 export PYTHONUNBUFFERED=1 LORAPLEX_CACHE=/tmp/lpcache LORAPLEX_GGUF=${LORAPLEX_GGUF:-/tmp/model.gguf}
@@ -20,7 +26,7 @@ if [ ! -d .pth/loraplex ]; then  # the package layout of pyproject.toml, as link
   done
 fi
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" /tmp/out
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for step in "$@"; do
   echo "=== $step $(date +%T)"
@@ -34,6 +40,25 @@ for step in "$@"; do
       timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 1b --out "$OUT/serve_gpu.json" ${ARGS:-} 2>&1 | tail -60 ;;
     serve8b)
       timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 8b --out "$OUT/serve_gpu.json" ${ARGS:-} 2>&1 | tail -60 ;;
+    profile1b)
+      python3 bench/profile_step.py --shape 1b --out "$OUT/profile_step_1b.json" ${ARGS_PROFILE:-} 2>&1 | tail -400 ;;
+    profile8b)
+      python3 bench/profile_step.py --shape 8b --out "$OUT/profile_step_8b.json" ${ARGS_PROFILE:-} 2>&1 | tail -400 ;;
+    background)
+      rm -f /tmp/out/background.done
+      OUT=/tmp/out setsid nohup bash -c "bash bench/gpu_run.sh ${BG_STEPS:-serve8b serve1b}; touch /tmp/out/background.done" \
+        > /tmp/out/background.log 2>&1 < /dev/null &
+      echo "background run started: ${BG_STEPS:-serve8b serve1b}" ;;
+    wait)
+      end=$((SECONDS + ${WAIT:-540}))
+      while [ ! -e /tmp/out/background.done ] && [ $SECONDS -lt $end ]; do sleep 10; done
+      [ -e /tmp/out/background.done ] && echo "background run finished" || echo "background run still going"
+      tail -40 /tmp/out/background.log
+      [ "$OUT" != /tmp/out ] && cp -r /tmp/out/. "$OUT"/ ;;
+    gguf)  # chunks are named in order; the last one ends in .last
+      cat .gguf_part/* >> /tmp/model.gguf.part
+      ls -l /tmp/model.gguf.part
+      if ls .gguf_part/*.last > /dev/null 2>&1; then mv /tmp/model.gguf.part /tmp/model.gguf && echo "default model assembled"; fi ;;
     engine)
       python3 bench/engine_cpu.py --device cuda --quantization nf4 --adapter-ops triton --batch 32 --new-tokens 64 \
         --out "$OUT/engine_gpu_nf4_triton.json" 2>&1 | grep -v "it/s\]" ;;

@@ -58,19 +58,28 @@ def set_fused(base, on: bool, saved: dict):
 
 
 def profile(base, reqs, saved) -> dict:
+    """Kernels by GPU time over one generate() of `reqs` (after a warm-up run of the same requests),
+    with the engine's decode step time and the wall time of the prefill steps."""
     set_fused(base, True, saved)
-    engine = Engine(base, EngineConfig(kv_cache_tokens=32768))
-    engine.generate(reqs)  # captures graphs, loads adapters
+    engine = Engine(base, EngineConfig(kv_cache_tokens=32768, prefix_caching=False))
+    engine.generate(reqs)  # captures graphs, loads adapters, compiles kernels
     before = dict(engine.stats())
     from torch.profiler import ProfilerActivity, profile as torch_profile
+    torch.cuda.synchronize()
+    t = time.perf_counter()
     with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         engine.generate(reqs)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t
     after = engine.stats()
-    steps = after["decode_steps"] - before["decode_steps"]
-    step_ms = 1e3 * (after["decode_seconds"] - before["decode_seconds"]) / max(steps, 1)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    delta = {k: after[k] - before[k] for k in ("decode_steps", "decode_seconds", "prefill_steps", "steps")
+             if isinstance(after.get(k), (int, float)) and isinstance(before.get(k), (int, float))}
+    steps = delta.get("decode_steps", 0)
+    step_ms = 1e3 * delta.get("decode_seconds", 0.0) / max(steps, 1)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
     return {"decode_step_ms": step_ms, "decode_steps": steps, "graph_steps": after["graph_steps"],
-            "kernels": table}
+            "prefill_steps": delta.get("prefill_steps"), "wall_s_profiled": wall,
+            "non_decode_s_profiled": wall - delta.get("decode_seconds", 0.0), "kernels": table}
 
 
 def main() -> None:
@@ -80,6 +89,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_step.json")
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--skip-fidelity", action="store_true")
+    ap.add_argument("--cases", default="base_b32,distinct_b32,over8_b32,one_adapter_b32,mix_b32,mix_prefill_b32",
+                    help="profiled cases (comma separated), from: %(default)s")
+    ap.add_argument("--new-tokens", type=int, default=16)
     args = ap.parse_args()
     shape = serve_gpu.SHAPES[args.shape]
     model_dir = serve_gpu.write_checkpoint(shape, args.work / args.shape / "model", "cuda")
@@ -91,14 +103,23 @@ def main() -> None:
     refs = [AdapterRef(f"a{i}", 1, adapter(shapes, layers, seed=i)) for i in range(32)]
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape,
               "dispatch": {str(k): sorted(v) for k, v in saved.items()}}
+    # bench/serve_gpu.py's mix: LoRA r8, r16, r32, r64 and GraLoRA r32 k=4 in turn
+    mix_kinds = [dict(rank=8), dict(rank=16), dict(rank=32), dict(rank=64), dict(rank=32, k=4)]
+    mix = [AdapterRef(f"m{i}", 1, adapter(shapes, layers, seed=100 + i, **mix_kinds[i % 5])) for i in range(32)]
     cases = {"base_b32": [None] * 32, "distinct_b32": refs, "over8_b32": [refs[i % 8] for i in range(32)],
-             "one_adapter_b32": [refs[0]] * 32}
+             "one_adapter_b32": [refs[0]] * 32, "mix_b32": mix, "base_prefill_b32": [None] * 32,
+             "distinct_prefill_b32": refs, "mix_prefill_b32": mix}
     if not args.skip_profile:
-        for name, owners in cases.items():
-            r = profile(base, requests(base, owners, 16), saved)
+        for name in args.cases.split(","):
+            owners = cases[name]
+            new_tokens = 1 if "prefill" in name else args.new_tokens
+            r = profile(base, requests(base, owners, new_tokens), saved)
             result[name] = r
             print(f"== {name}: decode step {r['decode_step_ms']:.2f} ms over {r['decode_steps']} steps "
-                  f"(graph steps so far {r['graph_steps']})\n{r['kernels']}", flush=True)
+                  f"(graph steps so far {r['graph_steps']}); {r['prefill_steps']} prefill steps; "
+                  f"{r['non_decode_s_profiled']:.3f} s outside decode\n{r['kernels']}", flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
     if not args.skip_fidelity:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from gpu_fidelity import compare, forced_logits
