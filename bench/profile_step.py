@@ -130,6 +130,7 @@ def main() -> None:
         rerun, _, _ = forced_logits(base, reqs, ref_tokens, fast=False)
         rows = {"reference_rerun": compare(rerun, ref_logits)}
         variants = {"paged": dict(paged=True), "fused_nf4": dict(fused=True), "triton": dict(triton=True),
+                    "layer_ops": dict(layer_ops=True),
                     "all": dict(fast=True),
                     "all+merged_bf16": dict(fast=True, merge_policy="a0", merge_format="bf16"),
                     "all+merged_nf4": dict(fast=True, merge_policy="a0", merge_format="nf4")}

@@ -80,7 +80,10 @@ def _a_tile(a_tiles, chunk, cols, col_mask, k0, k_end, BLOCK_K: tl.constexpr):
                    other=0.0)
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialised on (== 1, % 16): a prefill
+# whose adapters differ in block count or rank would otherwise compile a new variant mid-serving.
+@triton.jit(do_not_specialize=["blocks_per_proj", "rank_tiles", "partial_split_stride", "partial_row_stride",
+                               "partial_proj_stride"])
 def _shrink_kernel(
     x_ptr, x_row_stride, in_features,
     token_order_ptr, tiles_ptr,
@@ -179,7 +182,8 @@ def _rank_product(acc, v_rows, v_pos0, rank, num_splits, partial_split_stride, r
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tile_start1", "tile_start2", "partial_split_stride", "partial_row_stride",
+                               "partial_proj_stride", "num_splits"])
 def _expand_kernel(
     y_ptr, y_row_stride,
     token_order_ptr, tiles_ptr,

@@ -51,6 +51,7 @@ class StepContext:
     lora: object | None = None  # adapters.ops.AdapterOps, or None when no row uses an adapter
     lora_meta: object | None = None  # the ops' per-step token→slot metadata
     logits_idx: torch.Tensor | None = None  # [S] rows whose logits are needed; None = all
+    fused_layer_ops: bool = False  # norms, rotary + cache write, SiLU-mul as fused kernels (CUDA)
 
 
 def n_kv_heads(cfg) -> int:
@@ -121,6 +122,11 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(s), s) with s = x (+ residual), in one kernel."""
+        from loraplex.kernels.layer_ops import rms_norm
+        return rms_norm(x, self.weight, self.eps, residual)
+
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -146,13 +152,18 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x, ctx)
-        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                             self.n_kv * self.head_dim], dim=-1)
-        q = rotate(q.view(T, self.n_heads, self.head_dim), cos, sin)
-        k = rotate(k.view(T, self.n_kv, self.head_dim), cos, sin)
-        v = v.view(T, self.n_kv, self.head_dim)
-        self.k_cache[ctx.slot_mapping] = k.to(self.k_cache.dtype)
-        self.v_cache[ctx.slot_mapping] = v.to(self.v_cache.dtype)
+        if ctx.fused_layer_ops:
+            from loraplex.kernels.layer_ops import rope_and_cache
+            q = rope_and_cache(qkv, cos, sin, self.k_cache, self.v_cache, ctx.slot_mapping,
+                               self.n_heads, self.n_kv, self.head_dim)
+        else:
+            q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                 self.n_kv * self.head_dim], dim=-1)
+            q = rotate(q.view(T, self.n_heads, self.head_dim), cos, sin)
+            k = rotate(k.view(T, self.n_kv, self.head_dim), cos, sin)
+            v = v.view(T, self.n_kv, self.head_dim)
+            self.k_cache[ctx.slot_mapping] = k.to(self.k_cache.dtype)
+            self.v_cache[ctx.slot_mapping] = v.to(self.v_cache.dtype)
 
         if ctx.paged is not None:
             from loraplex.kernels.paged_attention import paged_attention
@@ -201,7 +212,11 @@ class MLP(nn.Module):
         self.down_proj = AdaptedLinear(nn.Linear(self.inter, cfg.hidden_size, bias=False), layer_idx, ("down_proj",))
 
     def forward(self, x, ctx: StepContext) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, ctx).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x, ctx)
+        if ctx.fused_layer_ops:
+            from loraplex.kernels.layer_ops import silu_and_mul
+            return self.down_proj(silu_and_mul(gate_up), ctx)
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up, ctx)
 
 
@@ -214,6 +229,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, layer_idx)
 
     def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
+        if ctx.fused_layer_ops:
+            h, _ = self.input_layernorm.fused(x)
+            h, x = self.post_attention_layernorm.fused(self.self_attn(h, cos, sin, ctx), residual=x)
+            return x + self.mlp(h, ctx)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
@@ -240,4 +259,5 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, ctx)
         if ctx.logits_idx is not None:
             x = x[ctx.logits_idx]
-        return self.lm_head(self.norm(x)).float()
+        x = self.norm.fused(x)[0] if ctx.fused_layer_ops else self.norm(x)
+        return self.lm_head(x).float()

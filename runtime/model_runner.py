@@ -4,10 +4,13 @@ Decode steps (one token per sequence) on CUDA replay a CUDA graph captured per (
 adapter launch plan, merged mode): the step's inputs are written into fixed buffers that the graph
 reads, padding rows write their K/V into one spare cache block and use no adapter. Other steps
 (prefills, chunked prefills mixed with decodes) run eagerly. On CUDA attention reads the KV pages
-directly (loraplex.kernels.paged_attention); on the CPU it gathers each context (reference path).
+directly (loraplex.kernels.paged_attention) and a layer's norms, rotary embedding + cache write and
+SiLU-mul run as fused kernels (loraplex.kernels.layer_ops); on the CPU it gathers each context and
+runs plain PyTorch (the reference path).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +21,8 @@ from .base_model import BaseModel
 from .block_manager import BlockManager
 from .model import PagedAttentionMeta, PrefillChunk, StepContext, head_dim, n_kv_heads
 from .sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 def kv_bytes_per_token(base: BaseModel) -> int:
@@ -54,6 +59,7 @@ class ModelRunner:
             attn.k_cache = torch.zeros(shape, dtype=base.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=base.dtype, device=self.device)
         self.paged = cuda
+        self.fused_layer_ops = cuda and self._layer_ops_work()
         self.merged_key = None  # (adapter id, version) whose merged weights the model holds, or None
         self.use_graphs = cuda and cuda_graphs
         self.buckets = graph_buckets(max_graph_batch)
@@ -76,6 +82,13 @@ class ModelRunner:
             }
         self.attach_ops(ops)
         self.graph_steps = 0
+
+    def _layer_ops_work(self) -> bool:
+        from loraplex.kernels.layer_ops import self_check
+        problem = self_check(self.device, self.base.dtype)
+        if problem:
+            log.warning("fused layer kernels disabled, running PyTorch ops instead: %s", problem)
+        return problem is None
 
     def attach_ops(self, ops: AdapterOps | None) -> None:
         self.ops = ops
@@ -109,7 +122,7 @@ class ModelRunner:
                     mask = (torch.arange(begin + n).unsqueeze(0) <= q_pos).to(dev)
                 prefills.append(PrefillChunk(start, n, ctx_slots.to(dev), mask))
         ctx = StepContext(positions=torch.cat(positions).to(dev), slot_mapping=torch.cat(slots).to(dev),
-                          prefills=prefills)
+                          prefills=prefills, fused_layer_ops=self.fused_layer_ops)
         if self.paged:
             ctx.paged = self._paged_meta(batch)
         elif decode_idx:
@@ -215,7 +228,8 @@ class ModelRunner:
         s = self.static
         ctx = StepContext(positions=s["positions"][:bucket], slot_mapping=s["slot_mapping"][:bucket],
                           paged=PagedAttentionMeta(s["block_tables"][:bucket], s["context_lens"][:bucket],
-                                                   s["query_start"][:bucket + 1], 1, self.blocks.block_size))
+                                                   s["query_start"][:bucket + 1], 1, self.blocks.block_size),
+                          fused_layer_ops=self.fused_layer_ops)
         if lora_meta is not None:
             ctx.lora, ctx.lora_meta = self.ops, lora_meta
         if mode is not None:

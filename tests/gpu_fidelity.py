@@ -12,12 +12,13 @@ from loraplex.runtime.engine import Engine, EngineConfig
 
 def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast: bool, merge_policy: str = "off",
                   paged: bool | None = None, graphs: bool | None = None, fused: bool | None = None,
-                  triton: bool | None = None, merge_format: str = "auto"):
+                  triton: bool | None = None, merge_format: str = "auto", layer_ops: bool | None = None):
     """{(prompt, step): logits row} and the tokens fed, running requests twice in one engine (the
     first pass builds merged weights and captures graphs). forced: {prompt: tokens} to feed; None =
     greedy (the tokens chosen are returned for the other runs)."""
     paged, graphs = fast if paged is None else paged, fast if graphs is None else graphs
     fused, triton = fast if fused is None else fused, fast if triton is None else triton
+    layer_ops = fast if layer_ops is None else layer_ops
     saved = dict(nf4_linear.DISPATCH)
     if not fused:  # bitsandbytes' own matmul at every row count
         for m in base.model.modules():
@@ -27,6 +28,7 @@ def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast
                                        adapter_ops="triton" if triton else "torch", merge_policy=merge_policy,
                                        merge_format=merge_format))
     engine.runner.paged = paged
+    engine.runner.fused_layer_ops = layer_ops
     engine.merger.patience, engine.merger.min_rows = 1, 1
     logits, chosen = {}, {}
     real_sample = engine_module.sample
