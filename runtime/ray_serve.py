@@ -3,9 +3,9 @@
 Two deployments:
 - `Ingress` (one replica, thin): takes every HTTP request from Serve's proxy, reads the `model` of a
   completion or chat request and calls the engine deployment with that id as the multiplexed model
-  id (the `serve_multiplexed_model_id` of Serve's model multiplexing). Serve's router sends it to a
-  replica that already holds the id; other requests (uploads, lists, health, the base model) go to
-  any replica.
+  id (the `serve_multiplexed_model_id` of Serve's model multiplexing). The router (below) sends it to
+  a replica that already holds the id; other requests (uploads, lists, health, the base model) go to
+  the least busy replica.
 - `EngineReplica` (N replicas, one GPU each or CPU): one loraplex Service and its FastAPI app from
   http_server, called in-process, so every route, limit and error is the single-process server's.
   Every response carries `x-loraplex-replica` naming the replica.
@@ -14,19 +14,24 @@ Adapters live in one store directory (--adapter-dir) every replica reads: an upl
 once, by the replica that took it, and the others see it, and every later replace, because the
 registry resolves an id through the store's CURRENT version on each request.
 
-Spill-over of a hot adapter: each replica admits at most --max-num-seqs requests at a time (its
-running batch, Serve's max_ongoing_requests). Serve routes a request to the replicas holding its
-adapter while one of them has room; when all are full it routes to the replica holding the fewest
-adapters, which loads the adapter and from then on holds it too (a new adapter goes there as well). So a hot adapter spreads over replicas exactly when one
-replica's batch is full. Serve forgets the least recently used id of a replica beyond
+Spill-over of a hot adapter (`AdapterRouter`, Serve's router for the engine replicas): a replica
+admits at most --max-num-seqs requests at a time (its running batch, Serve's max_ongoing_requests).
+A request for an adapter goes to the least busy replica holding it that has room; when none has room
+(or none holds it yet), to the least busy one with room among the other replicas holding the fewest
+adapters, then among the rest; when no replica has room it waits for one. A replica that takes an
+adapter holds it from then on, so a hot adapter spreads over replicas exactly when the batches of
+those holding it are full. Serve forgets the least recently used id of a replica beyond
 --max-adapters-per-replica; the registry's own LRU decides what stays in accelerator memory.
 
-Responses are returned whole: a streamed (`"stream": true`) answer reaches the client complete, in
-the same SSE format, after the last token.
+Streaming: the replica runs the app as an ASGI call and yields the response as the app sends it (the
+status and headers, then each body chunk), through a Serve streaming call; the ingress answers an
+event stream (`"stream": true`) chunk by chunk and any other response whole. An error found before
+the first event (unknown adapter, bad field) is the app's JSON error with its status, as with one server.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import signal
@@ -34,7 +39,7 @@ import sys
 import threading
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 log = logging.getLogger("loraplex.ray")
 ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")  # bodies that name an adapter in `model`
@@ -68,27 +73,117 @@ def _forwarded(headers) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
 
 
+def spill_ranks(adapter_id: str, held: dict) -> list[list]:
+    """The replicas a request may go to, best rank first: {replica: ids it holds} -> [rank, ...].
+
+    Serve's router takes the least busy replica with room in the first rank that has one, and waits
+    and asks again when none has. For an adapter: the replicas holding it, then the other replicas
+    holding the fewest adapters, then the rest. Anything else: every replica, as one rank."""
+    if not adapter_id:
+        return [list(held)]
+    holders = [r for r, ids in held.items() if adapter_id in ids]
+    others = [r for r, ids in held.items() if adapter_id not in ids]
+    fewest = min((len(held[r]) for r in others), default=0)
+    return [holders, [r for r in others if len(held[r]) == fewest], [r for r in others if len(held[r]) > fewest]]
+
+
+def __getattr__(name: str):
+    # `AdapterRouter` is made on first use, so that importing this module does not import Ray.
+    # Serve looks the router class up by module and name, hence a module attribute.
+    if name == "AdapterRouter":
+        globals()[name] = _adapter_router_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _adapter_router_class():
+    """`spill_ranks` as the engine deployment's Serve request router (Serve's public extension point)."""
+    from ray.serve.request_router import RequestRouter
+
+    class AdapterRouter(RequestRouter):
+        async def choose_replicas(self, candidate_replicas, pending_request=None):
+            adapter_id = pending_request.metadata.multiplexed_model_id if pending_request else ""
+            by_id = {r.replica_id: r for r in candidate_replicas}
+            ranks = spill_ranks(adapter_id, {r.replica_id: r.multiplexed_model_ids for r in candidate_replicas})
+            if pending_request is not None:
+                pending_request.routing_context.should_backoff = True  # no room anywhere: wait before asking again
+            return [[by_id[i] for i in rank] for rank in ranks if rank]
+
+    return AdapterRouter
+
+
+async def call_asgi(app, method: str, path: str, query: str, headers: list, body: bytes):
+    """One HTTP request through an ASGI app in this process: yields the messages the app sends, as it
+    sends them. The app sees the client leave when the caller stops iterating."""
+    sent: asyncio.Queue = asyncio.Queue()
+    left = asyncio.Event()
+    body_read = False
+
+    async def receive():
+        nonlocal body_read
+        if not body_read:
+            body_read = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def run():
+        try:
+            await app(scope, receive, sent.put)
+        except Exception:
+            log.exception("the app failed")  # http_server answers its own errors; this is a bug
+        finally:
+            sent.put_nowait(None)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query.encode(),
+             "root_path": "", "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+             "client": ("127.0.0.1", 0), "server": ("replica", 80)}
+    task = asyncio.ensure_future(run())
+    try:
+        while (message := await sent.get()) is not None:
+            yield message
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                break
+    finally:
+        left.set()  # a stream the caller left: the app's disconnect watch aborts the engine request
+        await asyncio.wait([task], timeout=5)
+        task.cancel()
+
+
+async def relay(chunks):
+    """An event stream's chunks as the replica yields them (a Serve streaming call); a client that leaves
+    cancels the call, which aborts the engine request."""
+    finished = False
+    try:
+        async for chunk in chunks:
+            yield chunk
+        finished = True
+    finally:
+        if not finished:
+            chunks.cancel()
+
+
 def build_app(args):
     """The Serve application: N `EngineReplica`s behind one `Ingress`."""
     import torch
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
 
     engine_resources = {"num_gpus": 1} if torch.cuda.is_available() and args.device != "cpu" else {
         "num_cpus": args.replica_cpus}
 
     @serve.deployment(num_replicas=args.replicas, max_ongoing_requests=args.max_num_seqs,
-                      ray_actor_options=engine_resources, graceful_shutdown_timeout_s=args.shutdown_grace)
+                      ray_actor_options=engine_resources, graceful_shutdown_timeout_s=args.shutdown_grace,
+                      request_router_config=RequestRouterConfig(request_router_class=f"{__name__}.AdapterRouter"))
     class EngineReplica:
         def __init__(self, serve_args):
-            import httpx
-
             from loraplex.runtime.cli import _key_ring, build_service  # absolute: Ray ships this class by value
             from loraplex.runtime.http_server import create_app
             self.name = serve.get_replica_context().replica_id.unique_id
             self.service = build_service(serve_args, _key_ring(serve_args))
             self.service.start()
-            self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(self.service)),
-                                            base_url="http://replica", timeout=None)
+            self.app = create_app(self.service)
 
         @serve.multiplexed(max_num_models_per_replica=args.max_adapters_per_replica)
         async def hold(self, adapter_id: str) -> str:
@@ -96,11 +191,16 @@ def build_app(args):
             return adapter_id
 
         async def forward(self, method: str, path: str, query: str, headers: list, body: bytes):
+            """A streaming call: yields (status, headers) once, then the body's chunks as the app sends them."""
             adapter_id = serve.get_multiplexed_model_id()
             if adapter_id:
                 await self.hold(adapter_id)
-            r = await self.client.request(method, path + (f"?{query}" if query else ""), headers=headers, content=body)
-            return r.status_code, _forwarded(r.headers.multi_items()) + [(REPLICA_HEADER, self.name)], r.content
+            async for message in call_asgi(self.app, method, path, query, headers, body):
+                if message["type"] == "http.response.start":
+                    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
+                    yield message["status"], _forwarded(headers) + [(REPLICA_HEADER, self.name)]
+                elif message["type"] == "http.response.body" and message.get("body"):
+                    yield message["body"]
 
         def check_health(self) -> None:
             if not self.service.engine.alive:  # Serve replaces a replica whose engine died
@@ -119,9 +219,13 @@ def build_app(args):
         async def __call__(self, request: Request) -> Response:
             body = await request.body()
             adapter_id = routing_id(request.url.path, body)
-            status, headers, content = await self.engine.options(multiplexed_model_id=adapter_id).forward.remote(
+            chunks = self.engine.options(multiplexed_model_id=adapter_id, stream=True).forward.remote(
                 request.method, request.url.path, request.url.query, _forwarded(request.headers.items()), body)
-            response = Response(content, status_code=status)
+            status, headers = await chunks.__anext__()  # an error before the first event is a whole JSON answer
+            if dict((k.lower(), v) for k, v in headers).get("content-type", "").startswith("text/event-stream"):
+                response = StreamingResponse(relay(chunks), status_code=status)
+            else:
+                response = Response(b"".join([chunk async for chunk in chunks]), status_code=status)
             for k, v in headers:
                 response.headers.append(k, v)
             return response

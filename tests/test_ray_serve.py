@@ -1,20 +1,23 @@
 """`loraplex serve-ray`: 2 CPU replicas on a local Ray instance (loopback), adapter-affinity routing through
-Serve's model multiplexing, one shared adapter store, and greedy outputs equal to the single-process server's."""
+Serve's model multiplexing, one shared adapter store, greedy outputs equal to the single-process server's,
+streams that arrive as they are generated, and a hot adapter spilling over to a second replica."""
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import free_port
+from conftest import free_port, sse_events
 
-from loraplex.runtime.ray_serve import routing_id
+from loraplex.runtime.ray_serve import call_asgi, routing_id, spill_ranks
 
 ADAPTERS = ("lora", "rslora", "gralora", "hybrid")
 PROMPTS = ("The capital of France is", "Count: one, two,", "def add(a, b):", "Water boils at", "My favourite colour is")
@@ -28,7 +31,7 @@ def ray_server(tmp_path_factory):
     log = open(root / "serve-ray.log", "w")
     proc = subprocess.Popen([exe, "serve-ray", "--replicas", "2", "--port", str(port), "--adapter-dir",
                              str(root / "adapters"), "--dtype", "float32", "--max-gpu-adapters", "4",
-                             "--max-adapter-mb", "64", "--log-level", "warning"],
+                             "--max-adapter-mb", "64", "--max-num-seqs", "2", "--log-level", "warning"],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     try:
@@ -93,6 +96,107 @@ def test_requests_stick_to_the_replica_holding_their_adapter_and_match_one_serve
     assert missing.headers["x-loraplex-replica"] in replicas
     extra = ray_server.post("/v1/completions", json={"model": "base", "prompt": "x", "bogus": 1})
     assert extra.status_code == 400 and "bogus" in extra.json()["error"]["message"]
+
+
+def _stream(client: httpx.Client, body: dict):
+    """(response, [(arrival time, text)] of the content events, end time) of one streamed completion."""
+    chunks = []
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            r.read()
+            return r, chunks, time.perf_counter()
+        for event in sse_events(r.iter_lines()):
+            if event != "[DONE]" and event["choices"][0]["text"]:
+                chunks.append((time.perf_counter(), event["choices"][0]["text"]))
+    return r, chunks, time.perf_counter()
+
+
+def test_a_stream_arrives_as_it_is_generated_with_the_replica_header(ray_server):
+    body = {"model": "ray-gralora", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    whole = ray_server.post("/v1/completions", json=body)
+    assert whole.status_code == 200, whole.text
+    begun = time.perf_counter()
+    r, chunks, ended = _stream(ray_server, body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["x-loraplex-replica"] == whole.headers["x-loraplex-replica"]
+    assert len(chunks) >= 2 and "".join(t for _, t in chunks) == whole.json()["choices"][0]["text"]
+    # incremental: the first token is read well before the last (a buffered answer reads them all at the end)
+    assert chunks[0][0] - begun < 0.5 * (ended - begun), ([t - begun for t, _ in chunks], ended - begun)
+
+    # an error found before the first event is the JSON error with its status, not a 200 stream
+    missing, _, _ = _stream(ray_server, {**body, "model": "no-such-adapter"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == 404
+    assert missing.headers["x-loraplex-replica"]
+    bad, _, _ = _stream(ray_server, {**body, "bogus": 1})
+    assert bad.status_code == 400 and "bogus" in bad.json()["error"]["message"]
+
+
+def test_a_hot_adapter_spills_to_another_replica_when_its_holder_is_full(ray_server):
+    # the fixture serves --max-num-seqs 2: two long streams of ray-lora fill the replica holding it
+    first = _complete(ray_server, "ray-lora", PROMPTS[1])
+    holder = first.headers["x-loraplex-replica"]
+    started, results = threading.Barrier(3, timeout=120), []
+
+    def long_stream():
+        body = {"model": "ray-lora", "prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with ray_server.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            started.wait()  # in flight on its replica
+            started.wait()  # the spilled request is answered
+            results.append(r.headers["x-loraplex-replica"])
+            r.close()  # leaving early aborts the rest in the engine
+
+    threads = [threading.Thread(target=long_stream) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        started.wait()
+        spilled = _complete(ray_server, "ray-lora", PROMPTS[1])
+    finally:
+        started.wait()
+        for t in threads:
+            t.join(60)
+    assert results == [holder, holder]
+    assert spilled.status_code == 200 and spilled.headers["x-loraplex-replica"] != holder
+    assert spilled.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+
+
+def test_spill_ranks_holders_then_the_fewest_adapters_then_the_rest():
+    held = {"a": {"x", "y"}, "b": {"y"}, "c": set(), "d": {"z"}}
+    assert spill_ranks("x", held) == [["a"], ["c"], ["b", "d"]]
+    assert spill_ranks("y", held) == [["a", "b"], ["c"], ["d"]]
+    assert spill_ranks("new", {"a": {"x"}, "b": {"y"}}) == [[], ["a", "b"], []]  # a new adapter: the fewest first
+    assert spill_ranks("x", {"a": {"x"}}) == [["a"], [], []]
+    assert spill_ranks("", held) == [["a", "b", "c", "d"]]  # the base model and other routes: any replica
+
+
+def test_call_asgi_yields_each_message_as_the_app_sends_it_and_tells_the_app_when_the_caller_leaves():
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def scenario():
+        closed = asyncio.Event()
+
+        async def chunks():
+            try:
+                yield b"a"
+                await asyncio.sleep(3600)  # only a caller that leaves ends this stream
+                yield b"b"
+            finally:
+                closed.set()
+
+        app = Starlette(routes=[Route("/s", lambda _: StreamingResponse(chunks(), media_type="text/event-stream"))])
+        messages = call_asgi(app, "GET", "/s", "", [("x-a", "1")], b"")
+        start = await messages.__anext__()
+        assert start["type"] == "http.response.start" and start["status"] == 200
+        assert (await messages.__anext__())["body"] == b"a"
+        await messages.aclose()
+        await asyncio.wait_for(closed.wait(), 5)
+
+    asyncio.run(scenario())
 
 
 def test_routing_id_is_the_adapter_named_by_a_completion():
