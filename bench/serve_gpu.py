@@ -20,6 +20,15 @@ match, so a run can be split across commands):
              of them resident with one-token requests, then re-run over8 and base batch B
   hotload    --hotload-runs times: upload a fresh rank-16 adapter, stream a 1-token completion with it;
              milliseconds from the upload's start to the first streamed token
+  prefix     (bench/serve_gpu_features.py, as are the next two) --prefix-prompts (5) prompts of
+             --prefix-tokens (1024; 256 on tiny), each streamed twice in a row, greedy, 2 tokens: time to the
+             first chunk on a prefix-cache miss, then on the hit; base model, then one rank-16 adapter (its
+             own cache entries); /health's prefix_cache_* counters per request; whether hit and miss agree
+  structured B rows, the same prompts, free vs all constrained by a JSON schema (an array of >= 200
+             integers: every row runs max_tokens) vs half constrained, and half over 4 adapters; decode
+             step time, and how many constrained outputs are valid JSON (prefixes: cut at max_tokens)
+  dora       B distinct rank-16 DoRA adapters (all seven projections) vs the distinct_bB LoRA wave (run
+             here if the record lacks it); upload seconds, the first one-token wave (slot loads + DoRA factors)
   unmerged   a second, short server with `--merge-policy off`: B rows of one adapter (run by default on
              every shape but 8b, whose server start costs 1-2 minutes; name it in --cases to run it there)
   peft       after the servers stop: HF transformers (bitsandbytes NF4 on CUDA, same settings as the server)
@@ -61,14 +70,17 @@ import torch
 from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 
+import serve_gpu_features as features  # the prefix, structured and dora cases (beside this file)
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QV = ("q_proj", "v_proj")
 GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3; not word-like (see NOTES.md)
-CASES = ("base", "over8", "distinct", "mix", "merged", "residency", "hotload", "unmerged", "forcemerged", "peft")
+CASES = ("base", "over8", "distinct", "mix", "merged", "residency", "hotload", "prefix", "structured", "dora",
+         "unmerged", "forcemerged", "peft")
 CASE_ALIASES = {"mixed": "distinct"}
-SERVER_CASES = CASES[:7]
+SERVER_CASES = CASES[:10]
 OVER = 8  # adapters in the over8 case
 COUNTERS = ("decode_steps", "decode_seconds", "decode_rows", "decode_context_tokens", "adapter_loads",
             "adapter_evictions", "merged_steps", "steps", "prefill_steps", "graph_steps", "tokens_generated")
@@ -104,6 +116,13 @@ WAVE_DEFINITIONS = {
     "over8_b{B}_resident{R}": "over8 again after registering up to --adapters-residency q/v adapters and making R "
                               "of them resident",
     "base_b{B}_resident{R}": "base_b{B} again after the residency phase",
+    "structured_free_b{B}": "B rows of the base model, no response_format; the prompts of every structured_* wave",
+    "structured_json_b{B}": "the same B rows, each constrained by a json_schema response_format (an array of at "
+                            "least 200 integers: no row completes before max_tokens)",
+    "structured_half_b{B}": "the same B rows, every other one constrained",
+    "structured_half_adapters4_b{B}": "the same B prompts over 4 rank-16 adapters, half of each adapter's rows "
+                                      "constrained",
+    "dora_b{B}": "B rows, each its own rank-16 DoRA adapter (all seven projections; compare distinct_b{B})",
     "fields": "tokens_per_s = completion tokens / wave wall time; decode_step_ms = delta decode_seconds / delta "
               "decode_steps from /health; floor.floor_ms = (base + distinct adapters' bf16 + KV bytes per decode "
               "step) / copy bandwidth; counters = /health deltas over the measured wave (after a warm-up wave)",
@@ -175,6 +194,7 @@ class AdapterSpec:
     k: int = 1  # GraLoRA blocks
     targets: tuple[str, ...] = PROJECTIONS
     seed: int = 0
+    dora: bool = False  # LoRA with use_dora: a magnitude vector per module
 
     def config(self) -> dict:
         common = {"target_modules": list(self.targets), "bias": "none", "task_type": "CAUSAL_LM",
@@ -183,12 +203,14 @@ class AdapterSpec:
             return {"peft_type": "GRALORA", "r": self.rank, "gralora_k": self.k, "alpha": self.rank, "hybrid_r": 0,
                     **common}
         return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.rank, "lora_dropout": 0.0, "use_rslora": False,
-                **common}
+                **({"use_dora": True} if self.dora else {}), **common}
 
     def bytes_bf16(self, shape: ModelShape) -> int:
-        """A and B of every targeted module in bf16 (GraLoRA's blocks hold as many values as a rank-r LoRA)."""
+        """A and B of every targeted module in bf16 (GraLoRA's blocks hold as many values as a rank-r LoRA);
+        DoRA adds the two per-output-channel factors a step reads (g and c, runtime/adapters/dora.py)."""
         proj = shape.projections()
-        return shape.layers * sum(self.rank * (proj[p][0] + proj[p][1]) for p in self.targets) * 2
+        values = sum(self.rank * (proj[p][0] + proj[p][1]) + (2 * proj[p][1] if self.dora else 0) for p in self.targets)
+        return shape.layers * values * 2
 
 
 class RandomPool:
@@ -219,6 +241,8 @@ def adapter_tensors(spec: AdapterSpec, shape: ModelShape, pool: RandomPool) -> d
             else:
                 out[f"{prefix}.lora_A.weight"] = pool.take((spec.rank, fin), 0.02, key)
                 out[f"{prefix}.lora_B.weight"] = pool.take((fout, spec.rank), 0.01, key + 1)
+            if spec.dora:  # m near the rows' norm |W_i| ~ 0.02 sqrt(in) of the random base: factors near 1
+                out[f"{prefix}.lora_magnitude_vector"] = 0.02 * math.sqrt(fin) * (1 + pool.take((fout,), 0.05, -key))
     return out
 
 
@@ -735,6 +759,15 @@ class ShapeSession:
         await self.measure(f"over8_b{b}_resident{args.resident}", [over[i % OVER].id for i in range(b)])
         await self.measure(f"base_b{b}_resident{args.resident}", ["base"] * b)
 
+    async def case_prefix(self):
+        await features.case_prefix(self, sys.modules[__name__])
+
+    async def case_structured(self):
+        await features.case_structured(self, sys.modules[__name__])
+
+    async def case_dora(self):
+        await features.case_dora(self, sys.modules[__name__])
+
     async def case_hotload(self):
         runs = []
         for i in range(self.args.hotload_runs):
@@ -890,6 +923,9 @@ def print_table(result: dict) -> None:
         extra = rec["summary"]
         print(f"  (merged_over_unmerged vs {extra['merged_over_unmerged_basis']}, merged steps in the merged wave: "
               f"{fmt(extra['merged_steps_in_merged_wave'], 0)}; mix_over_base {fmt(extra['mix_over_base'], 3)})")
+        print(f"features {key} (batch {result['settings']['batch']}):")
+        for name, value in rec.get("features", {}).items():
+            print(f"  {name:<42} {fmt(value, 3):>10}")
 
 
 def load_previous(path: Path, settings: dict, device: str) -> dict | None:
@@ -921,6 +957,8 @@ def main() -> None:
     ap.add_argument("--hotload-runs", type=int, default=10)
     ap.add_argument("--hotload-targets", default="all", choices=["all", "qv"],
                     help="the hot-loaded rank-16 adapter: all seven projections or q/v only")
+    ap.add_argument("--prefix-tokens", type=int, default=None, help="prefix case prompt (default: 1024; 256 on tiny)")
+    ap.add_argument("--prefix-prompts", type=int, default=5, help="prefix case: distinct prompts, each miss then hit")
     ap.add_argument("--peft-new-tokens", type=int, default=32)
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-residency", action="store_true")
@@ -952,7 +990,7 @@ def main() -> None:
               or {"benchmark": "serve_gpu", "settings": settings, "shapes": {}})
     result.update({"device": prepared["device"], "copy_bandwidth_bytes_per_s": bandwidth, "torch": prepared["torch"],
                    "python": platform.python_version(), "targets": TARGETS, "summary_definitions": SUMMARY_DEFINITIONS,
-                   "wave_definitions": WAVE_DEFINITIONS,
+                   "wave_definitions": WAVE_DEFINITIONS, "feature_definitions": features.FEATURE_DEFINITIONS,
                    "greedy": True, "ignore_eos": True, "server_flags": "defaults (only --model, --port, --grpc-port 0, "
                    "--adapter-dir, and --device cpu on a CPU); `unmerged` adds --merge-policy off"})
 
@@ -960,10 +998,12 @@ def main() -> None:
         for rec in result["shapes"].values():
             rec["summary"] = summarize(rec, args.batch, args.resident)
             rec["summary_met"] = {k: met(rec["summary"].get(k), target) for k, target in TARGETS.items()}
+            rec["features"] = features.summarize_features(rec, args.batch)
         present = [k for k in ("8b", "1b", "tiny") if k in result["shapes"]]
         if present:
             result["summary_shape"] = present[0]
             result["summary"] = {k: result["shapes"][present[0]]["summary"].get(k) for k in TARGETS}
+            result["summary_features"] = result["shapes"][present[0]]["features"]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(args.out.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=2))
