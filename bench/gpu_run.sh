@@ -4,7 +4,8 @@
 # Usage there: bash bench/gpu_run.sh STEP [STEP ...]
 #   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
 #   test       the CUDA-only tests (fast path vs eager reference)
-#   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS: extra flags;
+#   check      the fused layer kernels' start-up self-check on this GPU
+#   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS, ARGS1B, ARGS8B: extra flags;
 #              LIMIT: seconds before it is stopped, its JSON kept as far as it got)
 #   profile1b | profile8b   bench/profile_step.py (kernels by GPU time per case; ARGS_PROFILE: extra flags)
 #   background  run BG_STEPS (default "serve8b serve1b") detached (setsid) into /tmp/out, so that one run
@@ -37,9 +38,14 @@ for step in "$@"; do
     test)
       python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fastpath.py 2>&1 | tail -30 ;;
     serve1b)
-      timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 1b --out "$OUT/serve_gpu.json" ${ARGS:-} 2>&1 | tail -60 ;;
+      timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 1b --out "$OUT/serve_gpu.json" ${ARGS1B:-${ARGS:-}} 2>&1 | tail -60 ;;
     serve8b)
-      timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 8b --out "$OUT/serve_gpu.json" ${ARGS:-} 2>&1 | tail -60 ;;
+      timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 8b --out "$OUT/serve_gpu.json" ${ARGS8B:-${ARGS:-}} 2>&1 | tail -60 ;;
+    clean8b)  # the 8B checkpoint and adapters (tens of GB): room on the disk for the next shape
+      rm -rf /tmp/serve_gpu/8b; df -h /tmp | tail -1 ;;
+    check)
+      python3 -c "import torch; from loraplex.kernels.layer_ops import self_check as c
+print('layer_ops self-check bf16:', c(torch.device('cuda'), torch.bfloat16) or 'ok', '| fp32:', c(torch.device('cuda'), torch.float32) or 'ok')" ;;
     profile1b)
       python3 bench/profile_step.py --shape 1b --out "$OUT/profile_step_1b.json" ${ARGS_PROFILE:-} 2>&1 | tail -400 ;;
     profile8b)
