@@ -45,7 +45,8 @@ def build_service(args, keys):
                                  merge_format=args.merge_format, prefix_caching=not args.no_prefix_caching)
     config = ServiceConfig(adapter_dir=args.adapter_dir, max_lora_rank=args.max_lora_rank,
                            max_adapter_bytes=args.max_adapter_mb << 20, max_host_adapters=args.max_cpu_adapters,
-                           max_host_adapter_bytes=int(args.host_adapter_memory * (1 << 30)),
+                           max_host_adapter_bytes=None if args.host_adapter_memory is None
+                           else int(args.host_adapter_memory * (1 << 30)),
                            max_waiting=args.max_waiting, max_concurrent=args.max_concurrent,
                            max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                            max_body_bytes=args.max_body_kb << 10, max_adapters_per_tenant=args.max_adapters_per_tenant,
@@ -195,8 +196,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "after weights and KV (e.g. 0.5, the default)")
     p.add_argument("--max-gpu-adapters", type=int, default=None,
                    help="optional cap on the number of adapters resident in accelerator memory")
-    p.add_argument("--host-adapter-memory", type=float, default=4.0,
-                   help="GB of host memory for parsed adapter weights (LRU; an upload larger than this is refused)")
+    p.add_argument("--host-adapter-memory", type=float, default=None,
+                   help="GB of host memory for parsed adapter weights (LRU; an upload larger than this is refused; "
+                        "default: a quarter of the machine's memory, at least 4)")
     p.add_argument("--max-cpu-adapters", type=int, default=None,
                    help="optional cap on the number of adapters cached in host memory")
     p.add_argument("--max-adapter-mb", type=int, default=512, help="largest accepted adapter upload")

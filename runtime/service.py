@@ -35,7 +35,7 @@ class ServiceConfig:
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 << 20  # largest upload (weights)
     max_host_adapters: int | None = None  # optional cap on parsed adapters cached in host memory
-    max_host_adapter_bytes: int = 4 << 30  # host memory for parsed adapter weights
+    max_host_adapter_bytes: int | None = None  # host memory for parsed adapter weights (None: registry default)
     default_max_tokens: int = 256
     max_waiting: int = 512  # admitted requests the engine has not started yet
     max_concurrent: int = 1024  # admitted requests not finished (running + waiting)
@@ -377,8 +377,9 @@ class Service:
 
     def health(self) -> dict:
         status = "error" if not self.engine.alive else "draining" if self.draining else "ok"
+        limits = {**self.config.limits(), "max_host_adapter_bytes": self.registry.max_host_bytes}
         return {"status": status, "model": describe(self.base),
-                **self.engine.stats(), "in_flight": self.in_flight, "limits": self.config.limits(),
+                **self.engine.stats(), "in_flight": self.in_flight, "limits": limits,
                 "quarantined_adapters": [dataclasses.asdict(q) for q in self.registry.store.quarantined]}
 
 

@@ -68,9 +68,14 @@ def test_an_adapter_larger_than_the_budget_is_refused_at_upload(tmp_path):
     assert reg.list() == [] and reg.host_bytes_used == 0
 
 
-def test_default_budget_is_bytes():
-    reg = AdapterRegistry.__init__.__kwdefaults__
-    assert reg["max_host_bytes"] == 4 << 30
+def test_default_budget_is_a_quarter_of_the_machine_at_least_4_gib(tmp_path, monkeypatch):
+    from loraplex.runtime.adapters import registry as registry_module
+    physical = {"SC_PHYS_PAGES": 64 << 18, "SC_PAGE_SIZE": 4096}  # 64 GiB
+    monkeypatch.setattr(registry_module.os, "sysconf", lambda name: physical[name])
+    assert registry_module.default_max_host_bytes() == 16 << 30
+    physical["SC_PHYS_PAGES"] = 8 << 18  # 8 GiB: the floor
+    assert registry_module.default_max_host_bytes() == 4 << 30
+    assert AdapterRegistry.__init__.__kwdefaults__["max_host_bytes"] is None  # None: that default
 
 
 def test_replaced_and_deleted_versions_leave_host_memory(tmp_path):

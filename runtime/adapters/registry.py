@@ -4,7 +4,8 @@ A request resolves its adapter once, at admission, into an `AdapterRef` that hol
 weights. Replacing or deleting the adapter afterwards changes what *new* requests get; requests
 already admitted keep computing with the version they hold.
 
-Host memory for the parsed (fp32) weights is bounded in bytes (`max_host_bytes`): every request
+Host memory for the parsed (fp32) weights is bounded in bytes (`max_host_bytes`, by default a quarter
+of the machine's memory, at least 4 GiB): every request
 holding a version shares one copy, which counts until the last holder drops it (a held copy is
 pinned); unpinned copies stay cached, least-recently-used first out, while they fit. A resolve that
 cannot fit even after evicting every unpinned copy is refused (429, retry later); an upload whose
@@ -17,6 +18,7 @@ see an ordinary LoRA of rank r1 + r2 + ..., cached and pinned like any other ver
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -27,7 +29,17 @@ import torch
 from .peft_format import MAX_ABS_SCALE, AdapterError, AdapterWeights, BaseShape, ModuleDelta, parse_adapter
 from .store import AdapterStore, StoredAdapter
 
-DEFAULT_MAX_HOST_BYTES = 4 << 30
+MIN_DEFAULT_HOST_BYTES = 4 << 30
+
+
+def default_max_host_bytes() -> int:
+    """A quarter of the machine's physical memory, at least 4 GiB: a full batch of distinct adapters
+    must fit (64 rank-16 Llama-3.1-8B adapters on all projections take 10.7 GB as fp32)."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        physical = 0
+    return max(MIN_DEFAULT_HOST_BYTES, physical // 4)
 MIN_MIX, MAX_MIX = 2, 8  # members of one mix
 
 
@@ -45,13 +57,13 @@ class AdapterRef:
 
 class AdapterRegistry:
     def __init__(self, store: AdapterStore, base: BaseShape, *, max_rank: int = 64,
-                 max_bytes: int = 512 << 20, max_host_bytes: int = DEFAULT_MAX_HOST_BYTES,
+                 max_bytes: int = 512 << 20, max_host_bytes: int | None = None,
                  max_host_adapters: int | None = None):
         self.store = store
         self.base = base
         self.max_rank = max_rank
         self.max_bytes = max_bytes  # upload size (the safetensors file)
-        self.max_host_bytes = max_host_bytes
+        self.max_host_bytes = default_max_host_bytes() if max_host_bytes is None else max_host_bytes
         self.max_host_adapters = max_host_adapters  # optional cap on the count of cached copies
         self._host: OrderedDict[tuple[str, int], AdapterWeights] = OrderedDict()  # cached, oldest first
         self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # every copy in memory
