@@ -179,6 +179,7 @@ async def collect(choices: Choices, request: Request) -> list[Choice]:
             gone.cancel()
             if not work.done():
                 work.cancel()  # the client left: aclosing aborts the engine request
+                await asyncio.gather(work, return_exceptions=True)  # until the cancellation has landed
         if work.cancelled():
             raise ServiceError("the client disconnected", 499, "client_closed_request")
         return work.result()
