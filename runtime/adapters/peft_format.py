@@ -222,7 +222,7 @@ def _compile(field: str, pattern) -> "re2._Regexp":
 
 
 def _patterns(config: dict, field: str, check_value) -> list[tuple["re2._Regexp", object]]:
-    """PEFT's rank_pattern / alpha_pattern: the first key with re.match(rf"(.*\.)?({key})$", name) wins."""
+    r"""PEFT's rank_pattern / alpha_pattern: the first key with re.match(rf"(.*\.)?({key})$", name) wins."""
     pattern = config.get(field) or {}
     if not isinstance(pattern, dict):
         raise AdapterError(f"{CONFIG_FILE}: {field} must be an object mapping module patterns to values", 400)
