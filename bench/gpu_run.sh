@@ -36,7 +36,8 @@ for step in "$@"; do
       python3 bench/nf4_matmul.py --out "$OUT/nf4_matmul.json" 2>&1 | tail -40
       python3 bench/paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -30 ;;
     test)
-      python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fastpath.py 2>&1 | tail -30 ;;
+      python3 -m pytest -q -x -s -p no:cacheprovider tests/test_gpu_fastpath.py > "$OUT/test_gpu_fastpath.log" 2>&1
+      tr '\r' '\n' < "$OUT/test_gpu_fastpath.log" | grep -vE "it/s|s/it|step/s|layer/s|tensor/s" | tail -40 ;;
     serve1b)
       timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 1b --out "$OUT/serve_gpu.json" ${ARGS1B:-${ARGS:-}} 2>&1 | tail -60 ;;
     serve8b)
