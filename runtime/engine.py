@@ -70,6 +70,12 @@ class EngineDead(RuntimeError):
 DEFAULT_ADAPTER_SLOTS = 1024  # slot indices (module-table rows) when no count cap is given
 DEFAULT_ADAPTER_SHARE = 0.5  # of the accelerator memory free after weights and KV
 CPU_ADAPTER_MEMORY = 4 << 30
+MERGE_REPORT_ROWS = (1, 2, 4, 8, 16, 32, 48, 64)  # batch sizes /health reports the merge decision for
+
+
+def _dense_beats_nf4(rows: int) -> bool:
+    from .nf4_linear import dense_faster  # bitsandbytes: imported only for an NF4 base
+    return dense_faster(rows) is True
 
 
 def make_ops(kind: str, base: BaseModel, num_slots: int, pool_bytes: int | None = None) -> AdapterOps:
@@ -120,10 +126,12 @@ class Engine:
         self.slots = AdapterSlots(self.ops, adapter_bytes, config.max_gpu_adapters)
         merge_format = "bf16" if config.merge_format == "auto" else config.merge_format
         self.merger = Merger(base.model, base.projection_shapes, config.merge_policy, merge_format, base.dtype)
-        # Measured on an H100 (README): a bf16 copy of an NF4 base reads 4x the bytes per decode step
-        # (slower than the unmerged path) and a re-quantised NF4 copy moves the logits by up to 0.6
-        # (relative), so `auto` merges only where the merged copy costs no more bytes than the base.
-        self.merger.auto_merges = not (base.quantization == "nf4" and merge_format == "bf16")
+        # A re-quantised NF4 copy moves the logits by up to 0.6 (relative; bench/profile_step.py), so the
+        # merged copy of an NF4 base is bf16: it reads 4x the bytes, and pays only where the start-up
+        # timing says a dense matmul beats the NF4 kernels at the batch size (H200: it does at 32 rows,
+        # bench/results/serve_gpu.json; H100, earlier kernels: it did not). Not calibrated: never.
+        if base.quantization == "nf4" and merge_format == "bf16":
+            self.merger.merge_pays = _dense_beats_nf4
         self.runner.capture_base_graphs()
         self.detokenizer = Detokenizer(base.tokenizer)
         self.grammars = Grammars(base.tokenizer, base.config.vocab_size, list(base.eos_token_ids))
@@ -212,7 +220,8 @@ class Engine:
                 "prefill_steps": self.prefill_steps, "graph_steps": self.runner.graph_steps,
                 "cuda_graphs": len(self.runner.graphs), "merge_policy": self.merger.policy,
                 "merged_adapter": None if self.merger.active is None else self.merger.active.id,
-                "merged_steps": self.merger.merged_steps}
+                "merged_steps": self.merger.merged_steps,
+                "merge_pays_rows": [m for m in MERGE_REPORT_ROWS if self.merger.merge_pays(m)]}
 
     def prepare_adapter(self, ref: AdapterRef) -> None:
         """Host-side work for loading ref later (packing, pinned memory): call off the engine thread."""

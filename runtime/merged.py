@@ -7,8 +7,9 @@ through W + s·ΔW directly; the other rows keep the base weights and the unmerg
 consecutive decode steps, and stop using it as soon as it no longer does. Rows of the merged
 adapter and other rows in one step cost two passes over the weights, which at decode speed (bound
 by weight bytes) is slower than the unmerged path, so auto waits for the whole batch (threshold 1.0);
-and auto does not merge where the merged copy would read more bytes than the base (a bf16 copy of
-an NF4 base): there the unmerged path is faster.
+and auto merges only at batch sizes where `merge_pays(rows)` holds: on an NF4 base the engine asks
+the start-up measurement (a bf16 copy reads 4x the bytes of NF4, but a dense matmul can still beat
+the NF4 kernels: nf4_linear.dense_faster).
 
 The merged copy is built on a background thread and a side stream while the engine keeps serving
 unmerged; format `bf16` (dense bf16 of the touched linears) or `nf4` (re-quantised with
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,7 @@ class Merger:
         self._ready: tuple[AdapterRef, dict] | None = None  # built, waiting to be installed
         self._candidate, self._streak = None, 0
         self.auto_merges = True  # False: `auto` never merges (see Engine)
+        self.merge_pays: Callable[[int], bool] = lambda rows: True  # auto: whether merging helps at this batch
         self.builds = 0
         self.merged_steps = 0
 
@@ -107,7 +110,7 @@ class Merger:
             return None
         if self.policy != "auto":
             return next((r for r in refs if r is not None and r.id == self.policy), None)
-        if not self.auto_merges:
+        if not self.auto_merges or not self.merge_pays(len(refs)):
             return None
         key, count = by_key.most_common(1)[0]
         if count < self.threshold * len(refs):

@@ -9,7 +9,9 @@ and whenever a gradient is needed, it is exactly bitsandbytes' Linear4bit.
 
 `calibrate(linears)` measures both paths per distinct weight shape at start-up (CUDA events over
 CUDA-graph replays, the way decode steps run) and sets DISPATCH to the row counts at which the fused
-kernel wins; without it the committed defaults below apply.
+kernel wins; without it the committed defaults below apply. It also times a dense matmul of the same
+shape in the compute dtype (DENSE_US): `dense_faster(rows)` says whether a bf16 merged copy of the
+layers would beat the NF4 path at that batch size (runtime/merged.py's `auto` asks it).
 """
 from __future__ import annotations
 
@@ -33,6 +35,19 @@ CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 48, 64)
 DEFAULT_FUSED_ROWS = frozenset({2, 4, 8, 16, 32, 48, 64})
 # (out_features, in_features) -> calibrated row counts at which the fused kernel is faster.
 DISPATCH: dict[tuple[int, int], frozenset[int]] = {}
+# (out_features, in_features) -> {rows: microseconds}: the faster NF4 path, and a dense matmul.
+NF4_US: dict[tuple[int, int], dict[int, float]] = {}
+DENSE_US: dict[tuple[int, int], dict[int, float]] = {}
+
+
+def dense_faster(rows: int) -> bool | None:
+    """Whether dense (compute-dtype) weights of every calibrated shape, summed, take less time than their
+    NF4 path at this row count; None before a calibration that timed both (the CPU, or a failed timing)."""
+    m = calibrated_rows(rows)
+    shapes = [s for s in NF4_US if m in NF4_US[s] and m in DENSE_US.get(s, {})]
+    if not shapes:
+        return None
+    return sum(DENSE_US[s][m] for s in shapes) < sum(NF4_US[s][m] for s in shapes)
 
 
 def calibrated_rows(rows: int) -> int:
@@ -175,6 +190,24 @@ def measure(layer: NF4Linear, rows: int, tiles=None) -> dict:
             "graphed": fused_graphed and bnb_graphed}
 
 
+def measure_dense(layer: NF4Linear, rows: int) -> float:
+    """GPU time per call of a dense matmul with a weight of `layer`'s shape in its compute dtype (what a
+    bf16 merged copy costs), rotating over copies beyond twice the L2 cache as `measure` does."""
+    dtype = layer.compute_dtype or torch.bfloat16
+    device = layer.weight.device
+    x = torch.randn(rows, layer.in_features, device=device, dtype=dtype)
+    weight_bytes = layer.out_features * layer.in_features * torch.finfo(dtype).bits // 8
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    copies = max(1, min(8, -(-2 * l2_bytes // weight_bytes)))
+    weights = [torch.randn(layer.out_features, layer.in_features, device=device, dtype=dtype) for _ in range(copies)]
+
+    def dense():
+        for w in weights:
+            torch.nn.functional.linear(x, w)
+
+    return median_gpu_us(dense)[0] / copies
+
+
 @torch.inference_mode()
 def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | None = None,
               rows: Iterable[int] = CALIBRATION_ROWS) -> dict[tuple[int, int], dict]:
@@ -201,7 +234,15 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
             fused_us[m], bnb_us[m] = t["fused_us"], t["bnb_us"]
         fused_rows = frozenset(m for m in fused_us if fused_us[m] < bnb_us[m])
         DISPATCH[shape] = fused_rows
-        results[shape] = {"fused_rows": sorted(fused_rows), "fused_us": fused_us, "bnb_us": bnb_us}
-        log.info("nf4 %s: fused kernel at rows %s (fused %s us, bitsandbytes %s us)", shape, sorted(fused_rows),
-                 {m: round(t, 1) for m, t in fused_us.items()}, {m: round(t, 1) for m, t in bnb_us.items()})
+        NF4_US[shape] = {m: min(fused_us[m], bnb_us[m]) for m in fused_us}
+        try:  # only informs the merge policy: a failure leaves `auto` unmerged on this base
+            DENSE_US[shape] = {m: measure_dense(layer, m) for m in sorted(rows)}
+        except Exception as e:  # noqa: BLE001
+            log.warning("dense matmul timing failed on %s: %s", shape, e)
+        results[shape] = {"fused_rows": sorted(fused_rows), "fused_us": fused_us, "bnb_us": bnb_us,
+                          "dense_us": DENSE_US.get(shape, {})}
+        log.info("nf4 %s: fused kernel at rows %s (fused %s us, bitsandbytes %s us, dense %s us)", shape,
+                 sorted(fused_rows), {m: round(t, 1) for m, t in fused_us.items()},
+                 {m: round(t, 1) for m, t in bnb_us.items()},
+                 {m: round(t, 1) for m, t in DENSE_US.get(shape, {}).items()})
     return results

@@ -83,3 +83,33 @@ def test_auto_merges_a_batch_of_one_adapter_and_stops_when_traffic_changes(tiny_
     mixed = only_dom + [(tok("other")["input_ids"], params, refs[1])]
     engine.generate(mixed)  # another adapter joins: auto stops merging while it runs
     assert engine.merger.merged_steps == steps
+
+
+def test_auto_merges_only_at_batch_sizes_where_merging_pays(tiny_base, refs):
+    """`merge_pays(rows)` gates auto (the engine sets it from the start-up timing on an NF4 base)."""
+    tok = tiny_base.tokenizer
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    only_dom = [(tok(p)["input_ids"], params, refs[0]) for p in ("x y z", "Hello there", "1 2 3 4")]
+    engine = Engine(tiny_base, EngineConfig(kv_cache_tokens=2048, merge_policy="auto"))
+    engine.merger.patience, engine.merger.min_rows = 2, 1
+    asked = []
+    engine.merger.merge_pays = lambda rows: asked.append(rows) or rows >= 8
+    engine.generate(only_dom)
+    engine.merger.wait()
+    assert asked and max(asked) <= 3 and engine.merger.builds == 0 and engine.merger.merged_steps == 0
+    assert engine.stats()["merge_pays_rows"] == [8, 16, 32, 48, 64]
+    engine.merger.merge_pays = lambda rows: True
+    engine.generate(only_dom)
+    engine.merger.wait()
+    assert engine.merger.builds == 1
+
+
+def test_dense_faster_compares_the_summed_layer_shapes(monkeypatch):
+    from loraplex.runtime import nf4_linear
+    monkeypatch.setattr(nf4_linear, "NF4_US", {(8, 4): {16: 10.0, 32: 14.0}, (4, 8): {16: 10.0, 32: 14.0}})
+    monkeypatch.setattr(nf4_linear, "DENSE_US", {(8, 4): {16: 12.0, 32: 12.0}, (4, 8): {16: 9.0, 32: 12.0}})
+    assert nf4_linear.dense_faster(16) is False  # 21 us dense vs 20 us NF4
+    assert nf4_linear.dense_faster(32) is True  # 24 vs 28
+    assert nf4_linear.dense_faster(20) is True  # looked up at the next calibrated count, 32
+    monkeypatch.setattr(nf4_linear, "DENSE_US", {})
+    assert nf4_linear.dense_faster(32) is None  # not timed: the engine then never merges an NF4 base
