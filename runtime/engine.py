@@ -31,7 +31,7 @@ from .block_manager import BlockManager
 from .detokenizer import Detokenizer, find_stop, releasable_text
 from .merged import Merger
 from .model_runner import ModelRunner, kv_bytes_per_token
-from .sampler import sample, token_logprobs
+from .sampler import grammar_bitmask, sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence, SeqStatus, StepOutput
 from .structured import GrammarError, Grammars
@@ -322,7 +322,8 @@ class Engine:
             self.blocks.cache_computed(seq, n)
         self._measure_prefill(prefill_tokens, time.perf_counter() - run_started)
         ready = [seq for seq, _ in batch if seq.num_computed == len(seq)]
-        tokens = sample(logits, ready)  # the step's one device->host copy
+        bitmask = grammar_bitmask(ready, logits.shape[1])  # host work while the GPU still runs the step
+        tokens = sample(logits, ready, bitmask)  # the step's one device->host copy
         logprobs = token_logprobs(logits, ready, tokens)  # a second one, only when a row asks for logprobs
         self.steps += 1
         if decode:

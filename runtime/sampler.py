@@ -141,20 +141,31 @@ def _apply_bias_and_masks(logits: torch.Tensor, seqs: list[Sequence]) -> torch.T
     return logits
 
 
-def _apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Rows with a grammar matcher keep only the tokens it allows next; the others are untouched."""
+def grammar_bitmask(seqs: list[Sequence], vocab_size: int) -> torch.Tensor | None:
+    """The host bitmask of the next tokens each grammar row allows (rows with a matcher, in order), or
+    None when no row has one. The engine calls this right after launching a step, so the CPU fills it
+    while the GPU computes the logits."""
+    matchers = [s.matcher for s in seqs if s.matcher is not None]
+    return allowed_tokens(matchers, vocab_size) if matchers else None
+
+
+def _apply_grammars(logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows with a grammar matcher keep only the tokens it allows next; the others are untouched.
+    bitmask: grammar_bitmask(seqs) when already filled."""
     rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
     if not rows:
         return logits
+    if bitmask is None:
+        bitmask = grammar_bitmask(seqs, logits.shape[1])
     index = torch.tensor(rows, device=logits.device)
     part = logits[index]  # a copy: the raw logits stay as they were for token_logprobs
-    apply_allowed(part, allowed_tokens([seqs[i].matcher for i in rows], logits.shape[1]))
+    apply_allowed(part, bitmask)
     return logits.index_copy(0, index, part)
 
 
-def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 logits after each row's penalties, logit_bias, min_tokens mask and grammar (the module docstring)."""
-    return _apply_grammars(_apply_bias_and_masks(_apply_penalties(logits.float(), seqs), seqs), seqs)
+    return _apply_grammars(_apply_bias_and_masks(_apply_penalties(logits.float(), seqs), seqs), seqs, bitmask)
 
 
 def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
@@ -179,10 +190,11 @@ def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]
     return result
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """One token id per row of `logits` [R, V] (row i belongs to seqs[i]); -1 where the row is not finite."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None) -> list[int]:
+    """One token id per row of `logits` [R, V] (row i belongs to seqs[i]); -1 where the row is not finite.
+    bitmask: grammar_bitmask(seqs), when the caller filled it already."""
     finite = torch.isfinite(logits).all(dim=1)
-    logits = process_logits(logits, seqs)
+    logits = process_logits(logits, seqs, bitmask)
     sampled_params = [s.params for s in seqs if not s.params.greedy]
     if not sampled_params:
         chosen = logits.argmax(dim=1)

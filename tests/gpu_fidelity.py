@@ -33,8 +33,8 @@ def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast
     logits, chosen = {}, {}
     real_sample = engine_module.sample
 
-    def sample(step_logits, seqs):
-        tokens = real_sample(step_logits, seqs)
+    def sample(step_logits, seqs, *rest):
+        tokens = real_sample(step_logits, seqs, *rest)
         for row, seq in enumerate(seqs):
             key = tuple(seq.prompt_token_ids)
             i = seq.num_completion_tokens

@@ -166,9 +166,9 @@ def test_a_token_the_grammar_refuses_ends_that_request_alone(server, monkeypatch
     sample = engine_module.sample
     brace = server.service.base.tokenizer.encode("}")[0]  # never allowed before the object opens
 
-    def sample_breaking_grammar(logits, seqs):
+    def sample_breaking_grammar(logits, seqs, *rest):
         return [brace if seq.matcher is not None and seq.num_completion_tokens == 0 else token
-                for seq, token in zip(seqs, sample(logits, seqs))]
+                for seq, token in zip(seqs, sample(logits, seqs, *rest))]
     monkeypatch.setattr(engine_module, "sample", sample_breaking_grammar)
 
     async def both():
@@ -219,3 +219,21 @@ def test_grammar_compiles_off_the_engine_and_event_loop_threads(server, monkeypa
     jsonschema.validate(json.loads(r.json()["choices"][0]["text"]), schema)
     assert len(compile_threads) == 1
     assert compile_threads[0] is not server.thread and compile_threads[0].name != "loraplex-engine"
+
+
+def test_the_engine_fills_the_grammar_bitmask_before_sampling(server, monkeypatch):
+    """The step's bitmask is filled right after the forward is launched (CPU work that overlaps the GPU)
+    and handed to the sampler, which then does not fill it again."""
+    import loraplex.runtime.engine as engine_module
+    sample, seen = engine_module.sample, []
+
+    def recording_sample(logits, seqs, bitmask=None):
+        seen.append((sum(s.matcher is not None for s in seqs), None if bitmask is None else bitmask.shape[0]))
+        return sample(logits, seqs, bitmask)
+    monkeypatch.setattr(engine_module, "sample", recording_sample)
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        r = client.post("/v1/completions", json={"model": "a", "prompt": "Hello", "max_tokens": 4,
+                                                  "temperature": 0.0, "response_format": {"type": "json_object"}})
+    assert r.status_code == 200, r.text
+    constrained = [(n, rows) for n, rows in seen if n]
+    assert constrained and all(rows == n for n, rows in constrained)
