@@ -66,6 +66,22 @@ def test_failed_commit_leaves_nothing(tmp_path, monkeypatch):
     assert AdapterStore(tmp_path).list()[0].version == 1
 
 
+
+def test_a_refused_upload_leaves_no_staged_files(tmp_path):
+    """Files are staged on a worker thread while the weights are validated: a refusal removes them."""
+    import time
+    store = AdapterStore(tmp_path)
+    reg = AdapterRegistry(store, SHAPE)
+    cfg, _ = lora_files()
+    bad = save({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{p}.weight": torch.full(shape, float("nan"))
+                for i in range(2) for p, shape in (("A", (4, 16)), ("B", (16, 4)))})
+    with pytest.raises(AdapterError, match="NaN"):
+        reg.upload("a", cfg, bad)
+    deadline = time.time() + 10
+    while list(tmp_path.glob(".tmp-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not list(tmp_path.glob(".tmp-*")) and store.list() == []
+
 @pytest.mark.parametrize("bad", ["../x", "a/b", "", ".hidden", "base", "x" * 200, "a b"])
 def test_bad_ids(tmp_path, bad):
     reg = AdapterRegistry(AdapterStore(tmp_path), SHAPE)

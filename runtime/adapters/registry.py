@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from .peft_format import MAX_ABS_SCALE, AdapterError, AdapterWeights, BaseShape,
 from .store import AdapterStore, StoredAdapter
 
 MIN_DEFAULT_HOST_BYTES = 4 << 30
+# writes uploads' files to disk while the request thread validates them (file I/O releases the GIL)
+_STAGING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loraplex-stage")
 
 
 def default_max_host_bytes() -> int:
@@ -127,10 +130,19 @@ class AdapterRegistry:
         return weights
 
     def upload(self, adapter_id: str, config_raw: bytes, weights_raw: bytes) -> StoredAdapter:
-        """Validate, then commit to disk; on any error nothing is written and nothing changes."""
+        """Validate, then commit to disk; on any error nothing is published and nothing changes.
+        The files are written and synced on a worker thread while the weights are validated."""
         self.store.get(adapter_id)  # checks the id before any parsing work
-        weights = self.validate(config_raw, weights_raw)
-        record = self.store.commit(adapter_id, config_raw, weights_raw, weights.peft_type, weights.rank)
+        if len(weights_raw) > self.max_bytes:  # (validate says so too; refuse before writing anything)
+            raise AdapterError(f"adapter weights are {len(weights_raw)} bytes, above the limit of {self.max_bytes}", 413)
+        staging = _STAGING.submit(self.store.stage, config_raw, weights_raw)
+        try:
+            weights = self.validate(config_raw, weights_raw)
+        except BaseException:
+            staging.add_done_callback(lambda f: f.exception() is None and self.store.discard(f.result()))
+            raise
+        record = self.store.commit(adapter_id, config_raw, weights_raw, weights.peft_type, weights.rank,
+                                   staged=staging.result())
         self._forget_superseded(record.id, record.version)
         try:
             self._cache(record_key(record), weights)

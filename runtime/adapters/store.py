@@ -57,6 +57,14 @@ class QuarantinedAdapter:
     when: float
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A version's files written and synced in a temporary directory of the store, not yet published."""
+    path: Path
+    digest: str
+    size_bytes: int
+
+
 class CorruptAdapter(FileNotFoundError):
     """A stored version failed its digest check on read; it has been quarantined, so it is gone."""
 
@@ -254,21 +262,39 @@ class AdapterStore:
         os.replace(adapter_dir / "CURRENT.tmp", adapter_dir / "CURRENT")
         _fsync_dir(adapter_dir)
 
-    def commit(self, adapter_id: str, config_raw: bytes, weights_raw: bytes, peft_type: str, rank: int) -> StoredAdapter:
+    def stage(self, config_raw: bytes, weights_raw: bytes) -> Staged:
+        """Write both files to a temporary directory of the store and sync them (no lock: a registry
+        stages while it validates). commit() publishes it; discard() removes it; a crash leaves a temp
+        directory that the next start removes."""
+        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.root))
+        try:
+            _write_synced(tmp / CONFIG_FILE, config_raw)
+            _write_synced(tmp / WEIGHTS_FILE, weights_raw)
+            _fsync_dir(tmp)
+            return Staged(tmp, adapter_digest(config_raw, weights_raw), len(weights_raw))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def discard(staged: Staged) -> None:
+        shutil.rmtree(staged.path, ignore_errors=True)
+
+    def commit(self, adapter_id: str, config_raw: bytes, weights_raw: bytes, peft_type: str, rank: int,
+               staged: Staged | None = None) -> StoredAdapter:
+        """Publish a new version of adapter_id (from `staged`, or staged here) as its CURRENT one."""
         check_adapter_id(adapter_id)
+        if staged is None:
+            staged = self.stage(config_raw, weights_raw)
         with self._lock:
             adapter_dir = self.root / adapter_id
             existing = [int(p.name[1:]) for p in adapter_dir.glob("v*") if p.name[1:].isdigit()]
             version = max(existing + [self._last_version.get(adapter_id, 0)]) + 1
             version_dir = adapter_dir / f"v{version}"
             previous = self._current(adapter_id)
-            record = StoredAdapter(adapter_id, version, peft_type, rank, len(weights_raw), time.time(),
-                                   adapter_digest(config_raw, weights_raw))
-            tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.root))
+            record = StoredAdapter(adapter_id, version, peft_type, rank, staged.size_bytes, time.time(), staged.digest)
+            tmp = staged.path
             try:
-                _write_synced(tmp / CONFIG_FILE, config_raw)
-                _write_synced(tmp / WEIGHTS_FILE, weights_raw)
-                _fsync_dir(tmp)
                 if not adapter_dir.exists():
                     adapter_dir.mkdir()
                     _fsync_dir(self.root)
