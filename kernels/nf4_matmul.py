@@ -50,8 +50,14 @@ class NF4Tiles:
     num_stages: int = 2
 
 
-def choose_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> NF4Tiles:
-    """Tiles for x [M, K] times an NF4 weight [N, K].
+# (block_m, block_k, num_stages) of the row-count rule below, smallest block_m first
+STEPS = ((16, 64, 3), (32, 128, 2), (64, 64, 3))
+
+
+def choose_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int,
+                 step: tuple[int, int, int] | None = None) -> NF4Tiles:
+    """Tiles for x [M, K] times an NF4 weight [N, K]; step: (block_m, block_k, num_stages) instead of the
+    row-count rule (for candidate_tiles).
 
     The kernel is bound by instruction issue on the dequantisation (about 6 per weight on sm90, see
     the module docstring), nearly independent of M up to 64: one m-tile covers all rows so each weight
@@ -59,21 +65,32 @@ def choose_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> NF4Til
     as the register operand. Split-K until about 4 programs per SM are started, keeping the fp32
     partial sums (written and read once, in L2) under half of the packed weight bytes.
     """
-    if M <= 16:  # (H100 sweep, bench/nf4_matmul.py --sweep: 64 x 3 stages beat 128 x 2 by 5-14%)
-        bm, bk, stages = 16, 64, 3
+    if step is not None:
+        bm, bk, stages = step
+    elif M <= 16:  # (H100 sweep, bench/nf4_matmul.py --sweep: 64 x 3 stages beat 128 x 2 by 5-14%)
+        bm, bk, stages = STEPS[0]
     elif M <= 32:
-        bm, bk, stages = 32, 128, 2
+        bm, bk, stages = STEPS[1]
     else:  # the [128, 64] fp32 accumulator and dot result take ~210 registers: shorter steps, deeper prefetch
-        bm, bk, stages = 64, 64, 3
+        bm, bk, stages = STEPS[2]
     bn, warps = 128, 4
     bk = min(bk, K & -K)  # K is a multiple of the blocksize, so this is at least blocksize >= 32
     programs = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     k_tiles = K // bk
     wanted = triton.cdiv(4 * num_sms, programs)
-    partial_cap = max(1, K // (16 * min(M, bm)))  # splits * M * N * 4 bytes <= (N * K / 2) / 2
+    partial_cap = max(1, K // (16 * M))  # splits * M * N * 4 bytes <= (N * K / 2) / 2
     splits = max(1, min(wanted, k_tiles, partial_cap, MAX_SPLITS))
     splits = triton.cdiv(k_tiles, triton.cdiv(k_tiles, splits))  # no split left without work
     return NF4Tiles(bm, bn, bk, splits, warps, stages)
+
+
+def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> list[NF4Tiles]:
+    """The rule's tiles, then those of the smaller row steps (several m-tiles decode each weight more
+    than once, but start more programs): the start-up calibration times them and keeps the fastest
+    (on the H200 the 16-row step ran at 3.3x its floor, the 32-row one at 4.4x: bench/results/nf4_matmul.json)."""
+    rule = choose_tiles(M, N, K, blocksize, num_sms)
+    others = [choose_tiles(M, N, K, blocksize, num_sms, step) for step in STEPS if step[0] < rule.block_m]
+    return [rule] + [t for t in others if t != rule]
 
 
 @functools.cache

@@ -8,8 +8,9 @@ for one row; from 2 rows on it dequantises the whole weight first) otherwise. On
 and whenever a gradient is needed, it is exactly bitsandbytes' Linear4bit.
 
 `calibrate(linears)` measures both paths per distinct weight shape at start-up (CUDA events over
-CUDA-graph replays, the way decode steps run) and sets DISPATCH to the row counts at which the fused
-kernel wins; without it the committed defaults below apply. It also times a dense matmul of the same
+CUDA-graph replays, the way decode steps run), the fused kernel in each of its candidate tilings
+(kernels/nf4_matmul.candidate_tiles; the fastest goes to TILES), and sets DISPATCH to the row counts
+at which the fused kernel wins; without it the committed defaults below apply. It also times a dense matmul of the same
 shape in the compute dtype (DENSE_US): `dense_faster(rows)` says whether a bf16 merged copy of the
 layers would beat the NF4 path at that batch size (runtime/merged.py's `auto` asks it).
 """
@@ -25,7 +26,7 @@ import bitsandbytes.functional as bnbf
 import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
-from loraplex.kernels.nf4_matmul import nf4_matmul
+from loraplex.kernels.nf4_matmul import NF4Tiles, _num_sms, candidate_tiles, nf4_matmul
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 48, 64)
 DEFAULT_FUSED_ROWS = frozenset({2, 4, 8, 16, 32, 48, 64})
 # (out_features, in_features) -> calibrated row counts at which the fused kernel is faster.
 DISPATCH: dict[tuple[int, int], frozenset[int]] = {}
+# (out_features, in_features, calibrated rows) -> the fused kernel's fastest tiles there (None: its rule)
+TILES: dict[tuple[int, int, int], NF4Tiles] = {}
 # (out_features, in_features) -> {rows: microseconds}: the faster NF4 path, and a dense matmul.
 NF4_US: dict[tuple[int, int], dict[int, float]] = {}
 DENSE_US: dict[tuple[int, int], dict[int, float]] = {}
@@ -103,7 +106,10 @@ class NF4Linear(bnb.nn.Linear4bit):
         in_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        return fused_matmul(x, self.weight.data, self.weight.quant_state, self.out_features, self.bias).to(in_dtype)
+        rows = x.numel() // max(x.shape[-1], 1)
+        tiles = TILES.get((self.out_features, self.in_features, calibrated_rows(rows)))
+        return fused_matmul(x, self.weight.data, self.weight.quant_state, self.out_features, self.bias,
+                            tiles).to(in_dtype)
 
     def bnb_forward(self, x: torch.Tensor) -> torch.Tensor:
         """bitsandbytes' Linear4bit forward, whatever the row count."""
@@ -161,7 +167,7 @@ def median_gpu_us(run: Callable[[], object], calls: int = 8, repeats: int = 5) -
     return statistics.median(times), graphed
 
 
-def measure(layer: NF4Linear, rows: int, tiles=None) -> dict:
+def measure(layer: NF4Linear, rows: int, tiles=None, with_bnb: bool = True) -> dict:
     """GPU time per call of both paths on `layer`'s weight for a [rows, in] input (compute dtype).
 
     Decode reads each layer's weights from HBM once per step, so the calls rotate over copies of the
@@ -185,7 +191,7 @@ def measure(layer: NF4Linear, rows: int, tiles=None) -> dict:
             bnb.matmul_4bit(x, w, bias=bias, quant_state=s)
 
     fused_us, fused_graphed = median_gpu_us(fused)
-    bnb_us, bnb_graphed = median_gpu_us(bitsandbytes)
+    bnb_us, bnb_graphed = median_gpu_us(bitsandbytes) if with_bnb else (float("nan"), True)
     return {"fused_us": fused_us / copies, "bnb_us": bnb_us / copies, "copies": copies,
             "graphed": fused_graphed and bnb_graphed}
 
@@ -226,12 +232,20 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
     for shape, layer in layers.items():
         fused_us, bnb_us = {}, {}
         for m in sorted(rows):
-            try:
-                t = measure(layer, m)
-            except Exception as e:  # a kernel failing here must not take the server down: keep bitsandbytes
-                log.warning("nf4 fused kernel failed on %s with %d rows, using bitsandbytes: %s", shape, m, e)
-                t = {"fused_us": float("inf"), "bnb_us": 0.0}
-            fused_us[m], bnb_us[m] = t["fused_us"], t["bnb_us"]
+            fused_us[m], bnb_us[m] = float("inf"), 0.0
+            state = layer.weight.quant_state
+            candidates = candidate_tiles(m, layer.out_features, layer.in_features, state.blocksize, _num_sms(device))
+            for i, tiles in enumerate(candidates):  # the rule's tiles first: they also time bitsandbytes
+                try:
+                    t = measure(layer, m, tiles=tiles, with_bnb=i == 0)
+                except Exception as e:  # a kernel failing here must not take the server down: keep bitsandbytes
+                    log.warning("nf4 fused kernel failed on %s with %d rows (%s): %s", shape, m, tiles, e)
+                    continue
+                if i == 0:
+                    bnb_us[m] = t["bnb_us"]
+                if t["fused_us"] < fused_us[m]:
+                    fused_us[m] = t["fused_us"]
+                    TILES[(*shape, m)] = tiles
         fused_rows = frozenset(m for m in fused_us if fused_us[m] < bnb_us[m])
         DISPATCH[shape] = fused_rows
         NF4_US[shape] = {m: min(fused_us[m], bnb_us[m]) for m in fused_us}
@@ -240,7 +254,8 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
         except Exception as e:  # noqa: BLE001
             log.warning("dense matmul timing failed on %s: %s", shape, e)
         results[shape] = {"fused_rows": sorted(fused_rows), "fused_us": fused_us, "bnb_us": bnb_us,
-                          "dense_us": DENSE_US.get(shape, {})}
+                          "dense_us": DENSE_US.get(shape, {}),
+                          "tiles": {m: str(TILES.get((*shape, m))) for m in fused_us}}
         log.info("nf4 %s: fused kernel at rows %s (fused %s us, bitsandbytes %s us, dense %s us)", shape,
                  sorted(fused_rows), {m: round(t, 1) for m, t in fused_us.items()},
                  {m: round(t, 1) for m, t in bnb_us.items()},

@@ -175,3 +175,28 @@ def test_nf4_linear_on_the_cpu_is_bitsandbytes(training):
     # after a CPU repack the dense weight is still there (absmax went through bf16 on the way: close)
     rel = ((ours.dequantize_weight().float() - expected_weight.float()).norm() / expected_weight.float().norm()).item()
     assert rel < 1e-2
+
+
+def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps():
+    from loraplex.kernels.nf4_matmul import candidate_tiles
+    assert candidate_tiles(8, 4096, 4096, BLOCKSIZE, 132) == [choose_tiles(8, 4096, 4096, BLOCKSIZE, 132)]
+    for M, rule_m, others in ((32, 32, [16]), (64, 64, [16, 32])):
+        tiles = candidate_tiles(M, 28672, 4096, BLOCKSIZE, 132)
+        assert tiles[0] == choose_tiles(M, 28672, 4096, BLOCKSIZE, 132) and tiles[0].block_m == rule_m
+        assert [t.block_m for t in tiles[1:]] == others
+        for t in tiles:  # the partial sums stay under a quarter of the packed weight bytes
+            assert t.splits * M * 28672 * 4 <= 28672 * 4096 // 4 or t.splits == 1
+
+
+@needs_interpreter
+def test_every_candidate_tiling_gives_the_same_product():
+    """Calibration may pick any candidate (several m-tiles for 40 rows included): all equal the format."""
+    from loraplex.kernels.nf4_matmul import candidate_tiles
+    packed, state = quantize(64, 256, True, seed=9)
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(10))
+    ref = x.double() @ dequantized(packed, state, torch.float32).double().T
+    tiles = candidate_tiles(40, 64, 256, BLOCKSIZE, 2)
+    assert len(tiles) == 3
+    for t in tiles:
+        out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
+        assert relative_error(out, ref) < 1e-5, t
