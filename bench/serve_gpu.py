@@ -83,7 +83,8 @@ CASE_ALIASES = {"mixed": "distinct"}
 SERVER_CASES = CASES[:10]
 OVER = 8  # adapters in the over8 case
 COUNTERS = ("decode_steps", "decode_seconds", "decode_rows", "decode_context_tokens", "adapter_loads",
-            "adapter_evictions", "merged_steps", "steps", "prefill_steps", "graph_steps", "tokens_generated")
+            "adapter_evictions", "merged_steps", "steps", "prefill_steps", "graph_steps", "tokens_generated",
+            "graph_gpu_seconds")
 GAUGES = ("resident_adapters", "adapter_memory_bytes_total", "adapter_memory_bytes_used", "adapter_slots",
           "adapter_ops", "kv_blocks_total", "cuda_graphs", "merge_policy", "merged_adapter")
 TARGETS = {"step_over_floor_b32": "<= 2.0", "adapter_overhead_over_floor": "<= 1.3", "mixed_over_base": ">= 0.6",
@@ -125,7 +126,9 @@ WAVE_DEFINITIONS = {
     "dora_b{B}": "B rows, each its own rank-16 DoRA adapter (all seven projections; compare distinct_b{B})",
     "fields": "tokens_per_s = completion tokens / wave wall time; decode_step_ms = delta decode_seconds / delta "
               "decode_steps from /health; floor.floor_ms = (base + distinct adapters' bf16 + KV bytes per decode "
-              "step) / copy bandwidth; counters = /health deltas over the measured wave (after a warm-up wave)",
+              "step) / copy bandwidth; graph_gpu_step_ms = GPU time of one decode graph replay (CUDA events; "
+              "decode_step_ms minus it is the host's share of a step); counters = /health deltas over the measured "
+              "wave (after a warm-up wave)",
 }
 
 # -- model shapes and the bytes a decode step reads --------------------------------------------------------
@@ -678,6 +681,9 @@ class ShapeSession:
         record = {"rows": len(models), "distinct_adapters": len(set(a.id for a in adapters)),
                   "adapters": sorted({f"{a.peft_type} r{a.rank}" + (f" k{a.k}" if a.k > 1 else "") for a in adapters}),
                   **wave, "decode_step_ms": step_s * 1000 if step_s is not None else None,
+                  "graph_gpu_step_ms": (1000 * counters["graph_gpu_seconds"] / counters["graph_steps"]
+                                        if number(counters.get("graph_gpu_seconds")) and counters.get("graph_steps")
+                                        else None),
                   "mean_rows_per_decode_step": ratio(counters["decode_rows"], counters["decode_steps"]),
                   "counters": counters, "gauges_after": {k: after.get(k) for k in GAUGES},
                   "registered_adapters": len(self.registered), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -899,13 +905,14 @@ def fmt(x, digits=2) -> str:
 def print_table(result: dict) -> None:
     print(f"\nserve_gpu: {result['device']}, copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s, "
           f"prompt {result['settings']['prompt_tokens']}, {result['settings']['new_tokens']} new tokens, greedy")
-    print(f"{'shape':<6} {'wave':<30} {'rows':>5} {'adapters':>8} {'tok/s':>10} {'step ms':>9} {'floor ms':>9} "
-          f"{'step/floor':>10} {'merged':>7} {'loads':>6} {'resident':>8}")
+    print(f"{'shape':<6} {'wave':<30} {'rows':>5} {'adapters':>8} {'tok/s':>10} {'step ms':>9} {'gpu ms':>7} "
+          f"{'floor ms':>9} {'step/floor':>10} {'merged':>7} {'loads':>6} {'resident':>8}")
     for key, rec in result["shapes"].items():
         for name, w in rec.get("waves", {}).items():
             c, gauges = w.get("counters") or {}, w.get("gauges_after") or {}
             print(f"{key:<6} {name:<30} {w['rows']:>5} {w['distinct_adapters']:>8} {w['tokens_per_s']:>10,.1f} "
-                  f"{fmt(w.get('decode_step_ms')):>9} {fmt((w.get('floor') or {}).get('floor_ms')):>9} "
+                  f"{fmt(w.get('decode_step_ms')):>9} {fmt(w.get('graph_gpu_step_ms')):>7} "
+                  f"{fmt((w.get('floor') or {}).get('floor_ms')):>9} "
                   f"{fmt(w.get('step_over_floor')):>10} {fmt(c.get('merged_steps'), 0):>7} "
                   f"{fmt(c.get('adapter_loads'), 0):>6} {fmt(gauges.get('resident_adapters'), 0):>8}")
         peft = rec.get("peft")

@@ -218,6 +218,7 @@ class Engine:
                 "decode_steps": self.decode_steps, "decode_seconds": self.decode_seconds,
                 "decode_rows": self.decode_rows, "decode_context_tokens": self.decode_context_tokens,
                 "prefill_steps": self.prefill_steps, "graph_steps": self.runner.graph_steps,
+                "graph_gpu_seconds": self.runner.graph_gpu_seconds,
                 "cuda_graphs": len(self.runner.graphs), "merge_policy": self.merger.policy,
                 "merged_adapter": None if self.merger.active is None else self.merger.active.id,
                 "merged_steps": self.merger.merged_steps,

@@ -82,6 +82,10 @@ class ModelRunner:
             }
         self.attach_ops(ops)
         self.graph_steps = 0
+        # GPU time of the graph replays (CUDA events, read one replay late, when it is complete): beside the
+        # engine's wall time per decode step it says how much of a step the host takes
+        self.graph_gpu_seconds = 0.0
+        self._replay_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
     def _layer_ops_work(self) -> bool:
         from loraplex.kernels.layer_ops import self_check
@@ -193,6 +197,10 @@ class ModelRunner:
         s, size = self.static, self.blocks.block_size
         # the previous replay may still read the staging buffers' last copy: wait for it first
         torch.cuda.current_stream(self.device).synchronize()
+        if self._replay_events is not None:
+            start, end = self._replay_events
+            self.graph_gpu_seconds += start.elapsed_time(end) / 1e3
+            self._replay_events = None
         rows = self.staging64.numpy()
         tables = self.staging_tables.numpy()
         width = 0
@@ -220,7 +228,11 @@ class ModelRunner:
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(bucket, lora_meta, mode)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         entry.graph.replay()
+        end.record()
+        self._replay_events = (start, end)
         self.graph_steps += 1
         return entry.logits[:B]
 
