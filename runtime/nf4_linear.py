@@ -167,19 +167,27 @@ def median_gpu_us(run: Callable[[], object], calls: int = 8, repeats: int = 5) -
     return statistics.median(times), graphed
 
 
-def measure(layer: NF4Linear, rows: int, tiles=None, with_bnb: bool = True) -> dict:
-    """GPU time per call of both paths on `layer`'s weight for a [rows, in] input (compute dtype).
-
-    Decode reads each layer's weights from HBM once per step, so the calls rotate over copies of the
-    weight that together exceed twice the L2 cache (a single weight would be timed from L2)."""
-    state, packed = layer.weight.quant_state, layer.weight.data
-    device = packed.device
-    x = torch.randn(rows, layer.in_features, device=device, dtype=layer.compute_dtype or torch.bfloat16)
-    bias = layer.bias.to(x.dtype) if layer.bias is not None else None
-    weight_bytes = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+def _copies(device: torch.device, weight_bytes: int, most: int) -> int:
+    """How many copies of a weight together exceed twice the L2 cache: decode reads each layer's weights
+    from HBM once per step, so timed calls rotate over copies (a single weight would be timed from L2)."""
     l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-    copies = max(1, min(32, -(-2 * l2_bytes // weight_bytes)))
-    weights = [(packed, state)] + [(packed.clone(), copy.deepcopy(state)) for _ in range(copies - 1)]
+    return max(1, min(most, -(-2 * l2_bytes // weight_bytes)))
+
+
+def nf4_rotation(layer: NF4Linear) -> list[tuple[torch.Tensor, object]]:
+    """(packed, QuantState) of `layer`'s weight and of enough copies of it to time it from HBM."""
+    state, packed = layer.weight.quant_state, layer.weight.data
+    weight_bytes = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    copies = _copies(packed.device, weight_bytes, 32)
+    return [(packed, state)] + [(packed.clone(), copy.deepcopy(state)) for _ in range(copies - 1)]
+
+
+def measure(layer: NF4Linear, rows: int, tiles=None, with_bnb: bool = True, weights=None) -> dict:
+    """GPU time per call of both paths on `layer`'s weight for a [rows, in] input (compute dtype),
+    rotating over `weights` (default: nf4_rotation(layer))."""
+    weights = weights or nf4_rotation(layer)
+    x = torch.randn(rows, layer.in_features, device=layer.weight.device, dtype=layer.compute_dtype or torch.bfloat16)
+    bias = layer.bias.to(x.dtype) if layer.bias is not None else None
     out_features = layer.out_features
 
     def fused():
@@ -192,26 +200,27 @@ def measure(layer: NF4Linear, rows: int, tiles=None, with_bnb: bool = True) -> d
 
     fused_us, fused_graphed = median_gpu_us(fused)
     bnb_us, bnb_graphed = median_gpu_us(bitsandbytes) if with_bnb else (float("nan"), True)
-    return {"fused_us": fused_us / copies, "bnb_us": bnb_us / copies, "copies": copies,
+    return {"fused_us": fused_us / len(weights), "bnb_us": bnb_us / len(weights), "copies": len(weights),
             "graphed": fused_graphed and bnb_graphed}
 
 
-def measure_dense(layer: NF4Linear, rows: int) -> float:
+def measure_dense(layer: NF4Linear, rows: Iterable[int]) -> dict[int, float]:
     """GPU time per call of a dense matmul with a weight of `layer`'s shape in its compute dtype (what a
-    bf16 merged copy costs), rotating over copies beyond twice the L2 cache as `measure` does."""
+    bf16 merged copy costs), per row count, rotating over copies as `measure` does."""
     dtype = layer.compute_dtype or torch.bfloat16
     device = layer.weight.device
-    x = torch.randn(rows, layer.in_features, device=device, dtype=dtype)
-    weight_bytes = layer.out_features * layer.in_features * torch.finfo(dtype).bits // 8
-    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-    copies = max(1, min(8, -(-2 * l2_bytes // weight_bytes)))
+    copies = _copies(device, layer.out_features * layer.in_features * torch.finfo(dtype).bits // 8, 8)
     weights = [torch.randn(layer.out_features, layer.in_features, device=device, dtype=dtype) for _ in range(copies)]
+    times = {}
+    for m in rows:
+        x = torch.randn(m, layer.in_features, device=device, dtype=dtype)
 
-    def dense():
-        for w in weights:
-            torch.nn.functional.linear(x, w)
+        def dense():
+            for w in weights:
+                torch.nn.functional.linear(x, w)
 
-    return median_gpu_us(dense)[0] / copies
+        times[m] = median_gpu_us(dense)[0] / copies
+    return times
 
 
 @torch.inference_mode()
@@ -231,13 +240,14 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
     results = {}
     for shape, layer in layers.items():
         fused_us, bnb_us = {}, {}
+        rotation = nf4_rotation(layer)
         for m in sorted(rows):
             fused_us[m], bnb_us[m] = float("inf"), 0.0
             state = layer.weight.quant_state
             candidates = candidate_tiles(m, layer.out_features, layer.in_features, state.blocksize, _num_sms(device))
             for i, tiles in enumerate(candidates):  # the rule's tiles first: they also time bitsandbytes
                 try:
-                    t = measure(layer, m, tiles=tiles, with_bnb=i == 0)
+                    t = measure(layer, m, tiles=tiles, with_bnb=i == 0, weights=rotation)
                 except Exception as e:  # a kernel failing here must not take the server down: keep bitsandbytes
                     log.warning("nf4 fused kernel failed on %s with %d rows (%s): %s", shape, m, tiles, e)
                     continue
@@ -250,7 +260,7 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
         DISPATCH[shape] = fused_rows
         NF4_US[shape] = {m: min(fused_us[m], bnb_us[m]) for m in fused_us}
         try:  # only informs the merge policy: a failure leaves `auto` unmerged on this base
-            DENSE_US[shape] = {m: measure_dense(layer, m) for m in sorted(rows)}
+            DENSE_US[shape] = measure_dense(layer, sorted(rows))
         except Exception as e:  # noqa: BLE001
             log.warning("dense matmul timing failed on %s: %s", shape, e)
         results[shape] = {"fused_rows": sorted(fused_rows), "fused_us": fused_us, "bnb_us": bnb_us,

@@ -9,7 +9,8 @@ this module sees only that representation.
 Nothing here unpickles: only `adapter_config.json` and `adapter_model.safetensors` are read.
 Every config field is either honoured, known to be harmless metadata, or refused by name; the
 regular expressions an upload carries (`rank_pattern` / `alpha_pattern` keys, a string
-`target_modules`) run on RE2, a linear-time engine, so no pattern can stall the server.
+`target_modules`) run on RE2, a linear-time engine, so no pattern can stall the server
+(config_patterns.py).
 """
 from __future__ import annotations
 
@@ -19,20 +20,18 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-import re2
 import torch
 from safetensors.torch import load as load_safetensors
 
 from ..model import PROJECTIONS
+from .config_patterns import check_alpha_value, check_rank_value, layer_filter, pattern_value, patterns, target_filter
+from .errors import CONFIG_FILE, WEIGHTS_FILE, AdapterError, is_count  # (importers use these from here too)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 ALLOWED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 MAX_ABS_SCALE = 1e4  # |alpha / r|: beyond this a delta swamps the base model's activations (overflow in bf16)
-MAX_PATTERN_CHARS = 1000
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 # Config fields that change nothing we serve: provenance and training-time settings (initialisation,
 # dropout), or fields whose effect we check on the tensors themselves (layers_pattern, exclude_modules).
@@ -53,20 +52,9 @@ OFF_FIELDS = {"bias": "trained biases", "lora_bias": "trained biases", "modules_
               "target_parameters": "LoRA on parameters (target_parameters)", "arrow_config": "Arrow routing (arrow_config)",
               "use_bdlora": "use_bdlora", "kasa_config": "KaSA (kasa_config)", "monteclora_config": "MonteCLoRA",
               "velora_config": "VeLoRA (velora_config)"}
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
                   r"(lora_A\.weight|lora_B\.weight|gralora_A|gralora_B|gralora_A_general\.weight|"
                   r"gralora_B_general\.weight|lora_magnitude_vector)$")
-
-
-class AdapterError(Exception):
-    """An adapter that cannot be accepted; `status` is the HTTP status the API answers with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 @dataclass
@@ -186,19 +174,15 @@ def _check_safetensors_header(raw: bytes) -> None:
             raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has dtype {info.get('dtype') if isinstance(info, dict) else '?'};"
                                f" expected one of {sorted(ALLOWED_DTYPES)}")
         offsets, shape = info.get("data_offsets"), info.get("shape")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)):
             raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has malformed data_offsets {offsets!r}", 400)
-        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        if not (isinstance(shape, list) and all(is_count(d) for d in shape)):
             raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has malformed shape {shape!r}", 400)
         if not 0 <= offsets[0] <= offsets[1] <= data_len:
             raise AdapterError(f"{WEIGHTS_FILE} is truncated: tensor {name!r} lies past the end of the file", 400)
         if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[info["dtype"]]:
             raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} holds {offsets[1] - offsets[0]} bytes, but shape "
                                f"{shape} of {info['dtype']} needs {math.prod(shape) * _DTYPE_BYTES[info['dtype']]}", 400)
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def parse_weights(raw: bytes) -> dict[str, torch.Tensor]:
@@ -209,78 +193,9 @@ def parse_weights(raw: bytes) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{WEIGHTS_FILE} could not be read: {e}", 400)
 
 
-def _compile(field: str, pattern) -> "re2._Regexp":
-    """A user-supplied regular expression on RE2 (linear time); refused if RE2 cannot run it."""
-    if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN_CHARS:
-        raise AdapterError(f"{CONFIG_FILE}: {field} patterns must be non-empty strings of at most "
-                           f"{MAX_PATTERN_CHARS} characters, got {pattern!r}", 400)
-    try:
-        return re2.compile(pattern, _RE2_OPTIONS)
-    except re2.error as e:
-        raise AdapterError(f"{CONFIG_FILE}: {field} pattern {pattern!r} is malformed or uses a feature "
-                           f"without a linear-time match (backreferences, lookaround): {e}", 400)
-
-
-def _patterns(config: dict, field: str, check_value) -> list[tuple["re2._Regexp", object]]:
-    r"""PEFT's rank_pattern / alpha_pattern: the first key with re.match(rf"(.*\.)?({key})$", name) wins."""
-    pattern = config.get(field) or {}
-    if not isinstance(pattern, dict):
-        raise AdapterError(f"{CONFIG_FILE}: {field} must be an object mapping module patterns to values", 400)
-    compiled = []
-    for key, value in pattern.items():
-        _compile(field, key)  # the key alone first, so a malformed key is named as such
-        check_value(field, key, value)
-        compiled.append((_compile(field, rf"(.*\.)?({key})"), value))
-    return compiled
-
-
-def _pattern_value(patterns: list, module_name: str, default):
-    for regex, value in patterns:
-        if regex.fullmatch(module_name):  # fullmatch == re.match(...$) on names without newlines
-            return value
-    return default
-
-
-def _check_rank_value(field: str, key: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise AdapterError(f"{CONFIG_FILE}: {field}[{key!r}] must be a positive integer, got {value!r}", 400)
-
-
-def _check_alpha_value(field: str, key: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise AdapterError(f"{CONFIG_FILE}: {field}[{key!r}] must be a finite number, got {value!r}", 400)
-
-
-def _layer_filter(config: dict) -> set[int] | None:
-    layers = config.get("layers_to_transform")
-    if layers is None:
-        return None
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if not isinstance(layers, list) or not all(_is_count(i) for i in layers):
-        raise AdapterError(f"{CONFIG_FILE}: layers_to_transform must be a non-negative integer or a list of them, "
-                           f"got {layers!r}", 400)
-    return set(layers)
-
-
-def _target_filter(config: dict):
-    """A predicate on module names from target_modules (PEFT: a string is a regex fullmatch, a list
-    matches a name or its last components), or None when every module may be adapted."""
-    targets = config.get("target_modules")
-    if targets is None or targets == "all-linear":
-        return None
-    if isinstance(targets, str):
-        regex = _compile("target_modules", targets)
-        return lambda name: regex.fullmatch(name) is not None
-    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
-        raise AdapterError(f"{CONFIG_FILE}: target_modules must be a string (a regular expression) or a list of "
-                           f"module names, got {targets!r}", 400)
-    return lambda name: any(name == t or name.endswith("." + t) for t in targets)
-
-
 def _check_targets(config: dict, grouped: dict) -> None:
     """Every tensor belongs to a module the config says it adapts."""
-    layers, targeted = _layer_filter(config), _target_filter(config)
+    layers, targeted = layer_filter(config), target_filter(config)
     for layer, proj in sorted(grouped):
         name = _module_name(layer, proj)
         if layers is not None and layer not in layers:
@@ -352,8 +267,8 @@ def _lora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tuple
     dora = config.get("use_dora", False)
     if not isinstance(dora, bool):
         raise AdapterError(f"{CONFIG_FILE}: use_dora must be true or false, got {dora!r}", 400)
-    rank_pattern = _patterns(config, "rank_pattern", _check_rank_value)
-    alpha_pattern = _patterns(config, "alpha_pattern", _check_alpha_value)
+    rank_pattern = patterns(config, "rank_pattern", check_rank_value)
+    alpha_pattern = patterns(config, "alpha_pattern", check_alpha_value)
     modules = {}
     for (layer, proj), parts in sorted(grouped.items()):
         name = _module_name(layer, proj)
@@ -361,8 +276,8 @@ def _lora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tuple
             raise AdapterError(f"{name}: GraLoRA tensors in a LORA adapter")
         if "lora_magnitude_vector" in parts and not dora:
             raise AdapterError(f"{name}.lora_magnitude_vector in an adapter without use_dora: true", 400)
-        rank = _pattern_value(rank_pattern, name, r)
-        a = _pattern_value(alpha_pattern, name, alpha)
+        rank = pattern_value(rank_pattern, name, r)
+        a = pattern_value(alpha_pattern, name, alpha)
         if rank > max_rank:
             raise AdapterError(f"{name}: rank {rank} is above the server's --max-lora-rank {max_rank}")
         fin, fout = base.projections[proj]
