@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve_gpu  # noqa: E402
+import serve_gpu_models  # noqa: E402
 
 from loraplex.runtime import nf4_linear  # noqa: E402
 from loraplex.runtime.adapters.peft_format import AdapterWeights, ModuleDelta  # noqa: E402
@@ -29,7 +29,7 @@ from loraplex.runtime.engine import Engine, EngineConfig  # noqa: E402
 from loraplex.runtime.sequence import SamplingParams  # noqa: E402
 
 
-def adapter(shapes, layers, seed, rank=16, k=1, projections=serve_gpu.PROJECTIONS):
+def adapter(shapes, layers, seed, rank=16, k=1, projections=serve_gpu_models.PROJECTIONS):
     g = torch.Generator().manual_seed(seed)
     modules = {}
     for layer in range(layers):
@@ -93,8 +93,8 @@ def main() -> None:
                     help="profiled cases (comma separated), from: %(default)s")
     ap.add_argument("--new-tokens", type=int, default=16)
     args = ap.parse_args()
-    shape = serve_gpu.SHAPES[args.shape]
-    model_dir = serve_gpu.write_checkpoint(shape, args.work / args.shape / "model", "cuda")
+    shape = serve_gpu_models.SHAPES[args.shape]
+    model_dir = serve_gpu_models.write_checkpoint(shape, args.work / args.shape / "model", "cuda")
     t0 = time.time()
     base = load_base_model(str(model_dir), quantization="nf4", device="cuda")
     saved = dict(nf4_linear.DISPATCH)

@@ -21,11 +21,11 @@ FEATURES = {"prefix_hit_ttft_over_miss", "prefix_hit_ttft_over_miss_adapter", "s
 def bench_modules():
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        import serve_gpu
         import serve_gpu_features
+        import serve_gpu_models
     finally:
         sys.path.remove(str(REPO / "bench"))
-    return serve_gpu, serve_gpu_features
+    return serve_gpu_models, serve_gpu_features
 
 
 def test_bench_tokenizer_spells_json(tmp_path):
@@ -35,9 +35,9 @@ def test_bench_tokenizer_spells_json(tmp_path):
 
     import xgrammar as xgr
     from transformers import AutoTokenizer
-    serve_gpu, features = bench_modules()
-    shape = serve_gpu.SHAPES["tiny"]
-    serve_gpu.write_tokenizer(shape, tmp_path)
+    models, features = bench_modules()
+    shape = models.SHAPES["tiny"]
+    models.write_tokenizer(shape, tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     pieces = [tok.decode([i]) for i in range(shape.vocab)]
     assert all(pieces[4:]) and len(set(tok.convert_ids_to_tokens(list(range(shape.vocab))))) == shape.vocab
