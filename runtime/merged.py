@@ -48,10 +48,25 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     if hasattr(base, "dequantize_weight"):
         return base.dequantize_weight()
     weight = base.weight
-    if getattr(weight, "quant_state", None) is not None:
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        return _dense_by_forward(base)
+    if state is not None:
         import bitsandbytes.functional as bnbf
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        return bnbf.dequantize_4bit(weight.data, state)
     return weight.data
+
+
+def _dense_by_forward(base: nn.Module, chunk: int = 4096) -> torch.Tensor:
+    """W = base(I)^T - bias. bitsandbytes repacks a Linear4bit's weight for its AVX512-bf16 CPU kernel at
+    the first forward, and its inverse rewrites the live quant_state: read the weight through forward."""
+    bias = getattr(base, "bias", None)
+    rows = []
+    for start in range(0, base.in_features, chunk):
+        eye = torch.eye(base.in_features, dtype=base.compute_dtype or torch.float32)[start:start + chunk]
+        y = base(eye)
+        rows.append(y if bias is None else y - bias.to(y.dtype))
+    return torch.cat(rows).T
 
 
 def merged_linear(linear: AdaptedLinear, ref: AdapterRef, shapes: dict[str, tuple[int, int]], fmt: str,

@@ -113,3 +113,26 @@ def test_dense_faster_compares_the_summed_layer_shapes(monkeypatch):
     assert nf4_linear.dense_faster(20) is True  # looked up at the next calibrated count, 32
     monkeypatch.setattr(nf4_linear, "DENSE_US", {})
     assert nf4_linear.dense_faster(32) is None  # not timed: the engine then never merges an NF4 base
+
+
+@pytest.mark.skipif(not __import__("bitsandbytes.functional").functional.has_avx512bf16(),
+                    reason="bitsandbytes repacks NF4 weights for its CPU kernel only where the CPU has AVX512-bf16")
+def test_merged_copy_of_a_cpu_repacked_nf4_base_equals_its_forward(tiny_model_dir, refs):
+    """On such a CPU the first forward rewrites a Linear4bit's weight into another layout; the merged copy
+    (and DoRA's weight norms) must still read the weight the forward computes with."""
+    base = load_base_model(str(tiny_model_dir), quantization="nf4", dtype="bfloat16", device="cpu")
+    lin = next(m for m in base.model.modules() if isinstance(m, AdaptedLinear))
+    x = torch.randn(5, lin.base.in_features, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        y = lin.base(x).float()  # repacks
+        assert lin.base.weight.quant_state.packing_format_for_cpu
+        merged = merged_linear(lin, refs[0], base.projection_shapes, "bf16", torch.bfloat16)
+        from loraplex.runtime.adapters.ops import module_delta
+        col = 0
+        for proj in lin.projections:
+            out = base.projection_shapes[proj][1]
+            m = refs[0].weights.modules.get((lin.layer_idx, proj))
+            if m is not None:
+                y[:, col:col + out] += module_delta(x.float(), m)
+            col += out
+        torch.testing.assert_close(merged(x).float(), y, rtol=0.02, atol=0.02)
