@@ -80,7 +80,8 @@ SERVER_CASES = CASES[:10]
 OVER = 8  # adapters in the over8 case
 COUNTERS = ("decode_steps", "decode_seconds", "decode_rows", "decode_context_tokens", "adapter_loads",
             "adapter_evictions", "merged_steps", "steps", "prefill_steps", "graph_steps", "tokens_generated",
-            "graph_gpu_seconds")
+            "graph_gpu_seconds", "prefill_seconds", "bookkeeping_seconds", "idle_seconds", "gc_seconds",
+            "gc_full_collections")
 GAUGES = ("resident_adapters", "adapter_memory_bytes_total", "adapter_memory_bytes_used", "adapter_slots",
           "adapter_ops", "kv_blocks_total", "cuda_graphs", "merge_policy", "merged_adapter")
 TARGETS = {"step_over_floor_b32": "<= 2.0", "adapter_overhead_over_floor": "<= 1.3", "mixed_over_base": ">= 0.6",
@@ -217,6 +218,17 @@ def engine_stats(health: dict) -> dict:
     return flat
 
 
+def wall_breakdown(seconds: float, counters: dict) -> dict | None:
+    """A wave's wall time by where the engine loop spent it (its counters between the two /health reads):
+    decode and prefill steps, the per-token work after sampling, waiting for requests; `outside` is the
+    rest (HTTP, the engine loop's own overhead). gc = the collector's time, inside any of them."""
+    parts = {k: counters.get(f"{k}_seconds") for k in ("decode", "prefill", "bookkeeping", "idle", "gc")}
+    if not all(number(v) for v in parts.values()):
+        return None
+    parts["outside"] = seconds - sum(v for k, v in parts.items() if k != "gc")
+    return {k: round(v, 4) for k, v in parts.items()}
+
+
 def number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -332,6 +344,7 @@ class ShapeSession:
                                         if number(counters.get("graph_gpu_seconds")) and counters.get("graph_steps")
                                         else None),
                   "mean_rows_per_decode_step": ratio(counters["decode_rows"], counters["decode_steps"]),
+                  "wall_breakdown_s": wall_breakdown(wave["seconds"], counters),
                   "counters": counters, "gauges_after": {k: after.get(k) for k in GAUGES},
                   "registered_adapters": len(self.registered), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
         if floor:
@@ -340,7 +353,9 @@ class ShapeSession:
         self.record.setdefault("waves", {})[name] = record
         self.save()
         step = f"{record['decode_step_ms']:.2f} ms/step" if record["decode_step_ms"] is not None else "no step counters"
-        print(f"  [{self.key}] {name:<28} {wave['tokens_per_s']:>9.1f} tok/s  {step}", flush=True)
+        parts = record["wall_breakdown_s"]
+        where = "  wall " + " ".join(f"{k} {v:.2f}" for k, v in parts.items()) if parts else ""
+        print(f"  [{self.key}] {name:<28} {wave['tokens_per_s']:>9.1f} tok/s  {step}{where}", flush=True)
         return record
 
     # -- the cases, in order ---------------------------------------------------------------------------

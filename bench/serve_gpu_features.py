@@ -213,7 +213,7 @@ async def measure_formats(session, sg, name: str, models: list[str], formats: li
               "constrained_rows": len(constrained), "seconds": wave["seconds"], "completion_tokens": tokens,
               "tokens_per_s": tokens / wave["seconds"], "decode_step_ms": step_s * 1000 if step_s is not None else None,
               "mean_rows_per_decode_step": ratio(counters["decode_rows"], counters["decode_steps"]),
-              "counters": counters, "gauges_after": {k: after.get(k) for k in sg.GAUGES},
+              "wall_breakdown_s": sg.wall_breakdown(wave["seconds"], counters), "counters": counters, "gauges_after": {k: after.get(k) for k in sg.GAUGES},
               "finish_reasons": dict(Counter(r["finish_reason"] for r in wave["rows"])),
               "completion_tokens_constrained": sorted(Counter(r["tokens"] for r in constrained).items()),
               "completion_tokens_free": sorted(Counter(r["tokens"] for r, f in zip(wave["rows"], formats)

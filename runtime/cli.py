@@ -12,6 +12,8 @@ from pathlib import Path
 def _serve(args) -> None:
     import asyncio
 
+    from .gc_timer import freeze_heap
+
     log = logging.getLogger("loraplex")
     keys = _key_ring(args)
     host = args.host or LOOPBACK
@@ -24,6 +26,7 @@ def _serve(args) -> None:
 
     service = build_service(args, keys)
     service.start()
+    freeze_heap()
     try:
         asyncio.run(_serve_http_and_grpc(service, host, args))
     except OSError as e:

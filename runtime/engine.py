@@ -29,6 +29,7 @@ from .adapters.slots import LOADING, AdapterSlots
 from .base_model import BaseModel
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer, find_stop, releasable_text
+from .gc_timer import gc_timer
 from .merged import Merger
 from .model_runner import ModelRunner, kv_bytes_per_token
 from .sampler import grammar_bitmask, sample, token_logprobs
@@ -157,6 +158,11 @@ class Engine:
         self.decode_rows = 0
         self.decode_context_tokens = 0
         self.prefill_steps = 0
+        # where the loop's wall time goes (with decode_seconds): steps with prompt tokens, the per-token work
+        # after sampling (grammar, detokenizer, stop checks, handing outputs over), waiting for work
+        self.prefill_seconds = 0.0
+        self.bookkeeping_seconds = 0.0
+        self.idle_seconds = 0.0
         self.on_finish: Callable[[Sequence], None] | None = None  # metrics hook
 
     # -- called from any thread -------------------------------------------------------------
@@ -218,7 +224,9 @@ class Engine:
                 "decode_steps": self.decode_steps, "decode_seconds": self.decode_seconds,
                 "decode_rows": self.decode_rows, "decode_context_tokens": self.decode_context_tokens,
                 "prefill_steps": self.prefill_steps, "graph_steps": self.runner.graph_steps,
-                "graph_gpu_seconds": self.runner.graph_gpu_seconds,
+                "graph_gpu_seconds": self.runner.graph_gpu_seconds, "prefill_seconds": self.prefill_seconds,
+                "bookkeeping_seconds": self.bookkeeping_seconds, "idle_seconds": self.idle_seconds,
+                "gc_seconds": gc_timer.seconds, "gc_full_collections": gc_timer.full_collections,
                 "cuda_graphs": len(self.runner.graphs), "merge_policy": self.merger.policy,
                 "merged_adapter": None if self.merger.active is None else self.merger.active.id,
                 "merged_steps": self.merger.merged_steps,
@@ -244,8 +252,10 @@ class Engine:
             while not self._stop:
                 self._drain_inbox()
                 if not self.scheduler.has_work():
+                    waited = time.perf_counter()
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
+                    self.idle_seconds += time.perf_counter() - waited
                     continue
                 self.step()
         except Exception as e:  # not attributable to one request: the engine's state is unknown
@@ -313,6 +323,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             time.sleep(0.001)  # everything waits for adapter slots or KV blocks held by finishing requests
+            self.idle_seconds += time.perf_counter() - started
             return
         decode = all(n == 1 for _, n in batch)
         merged = self._merged_rows(batch) if decode else None
@@ -327,13 +338,15 @@ class Engine:
         tokens = sample(logits, ready, bitmask)  # the step's one device->host copy
         logprobs = token_logprobs(logits, ready, tokens)  # a second one, only when a row asks for logprobs
         self.steps += 1
+        sampled = time.perf_counter()
         if decode:
             self.decode_steps += 1
-            self.decode_seconds += time.perf_counter() - started
+            self.decode_seconds += sampled - started
             self.decode_rows += len(batch)
             self.decode_context_tokens += sum(seq.num_computed for seq, _ in batch)
         else:
             self.prefill_steps += 1
+            self.prefill_seconds += sampled - started
         live = []
         for seq, token, logprob in zip(ready, tokens, logprobs):
             if token < 0:  # the sampler's mark for a row whose logits were NaN/inf: fail this request alone
@@ -350,6 +363,7 @@ class Engine:
         self.detokenizer.append([seq for seq, _ in live])
         for seq, previous_len in live:
             self._after_token(seq, previous_len)
+        self.bookkeeping_seconds += time.perf_counter() - sampled
 
     def _after_token(self, seq: Sequence, previous_len: int) -> None:
         """Stop strings, end of sequence, length; then emit the new text or finish."""
