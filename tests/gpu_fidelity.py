@@ -86,9 +86,10 @@ def decisive_flips(got: dict, ref: dict, margin: float) -> list[tuple]:
     return flips
 
 
-def free_running_splits(tokens: dict, ref_tokens: dict, ref_logits: dict, margin: float) -> list[tuple]:
+def free_running_splits(tokens: dict, ref_tokens: dict, ref_logits: dict, margin: float = -1.0) -> list[tuple]:
     """Free-running greedy outputs part ways only at near-ties: for every prompt whose tokens differ from
-    ref's, (prompt, step, ref's lead of its own token over the other one) where that lead exceeds margin."""
+    ref's, (prompt, step, ref's lead of its own token over the other one) where that lead exceeds margin
+    (the default: every split)."""
     splits = []
     for key, ref_seq in ref_tokens.items():
         seq = tokens.get(key, [])
