@@ -12,7 +12,7 @@ from pathlib import Path
 def _serve(args) -> None:
     import asyncio
 
-    from .gc_timer import freeze_heap
+    from .gc_timer import enable_heap_freezing
 
     log = logging.getLogger("loraplex")
     keys = _key_ring(args)
@@ -26,7 +26,7 @@ def _serve(args) -> None:
 
     service = build_service(args, keys)
     service.start()
-    freeze_heap()
+    enable_heap_freezing()
     try:
         asyncio.run(_serve_http_and_grpc(service, host, args))
     except OSError as e:

@@ -25,13 +25,23 @@ gc_timer = GcTimer()
 gc.callbacks.append(gc_timer)
 
 
-def freeze_heap(collect: bool = True) -> None:
-    """Exempt every object alive now from the collector's scans (gc.freeze; refcounting still frees them).
-    The server calls it once it has started (model, tokenizer, graphs: a million objects that live as long
-    as the process) and after each adapter upload (its weights live until deleted): a full collection then
-    scans only what requests create, not the whole heap — 0.2 s a pass on a 400k-object heap here, in the
-    middle of a running batch. collect=False skips the collection first (cheap; cyclic garbage alive at
-    that moment is never collected)."""
-    if collect:
-        gc.collect()
+_freezing = False  # set by the server process (enable_heap_freezing): a library user's heap is its own
+
+
+def enable_heap_freezing() -> None:
+    """The server process's policy: exempt every object alive now from the collector's scans (gc.freeze;
+    refcounting still frees them), and from here on also each uploaded adapter's objects (freeze_new).
+    Called once the server has started (model, tokenizer, graphs: a million objects that live as long as
+    the process): a full collection then scans only what requests create, not the whole heap (0.2 s a
+    pass on a 400k-object heap here, in the middle of a running batch)."""
+    global _freezing
+    _freezing = True
+    gc.collect()
     gc.freeze()
+
+
+def freeze_new() -> None:
+    """After an adapter upload (its weights live until deleted), in the server process only. No collection
+    first: it is cheap, and cyclic garbage alive at that moment is never collected."""
+    if _freezing:
+        gc.freeze()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gc
 
-from loraplex.runtime.gc_timer import freeze_heap, gc_timer
+from loraplex.runtime.gc_timer import gc_timer
 
 
 def test_gc_timer_counts_collections_and_their_time():
@@ -15,17 +15,24 @@ def test_gc_timer_counts_collections_and_their_time():
     del junk
 
 
-def test_freeze_heap_exempts_live_objects_and_refcounting_still_frees_them():
+def test_heap_freezing_is_the_server_process_policy_and_refcounting_still_frees(monkeypatch):
     import weakref
+
+    from loraplex.runtime import gc_timer as module
 
     class Box:
         pass
 
+    monkeypatch.setattr(module, "_freezing", False)
+    frozen = gc.get_freeze_count()
+    module.freeze_new()  # a library user (tests, a Ray replica before serve) keeps its heap as it is
+    assert gc.get_freeze_count() == frozen
     box = Box()
     ref = weakref.ref(box)
-    freeze_heap()
     try:
-        assert gc.get_freeze_count() > 0
+        module.enable_heap_freezing()
+        assert gc.get_freeze_count() > frozen
+        module.freeze_new()
         del box
         assert ref() is None  # frozen, yet freed by refcount as soon as the last reference goes
     finally:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gc_timer import freeze_heap
+from ..gc_timer import freeze_new
 from .peft_format import MAX_ABS_SCALE, AdapterError, AdapterWeights, BaseShape, ModuleDelta, parse_adapter
 from .store import AdapterStore, StoredAdapter
 
@@ -149,7 +149,7 @@ class AdapterRegistry:
             self._cache(record_key(record), weights)
         except AdapterError:  # committed; loaded from disk when first used and memory allows
             pass
-        freeze_heap(collect=False)  # the cached weights live until deleted: keep them out of GC scans
+        freeze_new()  # the server's: the cached weights live until deleted, keep them out of GC scans
         return record
 
     def delete(self, adapter_id: str) -> StoredAdapter:
