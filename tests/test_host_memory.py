@@ -94,3 +94,20 @@ def test_replaced_and_deleted_versions_leave_host_memory(tmp_path):
     reg.delete("a")
     gc.collect()
     assert not reg._host and reg.host_bytes_used == 0
+
+
+def test_the_host_copy_keeps_the_files_dtype():
+    """A bf16 file is held as bf16 (half an fp32 copy's bytes); consumers cast it up exactly."""
+    import torch
+    from safetensors.torch import load, save
+
+    from loraplex.runtime.adapters.peft_format import parse_adapter
+
+    cfg, raw = lora_files()
+    tensors = {k: v.to(torch.bfloat16) for k, v in load(raw).items()}
+    half = parse_adapter(cfg, save(tensors), SHAPE, 64)
+    full = parse_adapter(cfg, save({k: v.float() for k, v in tensors.items()}), SHAPE, 64)
+    assert half.nbytes * 2 == full.nbytes == ADAPTER_BYTES
+    for key, m in half.modules.items():
+        assert m.A.dtype == m.B.dtype == torch.bfloat16
+        assert torch.equal(m.A.float(), full.modules[key].A) and torch.equal(m.B.float(), full.modules[key].B)

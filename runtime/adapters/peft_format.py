@@ -235,7 +235,9 @@ def _group_tensors(tensors: dict[str, torch.Tensor], base: BaseShape) -> dict[tu
             raise AdapterError(f"tensor {key!r}: {group}.{proj} is not an adaptable projection of the base model")
         if layer >= base.num_layers:
             raise AdapterError(f"tensor {key!r}: layer {layer} does not exist (the base model has {base.num_layers})")
-        t = t.float()  # the fp32 host copy
+        # the host copy stays in the file's dtype (fp32, fp16 or bf16): every consumer casts it up where it
+        # computes (kernel pool, torch ops, merging, DoRA), which is exact; an fp32 copy of a bf16 file cost
+        # 2x the host memory and most of an upload's parse time (0.77 of 0.95 s for 84 MB here)
         if not _all_finite(t):
             raise AdapterError(f"tensor {key!r} holds NaN or infinite values")
         grouped.setdefault((layer, proj), {})[part] = t
@@ -249,7 +251,7 @@ def _expect(key: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.T
         raise AdapterError(f"{key} is missing")
     if tuple(t.shape) != shape:
         raise AdapterError(f"{key} has shape {list(t.shape)}, expected {list(shape)} for the base model")
-    return t.float()
+    return t
 
 
 def _module_name(layer: int, proj: str) -> str:

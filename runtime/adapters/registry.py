@@ -242,7 +242,7 @@ def mix_weights(members: list[tuple[AdapterWeights, float]], max_rank: int) -> A
             if abs(folded) > MAX_ABS_SCALE:
                 raise AdapterError(f"a mix weight of {weight!r} makes a scale of {folded:g}, above the "
                                    f"server's bound of {MAX_ABS_SCALE:g}", 400)
-            parts.setdefault(key, []).append((A * folded, B))
+            parts.setdefault(key, []).append((A.float() * folded, B.float()))  # fp32: no second rounding
     modules = {}
     for key, factors in sorted(parts.items()):
         A = torch.cat([a for a, _ in factors], dim=1)
