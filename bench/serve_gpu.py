@@ -33,6 +33,11 @@ match, so a run can be split across commands):
              every shape but 8b, whose server start costs 1-2 minutes; name it in --cases to run it there)
   peft       after the servers stop: HF transformers (bitsandbytes NF4 on CUDA, same settings as the server)
              + PEFT generate, batch B, B distinct adapters in one batch (`adapter_names`), and the base alone
+  fidelity   in a fresh process, tests/test_gpu_fastpath.py's check on this checkpoint: every piece of the
+             fast path (graphs, paged attention, fused NF4, layer kernels, Triton adapter ops, merged rows)
+             alone and together against the eager reference, teacher-forced, within eager bf16's own error
+             against fp32, plus a negative control that must fail; passed / failed per check (not on 8b
+             unless named, like unmerged; on a CPU only the merged rows)
 
 Every throughput wave: B concurrent /v1/completions with token-id prompts (--prompt-tokens 128), greedy,
 ignore_eos, max_tokens = --new-tokens (128), after a warm-up wave of the same rows; tok/s = generated
@@ -68,13 +73,13 @@ import httpx
 import torch
 
 import serve_gpu_features as features  # the prefix, structured and dora cases (beside this file)
-from serve_gpu_device import hf_peft_baseline, in_fresh_process, prepare_device, prompt_ids
+from serve_gpu_device import fast_path_fidelity, hf_peft_baseline, in_fresh_process, prepare_device, prompt_ids
 from serve_gpu_models import (PROJECTIONS, QV, SHAPES, AdapterSpec, ModelShape, RandomPool, adapter_payload,
                               base_bytes_per_step, distinct_specs, kv_bytes_per_token, mix_specs, qv_spec,
                               write_adapter)
 
 CASES = ("base", "over8", "distinct", "mix", "merged", "residency", "hotload", "prefix", "structured", "dora",
-         "unmerged", "forcemerged", "peft")
+         "unmerged", "forcemerged", "peft", "fidelity")
 CASE_ALIASES = {"mixed": "distinct"}
 SERVER_CASES = CASES[:10]
 OVER = 8  # adapters in the over8 case
@@ -698,6 +703,19 @@ def main() -> None:
                 failed += [f"{key}:forcemerged_{fmt}" for c in with_server(
                     args, session, ["forcemerged"],
                     extra=("--merge-policy", distinct_specs(1)[0].id, "--merge-format", fmt))]
+        if "fidelity" in cases and (key != "8b" or "fidelity" in (args.cases or "")):
+            t = time.perf_counter()
+            try:
+                record["fidelity"] = in_fresh_process(fast_path_fidelity, str(model_dirs[key]), args.device)
+                record.get("errors", {}).pop("fidelity", None)
+                verdict = "passed" if record["fidelity"]["passed"] else "FAILED: " + "; ".join(record["fidelity"]["failed"])
+                print(f"  [{key}] fast path vs eager reference ({', '.join(record['fidelity']['pieces'])}): {verdict}",
+                      flush=True)
+            except Exception as e:
+                traceback.print_exc()
+                record.setdefault("errors", {})["fidelity"] = f"{type(e).__name__}: {e}"
+                failed.append(f"{key}:fidelity")
+            record["phase_seconds"]["fidelity"] = time.perf_counter() - t
         if "peft" in cases:
             t = time.perf_counter()
             try:

@@ -129,3 +129,15 @@ def hf_peft_baseline(model_dir: str, adapter_dirs: list[str], device: str, promp
             "adapters_load_seconds": adapters_load_s, "peak_memory_bytes":
                 torch.cuda.max_memory_allocated() if device == "cuda" else None,
             "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def fast_path_fidelity(model_dir: str, device: str) -> dict:
+    """tests/test_gpu_fastpath.py's check on this checkpoint: the fast path's pieces, alone and together,
+    against the eager reference (teacher-forced, bounded by eager bf16's own error against fp32), and a
+    negative control. On a CPU only the merged rows exist of the fast path."""
+    hide_bench_modules()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_gpu_fastpath import PIECES, fast_path_report
+    pieces = PIECES if device == "cuda" else {"merged": PIECES["merged"]}
+    report, failed = fast_path_report(device, pieces, model_dir)
+    return {"passed": not failed, "failed": failed, "pieces": list(pieces), "report": report}

@@ -39,14 +39,15 @@ def _adapters(base):
     return [AdapterRef(f"a{i}", 1, w) for i, w in enumerate(made)]
 
 
-def fast_path_report(device: str, pieces: dict[str, dict]) -> tuple[dict, list[str]]:
+def fast_path_report(device: str, pieces: dict[str, dict], model: str | None = None) -> tuple[dict, list[str]]:
     """{row: numbers} for the eager bf16 reference, each of `pieces` and the negative control, and the
-    failed checks (empty: the fast path equals the reference)."""
+    failed checks (empty: the fast path equals the reference). model: a checkpoint (default: the default
+    model); bench/serve_gpu.py's `fidelity` case runs this on its checkpoints."""
     from gpu_fidelity import compare, decisive_flips, forced_logits, free_running_splits, tie_tolerance
     from loraplex.runtime.base_model import load_base_model
     from loraplex.runtime.sequence import SamplingParams
-    base32 = load_base_model(None, quantization="nf4", dtype="float32", device=device)
-    base = load_base_model(None, quantization="nf4", device=device)
+    base32 = load_base_model(model, quantization="nf4", dtype="float32", device=device)
+    base = load_base_model(model, quantization="nf4", device=device)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
     def requests(b, with_adapters=True):

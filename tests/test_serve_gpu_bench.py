@@ -98,6 +98,10 @@ def test_serve_gpu_bench_tiny_on_cpu(tmp_path):
     assert tiny["residency"]["registered"] >= 20 and tiny["residency"]["touched"] == 8
     assert len(tiny["hotload"]["runs"]) == 3
     assert set(result["summary_features"]) == set(tiny["features"]) == FEATURES
+    # the fast-path check: on a CPU the merged rows against the eager reference, and the negative control fails
+    assert tiny["fidelity"]["pieces"] == ["merged"] and tiny["fidelity"]["passed"], tiny["fidelity"]["failed"]
+    control, bound = tiny["fidelity"]["report"]["control_without_adapters"], tiny["fidelity"]["report"]["eager_bf16"]
+    assert control["median_rel_err"] > 1.5 * bound["median_rel_err"] + 2e-3
     assert all(tiny["features"][k] > 0 for k in FEATURES), tiny["features"]
     prefix, blocks = tiny["prefix"], 3 * ((256 - 1) // 16)  # 3 prompts of 256 tokens (tiny default), 16-token blocks
     for series in (prefix["base"], prefix["adapter"]):  # the adapter's cache entries are its own: misses first
