@@ -213,6 +213,27 @@ def test_load_evict_reload_reuses_the_pool():
 
 
 @needs_interpreter
+def test_graph_metadata_is_reused_while_slots_and_residency_stay():
+    """Consecutive decode steps of one batch share their metadata (the fixed buffers already hold it);
+    a load or an evict, or other slots, make it anew, and the deltas stay right."""
+    adapters = {0: make_adapter(r=8, seed=70), 1: make_adapter(k=2, r=16, seed=71)}
+    ops = make_ops(adapters)
+    slots = [1, 0, -1, 1]
+    first = ops.metadata(slots, pad_to=8)
+    assert ops.metadata(slots, pad_to=8) is first
+    other = ops.metadata([0, 0, 1, -1], pad_to=8)
+    assert other is not first
+    again = ops.metadata(slots, pad_to=8)
+    assert again is not first  # the buffers held the other step's rows: written again
+    run_and_check(ops, adapters, slots + [-1] * 4, QKV, meta=again)
+    adapters[0] = make_adapter(r=32, seed=72)
+    ops.load(0, adapters[0])
+    reloaded = ops.metadata(slots, pad_to=8)
+    assert reloaded is not again and reloaded.plan != again.plan  # rank 32 now
+    run_and_check(ops, adapters, slots + [-1] * 4, QKV, meta=reloaded)
+
+
+@needs_interpreter
 def test_weight_pool_first_fit_and_merge():
     pool = WeightPool("cpu", torch.float32)
     a, b, c = pool.allocate(100), pool.allocate(64), pool.allocate(10)
