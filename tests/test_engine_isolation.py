@@ -18,12 +18,15 @@ from loraplex.runtime.sequence import SamplingParams
 from test_engine import adapters, greedy, random_adapter, solo, texts, tiny_base  # noqa: F401 (fixtures)
 
 
-def submit_all(engine, requests, timeout=30.0) -> list[list]:
-    """Submit to a started engine and wait (bounded) for every request to finish."""
+def submit_all(engine, requests, timeout=30.0, start: bool = False) -> list[list]:
+    """Submit to an engine and wait (bounded) for every request to finish. start: the engine is started
+    after the last submit (every request is in before the first step)."""
     outs = [[] for _ in requests]
     done = [threading.Event() for _ in requests]
     for i, (ids, params, adapter) in enumerate(requests):
         engine.submit(ids, params, adapter, lambda out, i=i: (outs[i].append(out), out.finished and done[i].set()))
+    if start:
+        engine.start()
     assert all(d.wait(timeout) for d in done), "requests did not finish: the engine thread is stuck or dead"
     return outs
 
@@ -130,9 +133,8 @@ def test_engine_death_is_visible_and_fails_everyone(tiny_base):
         raise RuntimeError("device fell off the bus")
 
     engine.runner.run = broken_run
-    engine.start()
-    try:
-        outs = submit_all(engine, [(tok(f"request {i}")["input_ids"], greedy(5), None) for i in range(2)])
+    try:  # both requests are in before the engine starts: the first step kills it with both running
+        outs = submit_all(engine, [(tok(f"request {i}")["input_ids"], greedy(5), None) for i in range(2)], start=True)
         assert all(o[-1].finish_reason == "error" and "device fell off the bus" in o[-1].error for o in outs)
         engine._thread.join(5)
         assert not engine._thread.is_alive()
