@@ -614,6 +614,28 @@ def load_previous(path: Path, settings: dict, device: str) -> dict | None:
     return previous
 
 
+def offline_case(record: dict, key: str, name: str, run, describe) -> list[str]:
+    """A case run after the servers stop (in a fresh process): its result under record[name], its error
+    under record["errors"][name], its seconds under phase_seconds; returns [] or its failed-case name."""
+    t = time.perf_counter()
+    try:
+        record[name] = run()
+        record.get("errors", {}).pop(name, None)
+        print(f"  [{key}] {describe(record[name])}", flush=True)
+        return []
+    except Exception as e:
+        traceback.print_exc()
+        record.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+        return [f"{key}:{name}"]
+    finally:
+        record["phase_seconds"][name] = time.perf_counter() - t
+
+
+def describe_fidelity(r: dict) -> str:
+    verdict = "passed" if r["passed"] else "FAILED: " + "; ".join(r["failed"])
+    return f"fast path vs eager reference ({', '.join(r['pieces'])}): {verdict}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="1b,8b", help=f"comma list of {', '.join(SHAPES)}")
@@ -704,33 +726,16 @@ def main() -> None:
                     args, session, ["forcemerged"],
                     extra=("--merge-policy", distinct_specs(1)[0].id, "--merge-format", fmt))]
         if "fidelity" in cases and (key != "8b" or "fidelity" in (args.cases or "")):
-            t = time.perf_counter()
-            try:
-                record["fidelity"] = in_fresh_process(fast_path_fidelity, str(model_dirs[key]), args.device)
-                record.get("errors", {}).pop("fidelity", None)
-                verdict = "passed" if record["fidelity"]["passed"] else "FAILED: " + "; ".join(record["fidelity"]["failed"])
-                print(f"  [{key}] fast path vs eager reference ({', '.join(record['fidelity']['pieces'])}): {verdict}",
-                      flush=True)
-            except Exception as e:
-                traceback.print_exc()
-                record.setdefault("errors", {})["fidelity"] = f"{type(e).__name__}: {e}"
-                failed.append(f"{key}:fidelity")
-            record["phase_seconds"]["fidelity"] = time.perf_counter() - t
+            failed += offline_case(record, key, "fidelity", lambda: in_fresh_process(
+                fast_path_fidelity, str(model_dirs[key]), args.device), describe_fidelity)
         if "peft" in cases:
-            t = time.perf_counter()
-            try:
-                dirs = [str(write_adapter(s, shape, session.pool, session.adapter_root))
-                        for s in distinct_specs(args.batch)]
-                record["peft"] = in_fresh_process(hf_peft_baseline, str(model_dirs[key]), dirs, args.device,
-                                                  args.prompt_tokens, args.peft_new_tokens, shape.vocab)
-                record.get("errors", {}).pop("peft", None)
-                print(f"  [{key}] HF PEFT: base {record['peft']['base']['tokens_per_s']:.1f} tok/s, {args.batch} "
-                      f"distinct adapters {record['peft']['mixed']['tokens_per_s']:.1f} tok/s", flush=True)
-            except Exception as e:
-                traceback.print_exc()
-                record.setdefault("errors", {})["peft"] = f"{type(e).__name__}: {e}"
-                failed.append(f"{key}:peft")
-            record["phase_seconds"]["peft"] = time.perf_counter() - t
+            dirs = lambda: [str(write_adapter(s, shape, session.pool, session.adapter_root))  # noqa: E731
+                            for s in distinct_specs(args.batch)]
+            failed += offline_case(record, key, "peft", lambda: in_fresh_process(
+                hf_peft_baseline, str(model_dirs[key]), dirs(), args.device, args.prompt_tokens,
+                args.peft_new_tokens, shape.vocab),
+                lambda r: f"HF PEFT: base {r['base']['tokens_per_s']:.1f} tok/s, {args.batch} distinct adapters "
+                          f"{r['mixed']['tokens_per_s']:.1f} tok/s")
         save()
     save()
     print_table(result)

@@ -18,6 +18,7 @@ per parameter; nf4 reads what the base reads but adds a second quantisation erro
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter
@@ -154,7 +155,7 @@ class Merger:
         def build():
             stream = torch.cuda.Stream() if torch.cuda.is_available() and self.dtype != torch.float32 else None
             try:
-                with torch.no_grad(), (torch.cuda.stream(stream) if stream else _nullcontext()):
+                with torch.no_grad(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
                     built = {id(lin): merged_linear(lin, ref, self.shapes, self.fmt, self.dtype)
                              for lin in self.linears}
                 if stream is not None:
@@ -186,11 +187,3 @@ class Merger:
         building = self._building
         if building is not None:
             building[1].join()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -86,10 +86,9 @@ def decisive_flips(got: dict, ref: dict, margin: float) -> list[tuple]:
     return flips
 
 
-def free_running_splits(tokens: dict, ref_tokens: dict, ref_logits: dict, margin: float = -1.0) -> list[tuple]:
-    """Free-running greedy outputs part ways only at near-ties: for every prompt whose tokens differ from
-    ref's, (prompt, step, ref's lead of its own token over the other one) where that lead exceeds margin
-    (the default: every split)."""
+def free_running_splits(tokens: dict, ref_tokens: dict, ref_logits: dict) -> list[tuple]:
+    """Where free-running greedy outputs part ways: for every prompt whose tokens differ from ref's,
+    (prompt, step, ref's lead of its own token over the other one) at the first difference."""
     splits = []
     for key, ref_seq in ref_tokens.items():
         seq = tokens.get(key, [])
@@ -97,7 +96,5 @@ def free_running_splits(tokens: dict, ref_tokens: dict, ref_logits: dict, margin
         if step is None:
             continue
         row = ref_logits[(key, step)]
-        lead = float(row[ref_seq[step]] - row[seq[step]])
-        if lead > margin:
-            splits.append((key, step, lead))
+        splits.append((key, step, float(row[ref_seq[step]] - row[seq[step]])))
     return splits
