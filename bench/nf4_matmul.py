@@ -148,12 +148,14 @@ def main() -> None:
             cases.append({"weight": name, "out_features": shape[0], "in_features": shape[1], "rows": m,
                           "floor_us": floor, "fused_us": t["fused_us"][m], "bnb_us": t["bnb_us"][m],
                           "fused_over_floor": t["fused_us"][m] / floor, "bnb_over_floor": t["bnb_us"][m] / floor,
-                          "speedup": t["bnb_us"][m] / t["fused_us"][m]})
+                          "speedup": t["bnb_us"][m] / t["fused_us"][m], "fused_tiles": t["tiles"][m]})
     worst_err = max(c["fused_rel_err"] for cs in checks.values() for c in cs)
     ok = worst_err < 1e-2
     print(f"correctness: worst fused relative error {worst_err:.2e} ({'ok' if ok else 'FAILED'}, bound 1e-2)")
     print("DISPATCH (row counts at which the fused kernel wins): "
           + "{" + ", ".join(f"{k}: {v}" for k, v in dispatch.items()) + "}")
+    winners = [c["fused_tiles"] for c in cases]
+    print(f"fastest tiling: prefetch in {sum('prefetch=True' in w for w in winners)} of {len(winners)} cases")
     sweep_results = sweep(layers, bandwidth) if args.sweep else []
 
     result = {

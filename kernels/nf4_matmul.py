@@ -19,7 +19,9 @@ counted in the sm90 SASS), not by tensor cores, so the cost hardly depends on th
 Split-K (so that out=4096 shapes still start a few programs per SM) writes fp32 partial sums
 [splits, M, N] that a second small kernel adds in a fixed order: deterministic, no atomics; on
 Hopper that launch overlaps the first one's tail (programmatic dependent launch).
-Tile sizes come from `choose_tiles` (an explicit rule; @triton.autotune needs a GPU at import).
+Tile sizes come from `choose_tiles` (an explicit rule; @triton.autotune needs a GPU at import);
+`candidate_tiles` adds other row steps and a prefetching variant (the next step's bytes and absmax are
+loaded before this step's math, against load latency) for the start-up calibration to time.
 No host syncs, outputs from torch.empty: CUDA-graph capturable.
 Rounding: w = bf16(code) * absmax (fp32) instead of bnb's bf16(code * absmax): the same one rounding
 of each weight, at a different place; fp32 inputs use fp32 codes and an fp32 dot (exact weights).
@@ -27,7 +29,7 @@ of each weight, at a different place; fp32 inputs use fp32 codes and an fp32 dot
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -48,6 +50,7 @@ class NF4Tiles:
     splits: int  # programs along the input features (fp32 partial sums when > 1)
     num_warps: int = 4
     num_stages: int = 2
+    prefetch: bool = False  # load the next step's bytes and absmax before this step's math (block_k <= blocksize)
 
 
 # (block_m, block_k, num_stages) of the row-count rule below, smallest block_m first
@@ -86,11 +89,17 @@ def choose_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int,
 
 def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> list[NF4Tiles]:
     """The rule's tiles, then those of the smaller row steps (several m-tiles decode each weight more
-    than once, but start more programs): the start-up calibration times them and keeps the fastest
-    (on the H200 the 16-row step ran at 3.3x its floor, the 32-row one at 4.4x: bench/results/nf4_matmul.json)."""
+    than once, but start more programs: on the H200 the 16-row step ran at 3.3x its floor at 32 rows, the
+    32-row one at 4.4x, bench/results/nf4_matmul.json), then each step with one absmax block per loop step
+    and the next step's loads issued ahead (prefetch): the start-up calibration times them all and keeps
+    the fastest."""
     rule = choose_tiles(M, N, K, blocksize, num_sms)
-    others = [choose_tiles(M, N, K, blocksize, num_sms, step) for step in STEPS if step[0] < rule.block_m]
-    return [rule] + [t for t in others if t != rule]
+    steps = [step for step in STEPS if step[0] < rule.block_m]
+    tiles = [rule] + [choose_tiles(M, N, K, blocksize, num_sms, step) for step in steps]
+    for bm, bk, stages in [(rule.block_m, rule.block_k, rule.num_stages)] + steps:
+        one_block = choose_tiles(M, N, K, blocksize, num_sms, (bm, min(bk, blocksize), stages))
+        tiles.append(replace(one_block, prefetch=True))
+    return list(dict.fromkeys(tiles))
 
 
 @functools.cache
@@ -106,6 +115,28 @@ def _pdl(device: torch.device) -> bool:
 
 
 @triton.jit
+def _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
+                 NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """The fp32 absmax of each row's block from its stored value `a` (fp32, or uint8 when double-quantised)."""
+    if NESTED:
+        return (tl.load(nested_code_ptr + a.to(tl.int32))
+                * tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=row_mask, other=0.0) + offset)
+    return a
+
+
+@triton.jit
+def _dequant_dot(q, code, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr, FP32_DOT: tl.constexpr):
+    """codes(q [BLOCK_N, SUB] packed bytes) @ xt [2 * SUB, BLOCK_M] in fp32 (unscaled)."""
+    q = q.to(tl.int32)
+    # high nibble = even input feature, low nibble = the next one
+    nibbles = tl.reshape(tl.join(q >> 4, q & 15), (BLOCK_N * 2 * SUB,))
+    w = tl.reshape(tl.gather(code, nibbles, 0), (BLOCK_N, 2 * SUB))
+    if FP32_DOT:
+        return tl.dot(w, xt.to(tl.float32), input_precision="ieee")
+    return tl.dot(w, xt)
+
+
+@triton.jit
 def _nf4_matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, offset_ptr,
     bias_ptr, out_ptr, partial_ptr,
@@ -114,6 +145,7 @@ def _nf4_matmul_kernel(
     NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_IN_MEMORY: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile over packed bytes [split, split + 1) * bytes_per_split of each weight row.
 
@@ -144,27 +176,32 @@ def _nf4_matmul_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     # loop in bytes of a weight row: bytes_per_split and SUB are multiples of 16 -> 16-byte loads
     byte_begin = split * bytes_per_split
-    for step in range(tl.minimum(bytes_per_split, row_bytes - byte_begin) // (BLOCK_K // 2)):
-        for piece in tl.static_range(KB):
-            b0 = byte_begin + step * (BLOCK_K // 2) + piece * SUB
-            q = tl.load(packed_rows + b0, mask=row_mask[:, None], other=0,
-                        eviction_policy="evict_first").to(tl.int32)  # read once: leave L2 to x and partials
-            blocks = block_rows + (2 * b0) // BLOCKSIZE
-            if NESTED:
-                a8 = tl.load(absmax_ptr + blocks, mask=row_mask, other=0)
-                scale = (tl.load(nested_code_ptr + a8.to(tl.int32))
-                         * tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=row_mask, other=0.0) + offset)
-            else:
-                scale = tl.load(absmax_ptr + blocks, mask=row_mask, other=0.0)
-            # high nibble = even input feature, low nibble = the next one
-            nibbles = tl.reshape(tl.join(q >> 4, q & 15), (BLOCK_N * 2 * SUB,))
-            w = tl.reshape(tl.gather(code, nibbles, 0), (BLOCK_N, 2 * SUB))
+    n_steps = tl.minimum(bytes_per_split, row_bytes - byte_begin) // (BLOCK_K // 2)
+    if PREFETCH:  # one piece per step (KB == 1): the next step's bytes and absmax load while this one computes
+        q_next = tl.load(packed_rows + byte_begin, mask=row_mask[:, None], other=0, eviction_policy="evict_first")
+        a_next = tl.load(absmax_ptr + block_rows + (2 * byte_begin) // BLOCKSIZE, mask=row_mask, other=0)
+        for step in range(n_steps):
+            b0 = byte_begin + step * (BLOCK_K // 2)
+            q, a = q_next, a_next
+            ahead = row_mask & (tl.full(rows.shape, step + 1, tl.int32) < n_steps)
+            q_next = tl.load(packed_rows + b0 + SUB, mask=ahead[:, None], other=0, eviction_policy="evict_first")
+            a_next = tl.load(absmax_ptr + block_rows + (2 * (b0 + SUB)) // BLOCKSIZE, mask=ahead, other=0)
+            scale = _block_scale(a, block_rows + (2 * b0) // BLOCKSIZE, row_mask, nested_absmax_ptr,
+                                 nested_code_ptr, offset, NESTED, NESTED_BLOCKSIZE)
             xt = tl.load(x_cols + 2 * b0, mask=m_mask[None, :], other=0.0)
-            if FP32_DOT:
-                part = tl.dot(w, xt.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(w, xt)
-            acc += part * scale[:, None]
+            acc += _dequant_dot(q, code, xt, BLOCK_N, SUB, FP32_DOT) * scale[:, None]
+    else:
+        for step in range(n_steps):
+            for piece in tl.static_range(KB):
+                b0 = byte_begin + step * (BLOCK_K // 2) + piece * SUB
+                q = tl.load(packed_rows + b0, mask=row_mask[:, None], other=0,
+                            eviction_policy="evict_first")  # read once: leave L2 to x and partials
+                blocks = block_rows + (2 * b0) // BLOCKSIZE
+                a = tl.load(absmax_ptr + blocks, mask=row_mask, other=0)
+                scale = _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
+                                     NESTED, NESTED_BLOCKSIZE)
+                xt = tl.load(x_cols + 2 * b0, mask=m_mask[None, :], other=0.0)
+                acc += _dequant_dot(q, code, xt, BLOCK_N, SUB, FP32_DOT) * scale[:, None]
 
     result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     mask = m_mask[:, None] & row_mask[None, :]
@@ -231,6 +268,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     sub = min(tiles.block_k, blocksize) // 2
     if K % tiles.block_k or tiles.block_k < 32 or tiles.block_k % (2 * sub):
         raise ValueError(f"block_k {tiles.block_k} must be a power of two >= 32 dividing in_features {K}")
+    if tiles.prefetch and tiles.block_k > 2 * sub:
+        raise ValueError(f"prefetch needs block_k <= blocksize, not {tiles.block_k} > {blocksize}")
     k_tiles = K // tiles.block_k
     k_per_split = triton.cdiv(k_tiles, tiles.splits) * tiles.block_k
     splits = triton.cdiv(K, k_per_split)
@@ -248,7 +287,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, OFFSET_IN_MEMORY=offset_in_memory,
         HAS_BIAS=bias is not None, SPLIT=splits > 1,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        FP32_DOT=x.dtype == torch.float32 or interpreting(), PDL=pdl,
+        FP32_DOT=x.dtype == torch.float32 or interpreting(), PDL=pdl, PREFETCH=tiles.prefetch,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if splits > 1:

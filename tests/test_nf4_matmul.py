@@ -2,6 +2,7 @@
 own quantisation, and NF4Linear's CPU path against bitsandbytes' Linear4bit."""
 import copy
 import os
+from dataclasses import replace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` of the process
 
@@ -92,6 +93,8 @@ def test_matches_float64_reference(M, shape, compress, bias):
     NF4Tiles(block_m=16, block_n=64, block_k=32, splits=3),  # pieces inside an absmax block, split-K
     NF4Tiles(block_m=32, block_n=32, block_k=256, splits=2),  # 4 absmax blocks per step
     NF4Tiles(block_m=64, block_n=128, block_k=64, splits=1),
+    NF4Tiles(block_m=16, block_n=64, block_k=64, splits=2, prefetch=True),  # next step's loads ahead, split-K
+    NF4Tiles(block_m=16, block_n=32, block_k=32, splits=1, prefetch=True),  # two steps per absmax block
 ])
 @pytest.mark.parametrize("compress", [True, False])
 def test_fp32_is_exact_on_the_format(tiles, compress):
@@ -177,15 +180,26 @@ def test_nf4_linear_on_the_cpu_is_bitsandbytes(training):
     assert rel < 1e-2
 
 
-def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps():
+def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetch():
     from loraplex.kernels.nf4_matmul import candidate_tiles
-    assert candidate_tiles(8, 4096, 4096, BLOCKSIZE, 132) == [choose_tiles(8, 4096, 4096, BLOCKSIZE, 132)]
+    rule8 = choose_tiles(8, 4096, 4096, BLOCKSIZE, 132)
+    assert candidate_tiles(8, 4096, 4096, BLOCKSIZE, 132) == [rule8, replace(rule8, prefetch=True)]
     for M, rule_m, others in ((32, 32, [16]), (64, 64, [16, 32])):
         tiles = candidate_tiles(M, 28672, 4096, BLOCKSIZE, 132)
         assert tiles[0] == choose_tiles(M, 28672, 4096, BLOCKSIZE, 132) and tiles[0].block_m == rule_m
-        assert [t.block_m for t in tiles[1:]] == others
+        plain, ahead = tiles[:1 + len(others)], tiles[1 + len(others):]
+        assert [t.block_m for t in plain[1:]] == others and not any(t.prefetch for t in plain)
+        assert [t.block_m for t in ahead] == [rule_m] + others  # every step again, one absmax block per step
+        assert all(t.prefetch and t.block_k <= BLOCKSIZE for t in ahead)
         for t in tiles:  # the partial sums stay under a quarter of the packed weight bytes
             assert t.splits * M * 28672 * 4 <= 28672 * 4096 // 4 or t.splits == 1
+
+
+def test_prefetch_needs_one_absmax_block_per_step():
+    packed, state = quantize(64, 256, True, seed=1)
+    with pytest.raises(ValueError, match="prefetch"):
+        nf4_matmul(torch.randn(1, 256), packed, state.absmax, state.code, BLOCKSIZE, 64,
+                   tiles=NF4Tiles(block_m=16, block_n=64, block_k=128, splits=1, prefetch=True), **state_kwargs(state))
 
 
 @needs_interpreter
@@ -196,7 +210,7 @@ def test_every_candidate_tiling_gives_the_same_product():
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(10))
     ref = x.double() @ dequantized(packed, state, torch.float32).double().T
     tiles = candidate_tiles(40, 64, 256, BLOCKSIZE, 2)
-    assert len(tiles) == 3
+    assert len(tiles) == 6 and sum(t.prefetch for t in tiles) == 3
     for t in tiles:
         out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
         assert relative_error(out, ref) < 1e-5, t
