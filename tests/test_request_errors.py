@@ -174,3 +174,16 @@ def test_non_streaming_disconnect_aborts_in_engine(tiny_model_dir, tmp_path, cap
         assert not [r for r in caplog.records if "InvalidStateError" in r.getMessage() + str(r.exc_info)]
     finally:
         live.stop()
+
+
+def test_adapter_upload_is_parsed_in_memory(client, monkeypatch):
+    """Starlette spools a multipart file part over 1 MB to a temporary file, one worker-thread hop per 64 KB
+    chunk (seconds for an 8B adapter): an upload within the adapter limit must not roll over to disk."""
+    import tempfile
+    rolled = []
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", lambda self: rolled.append(self))
+    files = {"config": ("adapter_config.json", b"{}", "application/json"),
+             "weights": ("adapter_model.safetensors", b"\0" * (3 << 20), "application/octet-stream")}
+    r = client.post("/v1/adapters", data={"id": "big-and-bad"}, files=files)
+    assert_openai_error(r, 400, "")
+    assert not rolled
