@@ -119,9 +119,11 @@ def _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset
                  NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
     """The fp32 absmax of each row's block from its stored value `a` (fp32, or uint8 when double-quantised)."""
     if NESTED:
-        return (tl.load(nested_code_ptr + a.to(tl.int32))
-                * tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=row_mask, other=0.0) + offset)
-    return a
+        scale = (tl.load(nested_code_ptr + a.to(tl.int32))
+                 * tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=row_mask, other=0.0) + offset)
+    else:
+        scale = a
+    return scale
 
 
 @triton.jit
