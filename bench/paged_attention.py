@@ -78,7 +78,7 @@ class Batch:
                              if decode else torch.zeros(0, 0, dtype=torch.long, device=self.q.device))
         lengths = torch.tensor([self.seqs[b][0] for b in decode], device=self.q.device)
         width = self.decode_slots.shape[1] if decode else 0
-        self.decode_mask = (torch.arange(width, device=self.q.device)[None] < lengths[:, None]).view(-1, 1, 1, width)
+        self.decode_mask = (torch.arange(width, device=self.q.device)[None] < lengths[:, None]).view(len(decode), 1, 1, width)
         self.chunks = []
         for b, (ctx, n) in enumerate(self.seqs):
             if n > 1:
@@ -175,7 +175,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 def smoke() -> None:
     """CPU, interpreter: the bench's batches and gather path agree with the kernel on a tiny case."""
-    for seqs in ([(17, 1), (40, 1), (3, 1)], [(40, 24), (33, 1)]):
+    for seqs in ([(17, 1), (40, 1), (3, 1)], [(40, 24), (33, 1)], [(40, 40)]):  # decode, mixed, prefill only
         batch = Batch(seqs, 4, 2, 64, "cpu", dtype=torch.float32)
         err = max_error(batch)
         print(f"smoke {seqs}: max error {err:.2e}, floor bytes {batch.kv_bytes()}, flops {batch.flops()}")
