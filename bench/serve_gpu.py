@@ -88,7 +88,7 @@ COUNTERS = ("decode_steps", "decode_seconds", "decode_rows", "decode_context_tok
             "graph_gpu_seconds", "prefill_seconds", "bookkeeping_seconds", "idle_seconds", "gc_seconds",
             "gc_full_collections")
 GAUGES = ("resident_adapters", "adapter_memory_bytes_total", "adapter_memory_bytes_used", "adapter_slots",
-          "adapter_ops", "kv_blocks_total", "cuda_graphs", "merge_policy", "merged_adapter")
+          "adapter_ops", "kv_blocks_total", "cuda_graphs", "merge_policy", "merged_adapter", "merged_bytes")
 TARGETS = {"step_over_floor_b32": "<= 2.0", "adapter_overhead_over_floor": "<= 1.3", "mixed_over_base": ">= 0.6",
            "mixed_over_peft": ">= 200", "base_with_128_resident_over_base_with_0": ">= 0.97",
            "resident128_over_8": ">= 0.95", "hotload_p50_ms": "<= 100", "merged_over_unmerged": "reported"}
@@ -402,7 +402,10 @@ class ShapeSession:
         deadline = time.monotonic() + 120
         while not engine_stats(await self.health()).get("merged_adapter") and time.monotonic() < deadline:
             await self.completions([a.id] * b, 8)
-        await self.measure(f"merged_{self.merge_format}_b{b}", [a.id] * b, floor=False)
+        name = f"merged_{self.merge_format}_b{b}"
+        merged_bytes = (await self.measure(name, [a.id] * b, floor=False))["gauges_after"].get("merged_bytes")
+        if merged_bytes is not None:
+            print(f"  [{self.key}] merged {self.merge_format} copy: {merged_bytes / 1e9:.2f} GB", flush=True)
 
     async def case_unmerged(self):
         a = distinct_specs(1)[0]

@@ -229,6 +229,7 @@ class Engine:
                 "gc_seconds": gc_timer.seconds, "gc_full_collections": gc_timer.full_collections,
                 "cuda_graphs": len(self.runner.graphs), "merge_policy": self.merger.policy,
                 "merged_adapter": None if self.merger.active is None else self.merger.active.id,
+                "merged_bytes": self.merger.merged_bytes,
                 "merged_steps": self.merger.merged_steps,
                 "merge_pays_rows": [m for m in MERGE_REPORT_ROWS if self.merger.merge_pays(m)]}
 

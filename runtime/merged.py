@@ -38,7 +38,8 @@ log = logging.getLogger("loraplex.merged")
 class DenseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.weight, self.bias = weight, bias
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -96,6 +97,18 @@ def merged_linear(linear: AdaptedLinear, ref: AdapterRef, shapes: dict[str, tupl
     return nf4_linear(weight.to(dtype), bias, dtype, weight.device)
 
 
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, with a bitsandbytes 4-bit weight's QuantState tensors."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    for p in module.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.state2.absmax, state.state2.code]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class Merger:
     """Decides which adapter is served merged and builds its weights in the background."""
 
@@ -117,6 +130,11 @@ class Merger:
     @property
     def linears(self) -> list[AdaptedLinear]:
         return [m for m in self.model.modules() if isinstance(m, AdaptedLinear)]
+
+    @property
+    def merged_bytes(self) -> int:
+        """Bytes of the installed merged copy: its weights, and an NF4 copy's quantisation statistics."""
+        return sum(module_bytes(lin.merged) for lin in self.linears if lin.merged is not None)
 
     def _dominant(self, refs: list[AdapterRef | None]) -> AdapterRef | None:
         if self.policy == "off" or len(refs) < self.min_rows:

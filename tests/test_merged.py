@@ -8,7 +8,7 @@ import torch
 from loraplex.runtime.adapters.registry import AdapterRef
 from loraplex.runtime.base_model import load_base_model
 from loraplex.runtime.engine import Engine, EngineConfig
-from loraplex.runtime.merged import merged_linear
+from loraplex.runtime.merged import merged_linear, module_bytes
 from loraplex.runtime.model import AdaptedLinear
 from loraplex.runtime.sequence import SamplingParams
 from test_engine import random_adapter
@@ -67,6 +67,21 @@ def test_named_policy_merges_its_rows_in_a_mixed_batch(tiny_base, refs):
     assert engine.merger.active is not None and engine.merger.active.id == "dom"
     assert engine.merger.merged_steps > 0
     assert merged == unmerged
+    # the merged copy covers every linear the adapter touches (all of them): fp32 weights and biases here
+    copy_bytes = sum(lin.base.weight.numel() * 4 + (0 if lin.base.bias is None else lin.base.bias.numel() * 4)
+                     for lin in engine.merger.linears)
+    assert engine.stats()["merged_bytes"] == engine.merger.merged_bytes == copy_bytes
+
+
+def test_merged_copy_bytes_bf16_and_nf4(tiny_base, refs):
+    """The bytes of a merged copy as stored: bf16 weights, or NF4 with its double-quantised statistics."""
+    lin = next(m for m in tiny_base.model.modules() if isinstance(m, AdaptedLinear))
+    weights = lin.base.weight.numel()
+    dense = merged_linear(lin, refs[0], tiny_base.projection_shapes, "bf16", torch.bfloat16)
+    assert module_bytes(dense) == 2 * weights + (0 if dense.bias is None else 2 * dense.bias.numel())
+    nf4 = merged_linear(lin, refs[0], tiny_base.projection_shapes, "nf4", torch.bfloat16)
+    blocks = weights // 64  # 4 bits a weight, a uint8 absmax per 64, an fp32 one per 256 of those, two code tables
+    assert module_bytes(nf4) == weights // 2 + blocks + 4 * -(-blocks // 256) + 4 * (16 + 256)
 
 
 def test_auto_merges_a_batch_of_one_adapter_and_stops_when_traffic_changes(tiny_base, refs):
