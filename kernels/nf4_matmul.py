@@ -182,28 +182,23 @@ def _nf4_matmul_kernel(
     if PREFETCH:  # one piece per step (KB == 1): the next step's bytes and absmax load while this one computes
         q_next = tl.load(packed_rows + byte_begin, mask=row_mask[:, None], other=0, eviction_policy="evict_first")
         a_next = tl.load(absmax_ptr + block_rows + (2 * byte_begin) // BLOCKSIZE, mask=row_mask, other=0)
-        for step in range(n_steps):
-            b0 = byte_begin + step * (BLOCK_K // 2)
-            q, a = q_next, a_next
-            ahead = row_mask & (tl.full(rows.shape, step + 1, tl.int32) < n_steps)
-            q_next = tl.load(packed_rows + b0 + SUB, mask=ahead[:, None], other=0, eviction_policy="evict_first")
-            a_next = tl.load(absmax_ptr + block_rows + (2 * (b0 + SUB)) // BLOCKSIZE, mask=ahead, other=0)
-            scale = _block_scale(a, block_rows + (2 * b0) // BLOCKSIZE, row_mask, nested_absmax_ptr,
-                                 nested_code_ptr, offset, NESTED, NESTED_BLOCKSIZE)
-            xt = tl.load(x_cols + 2 * b0, mask=m_mask[None, :], other=0.0)
-            acc += _dequant_dot(q, code, xt, BLOCK_N, SUB, FP32_DOT) * scale[:, None]
-    else:
-        for step in range(n_steps):
-            for piece in tl.static_range(KB):
-                b0 = byte_begin + step * (BLOCK_K // 2) + piece * SUB
+    for step in range(n_steps):
+        for piece in tl.static_range(KB):
+            b0 = byte_begin + step * (BLOCK_K // 2) + piece * SUB
+            blocks = block_rows + (2 * b0) // BLOCKSIZE
+            if PREFETCH:
+                q, a = q_next, a_next
+                ahead = row_mask & (tl.full(rows.shape, step + 1, tl.int32) < n_steps)
+                q_next = tl.load(packed_rows + b0 + SUB, mask=ahead[:, None], other=0, eviction_policy="evict_first")
+                a_next = tl.load(absmax_ptr + block_rows + (2 * (b0 + SUB)) // BLOCKSIZE, mask=ahead, other=0)
+            else:
                 q = tl.load(packed_rows + b0, mask=row_mask[:, None], other=0,
                             eviction_policy="evict_first")  # read once: leave L2 to x and partials
-                blocks = block_rows + (2 * b0) // BLOCKSIZE
                 a = tl.load(absmax_ptr + blocks, mask=row_mask, other=0)
-                scale = _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
-                                     NESTED, NESTED_BLOCKSIZE)
-                xt = tl.load(x_cols + 2 * b0, mask=m_mask[None, :], other=0.0)
-                acc += _dequant_dot(q, code, xt, BLOCK_N, SUB, FP32_DOT) * scale[:, None]
+            scale = _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
+                                 NESTED, NESTED_BLOCKSIZE)
+            xt = tl.load(x_cols + 2 * b0, mask=m_mask[None, :], other=0.0)
+            acc += _dequant_dot(q, code, xt, BLOCK_N, SUB, FP32_DOT) * scale[:, None]
 
     result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     mask = m_mask[:, None] & row_mask[None, :]
