@@ -2,7 +2,7 @@
 
 Each case is a function of the running ShapeSession and of serve_gpu's module (`sg`: its helpers,
 passed in rather than imported, since serve_gpu.py runs as __main__). Definitions of what they record:
-FEATURE_DEFINITIONS and serve_gpu.WAVE_DEFINITIONS. The bench tokenizer (serve_gpu.write_tokenizer) is
+FEATURE_DEFINITIONS and serve_gpu_report.WAVE_DEFINITIONS. The bench tokenizer (serve_gpu.write_tokenizer) is
 byte-level BPE, its 256 byte symbols at ids 4..259: they spell any JSON, one character a token, and
 xgrammar builds its tables over it as runtime/structured.py does (tests/test_serve_gpu_bench.py checks both).
 """
@@ -14,6 +14,8 @@ import re
 import statistics
 import time
 from collections import Counter
+
+from serve_gpu_report import fmt
 
 # the prefix cache's numbers: /health key (runtime/engine.py stats) -> /metrics sample (runtime/metrics.py;
 # counters carry Prometheus' _total suffix)
@@ -287,5 +289,5 @@ async def case_dora(session, sg) -> None:
         "dora_step_over_lora": ratio(dora["decode_step_ms"], lora.get("decode_step_ms")),
         "dora_tokens_per_s_over_lora": ratio(dora["tokens_per_s"], lora.get("tokens_per_s"))}
     session.save()
-    print(f"  [{session.key}] dora/lora decode step {sg.fmt(session.record['dora']['dora_step_over_lora'], 3)}; upload "
+    print(f"  [{session.key}] dora/lora decode step {fmt(session.record['dora']['dora_step_over_lora'], 3)}; upload "
           f"{upload_s:.2f} s for {b}, first one-token wave {first_wave_s:.2f} s", flush=True)
