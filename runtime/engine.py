@@ -23,7 +23,6 @@ from typing import Callable
 
 import torch
 
-from .adapters.ops import AdapterOps, TorchAdapterOps
 from .adapters.registry import AdapterRef
 from .adapters.slots import LOADING, AdapterSlots
 from .base_model import BaseModel
@@ -31,7 +30,8 @@ from .block_manager import BlockManager
 from .detokenizer import Detokenizer, find_stop, releasable_text
 from .gc_timer import gc_timer
 from .merged import Merger
-from .model_runner import ModelRunner, kv_bytes_per_token
+from .memory_budget import DEFAULT_ADAPTER_SLOTS, adapter_memory_bytes, kv_cache_tokens, make_ops
+from .model_runner import ModelRunner
 from .sampler import grammar_bitmask, sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence, SeqStatus, StepOutput
@@ -68,9 +68,6 @@ class EngineDead(RuntimeError):
     """The engine thread died (see Engine.error); no request can be served any more."""
 
 
-DEFAULT_ADAPTER_SLOTS = 1024  # slot indices (module-table rows) when no count cap is given
-DEFAULT_ADAPTER_SHARE = 0.5  # of the accelerator memory free after weights and KV
-CPU_ADAPTER_MEMORY = 4 << 30
 MERGE_REPORT_ROWS = (1, 2, 4, 8, 16, 32, 48, 64)  # batch sizes /health reports the merge decision for
 
 
@@ -79,43 +76,11 @@ def _dense_beats_nf4(rows: int) -> bool:
     return dense_faster(rows) is True
 
 
-def make_ops(kind: str, base: BaseModel, num_slots: int, pool_bytes: int | None = None) -> AdapterOps:
-    if kind == "auto":
-        kind = "triton" if base.device.type == "cuda" else "torch"
-    args = (num_slots, base.projection_shapes, base.num_layers, base.device, base.dtype)
-    if kind == "torch":
-        return TorchAdapterOps(*args, base_weight=base.projection_weight)
-    if kind == "triton":
-        from loraplex.kernels.ops import TritonAdapterOps
-        return TritonAdapterOps(*args, pool_bytes=pool_bytes, base_weight=base.projection_weight)
-    raise ValueError(f"unknown adapter ops {kind!r}: auto, torch or triton")
-
-
-def adapter_memory_bytes(base: BaseModel, requested: float | None) -> int:
-    """Adapter memory in bytes: `requested` bytes (> 1) or fraction of what is free now (after
-    weights and KV); default half of that on CUDA, 4 GiB of host memory on the CPU."""
-    if requested is not None and requested > 1:
-        return int(requested)
-    if base.device.type != "cuda":
-        return CPU_ADAPTER_MEMORY if requested is None else int(requested * CPU_ADAPTER_MEMORY)
-    free, _ = torch.cuda.mem_get_info(base.device)
-    return int(free * (DEFAULT_ADAPTER_SHARE if requested is None else requested))
-
-
-def _kv_cache_tokens(base: BaseModel, requested: int | None) -> int:
-    if requested:
-        return requested
-    if base.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(base.device)
-        return max(int(free * 0.5) // kv_bytes_per_token(base), 4096)
-    return 32768
-
-
 class Engine:
     def __init__(self, base: BaseModel, config: EngineConfig | None = None):
         self.base = base
         self.config = config = config or EngineConfig()
-        tokens = _kv_cache_tokens(base, config.kv_cache_tokens)
+        tokens = kv_cache_tokens(base, config.kv_cache_tokens)
         self.blocks = BlockManager(tokens // config.block_size, config.block_size, config.prefix_caching)
         # KV first (the runner allocates it), then the adapter pool from what is left
         self.runner = ModelRunner(base, self.blocks, None, cuda_graphs=config.cuda_graphs,

@@ -1,0 +1,47 @@
+"""How the engine sizes what it puts on the accelerator: KV cache tokens first, then the adapter pool in
+bytes from what is left; and which adapter-ops implementation serves the adapters (`make_ops`)."""
+from __future__ import annotations
+
+import torch
+
+from .adapters.ops import AdapterOps, TorchAdapterOps
+from .base_model import BaseModel
+from .model_runner import kv_bytes_per_token
+
+DEFAULT_ADAPTER_SLOTS = 1024  # slot indices (module-table rows) when no count cap is given
+DEFAULT_ADAPTER_SHARE = 0.5  # of the accelerator memory free after weights and KV
+CPU_ADAPTER_MEMORY = 4 << 30
+
+
+def make_ops(kind: str, base: BaseModel, num_slots: int, pool_bytes: int | None = None) -> AdapterOps:
+    if kind == "auto":
+        kind = "triton" if base.device.type == "cuda" else "torch"
+    args = (num_slots, base.projection_shapes, base.num_layers, base.device, base.dtype)
+    if kind == "torch":
+        return TorchAdapterOps(*args, base_weight=base.projection_weight)
+    if kind == "triton":
+        from loraplex.kernels.ops import TritonAdapterOps
+        return TritonAdapterOps(*args, pool_bytes=pool_bytes, base_weight=base.projection_weight)
+    raise ValueError(f"unknown adapter ops {kind!r}: auto, torch or triton")
+
+
+def adapter_memory_bytes(base: BaseModel, requested: float | None) -> int:
+    """Adapter memory in bytes: `requested` bytes (> 1) or fraction of what is free now (after
+    weights and KV); default half of that on CUDA, 4 GiB of host memory on the CPU."""
+    if requested is not None and requested > 1:
+        return int(requested)
+    if base.device.type != "cuda":
+        return CPU_ADAPTER_MEMORY if requested is None else int(requested * CPU_ADAPTER_MEMORY)
+    free, _ = torch.cuda.mem_get_info(base.device)
+    return int(free * (DEFAULT_ADAPTER_SHARE if requested is None else requested))
+
+
+def kv_cache_tokens(base: BaseModel, requested: int | None) -> int:
+    """KV cache size in tokens: `requested`, else half of the accelerator memory free now (at least 4096), or
+    32k tokens on the CPU."""
+    if requested:
+        return requested
+    if base.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(base.device)
+        return max(int(free * 0.5) // kv_bytes_per_token(base), 4096)
+    return 32768
