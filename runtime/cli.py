@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .offline import stay_offline
+
 
 def _serve(args) -> None:
     import asyncio
@@ -274,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    stay_offline()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     args.func(args)

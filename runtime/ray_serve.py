@@ -178,7 +178,9 @@ def build_app(args):
                       request_router_config=RequestRouterConfig(request_router_class=f"{__name__}.AdapterRouter"))
     class EngineReplica:
         def __init__(self, serve_args):
-            from loraplex.runtime.cli import _key_ring, build_service  # absolute: Ray ships this class by value
+            from loraplex.runtime.offline import stay_offline  # absolute: Ray ships this class by value
+            stay_offline()
+            from loraplex.runtime.cli import _key_ring, build_service
             from loraplex.runtime.http_server import create_app
             self.name = serve.get_replica_context().replica_id.unique_id
             self.service = build_service(serve_args, _key_ring(serve_args))

@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+from loraplex.runtime.offline import stay_offline
+
+stay_offline()  # before anything imports transformers, peft or bitsandbytes
+
+import httpx  # noqa: E402
 import pytest
 import torch
 
