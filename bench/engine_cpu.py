@@ -121,7 +121,7 @@ def long_prompt_stall(engine: Engine, tokenizer, prompt_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "worst_gap_seconds": max(gaps), "median_gap_seconds": statistics.median(gaps),
             "steps": steps, "stream_tokens_meanwhile": len(gaps),
             "long_prompt_first_token_seconds": first_token_s, "prefill_budget_tokens": engine.scheduler.prefill_budget,
-            "max_step_seconds": engine.config.max_step_seconds, "prefill_chunk_tokens": engine.config.prefill_chunk_tokens}
+            "max_step_seconds": engine.max_step_seconds, "prefill_chunk_tokens": engine.config.prefill_chunk_tokens}
 
 
 def main() -> None:

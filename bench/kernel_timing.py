@@ -1,4 +1,4 @@
-"""What bench/kernels.py compares against and times with: the gather + bmm PyTorch reference and
+"""What bench/lora_kernels.py compares against and times with: the gather + bmm PyTorch reference and
 CUDA-event / CUDA-graph timing helpers (GPU only)."""
 from __future__ import annotations
 

@@ -62,7 +62,12 @@ def profile(base, reqs, saved) -> dict:
     with the engine's decode step time and the wall time of the prefill steps."""
     set_fused(base, True, saved)
     engine = Engine(base, EngineConfig(kv_cache_tokens=32768, prefix_caching=False))
+    t = time.perf_counter()
     engine.generate(reqs)  # captures graphs, loads adapters, compiles kernels
+    first_s = time.perf_counter() - t
+    t = time.perf_counter()
+    engine.generate(reqs)
+    second_s = time.perf_counter() - t
     before = dict(engine.stats())
     from torch.profiler import ProfilerActivity, profile as torch_profile
     torch.cuda.synchronize()
@@ -72,13 +77,17 @@ def profile(base, reqs, saved) -> dict:
     torch.cuda.synchronize()
     wall = time.perf_counter() - t
     after = engine.stats()
-    delta = {k: after[k] - before[k] for k in ("decode_steps", "decode_seconds", "prefill_steps", "steps")
+    delta = {k: after[k] - before[k] for k in ("decode_steps", "decode_seconds", "prefill_steps", "steps",
+                                                "prefill_seconds")
              if isinstance(after.get(k), (int, float)) and isinstance(before.get(k), (int, float))}
     steps = delta.get("decode_steps", 0)
     step_ms = 1e3 * delta.get("decode_seconds", 0.0) / max(steps, 1)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    gpu_s = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e6
     return {"decode_step_ms": step_ms, "decode_steps": steps, "graph_steps": after["graph_steps"],
-            "prefill_steps": delta.get("prefill_steps"), "wall_s_profiled": wall,
+            "prefill_steps": delta.get("prefill_steps"), "wall_s_profiled": wall, "first_run_s": first_s, "second_run_s": second_s, "gpu_kernel_s_profiled": gpu_s,
+            "prefill_s_counted": after["prefill_seconds"] - before["prefill_seconds"],
             "non_decode_s_profiled": wall - delta.get("decode_seconds", 0.0), "kernels": table}
 
 
@@ -108,16 +117,21 @@ def main() -> None:
     mix = [AdapterRef(f"m{i}", 1, adapter(shapes, layers, seed=100 + i, **mix_kinds[i % 5])) for i in range(32)]
     cases = {"base_b32": [None] * 32, "distinct_b32": refs, "over8_b32": [refs[i % 8] for i in range(32)],
              "one_adapter_b32": [refs[0]] * 32, "mix_b32": mix, "base_prefill_b32": [None] * 32,
-             "distinct_prefill_b32": refs, "mix_prefill_b32": mix}
+             "distinct_prefill_b32": refs, "mix_prefill_b32": mix,
+             "base_prefill_2048": [None], "adapter_prefill_2048": [refs[0]], "four_prefill_512": refs[:4]}
+    prompt_lens = {"base_prefill_2048": 2048, "adapter_prefill_2048": 2048, "four_prefill_512": 512}
     if not args.skip_profile:
         for name in args.cases.split(","):
             owners = cases[name]
             new_tokens = 1 if "prefill" in name else args.new_tokens
-            r = profile(base, requests(base, owners, new_tokens), saved)
+            r = profile(base, requests(base, owners, new_tokens, prompt_lens.get(name, 128)), saved)
             result[name] = r
             print(f"== {name}: decode step {r['decode_step_ms']:.2f} ms over {r['decode_steps']} steps "
                   f"(graph steps so far {r['graph_steps']}); {r['prefill_steps']} prefill steps; "
-                  f"{r['non_decode_s_profiled']:.3f} s outside decode\n{r['kernels']}", flush=True)
+                  f"{r['non_decode_s_profiled']:.3f} s outside decode (prefill counted {r['prefill_s_counted']:.3f} s); "
+                  f"GPU kernels {r['gpu_kernel_s_profiled']:.3f} s of {r['wall_s_profiled']:.3f} s wall; "
+                  f"first run {r['first_run_s']:.3f} s, second {r['second_run_s']:.3f} s\n{r['kernels']}",
+                  flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1))
     if not args.skip_fidelity:

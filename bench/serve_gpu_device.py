@@ -23,12 +23,6 @@ def in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def hide_bench_modules() -> None:
-    """A spawned child has bench/ on sys.path, where bitsandbytes' optional `import kernels` finds bench/kernels.py."""
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-
-
 def copy_bandwidth(device: str) -> float:
     """Bytes read + written per second by a large device-to-device copy; median of 10."""
     n = (1 << 30) if device == "cuda" else (1 << 26)
@@ -52,9 +46,31 @@ def copy_bandwidth(device: str) -> float:
     return 2 * n / statistics.median(times)
 
 
-def prepare_device(shapes: list[ModelShape], paths: list[str], device: str) -> dict:
-    """Write the missing checkpoints (random numbers drawn on the device), measure copy bandwidth."""
-    hide_bench_modules()
+def matmul_peak(device: str) -> float:
+    """FLOP/s of a large matrix product on random data (CUDA: bf16 8192^3; CPU: fp32 1024^3); median of 10."""
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def prepare_device(shapes: list[ModelShape], paths: list[str], device: str, with_matmul: bool = False) -> dict:
+    """Write the missing checkpoints (random numbers drawn on the device), measure copy bandwidth (and the
+    matmul peak)."""
     timings = {}
     for shape, path in zip(shapes, paths):
         t = time.perf_counter()
@@ -66,7 +82,7 @@ def prepare_device(shapes: list[ModelShape], paths: list[str], device: str) -> d
     else:
         name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"device": name, "copy_bandwidth_bytes_per_s": copy_bandwidth(device), "checkpoint_seconds": timings,
-            "torch": torch.__version__}
+            "torch": torch.__version__, **({"matmul_peak_flops": matmul_peak(device)} if with_matmul else {})}
 
 
 def prompt_ids(rows: int, length: int, vocab: int, salt: int) -> list[list[int]]:
@@ -78,7 +94,6 @@ def hf_peft_baseline(model_dir: str, adapter_dirs: list[str], device: str, promp
                      vocab: int) -> dict:
     """HF transformers + PEFT generate, batch = len(adapter_dirs): the base alone, one adapter, and every row
     its own adapter in one batch (PEFT's mixed-batch `adapter_names`). NF4 on CUDA with the server's settings."""
-    hide_bench_modules()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     quant = None
@@ -135,7 +150,6 @@ def fast_path_fidelity(model_dir: str, device: str) -> dict:
     """tests/test_gpu_fastpath.py's check on this checkpoint: the fast path's pieces, alone and together,
     against the eager reference (teacher-forced, bounded by eager bf16's own error against fp32), and a
     negative control. On a CPU only the merged rows exist of the fast path."""
-    hide_bench_modules()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_gpu_fastpath import PIECES, fast_path_report
     pieces = PIECES if device == "cuda" else {"merged": PIECES["merged"]}

@@ -29,7 +29,7 @@ def choose_tile_config(max_length: int) -> TileConfig:
 
     Up to 2 tokens per segment the kernels multiply-add in registers (no tl.dot) and the expand
     runs one warp per program, which keeps the most weight bytes in flight; from 3 tokens on,
-    tl.dot on 16-row tiles is faster (H100 measurements, bench/kernels.py --sweep).
+    tl.dot on 16-row tiles is faster (H100 measurements, bench/lora_kernels.py --sweep).
     """
     if max_length <= 2:
         block_m = max(max_length, 1)

@@ -207,7 +207,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cpu-adapters", type=int, default=None,
                    help="optional cap on the number of adapters cached in host memory")
     p.add_argument("--max-adapter-mb", type=int, default=512, help="largest accepted adapter upload")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="requests in the running batch")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests in the running batch (default: 64 on the CPU; on a GPU as many as the KV cache "
+                        "holds at 1,024 tokens each, up to 256, fewer if a decode step of that many rows is "
+                        "slower than 50 ms)")
     p.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens per engine step")
     p.add_argument("--max-waiting", type=int, default=512,
                    help="requests waiting for admission beyond which new ones are refused (HTTP 429)")
@@ -225,10 +228,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens")
     p.add_argument("--adapter-ops", choices=["auto", "torch", "triton"], default="auto",
                    help="adapter math: Triton kernels (auto on CUDA) or the PyTorch reference (auto on CPU)")
-    p.add_argument("--merge-policy", default="auto",
-                   help="serve a dominant adapter from merged weights: off, auto (when it holds the whole "
-                        "decode batch and, on an NF4 base, the start-up timing says a bf16 copy is faster at "
-                        "that batch size; /health merge_pays_rows) or an adapter id (always that one)")
+    p.add_argument("--merge-policy", default="off",
+                   help="serve a dominant adapter from merged weights: off (default), an adapter id (always "
+                        "that one: when one adapter takes nearly all traffic) or auto (when one holds the whole "
+                        "decode batch for 30 s and, on an NF4 base, the start-up timing says a bf16 copy is "
+                        "faster at that batch size; /health merge_pays_rows)")
     p.add_argument("--merge-format", choices=["auto", "bf16", "nf4"], default="auto",
                    help="merged copy of the touched linears: dense bf16 (auto) or re-quantised NF4 "
                         "(as fast as the NF4 base, but a second quantisation error)")

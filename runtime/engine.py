@@ -30,7 +30,8 @@ from .block_manager import BlockManager
 from .detokenizer import Detokenizer, find_stop, releasable_text
 from .gc_timer import gc_timer
 from .merged import Merger
-from .memory_budget import DEFAULT_ADAPTER_SLOTS, adapter_memory_bytes, kv_cache_tokens, make_ops
+from .memory_budget import (DEFAULT_ADAPTER_SLOTS, adapter_memory_bytes, default_max_num_seqs, kv_cache_tokens,
+                            make_ops)
 from .model_runner import ModelRunner
 from .sampler import grammar_bitmask, sample, token_logprobs
 from .scheduler import Scheduler
@@ -38,25 +39,30 @@ from .sequence import SamplingParams, Sequence, SeqStatus, StepOutput
 from .structured import GrammarError, Grammars
 
 log = logging.getLogger("loraplex.engine")
-PREFILL_COST_EMA = 0.3  # weight of the newest step in the CPU's seconds-per-prefill-token average
+PREFILL_COST_EMA = 0.3  # weight of the newest step in the seconds-per-prefill-token average
 MIN_PREFILL_CHUNK = 32  # prefill tokens per step even when decode rows alone exceed max_step_seconds
+CPU_MAX_STEP_SECONDS = 0.25
+# CUDA: a step that prefills beside running streams is one inter-token gap of each stream. 50 ms is the
+# usual TPOT service level (vLLM / Sarathi-Serve benchmarks); the 8B shape's 2,048-token step takes ~45 ms.
+CUDA_MAX_STEP_SECONDS = 0.05
 
 
 @dataclass
 class EngineConfig:
     max_gpu_adapters: int | None = None  # optional cap on resident adapters; memory is set by adapter_memory
     adapter_memory: float | None = None  # bytes (> 1) or a fraction of the memory free after weights and KV
-    max_num_seqs: int = 64
+    max_num_seqs: int | None = None  # None: 64 on the CPU, sized from the KV cache on CUDA (memory_budget.py)
     max_batched_tokens: int = 2048
     kv_cache_tokens: int | None = None  # None: sized from the device's free memory (CUDA) or 32k tokens
     block_size: int = 16
     adapter_ops: str = "auto"  # auto | torch | triton
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only)
-    merge_policy: str = "auto"  # off | auto | an adapter id (see merged.py)
+    merge_policy: str = "off"  # off | auto | an adapter id (see merged.py)
     merge_format: str = "auto"  # bf16 | nf4 | auto (= bf16): the merged copy's format
     # While decode rows run, a step's prefill chunk is capped so a long prompt cannot stall the streams:
-    max_step_seconds: float = 0.25  # CPU: the cap is sized from measured cost to keep a step near this
-    prefill_chunk_tokens: int = 512  # CUDA: the cap in tokens
+    # the cap is sized from the measured cost per prefill token to keep such a step near max_step_seconds
+    max_step_seconds: float | None = None  # None: 0.25 s on the CPU, 0.05 s on CUDA
+    prefill_chunk_tokens: int = 512  # the cap until the first measurement
     prefix_caching: bool = True  # share computed prompt blocks between requests (block_manager.py)
 
 
@@ -82,9 +88,15 @@ class Engine:
         self.config = config = config or EngineConfig()
         tokens = kv_cache_tokens(base, config.kv_cache_tokens)
         self.blocks = BlockManager(tokens // config.block_size, config.block_size, config.prefix_caching)
+        self.max_num_seqs = config.max_num_seqs or default_max_num_seqs(base, tokens)
+        if config.max_step_seconds is None:
+            cuda = base.device.type == "cuda"
+            self.max_step_seconds = CUDA_MAX_STEP_SECONDS if cuda else CPU_MAX_STEP_SECONDS
+        else:
+            self.max_step_seconds = config.max_step_seconds
         # KV first (the runner allocates it), then the adapter pool from what is left
         self.runner = ModelRunner(base, self.blocks, None, cuda_graphs=config.cuda_graphs,
-                                  max_graph_batch=config.max_num_seqs)
+                                  max_graph_batch=self.max_num_seqs)
         adapter_bytes = adapter_memory_bytes(base, config.adapter_memory)
         num_slots = config.max_gpu_adapters or DEFAULT_ADAPTER_SLOTS
         self.ops = make_ops(config.adapter_ops, base, num_slots, adapter_bytes)
@@ -99,12 +111,14 @@ class Engine:
         if base.quantization == "nf4" and merge_format == "bf16":
             self.merger.merge_pays = _dense_beats_nf4
         self.runner.capture_base_graphs()
+        if config.max_num_seqs is None and self.runner.use_graphs:  # the KV-sized default, if a step keeps pace
+            self.max_num_seqs = self.runner.largest_batch_within(self.max_step_seconds)
         self.detokenizer = Detokenizer(base.tokenizer)
         self.grammars = Grammars(base.tokenizer, base.config.vocab_size, list(base.eos_token_ids))
-        self.scheduler = Scheduler(self.blocks, self.slots, max_num_seqs=config.max_num_seqs,
+        self.scheduler = Scheduler(self.blocks, self.slots, max_num_seqs=self.max_num_seqs,
                                    max_batched_tokens=config.max_batched_tokens)
-        self.scheduler.prefill_budget = config.prefill_chunk_tokens  # on the CPU replaced once measured
-        self.prefill_seconds_per_token: float | None = None  # CPU: moving average over steps with prefill
+        self.scheduler.prefill_budget = config.prefill_chunk_tokens  # replaced once measured
+        self.prefill_seconds_per_token: float | None = None  # moving average over steps with prefill
         self.max_model_len = min(getattr(base.config, "max_position_embeddings", 1 << 30),
                                  self.blocks.num_blocks * config.block_size)
         self._inbox: deque[Sequence] = deque()
@@ -116,6 +130,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._by_id: dict[int, Sequence] = {}
+        self.reset_counters()
+        self.warm_up_seconds = 0.0  # set by warm_up.py
+        self.on_finish: Callable[[Sequence], None] | None = None  # metrics hook
+
+    def reset_counters(self) -> None:
+        """Zero the step counters (at start, and after the warm-up)."""
         self.steps = 0
         self.tokens_generated = 0
         self.decode_steps = 0
@@ -128,7 +148,8 @@ class Engine:
         self.prefill_seconds = 0.0
         self.bookkeeping_seconds = 0.0
         self.idle_seconds = 0.0
-        self.on_finish: Callable[[Sequence], None] | None = None  # metrics hook
+        self.runner.graph_steps, self.runner.graph_gpu_seconds = 0, 0.0
+        self.slots.loads = self.slots.evictions = 0
 
     # -- called from any thread -------------------------------------------------------------
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -192,11 +213,23 @@ class Engine:
                 "graph_gpu_seconds": self.runner.graph_gpu_seconds, "prefill_seconds": self.prefill_seconds,
                 "bookkeeping_seconds": self.bookkeeping_seconds, "idle_seconds": self.idle_seconds,
                 "gc_seconds": gc_timer.seconds, "gc_full_collections": gc_timer.full_collections,
-                "cuda_graphs": len(self.runner.graphs), "merge_policy": self.merger.policy,
+                "cuda_graphs": len(self.runner.graphs), "max_num_seqs": self.max_num_seqs,
+                "prefill_budget": self.scheduler.prefill_budget, "max_step_seconds": self.max_step_seconds,
+                "prefill_seconds_per_token": self.prefill_seconds_per_token,
+                "warm_up_seconds": self.warm_up_seconds, "merge_policy": self.merger.policy,
                 "merged_adapter": None if self.merger.active is None else self.merger.active.id,
                 "merged_bytes": self.merger.merged_bytes,
                 "merged_steps": self.merger.merged_steps,
-                "merge_pays_rows": [m for m in MERGE_REPORT_ROWS if self.merger.merge_pays(m)]}
+                "merge_pays_rows": [m for m in MERGE_REPORT_ROWS if self.merger.merge_pays(m)],
+                "nf4_calibration_us": self._nf4_calibration()}
+
+    def _nf4_calibration(self) -> dict | None:
+        """The start-up timing of an NF4 base on CUDA: {"OUTxIN": {rows: [NF4 path us, dense bf16 us]}}."""
+        if self.base.quantization != "nf4" or self.base.device.type != "cuda":
+            return None
+        from .nf4_linear import DENSE_US, NF4_US
+        return {f"{o}x{i}": {m: [us, DENSE_US.get((o, i), {}).get(m)] for m, us in rows.items()}
+                for (o, i), rows in NF4_US.items()}
 
     def prepare_adapter(self, ref: AdapterRef) -> None:
         """Host-side work for loading ref later (packing, pinned memory): call off the engine thread."""
@@ -262,23 +295,24 @@ class Engine:
             return False
 
     def _measure_prefill(self, prefill_tokens: int, seconds: float) -> None:
-        """CPU: size the prefill budget so that a step with decode rows takes about max_step_seconds.
-        A step's whole time is charged to its prefill tokens; the budget still settles where decode
-        rows + prefill chunk take the target (b = T / ((d + c*b) / b) has its fixed point at d + c*b = T)."""
-        if self.base.device.type != "cpu" or prefill_tokens == 0:
+        """Size the prefill budget so that a step with decode rows takes about max_step_seconds (the
+        stall-free batching of Sarathi-Serve, from measured cost). A step's whole time, synchronised
+        by its sampling, is charged to its prefill tokens; the budget still settles where decode rows +
+        prefill chunk take the target (b = T / ((d + c*b) / b) has its fixed point at d + c*b = T)."""
+        if prefill_tokens == 0:
             return
         sample = seconds / prefill_tokens
         average = self.prefill_seconds_per_token
         average = sample if average is None else average + PREFILL_COST_EMA * (sample - average)
         self.prefill_seconds_per_token = average
-        tokens = int(self.config.max_step_seconds / average)
+        tokens = int(self.max_step_seconds / average)
         self.scheduler.prefill_budget = min(max(tokens, MIN_PREFILL_CHUNK), self.config.max_batched_tokens)
 
     def _merged_rows(self, batch: list[tuple[Sequence, int]]) -> set[int] | None:
         """Rows of a decode step that the merged weights compute (see merged.py)."""
         ref, changed = self.merger.choose([seq.adapter for seq, _ in batch])
         if changed:
-            self.runner.merged_key = self.merger.active.key
+            self.runner.merged_key = None if self.merger.active is None else self.merger.active.key
             self.runner.drop_graphs(merged_only=True)
         if ref is None:
             return None
@@ -298,13 +332,14 @@ class Engine:
         logits = self.runner.run(batch, merged=merged)
         for seq, n in batch:
             self.blocks.cache_computed(seq, n)
-        self._measure_prefill(prefill_tokens, time.perf_counter() - run_started)
         ready = [seq for seq, _ in batch if seq.num_computed == len(seq)]
         bitmask = grammar_bitmask(ready, logits.shape[1])  # host work while the GPU still runs the step
         tokens = sample(logits, ready, bitmask)  # the step's one device->host copy
         logprobs = token_logprobs(logits, ready, tokens)  # a second one, only when a row asks for logprobs
         self.steps += 1
         sampled = time.perf_counter()
+        if ready or self.base.device.type == "cpu":  # a step that samples nothing has not synchronised
+            self._measure_prefill(prefill_tokens, sampled - run_started)
         if decode:
             self.decode_steps += 1
             self.decode_seconds += sampled - started

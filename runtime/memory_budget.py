@@ -9,6 +9,10 @@ from .base_model import BaseModel
 from .model_runner import kv_bytes_per_token
 
 DEFAULT_ADAPTER_SLOTS = 1024  # slot indices (module-table rows) when no count cap is given
+CPU_MAX_NUM_SEQS = 64
+MAX_AUTO_NUM_SEQS = 256  # CUDA: the largest default running batch (vLLM's default too)
+MIN_AUTO_NUM_SEQS = 16
+KV_TOKENS_PER_SEQ = 1024  # CUDA: the KV room per running sequence that the default batch leaves
 DEFAULT_ADAPTER_SHARE = 0.5  # of the accelerator memory free after weights and KV
 CPU_ADAPTER_MEMORY = 4 << 30
 
@@ -45,3 +49,14 @@ def kv_cache_tokens(base: BaseModel, requested: int | None) -> int:
         free, _ = torch.cuda.mem_get_info(base.device)
         return max(int(free * 0.5) // kv_bytes_per_token(base), 4096)
     return 32768
+
+
+def default_max_num_seqs(base: BaseModel, kv_tokens: int) -> int:
+    """The running batch when --max-num-seqs is not given: 64 on the CPU; on CUDA as many sequences as
+    the KV cache holds at KV_TOKENS_PER_SEQ each, a multiple of 8 between 16 and 256 (the engine then
+    lowers it if a decode step of that many rows is slower than its step-time target)."""
+    if base.device.type != "cuda":
+        return CPU_MAX_NUM_SEQS
+    fits = kv_tokens // KV_TOKENS_PER_SEQ // 8 * 8
+    return max(MIN_AUTO_NUM_SEQS, min(MAX_AUTO_NUM_SEQS, fits))
+

@@ -2,14 +2,22 @@
 
 When one adapter dominates the running batch, its decode rows skip the adapter kernels and run
 through W + s·ΔW directly; the other rows keep the base weights and the unmerged path (see
-`AdaptedLinear.forward`). Policy (`--merge-policy`): `off`; an adapter id (always merge that one);
-`auto`: merge the adapter that holds at least `threshold` of the running rows for `patience`
-consecutive decode steps, and stop using it as soon as it no longer does. Rows of the merged
-adapter and other rows in one step cost two passes over the weights, which at decode speed (bound
-by weight bytes) is slower than the unmerged path, so auto waits for the whole batch (threshold 1.0);
-and auto merges only at batch sizes where `merge_pays(rows)` holds: on an NF4 base the engine asks
-the start-up measurement (a bf16 copy reads 4x the bytes of NF4, but a dense matmul can still beat
-the NF4 kernels: nf4_linear.dense_faster).
+`AdaptedLinear.forward`). Policy (`--merge-policy`): `off` (the default); an adapter id (always merge
+that one: the right choice when one adapter takes nearly all of a server's traffic); `auto`: merge the
+adapter that holds at least `threshold` of the running rows for `patience` consecutive decode steps
+and at least `dwell_seconds`, use it while it does, and free the copy once it has not for
+`dwell_seconds` (hysteresis: a build costs a copy of the touched weights, 14 GB in bf16 on an 8B
+model, and competes with serving while it runs). Rows of the merged adapter and other rows in one
+step cost two passes over the weights, which at decode speed (bound by weight bytes) is slower than
+the unmerged path, so auto waits for the whole batch (threshold 1.0); it merges only at batch sizes
+where `merge_pays(rows)` holds (on an NF4 base the engine asks the start-up measurement: a bf16 copy
+reads 4x the bytes of NF4, but a dense matmul can still beat the NF4 kernels:
+nf4_linear.dense_faster), and only when the copy fits in the free accelerator memory with room to spare.
+
+Why `off` is the default: on a real trace (bench/serve_trace.py: Zipf popularity over 64 adapters,
+arrivals over time) `auto` with a step-count patience merged five times in 50 s, each build stalling
+the batch; the gain of a merged copy where it does apply is small (8B, one adapter on all 32 rows:
+1.04x the unmerged rate, bench/results/serve_gpu.json).
 
 The merged copy is built on a background thread and a side stream while the engine keeps serving
 unmerged; format `bf16` (dense bf16 of the touched linears) or `nf4` (re-quantised with
@@ -21,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -114,10 +123,13 @@ class Merger:
 
     def __init__(self, model: CausalLM, shapes: dict[str, tuple[int, int]], policy: str = "auto",
                  fmt: str = "bf16", dtype: torch.dtype = torch.bfloat16, threshold: float = 1.0,
-                 patience: int = 8, min_rows: int = 2):
+                 patience: int = 8, min_rows: int = 2, dwell_seconds: float = 30.0):
         self.model, self.shapes = model, shapes
         self.policy, self.fmt, self.dtype = policy, fmt, dtype
         self.threshold, self.patience, self.min_rows = threshold, patience, min_rows
+        self.dwell_seconds = dwell_seconds
+        self._dominant_since: float | None = None  # auto: when the current candidate's streak began
+        self._active_last_dominant = 0.0  # auto: when the merged adapter last held the batch
         self.active: AdapterRef | None = None  # merged weights installed in the model
         self._building: tuple[AdapterRef, threading.Thread] | None = None
         self._ready: tuple[AdapterRef, dict] | None = None  # built, waiting to be installed
@@ -157,17 +169,49 @@ class Merger:
         changed = self._install_ready()
         target = self._dominant(refs)
         key = None if target is None else target.key
-        self._streak = self._streak + 1 if key is not None and key == self._candidate else int(key is not None)
+        now = time.monotonic()
+        if key is None or key != self._candidate:
+            self._streak, self._dominant_since = int(key is not None), now
+        else:
+            self._streak += 1
         self._candidate = key
-        if target is None:
-            return None, changed
         if self.active is not None and self.active.key == key:
+            self._active_last_dominant = now
             self.merged_steps += 1
             return self.active, changed
-        patient = self.policy != "auto" or self._streak >= self.patience
-        if patient and self._building is None:
+        if self.policy == "auto" and self.active is not None and now - self._active_last_dominant > self.dwell_seconds:
+            changed = self._uninstall() or changed
+        if target is None:
+            return None, changed
+        patient = self.policy != "auto" or (self._streak >= self.patience
+                                            and now - self._dominant_since >= self.dwell_seconds)
+        if patient and self._building is None and self._fits(target):
             self._start_build(target)
         return None, changed
+
+    def copy_bytes(self, ref: AdapterRef) -> int:
+        """Bytes of the merged copy of ref's touched linears (bf16: 2 a weight; nf4: about 0.56)."""
+        touched = [lin for lin in self.linears if any((lin.layer_idx, p) in ref.weights.modules for p in lin.projections)]
+        weights = sum(lin.base.in_features * lin.base.out_features for lin in touched)
+        return weights * 2 if self.fmt == "bf16" else weights * 9 // 16
+
+    def _fits(self, ref: AdapterRef) -> bool:
+        """auto on CUDA: the copy (with the one it replaces still live while building) fits in free memory."""
+        if self.policy != "auto" or not torch.cuda.is_available() or self.dtype == torch.float32:
+            return True
+        free, _ = torch.cuda.mem_get_info()
+        need = self.copy_bytes(ref)
+        if need * 1.25 > free:
+            log.info("not merging %s: its copy needs %.1f GB, %.1f GB free", ref.id, need / 1e9, free / 1e9)
+            return False
+        return True
+
+    def _uninstall(self) -> bool:
+        log.info("freeing the merged copy of %s (not dominant for %.0f s)", self.active.id, self.dwell_seconds)
+        for lin in self.linears:
+            lin.merged = None
+        self.active = None
+        return True
 
     def _start_build(self, ref: AdapterRef) -> None:
         def build():

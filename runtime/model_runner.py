@@ -31,9 +31,12 @@ def kv_bytes_per_token(base: BaseModel) -> int:
 
 
 def graph_buckets(max_batch: int) -> list[int]:
+    """Batch sizes with a captured decode graph (a step pads its rows to the next one): every 8 rows up
+    to 64, every 16 up to 128, every 32 beyond (a decode step reads the weights once whatever its rows,
+    so padding a large batch costs little), and max_batch itself."""
     small = [b for b in (1, 2, 4, 8) if b < max_batch]
-    return small + list(range(min(16, max_batch), max_batch, 8)) + [max_batch] if max_batch > 8 else \
-        small + [max_batch]
+    steps = list(range(16, 65, 8)) + list(range(80, 129, 16)) + list(range(160, 1 << 20, 32))
+    return small + [b for b in steps if b < max_batch] + [max_batch]
 
 
 @dataclass
@@ -275,6 +278,26 @@ class ModelRunner:
             key = (bucket, None, None, None)
             if key not in self.graphs:
                 self.graphs[key] = self._capture(bucket, None, None)
+
+    def largest_batch_within(self, seconds: float) -> int:
+        """The largest graph batch size whose base decode step (captured, replayed on the dummy rows of
+        capture_base_graphs) takes at most `seconds` of GPU time; the buckets above it are dropped."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for bucket in reversed(self.buckets):
+            graph = self.graphs[(bucket, None, None, None)].graph
+            graph.replay()  # warm
+            start.record()
+            for _ in range(3):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            if start.elapsed_time(end) / 3e3 <= seconds or bucket == self.buckets[0]:
+                break
+            log.warning("a decode step of %d rows takes %.1f ms, over the %.0f ms step target: fewer rows",
+                        bucket, start.elapsed_time(end) / 3, seconds * 1e3)
+        self.buckets = [b for b in self.buckets if b <= bucket]
+        self.graphs = {k: g for k, g in self.graphs.items() if k[0] <= bucket}
+        return bucket
 
     def drop_graphs(self, merged_only: bool = False) -> None:
         """Forget captured graphs (all, or those that use the merged weights)."""

@@ -170,10 +170,13 @@ def build_app(args):
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    engine_resources = {"num_gpus": 1} if torch.cuda.is_available() and args.device != "cpu" else {
-        "num_cpus": args.replica_cpus}
+    from .memory_budget import CPU_MAX_NUM_SEQS, MAX_AUTO_NUM_SEQS
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    engine_resources = {"num_gpus": 1} if gpu else {"num_cpus": args.replica_cpus}
+    # a replica's running batch; the default on a GPU is sized by the replica's engine, at most this
+    ongoing = args.max_num_seqs or (MAX_AUTO_NUM_SEQS if gpu else CPU_MAX_NUM_SEQS)
 
-    @serve.deployment(num_replicas=args.replicas, max_ongoing_requests=args.max_num_seqs,
+    @serve.deployment(num_replicas=args.replicas, max_ongoing_requests=ongoing,
                       ray_actor_options=engine_resources, graceful_shutdown_timeout_s=args.shutdown_grace,
                       request_router_config=RequestRouterConfig(request_router_class=f"{__name__}.AdapterRouter"))
     class EngineReplica:

@@ -23,6 +23,7 @@ from .engine import Engine, EngineConfig, EngineDead, RequestError
 from .metrics import Metrics
 from .sequence import SamplingParams, StepOutput
 from .tenants import OPEN_TENANT, KeyRing, Tenant, bearer_key
+from .warm_up import warm_up
 
 BASE_MODEL_ID = "base"
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # protocol-2+ pickles, torch.save zip archives
@@ -173,6 +174,12 @@ class Service:
         self.draining = False
 
     def start(self) -> None:
+        """Warm the engine up (CUDA: compile and capture what serving uses), then start its loop."""
+        hook, self.engine.on_finish = self.engine.on_finish, None  # warm-up requests are not traffic
+        try:
+            self.engine.warm_up_seconds = warm_up(self.engine)
+        finally:
+            self.engine.on_finish = hook
         self.engine.start()
 
     def stop(self) -> None:

@@ -30,7 +30,7 @@ def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast
     engine.runner.paged = paged
     engine.runner.fused_layer_ops = layer_ops
     engine.runner.drop_graphs()  # the start-up captures used the default layer kernels
-    engine.merger.patience, engine.merger.min_rows = 1, 1
+    engine.merger.patience, engine.merger.min_rows, engine.merger.dwell_seconds = 1, 1, 0.0
     logits, chosen = {}, {}
     real_sample = engine_module.sample
 

@@ -52,6 +52,15 @@ def test_no_top_level_folder_is_a_regular_package():
         assert not any(folder.glob("__init__.*")), f"{name}/__init__ makes the folder shadow PyPI's {name}"
 
 
+def test_no_script_folder_holds_a_module_of_those_names():
+    """`python bench/x.py` puts bench/ first on sys.path (tests/ and examples/ likewise): a bench/kernels.py
+    there was PyPI's `kernels` to every import in that process."""
+    for folder in ("bench", "tests", "examples"):
+        for name in TOP_LEVEL:
+            assert not (REPO / folder / f"{name}.py").exists(), f"{folder}/{name}.py"
+            assert not (REPO / folder / name / "__init__.py").exists(), f"{folder}/{name}/"
+
+
 def test_transformers_hub_kernels_and_peft_import_from_the_repository_root():
     r = _python("from transformers.integrations import hub_kernels; from peft import PeftModel; print('ok')")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

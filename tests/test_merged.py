@@ -29,8 +29,7 @@ def refs(tiny_base):
 
 def run(base, requests, policy):
     engine = Engine(base, EngineConfig(kv_cache_tokens=2048, merge_policy=policy))
-    engine.merger.patience = 2
-    engine.merger.min_rows = 1
+    engine.merger.patience, engine.merger.min_rows, engine.merger.dwell_seconds = 2, 1, 0.0
     outs = engine.generate(requests)
     engine.merger.wait()
     return [[t for o in out for t in o.token_ids] for out in outs], engine
@@ -106,7 +105,7 @@ def test_auto_merges_only_at_batch_sizes_where_merging_pays(tiny_base, refs):
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     only_dom = [(tok(p)["input_ids"], params, refs[0]) for p in ("x y z", "Hello there", "1 2 3 4")]
     engine = Engine(tiny_base, EngineConfig(kv_cache_tokens=2048, merge_policy="auto"))
-    engine.merger.patience, engine.merger.min_rows = 2, 1
+    engine.merger.patience, engine.merger.min_rows, engine.merger.dwell_seconds = 2, 1, 0.0
     asked = []
     engine.merger.merge_pays = lambda rows: asked.append(rows) or rows >= 8
     engine.generate(only_dom)

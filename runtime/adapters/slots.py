@@ -103,5 +103,12 @@ class AdapterSlots:
         if self._pins[slot] == 0:
             self._idle[ref.key] = slot
 
+    def drop(self, ref: AdapterRef) -> None:
+        """Evict ref's version now (it must not be pinned)."""
+        slot = self._slot_of.get(ref.key)
+        if slot is not None:
+            assert not self._pins[slot], "dropping a pinned adapter"
+            self._evict(ref.key)
+
     def slot_of(self, ref: AdapterRef) -> int | None:
         return self._slot_of.get(ref.key)

@@ -9,7 +9,7 @@ bw = adapter bytes (the weights of the n adapters) / kernel time / device-to-dev
 (bytes read + written). A bf16/fp16 correctness check against an fp32 PyTorch reference runs first.
 The summary (targets in the JSON) is measured on Llama-3.1-8B with 64 decode tokens.
 
-usage: python bench/kernels.py [--quick] [--sweep] [--no-grid] [--skip-check] [--out bench/results/kernels.json]
+usage: python bench/lora_kernels.py [--quick] [--sweep] [--no-grid] [--skip-check] [--out bench/results/kernels.json]
 """
 from __future__ import annotations
 
@@ -321,7 +321,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU")
+        sys.exit("bench/lora_kernels.py needs a CUDA GPU")
     began = time.time()
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.cuda.get_device_name()
