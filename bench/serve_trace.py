@@ -185,8 +185,10 @@ async def stream_one(client: httpx.AsyncClient, req: Request, start: float) -> d
 
 class Session:
     def __init__(self, url: str):
+        # a connection per request: a pooled one that the server closes as idle while it is reused fails the
+        # request (ReadError) on the client's side, not the server's
         self.client = httpx.AsyncClient(base_url=url, trust_env=False, timeout=httpx.Timeout(3600.0, connect=60.0),
-                                        limits=httpx.Limits(max_connections=2048, max_keepalive_connections=2048))
+                                        limits=httpx.Limits(max_connections=2048, max_keepalive_connections=0))
 
     async def stats(self) -> dict:
         r = await self.client.get("/health")
@@ -306,7 +308,7 @@ async def shape_session(args, key: str, shape: ModelShape, url: str, record: dic
         print(f"  [{key}] warm burst (base)       {brief(record['warm_burst'])}", flush=True)
         print(f"  [{key}] warm burst (adapters)   {brief(record['warm_burst_adapters'])}", flush=True)
         health = (await s.client.get("/health")).json()
-        record["nf4_calibration_us"] = engine_stats(health).get("nf4_calibration_us")
+        record["nf4_calibration_us"] = health.get("nf4_calibration_us")
         record["engine"] = {k: engine_stats(health).get(k) for k in ("max_num_seqs", "prefill_budget", "max_step_seconds",
                                                                      "warm_up_seconds", "merge_policy", "cuda_graphs",
                                                                      "prefill_seconds_per_token", "kv_blocks_total")}

@@ -40,6 +40,7 @@ from .structured import GrammarError, Grammars
 
 log = logging.getLogger("loraplex.engine")
 PREFILL_COST_EMA = 0.3  # weight of the newest step in the seconds-per-prefill-token average
+PREFILL_OUTLIER = 4.0  # a step's cost per token counts at most this many times the average
 MIN_PREFILL_CHUNK = 32  # prefill tokens per step even when decode rows alone exceed max_step_seconds
 CPU_MAX_STEP_SECONDS = 0.25
 # CUDA: a step that prefills beside running streams is one inter-token gap of each stream. 50 ms is the
@@ -303,6 +304,8 @@ class Engine:
             return
         sample = seconds / prefill_tokens
         average = self.prefill_seconds_per_token
+        if average is not None:  # one stalled step (a first kernel compile, a collection) must not shrink
+            sample = min(sample, PREFILL_OUTLIER * average)  # the budget to its floor for many steps
         average = sample if average is None else average + PREFILL_COST_EMA * (sample - average)
         self.prefill_seconds_per_token = average
         tokens = int(self.max_step_seconds / average)

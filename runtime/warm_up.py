@@ -6,9 +6,10 @@ What a cold first request used to pay (bench/profile_step.py, 1B shape on an H20
 0.04 s): Triton compiling the segmented adapter kernels for each tile configuration, the paged-attention
 and layer kernels at new row counts, and the capture of each batch size's decode graph with adapters.
 
-1. Prefills of 1, 2, 16, 32 and `max_batched_tokens` tokens, on the base model and with a rank-16 LoRA
-   on every projection: one per tile configuration of the segmented kernels (kernels/tile_config.py),
-   and the NF4, attention and layer kernels at those row counts.
+1. Prefills of 1, 2, 8, 16, 32 and `max_batched_tokens` tokens, on the base model and with a rank-16 LoRA
+   on every projection: one per tile configuration of the segmented kernels (kernels/tile_config.py) and
+   of the paged-attention prefill, and the NF4 and layer kernels at those row counts. (Kernels that take
+   the step's sequence count or table width leave them unspecialised, so no step compiles anew.)
 2. A decode step at every CUDA-graph batch size with that adapter: the decode graph of the rank-16
    launch plan per batch size (the base-only graphs are captured when the engine starts). Adapters of
    other ranks or kinds share the compiled kernels; their graphs are captured at first use.
@@ -32,7 +33,9 @@ from .sequence import SamplingParams
 
 log = logging.getLogger("loraplex.warm_up")
 WARM_UP_RANK = 16
-PREFILL_LENGTHS = (1, 2, 16, 32)  # + max_batched_tokens: one per tile configuration
+# + max_batched_tokens: one per tile configuration of the segmented kernels (1, 2, <= 16, <= 32, longer) and of
+# the paged-attention prefill (query rows x heads per KV head <= 16, 32, 64, more)
+PREFILL_LENGTHS = (1, 2, 8, 16, 32)
 
 
 def warm_up_adapter(base, rank: int = WARM_UP_RANK) -> AdapterWeights:
