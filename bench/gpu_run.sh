@@ -7,6 +7,7 @@
 #   check      the fused layer kernels' start-up self-check on this GPU
 #   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS, ARGS1B, ARGS8B: extra flags;
 #              LIMIT: seconds before it is stopped, its JSON kept as far as it got)
+#   trace1b | trace8b   bench/serve_trace.py --shapes 1b / 8b (ARGS_TRACE: extra flags)
 #   profile1b | profile8b   bench/profile_step.py (kernels by GPU time per case; ARGS_PROFILE: extra flags)
 #   background  run BG_STEPS (default "serve8b serve1b") detached (setsid) into /tmp/out, so that one run
 #              can outlast a command; later commands copy /tmp/out to $OUT
@@ -42,6 +43,10 @@ for step in "$@"; do
       timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 1b --out "$OUT/serve_gpu.json" ${ARGS1B:-${ARGS:-}} 2>&1 | tail -60 ;;
     serve8b)
       timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 8b --out "$OUT/serve_gpu.json" ${ARGS8B:-${ARGS:-}} 2>&1 | tail -60 ;;
+    trace1b|trace8b)  # bench/serve_trace.py on one shape (ARGS_TRACE: extra flags); server logs kept
+      (cd bench && timeout -k 10 ${LIMIT:-36000} python3 serve_trace.py --shapes ${step#trace} \
+        --out "$OUT/serve_trace_${step#trace}.json" ${ARGS_TRACE:-} 2>&1 | grep -vE "it/s|tensor/s|layer/s" | tail -40)
+      cp /tmp/serve_gpu/${step#trace}/server-*.log "$OUT/" 2>/dev/null ;;
     clean8b)  # the 8B checkpoint and adapters (tens of GB): room on the disk for the next shape
       rm -rf /tmp/serve_gpu/8b; df -h /tmp | tail -1 ;;
     check)
