@@ -150,3 +150,36 @@ def test_merged_copy_of_a_cpu_repacked_nf4_base_equals_its_forward(tiny_model_di
                 y[:, col:col + out] += module_delta(x.float(), m)
             col += out
         torch.testing.assert_close(merged(x).float(), y, rtol=0.02, atol=0.02)
+
+
+def test_auto_waits_its_dwell_time_before_building_and_frees_the_copy_after(tiny_base, refs, monkeypatch):
+    """Hysteresis: a dominant adapter is merged only after dwell_seconds of dominance, and its copy is freed
+    once it has not dominated for dwell_seconds (the clock is the merger's; no real waiting)."""
+    from loraplex.runtime import merged as merged_module
+    clock = [1000.0]
+    monkeypatch.setattr(merged_module.time, "monotonic", lambda: clock[0])
+    engine = Engine(tiny_base, EngineConfig(kv_cache_tokens=2048, merge_policy="auto"))
+    merger = engine.merger
+    merger.patience, merger.min_rows, merger.dwell_seconds = 1, 1, 30.0
+    dom, other = refs[0], refs[1]
+    for _ in range(5):  # dominant for 4 s: not yet
+        merger.choose([dom, dom])
+        clock[0] += 1.0
+    assert merger.builds == 0
+    clock[0] += 30.0
+    merger.choose([dom, dom])
+    merger.wait()
+    assert merger.builds == 1
+    chosen, changed = merger.choose([dom, dom])
+    assert changed and chosen is dom and merger.active is dom
+    clock[0] += 10.0
+    assert merger.choose([other, dom]) == (None, False)  # not dominant: unmerged rows, the copy kept
+    assert merger.active is dom and merger.merged_bytes > 0
+    clock[0] += 31.0
+    chosen, changed = merger.choose([other, dom])
+    assert chosen is None and changed and merger.active is None and merger.merged_bytes == 0
+
+
+def test_merge_policy_is_off_by_default(tiny_base):
+    assert EngineConfig().merge_policy == "off"
+    assert Engine(tiny_base, EngineConfig(kv_cache_tokens=1024)).stats()["merge_policy"] == "off"

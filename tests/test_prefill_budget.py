@@ -123,3 +123,37 @@ def test_running_stream_keeps_pace_while_a_long_prompt_is_admitted(long_context_
     worst_gap = max(b - a for a, b in zip(stream_times[before - 1:], stream_times[before:]))
     assert worst_gap < 0.5 * unchunked_step, (worst_gap, unchunked_step, steps)
     assert engine.scheduler.prefill_budget < 2048
+
+
+def _budget_owner(device: str, target: float = 0.05):
+    """Just what Engine._measure_prefill reads and writes."""
+    from types import SimpleNamespace
+
+    from loraplex.runtime.engine import EngineConfig
+    return SimpleNamespace(base=SimpleNamespace(device=torch.device(device)), config=EngineConfig(),
+                           max_step_seconds=target, scheduler=SimpleNamespace(prefill_budget=512),
+                           prefill_seconds_per_token=None)
+
+
+def test_cuda_budget_grows_when_steps_are_cheap_and_never_falls_below_the_chunk():
+    from loraplex.runtime.engine import Engine
+    owner = _budget_owner("cuda")
+    for _ in range(5):
+        Engine._measure_prefill(owner, 2048, 0.012)  # 1B: a 2,048-token step in 12 ms
+    assert owner.scheduler.prefill_budget == 2048
+    for _ in range(40):
+        Engine._measure_prefill(owner, 32, 0.060)  # 8B: decode rows alone take the whole target
+    assert owner.scheduler.prefill_budget == owner.config.prefill_chunk_tokens == 512
+
+
+def test_one_stalled_step_does_not_collapse_the_budget():
+    from loraplex.runtime.engine import Engine
+    owner = _budget_owner("cpu", target=0.25)
+    for _ in range(5):
+        Engine._measure_prefill(owner, 256, 0.1)  # 0.39 ms a token: budget 640
+    assert owner.scheduler.prefill_budget == 640
+    Engine._measure_prefill(owner, 256, 30.0)  # a kernel compile inside one step
+    assert owner.scheduler.prefill_budget > 640 / 3  # unclipped: 640 / 35
+    for _ in range(10):
+        Engine._measure_prefill(owner, 256, 0.1)
+    assert owner.scheduler.prefill_budget > 600
