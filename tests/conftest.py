@@ -77,18 +77,24 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, adapter_dir: Path, port: int | None = None, grpc_port: int | None = None):
+    """`loraplex serve` in a child process, healthy when constructed. exe: another install's `loraplex`;
+    env: the child's whole environment (default: this one's)."""
+
+    def __init__(self, *args: str, adapter_dir: Path, port: int | None = None, grpc_port: int | None = None,
+                 exe: str | None = None, cwd: Path | None = None, env: dict | None = None, log_level: str = "warning"):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_port = free_port() if grpc_port is None else grpc_port  # 0: no gRPC
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
-        exe = shutil.which("loraplex", path=str(Path(sys.executable).parent)) or shutil.which("loraplex")
+        exe = exe or shutil.which("loraplex", path=str(Path(sys.executable).parent)) or shutil.which("loraplex")
         cmd = [exe, "serve", "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--adapter-dir",
-               str(adapter_dir), "--log-level", "warning", *args]
-        self.log = open(adapter_dir.parent / f"server-{self.port}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+               str(adapter_dir), "--log-level", log_level, *args]
+        self.log_path = adapter_dir.parent / f"server-{self.port}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd,
+                                     env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
         self.client = httpx.Client(base_url=self.url, timeout=120)
-        deadline = time.time() + 180
+        deadline = time.time() + 240
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-3000:]}")

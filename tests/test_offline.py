@@ -12,13 +12,11 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import free_port
+from conftest import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 EXE = str(Path(sys.executable).parent / "loraplex")
@@ -96,29 +94,12 @@ def test_train_reaches_no_host_and_prints_no_hub_line(no_network_env, tiny_model
 
 
 def test_serve_reaches_no_host_and_prints_no_hub_line(no_network_env, tmp_path):
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([EXE, "serve", "--port", str(port), "--grpc-port", "0", "--adapter-dir",
-                                 str(tmp_path / "adapters")], cwd=REPO, env=no_network_env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-                deadline = time.time() + 240
-                while True:
-                    assert proc.poll() is None, log_path.read_text()[-3000:]
-                    assert time.time() < deadline, "server did not become healthy"
-                    try:
-                        if client.get("/health").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    time.sleep(0.5)
-                r = client.post("/v1/completions", json={"model": "base", "prompt": "The capital of France is",
-                                                         "max_tokens": 4, "temperature": 0})
-                assert r.status_code == 200, r.text
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-    output = log_path.read_text()
+    server = ServerProcess(adapter_dir=tmp_path / "adapters", grpc_port=0, cwd=REPO, env=no_network_env,
+                           log_level="info")
+    try:
+        assert server.complete("base", "The capital of France is", 4)["usage"]["completion_tokens"] == 4
+    finally:
+        server.stop()
+    output = server.log_path.read_text()
+    assert " on http://127.0.0.1:" in output  # the server's own log, at its default level
     assert not _hub_lines(output), _hub_lines(output)

@@ -10,13 +10,10 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import time
 import zipfile
 from pathlib import Path
 
-import httpx
-
-from conftest import free_port
+from conftest import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,28 +65,9 @@ def test_built_wheel_serves_the_default_model_from_a_fresh_venv(tmp_path):
 
     work = tmp_path / "elsewhere"
     work.mkdir()
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(tmp_path / "venv" / "bin" / "loraplex"), "serve", "--port", str(port),
-                                 "--grpc-port", str(free_port()), "--adapter-dir", str(work / "adapters")],
-                                cwd=work, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-                deadline = time.time() + 240
-                while True:
-                    assert proc.poll() is None, log_path.read_text()[-3000:]
-                    assert time.time() < deadline, "server did not become healthy"
-                    try:
-                        if client.get("/health").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    time.sleep(0.5)
-                r = client.post("/v1/completions", json={"model": "base", "prompt": "The capital of France is",
-                                                         "max_tokens": 4, "temperature": 0})
-                assert r.status_code == 200, r.text
-                assert "Paris" in r.json()["choices"][0]["text"], r.json()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    server = ServerProcess(adapter_dir=work / "adapters", exe=str(tmp_path / "venv" / "bin" / "loraplex"), cwd=work)
+    try:
+        text = server.complete("base", "The capital of France is", 4)["choices"][0]["text"]
+        assert "Paris" in text, text
+    finally:
+        server.stop()
