@@ -33,19 +33,13 @@ from .merged import Merger
 from .memory_budget import (DEFAULT_ADAPTER_SLOTS, adapter_memory_bytes, default_max_num_seqs, kv_cache_tokens,
                             make_ops)
 from .model_runner import ModelRunner
+from .prefill_budget import PrefillBudget
 from .sampler import grammar_bitmask, sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence, SeqStatus, StepOutput
 from .structured import GrammarError, Grammars
 
 log = logging.getLogger("loraplex.engine")
-PREFILL_COST_EMA = 0.3  # weight of the newest step in the seconds-per-prefill-token average
-PREFILL_OUTLIER = 4.0  # a step's cost per token counts at most this many times the average
-MIN_PREFILL_CHUNK = 32  # prefill tokens per step even when decode rows alone exceed max_step_seconds
-CPU_MAX_STEP_SECONDS = 0.25
-# CUDA: a step that prefills beside running streams is one inter-token gap of each stream. 50 ms is the
-# usual TPOT service level (vLLM / Sarathi-Serve benchmarks); the 8B shape's 2,048-token step takes ~45 ms.
-CUDA_MAX_STEP_SECONDS = 0.05
 
 
 @dataclass
@@ -60,8 +54,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only)
     merge_policy: str = "off"  # off | auto | an adapter id (see merged.py)
     merge_format: str = "auto"  # bf16 | nf4 | auto (= bf16): the merged copy's format
-    # While decode rows run, a step's prefill chunk is capped so a long prompt cannot stall the streams:
-    # the cap is sized from the measured cost per prefill token to keep such a step near max_step_seconds
+    # While decode rows run, a step's prefill chunk is capped so a long prompt cannot stall the streams,
+    # sized from measured cost to keep such a step near max_step_seconds (prefill_budget.py)
     max_step_seconds: float | None = None  # None: 0.25 s on the CPU, 0.05 s on CUDA
     prefill_chunk_tokens: int = 512  # the cap until the first measurement; on CUDA also its least value
     prefix_caching: bool = True  # share computed prompt blocks between requests (block_manager.py)
@@ -90,11 +84,9 @@ class Engine:
         tokens = kv_cache_tokens(base, config.kv_cache_tokens)
         self.blocks = BlockManager(tokens // config.block_size, config.block_size, config.prefix_caching)
         self.max_num_seqs = config.max_num_seqs or default_max_num_seqs(base, tokens)
-        if config.max_step_seconds is None:
-            cuda = base.device.type == "cuda"
-            self.max_step_seconds = CUDA_MAX_STEP_SECONDS if cuda else CPU_MAX_STEP_SECONDS
-        else:
-            self.max_step_seconds = config.max_step_seconds
+        self.prefill_budget = PrefillBudget(base.device.type, config.prefill_chunk_tokens, config.max_batched_tokens,
+                                            config.max_step_seconds)
+        self.max_step_seconds = self.prefill_budget.target_seconds
         # KV first (the runner allocates it), then the adapter pool from what is left
         self.runner = ModelRunner(base, self.blocks, None, cuda_graphs=config.cuda_graphs,
                                   max_graph_batch=self.max_num_seqs)
@@ -118,8 +110,7 @@ class Engine:
         self.grammars = Grammars(base.tokenizer, base.config.vocab_size, list(base.eos_token_ids))
         self.scheduler = Scheduler(self.blocks, self.slots, max_num_seqs=self.max_num_seqs,
                                    max_batched_tokens=config.max_batched_tokens)
-        self.scheduler.prefill_budget = config.prefill_chunk_tokens  # replaced once measured
-        self.prefill_seconds_per_token: float | None = None  # moving average over steps with prefill
+        self.scheduler.prefill_budget = self.prefill_budget.tokens  # replaced once measured
         self.max_model_len = min(getattr(base.config, "max_position_embeddings", 1 << 30),
                                  self.blocks.num_blocks * config.block_size)
         self._inbox: deque[Sequence] = deque()
@@ -216,7 +207,7 @@ class Engine:
                 "gc_seconds": gc_timer.seconds, "gc_full_collections": gc_timer.full_collections,
                 "cuda_graphs": len(self.runner.graphs), "max_num_seqs": self.max_num_seqs,
                 "prefill_budget": self.scheduler.prefill_budget, "max_step_seconds": self.max_step_seconds,
-                "prefill_seconds_per_token": self.prefill_seconds_per_token,
+                "prefill_seconds_per_token": self.prefill_budget.seconds_per_token,
                 "warm_up_seconds": self.warm_up_seconds, "merge_policy": self.merger.policy,
                 "merged_adapter": None if self.merger.active is None else self.merger.active.id,
                 "merged_bytes": self.merger.merged_bytes,
@@ -295,27 +286,6 @@ class Engine:
                 self._finish(seq, "error", error="the request's output consumer failed", notify=False)
             return False
 
-    def _measure_prefill(self, prefill_tokens: int, seconds: float) -> None:
-        """Size the prefill budget so that a step with decode rows takes about max_step_seconds (the
-        stall-free batching of Sarathi-Serve, from measured cost). A step's whole time, synchronised
-        by its sampling, is charged to its prefill tokens; the budget still settles where decode rows +
-        prefill chunk take the target (b = T / ((d + c*b) / b) has its fixed point at d + c*b = T)."""
-        if prefill_tokens == 0:
-            return
-        sample = seconds / prefill_tokens
-        average = self.prefill_seconds_per_token
-        if average is not None:  # one stalled step (a first kernel compile, a collection) must not shrink
-            sample = min(sample, PREFILL_OUTLIER * average)  # the budget to its floor for many steps
-        average = sample if average is None else average + PREFILL_COST_EMA * (sample - average)
-        self.prefill_seconds_per_token = average
-        tokens = int(self.max_step_seconds / average)
-        # CUDA: never below prefill_chunk_tokens. An eager step with decode rows has a fixed cost (the rows'
-        # own pass, host launches) that on the 8B shape alone reaches the 50 ms target; smaller chunks
-        # then cut no step time, only prefill throughput (H200, 8B, the all-at-once trace: the budget
-        # fell to 32 tokens and 5,388 steps of ~60 ms prefilled 200k tokens)
-        floor = self.config.prefill_chunk_tokens if self.base.device.type == "cuda" else MIN_PREFILL_CHUNK
-        self.scheduler.prefill_budget = min(max(tokens, floor), self.config.max_batched_tokens)
-
     def _merged_rows(self, batch: list[tuple[Sequence, int]]) -> set[int] | None:
         """Rows of a decode step that the merged weights compute (see merged.py)."""
         ref, changed = self.merger.choose([seq.adapter for seq, _ in batch])
@@ -347,7 +317,7 @@ class Engine:
         self.steps += 1
         sampled = time.perf_counter()
         if ready or self.base.device.type == "cpu":  # a step that samples nothing has not synchronised
-            self._measure_prefill(prefill_tokens, sampled - run_started)
+            self.scheduler.prefill_budget = self.prefill_budget.measure(prefill_tokens, sampled - run_started)
         if decode:
             self.decode_steps += 1
             self.decode_seconds += sampled - started

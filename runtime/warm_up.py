@@ -14,7 +14,7 @@ and layer kernels at new row counts, and the capture of each batch size's decode
    launch plan per batch size (the base-only graphs are captured when the engine starts). Adapters of
    other ranks or kinds share the compiled kernels; their graphs are captured at first use.
 3. One prefill of `max_batched_tokens` tokens after everything is compiled seeds the measured prefill
-   cost that sizes the chunked-prefill budget (Engine._measure_prefill).
+   cost that sizes the chunked-prefill budget (prefill_budget.py).
 
 Triton keeps compiled kernels in its cache directory (~/.triton/cache), so a later start compiles
 nothing. Afterwards the warm-up adapter is evicted, nothing of it stays in the prefix cache, and the
@@ -73,7 +73,7 @@ def warm_up(engine) -> float:
             for bucket in engine.runner.buckets if engine.runner.use_graphs else ():
                 engine.generate([(prompt(4), twice, ref) for _ in range(bucket)])
             engine.slots.drop(ref)
-            engine.prefill_seconds_per_token = None
+            engine.prefill_budget.forget()
             engine.generate([(prompt(longest), once, None)])  # seeds the prefill budget, compiled
     finally:
         engine.blocks.prefix_caching = caching
@@ -81,5 +81,5 @@ def warm_up(engine) -> float:
     seconds = time.perf_counter() - started
     log.info("warm-up: kernels compiled and %d decode graphs captured in %.1f s; prefill budget %d tokens "
              "a step beside decode rows (%.1f us a token)", len(engine.runner.graphs), seconds,
-             engine.scheduler.prefill_budget, 1e6 * (engine.prefill_seconds_per_token or 0.0))
+             engine.scheduler.prefill_budget, 1e6 * (engine.prefill_budget.seconds_per_token or 0.0))
     return seconds

@@ -11,6 +11,7 @@ import torch
 from loraplex.runtime.base_model import default_model_dir, load_base_model
 from loraplex.runtime.block_manager import BlockManager
 from loraplex.runtime.engine import Engine, EngineConfig
+from loraplex.runtime.prefill_budget import PrefillBudget
 from loraplex.runtime.scheduler import Scheduler
 from loraplex.runtime.sequence import SamplingParams, Sequence
 
@@ -125,35 +126,29 @@ def test_running_stream_keeps_pace_while_a_long_prompt_is_admitted(long_context_
     assert engine.scheduler.prefill_budget < 2048
 
 
-def _budget_owner(device: str, target: float = 0.05):
-    """Just what Engine._measure_prefill reads and writes."""
-    from types import SimpleNamespace
-
-    from loraplex.runtime.engine import EngineConfig
-    return SimpleNamespace(base=SimpleNamespace(device=torch.device(device)), config=EngineConfig(),
-                           max_step_seconds=target, scheduler=SimpleNamespace(prefill_budget=512),
-                           prefill_seconds_per_token=None)
-
 
 def test_cuda_budget_grows_when_steps_are_cheap_and_never_falls_below_the_chunk():
-    from loraplex.runtime.engine import Engine
-    owner = _budget_owner("cuda")
+    budget = PrefillBudget("cuda", initial_tokens=512, max_tokens=2048)
+    assert budget.target_seconds == 0.05 and budget.tokens == 512
     for _ in range(5):
-        Engine._measure_prefill(owner, 2048, 0.012)  # 1B: a 2,048-token step in 12 ms
-    assert owner.scheduler.prefill_budget == 2048
+        budget.measure(2048, 0.012)  # 1B: a 2,048-token step in 12 ms
+    assert budget.tokens == 2048
     for _ in range(40):
-        Engine._measure_prefill(owner, 32, 0.060)  # 8B: decode rows alone take the whole target
-    assert owner.scheduler.prefill_budget == owner.config.prefill_chunk_tokens == 512
+        budget.measure(32, 0.060)  # 8B: decode rows alone take the whole target
+    assert budget.tokens == 512
 
 
 def test_one_stalled_step_does_not_collapse_the_budget():
-    from loraplex.runtime.engine import Engine
-    owner = _budget_owner("cpu", target=0.25)
+    budget = PrefillBudget("cpu", initial_tokens=512, max_tokens=2048)
+    assert budget.target_seconds == 0.25
     for _ in range(5):
-        Engine._measure_prefill(owner, 256, 0.1)  # 0.39 ms a token: budget 640
-    assert owner.scheduler.prefill_budget == 640
-    Engine._measure_prefill(owner, 256, 30.0)  # a kernel compile inside one step
-    assert owner.scheduler.prefill_budget > 640 / 3  # unclipped: 640 / 35
+        budget.measure(256, 0.1)  # 0.39 ms a token: budget 640
+    assert budget.tokens == 640
+    budget.measure(256, 30.0)  # a kernel compile inside one step
+    assert budget.tokens > 640 / 3  # unclipped: 640 / 35
     for _ in range(10):
-        Engine._measure_prefill(owner, 256, 0.1)
-    assert owner.scheduler.prefill_budget > 600
+        budget.measure(256, 0.1)
+    assert budget.tokens > 600
+    for _ in range(40):
+        budget.measure(32, 1.0)  # decode rows alone over the target: the CPU floor
+    assert budget.tokens == 32
