@@ -19,6 +19,7 @@ from conftest import free_port, sse_events
 
 from loraplex.runtime.ray_serve import call_asgi, routing_id, spill_ranks
 
+REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = ("lora", "rslora", "gralora", "hybrid")
 PROMPTS = ("The capital of France is", "Count: one, two,", "def add(a, b):", "Water boils at", "My favourite colour is")
 
@@ -29,10 +30,11 @@ def ray_server(tmp_path_factory):
     port = free_port()
     exe = shutil.which("loraplex", path=str(Path(sys.executable).parent)) or shutil.which("loraplex")
     log = open(root / "serve-ray.log", "w")
-    proc = subprocess.Popen([exe, "serve-ray", "--replicas", "2", "--port", str(port), "--adapter-dir",
-                             str(root / "adapters"), "--dtype", "float32", "--max-gpu-adapters", "4",
+    # from the repository root, as a user starts it (its replicas then have the root on sys.path: issue #18)
+    proc = subprocess.Popen([exe, "serve-ray", "--replicas", "2", "--replica-cpus", "1", "--port", str(port),
+                             "--adapter-dir", str(root / "adapters"), "--dtype", "float32", "--max-gpu-adapters", "4",
                              "--max-adapter-mb", "64", "--max-num-seqs", "2", "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     try:
         deadline = time.time() + 300
@@ -54,6 +56,7 @@ def ray_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        assert proc.returncode == 0, "serve-ray did not stop cleanly:\n" + (root / "serve-ray.log").read_text()[-3000:]
 
 
 def _upload(client: httpx.Client, adapter_id: str, directory: Path) -> httpx.Response:
