@@ -280,9 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stay_offline()
+    stay_offline(import_bitsandbytes=False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command != "adapters":  # the client commands load no model (2.5 s less on a 2-core CPU)
+        stay_offline()
     args.func(args)
 
 

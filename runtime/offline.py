@@ -25,10 +25,11 @@ class _DropHubKernelWarning(logging.Filter):
         return not str(record.msg).startswith(HUB_KERNEL_WARNING)
 
 
-def stay_offline() -> None:
+def stay_offline(import_bitsandbytes: bool = True) -> None:
+    """import_bitsandbytes=False: only the offline switches (a process that never loads a model)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+    if not import_bitsandbytes or "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
         return
     kernels = sys.modules.get("kernels")
     sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError: no fetch
