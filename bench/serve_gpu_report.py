@@ -98,7 +98,7 @@ def met(value, target: str):
     if not number(value) or target == "reported":
         return None
     op, bound = target.split()
-    return value <= float(bound) if op == "<=" else value >= float(bound)
+    return {"<=": value <= float(bound), ">=": value >= float(bound), "<": value < float(bound)}[op]
 
 
 def fmt(x, digits=2) -> str:

@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 import traceback
@@ -58,7 +57,7 @@ from serve_gpu import Server, engine_stats
 from serve_gpu_device import in_fresh_process, prepare_device, prompt_ids
 from serve_gpu_models import (SHAPES, AdapterSpec, ModelShape, RandomPool, adapter_payload, base_bytes_per_step,
                               kv_bytes_per_token, mix_specs)
-from serve_gpu_report import number, ratio
+from serve_gpu_report import met, number, ratio
 
 SLO_TTFT_S, SLO_TPOT_S = 1.0, 0.050
 TARGETS = {"trace_inf_base_over_floor": "<= 2.5", "trace_inf_adapters_over_base": ">= 0.85",
@@ -351,13 +350,6 @@ def summarize(record: dict) -> dict:
                                                          record.get("warm_burst_adapters", {}).get("ttft_p50_ms")),
             "prefill_mfu_2048": record.get("prefill", {}).get("mfu"),
             "nf4_over_dense_max": nf4_over_dense_max(record.get("nf4_calibration_us"))}
-
-
-def met(value, target: str):
-    if not number(value) or target == "reported":
-        return None
-    op, bound = target.split()
-    return {"<=": value <= float(bound), ">=": value >= float(bound), "<": value < float(bound)}[op]
 
 
 def plot(result: dict, path: Path) -> bool:

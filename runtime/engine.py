@@ -86,7 +86,6 @@ class Engine:
         self.max_num_seqs = config.max_num_seqs or default_max_num_seqs(base, tokens)
         self.prefill_budget = PrefillBudget(base.device.type, config.prefill_chunk_tokens, config.max_batched_tokens,
                                             config.max_step_seconds)
-        self.max_step_seconds = self.prefill_budget.target_seconds
         # KV first (the runner allocates it), then the adapter pool from what is left
         self.runner = ModelRunner(base, self.blocks, None, cuda_graphs=config.cuda_graphs,
                                   max_graph_batch=self.max_num_seqs)
@@ -125,6 +124,11 @@ class Engine:
         self.reset_counters()
         self.warm_up_seconds = 0.0  # set by warm_up.py
         self.on_finish: Callable[[Sequence], None] | None = None  # metrics hook
+
+    @property
+    def max_step_seconds(self) -> float:
+        """The step-time target of a step that prefills beside decode rows (and of the largest decode batch)."""
+        return self.prefill_budget.target_seconds
 
     def reset_counters(self) -> None:
         """Zero the step counters (at start, and after the warm-up)."""
