@@ -8,6 +8,7 @@
 #   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS, ARGS1B, ARGS8B: extra flags;
 #              LIMIT: seconds before it is stopped, its JSON kept as far as it got)
 #   trace1b | trace8b   bench/serve_trace.py --shapes 1b / 8b (ARGS_TRACE: extra flags)
+#   host1b | host8b   bench/step_host.py (host vs GPU time of eager steps, cProfile; ARGS_HOST: extra flags)
 #   profile1b | profile8b   bench/profile_step.py (kernels by GPU time per case; ARGS_PROFILE: extra flags)
 #   background  run BG_STEPS (default "serve8b serve1b") detached (setsid) into /tmp/out, so that one run
 #              can outlast a command; later commands copy /tmp/out to $OUT
@@ -52,6 +53,8 @@ for step in "$@"; do
     check)
       python3 -c "import torch; from loraplex.kernels.layer_ops import self_check as c
 print('layer_ops self-check bf16:', c(torch.device('cuda'), torch.bfloat16) or 'ok', '| fp32:', c(torch.device('cuda'), torch.float32) or 'ok')" ;;
+    host1b|host8b)  # bench/step_host.py: host vs GPU time of eager steps (ARGS_HOST: extra flags)
+      python3 bench/step_host.py --shape ${step#host} --out "$OUT/step_host_${step#host}.json" ${ARGS_HOST:-} 2>&1 | tail -${TAIL:-300} ;;
     profile1b)
       python3 bench/profile_step.py --shape 1b --out "$OUT/profile_step_1b.json" ${ARGS_PROFILE:-} 2>&1 | tail -400 ;;
     profile8b)

@@ -33,6 +33,8 @@ from .weight_pool import WeightPool
 # Decode under CUDA graphs: rows of one adapter share its weights through L2 rather than a tile, so
 # the launch plan (part of a graph's key) does not change with how rows spread over adapters.
 GRAPH_DECODE_CONFIG = choose_tile_config(1)
+# Mixed steps under CUDA graphs (prefill chunks beside decode rows): prefill tiles, whatever the segments.
+MIXED_GRAPH_CONFIG = choose_tile_config(64)
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,10 @@ class TritonAdapterOps(AdapterOps):
         self.hybrid_passes = 1  # 2: the hybrid general part gets its own expand launch
         # Programmatic dependent launch: each kernel starts while the previous one drains (Hopper+).
         self.pdl = self.cuda and not interpreting() and torch.cuda.get_device_capability(self.device)[0] >= 9
-        self.graph_rows = 64  # rows of the fixed-address metadata buffers for CUDA graphs
-        self._graph_order: torch.Tensor | None = None
-        self._graph_tiles: torch.Tensor | None = None
+        self.graph_rows = 64  # rows (sequences) of a CUDA-graph step: the fixed-address metadata buffers' size
+        self.graph_tokens = 0  # tokens of the largest mixed CUDA-graph step
+        # fixed-address (token order, tiles) buffers that captured graphs read: decode (False), mixed (True)
+        self._graph_buffers: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         # A running batch keeps its rows' slots from one decode step to the next: the last graph step's
         # metadata (its key, the result) is reused while the slots and residency stay as they were
         self._residency = 0  # bumped by every load and evict
@@ -218,30 +221,45 @@ class TritonAdapterOps(AdapterOps):
             num_tiles=num_tiles,
             has_dora=any(p.has_dora for p in used))
 
-    def metadata(self, token_slots: list[int], pad_to: int | None = None) -> StepSegments:
-        """pad_to: a CUDA-graph batch size; the step's tensors are then written into fixed buffers
-        of that many rows and tiles (padding tiles point at the null slot), with one tile per row
-        whatever the segment lengths, so that one graph serves every mix of a batch's adapters."""
+    def metadata(self, token_slots: list[int], pad_to: int | None = None, mixed: bool = False) -> StepSegments:
+        """pad_to: a CUDA-graph token count; the step's tensors are then written into fixed buffers of that
+        many rows and a fixed number of tiles (padding tiles point at the null slot), so that one graph
+        serves every mix of the step's adapters. A decode graph (mixed=False) gets one tile per row
+        whatever the segment lengths; a mixed graph (prefill chunks beside decode rows, up to
+        `graph_tokens` tokens and `graph_rows` sequences) gets prefill-sized tiles, as many as any step
+        of pad_to tokens over at most graph_rows segments can need."""
         if pad_to is None:
             return self.extend(build_segments(token_slots, self.device))
-        key = (tuple(token_slots), pad_to, self._residency, self.tile_config)
+        key = (tuple(token_slots), pad_to, mixed, self._residency, self.tile_config)
         if self._last_graph_meta is not None and self._last_graph_meta[0] == key:
             return self._last_graph_meta[1]  # the fixed buffers hold this step's values already
         seg = build_segments(token_slots, "cpu")
-        config = self.tile_config or GRAPH_DECODE_CONFIG
+        if mixed:
+            config = self.tile_config or MIXED_GRAPH_CONFIG
+            num_tiles = -(-pad_to // config.block_m) + min(self.graph_rows, self.num_slots)
+            capacity = (max(self.graph_tokens, pad_to), -(-max(self.graph_tokens, pad_to) // config.block_m)
+                        + min(self.graph_rows, self.num_slots))
+        else:
+            config = self.tile_config or GRAPH_DECODE_CONFIG
+            num_tiles = pad_to
+            capacity = (max(pad_to, self.graph_rows),) * 2
         tiles = self._tiles(seg, config.block_m)
-        tiles += [(self.null_slot, 0, 0)] * (pad_to - len(tiles))
+        assert len(tiles) <= num_tiles
+        tiles += [(self.null_slot, 0, 0)] * (num_tiles - len(tiles))
         order = seg.token_order.tolist() + [0] * (pad_to - len(seg.token_order))
-        if self._graph_order is None or self._graph_order.shape[0] < pad_to:  # (captured graphs hold these)
-            rows = max(pad_to, self.graph_rows)
-            self._graph_order = torch.zeros(rows, dtype=torch.int64, device=self.device)
-            self._graph_tiles = torch.zeros(rows, 3, dtype=torch.int32, device=self.device)
+        buffers = self._graph_buffers.get(mixed)
+        if buffers is None or buffers[0].shape[0] < capacity[0] or buffers[1].shape[0] < capacity[1]:
+            # allocated once at the largest size: captured graphs keep reading these addresses
+            buffers = self._graph_buffers[mixed] = (
+                torch.zeros(capacity[0], dtype=torch.int64, device=self.device),
+                torch.zeros(capacity[1], 3, dtype=torch.int32, device=self.device))
+        graph_order, graph_tiles = buffers
         host_order = torch.tensor(order, dtype=torch.int64, pin_memory=self.cuda)
         host_tiles = torch.tensor(tiles, dtype=torch.int32, pin_memory=self.cuda)
-        self._graph_order[:pad_to].copy_(host_order, non_blocking=True)
-        self._graph_tiles[:pad_to].copy_(host_tiles, non_blocking=True)
-        fields = {**vars(seg), "token_order": self._graph_order[:pad_to]}
-        meta = StepSegments(**fields, tiles=self._graph_tiles[:pad_to], plan=self.plan(seg, pad_to, config))
+        graph_order[:pad_to].copy_(host_order, non_blocking=True)
+        graph_tiles[:num_tiles].copy_(host_tiles, non_blocking=True)
+        fields = {**vars(seg), "token_order": graph_order[:pad_to]}
+        meta = StepSegments(**fields, tiles=graph_tiles[:num_tiles], plan=self.plan(seg, num_tiles, config))
         self._last_graph_meta = (key, meta)
         return meta
 

@@ -32,7 +32,7 @@ from .gc_timer import gc_timer
 from .merged import Merger
 from .memory_budget import (DEFAULT_ADAPTER_SLOTS, adapter_memory_bytes, default_max_num_seqs, kv_cache_tokens,
                             make_ops)
-from .model_runner import ModelRunner
+from .model_runner import MIXED_QUANTUM, ModelRunner
 from .prefill_budget import PrefillBudget
 from .sampler import grammar_bitmask, sample, token_logprobs
 from .scheduler import Scheduler
@@ -88,7 +88,7 @@ class Engine:
                                             config.max_step_seconds)
         # KV first (the runner allocates it), then the adapter pool from what is left
         self.runner = ModelRunner(base, self.blocks, None, cuda_graphs=config.cuda_graphs,
-                                  max_graph_batch=self.max_num_seqs)
+                                  max_graph_batch=self.max_num_seqs, max_graph_tokens=config.max_batched_tokens)
         adapter_bytes = adapter_memory_bytes(base, config.adapter_memory)
         num_slots = config.max_gpu_adapters or DEFAULT_ADAPTER_SLOTS
         self.ops = make_ops(config.adapter_ops, base, num_slots, adapter_bytes)
@@ -103,6 +103,7 @@ class Engine:
         if base.quantization == "nf4" and merge_format == "bf16":
             self.merger.merge_pays = _dense_beats_nf4
         self.runner.capture_base_graphs()
+        self.runner.capture_mixed_graphs()
         if config.max_num_seqs is None and self.runner.use_graphs:  # the KV-sized default, if a step keeps pace
             self.max_num_seqs = self.runner.largest_batch_within(self.max_step_seconds)
         self.detokenizer = Detokenizer(base.tokenizer)
@@ -110,6 +111,8 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, self.slots, max_num_seqs=self.max_num_seqs,
                                    max_batched_tokens=config.max_batched_tokens)
         self.scheduler.prefill_budget = self.prefill_budget.tokens  # replaced once measured
+        if self.runner.use_graphs:  # a step's tokens fill its mixed graph's bucket (no padding computed)
+            self.scheduler.token_quantum = MIXED_QUANTUM
         self.max_model_len = min(getattr(base.config, "max_position_embeddings", 1 << 30),
                                  self.blocks.num_blocks * config.block_size)
         self._inbox: deque[Sequence] = deque()
@@ -209,7 +212,7 @@ class Engine:
                 "graph_gpu_seconds": self.runner.graph_gpu_seconds, "prefill_seconds": self.prefill_seconds,
                 "bookkeeping_seconds": self.bookkeeping_seconds, "idle_seconds": self.idle_seconds,
                 "gc_seconds": gc_timer.seconds, "gc_full_collections": gc_timer.full_collections,
-                "cuda_graphs": len(self.runner.graphs), "max_num_seqs": self.max_num_seqs,
+                "cuda_graphs": len(self.runner.graphs) + len(self.runner.mixed_graphs), "max_num_seqs": self.max_num_seqs,
                 "prefill_budget": self.scheduler.prefill_budget, "max_step_seconds": self.max_step_seconds,
                 "prefill_seconds_per_token": self.prefill_budget.seconds_per_token,
                 "warm_up_seconds": self.warm_up_seconds, "merge_policy": self.merger.policy,

@@ -3,7 +3,12 @@
 Decode steps (one token per sequence) on CUDA replay a CUDA graph captured per (batch-size bucket,
 adapter launch plan, merged mode): the step's inputs are written into fixed buffers that the graph
 reads, padding rows write their K/V into one spare cache block and use no adapter. Other steps
-(prefills, chunked prefills mixed with decodes) run eagerly. On CUDA attention reads the KV pages
+(prefills, chunked prefills beside decode rows) replay a mixed graph captured per (token-count bucket,
+adapter launch plan): an eager step of this kind is bound by the host launching ~20 kernels a layer
+(bench/step_host.py: host time = GPU time, 1B on an H100), which a replay removes. Padding tokens
+belong to no sequence (the attention writes nothing for them) and write their K/V into the spare block;
+padding sequences have no tokens. Steps a graph cannot take (all-position logits, merged rows, more
+tokens than the largest bucket) run eagerly. On CUDA attention reads the KV pages
 directly (loraplex.kernels.paged_attention) and a layer's norms, rotary embedding + cache write and
 SiLU-mul run as fused kernels (loraplex.kernels.layer_ops); on the CPU it gathers each context and
 runs plain PyTorch (the reference path).
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .adapters.ops import AdapterOps
@@ -28,6 +34,14 @@ log = logging.getLogger(__name__)
 def kv_bytes_per_token(base: BaseModel) -> int:
     cfg = base.config
     return 2 * cfg.num_hidden_layers * n_kv_heads(cfg) * head_dim(cfg) * torch.finfo(base.dtype).bits // 8
+
+
+MIXED_QUANTUM = 128  # token counts of mixed graphs: multiples of this (the scheduler fills a step up to one)
+
+
+def mixed_buckets(max_tokens: int) -> list[int]:
+    """Token counts with a captured mixed-step graph: every MIXED_QUANTUM tokens up to max_tokens."""
+    return list(range(MIXED_QUANTUM, max_tokens + MIXED_QUANTUM, MIXED_QUANTUM))
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -47,7 +61,7 @@ class _DecodeGraph:
 
 class ModelRunner:
     def __init__(self, base: BaseModel, blocks: BlockManager, ops: AdapterOps | None, *,
-                 cuda_graphs: bool = True, max_graph_batch: int = 64):
+                 cuda_graphs: bool = True, max_graph_batch: int = 64, max_graph_tokens: int = 2048):
         self.base = base
         self.blocks = blocks
         self.ops = ops
@@ -67,6 +81,8 @@ class ModelRunner:
         self.use_graphs = cuda and cuda_graphs
         self.buckets = graph_buckets(max_graph_batch)
         self.graphs: dict[tuple, _DecodeGraph] = {}
+        self.mixed_buckets = mixed_buckets(max_graph_tokens) if self.use_graphs else []
+        self.mixed_graphs: dict[tuple, _DecodeGraph] = {}  # (token bucket, launch plan) -> graph
         self.graph_pool = None
         if self.use_graphs:
             n, width = self.buckets[-1], -(-base.config.max_position_embeddings // blocks.block_size)
@@ -83,6 +99,17 @@ class ModelRunner:
                 "query_start": torch.arange(n + 1, **i32),
                 "merged_rows": torch.zeros(n, dtype=torch.bool, device=self.device),
             }
+            # mixed steps: token rows (ids, positions, slots) and sequence rows (context length, query
+            # start, logits row), staged in pinned memory and copied in one go each
+            t = self.mixed_buckets[-1]
+            self.mixed_rows = n
+            self.mixed_staging_tokens = torch.zeros(3, t, dtype=torch.long, pin_memory=True)
+            self.mixed_staging_seqs = torch.zeros(3, n + 1, dtype=torch.int32, pin_memory=True)
+            self.mixed_staging_tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=True)
+            self.mixed_tokens = torch.zeros(3, t, dtype=torch.long, device=self.device)
+            self.mixed_seqs = torch.zeros(3, n + 1, **i32)
+            self.mixed_tables = torch.zeros(n, width, **i32)
+            self.mixed_logits_idx = torch.zeros(n, dtype=torch.long, device=self.device)
         self.attach_ops(ops)
         self.graph_steps = 0
         # GPU time of the graph replays (CUDA events, read one replay late, when it is complete): beside the
@@ -101,6 +128,7 @@ class ModelRunner:
         self.ops = ops
         if self.use_graphs and ops is not None:
             ops.graph_rows = self.buckets[-1]
+            ops.graph_tokens = self.mixed_buckets[-1]
 
     # -- eager steps -----------------------------------------------------------------------
     def _context(self, batch: list[tuple[Sequence, int]], all_logits: bool,
@@ -183,6 +211,8 @@ class ModelRunner:
                 (self.ops is None or getattr(self.ops, "graph_safe", False)
                  or all(s == NO_ADAPTER for s in token_slots)):
             logits = self._replay(batch, token_slots, merged or set())
+        elif self._mixed_graph_fits(batch, token_slots, all_logits, merged):
+            logits = self._replay_mixed(batch, token_slots)
         else:
             input_ids, ctx = self._context(batch, all_logits, token_slots)
             if merged:
@@ -238,6 +268,98 @@ class ModelRunner:
         self._replay_events = (start, end)
         self.graph_steps += 1
         return entry.logits[:B]
+
+    # -- CUDA-graph mixed steps -------------------------------------------------------------
+    def _mixed_graph_fits(self, batch, token_slots: list[int], all_logits: bool, merged) -> bool:
+        return (self.use_graphs and self.paged and not all_logits and not merged and len(batch) <= self.mixed_rows
+                and sum(n for _, n in batch) <= self.mixed_buckets[-1]
+                and (self.ops is None or getattr(self.ops, "graph_safe", False)
+                     or all(s == NO_ADAPTER for s in token_slots)))
+
+    def _replay_mixed(self, batch: list[tuple[Sequence, int]], token_slots: list[int]) -> torch.Tensor:
+        T = sum(n for _, n in batch)
+        bucket = next(b for b in self.mixed_buckets if b >= T)
+        B, size = len(batch), self.blocks.block_size
+        torch.cuda.current_stream(self.device).synchronize()  # the last copy out of the staging buffers
+        tokens = self.mixed_staging_tokens.numpy()
+        seqs = self.mixed_staging_seqs.numpy()
+        tables = self.mixed_staging_tables.numpy()
+        tokens[:, T:bucket] = 0
+        tokens[2, T:bucket] = self.spare_slot  # padding tokens write their K/V into the spare block
+        width, start, num_logits = 0, 0, 0
+        for i, (seq, n) in enumerate(batch):
+            begin, table = seq.num_computed, seq.block_table
+            end = start + n
+            if n == 1:
+                tokens[0, start], tokens[1, start] = seq.token_ids[begin], begin
+                tokens[2, start] = table[begin // size] * size + begin % size
+            else:
+                positions = np.arange(begin, begin + n)
+                tokens[0, start:end] = seq.token_ids[begin:begin + n]
+                tokens[1, start:end] = positions
+                tokens[2, start:end] = np.asarray(table)[positions // size] * size + positions % size
+            seqs[0, i], seqs[1, i] = begin + n, start
+            if begin + n == len(seq):
+                seqs[2, num_logits] = end - 1
+                num_logits += 1
+            tables[i, :len(table)] = table
+            width = max(width, len(table))
+            start = end
+        seqs[0, B:] = 0  # padding sequences: no context, no query rows
+        seqs[1, B:] = T
+        seqs[2, num_logits:] = 0
+        self.mixed_tokens[:, :bucket].copy_(self.mixed_staging_tokens[:, :bucket], non_blocking=True)
+        self.mixed_seqs.copy_(self.mixed_staging_seqs, non_blocking=True)
+        self.mixed_tables[:B, :width].copy_(self.mixed_staging_tables[:B, :width], non_blocking=True)
+        self.mixed_logits_idx.copy_(self.mixed_seqs[2, :self.mixed_rows])
+
+        lora_meta, plan = None, None
+        if any(t != NO_ADAPTER for t in token_slots):
+            lora_meta = self.ops.metadata(token_slots + [NO_ADAPTER] * (bucket - T), pad_to=bucket, mixed=True)
+            plan = lora_meta.plan
+        key = (bucket, plan)
+        entry = self.mixed_graphs.get(key)
+        if entry is None:
+            entry = self.mixed_graphs[key] = self._capture_mixed(bucket, lora_meta)
+        entry.graph.replay()
+        self.graph_steps += 1
+        return entry.logits[:num_logits]
+
+    def _mixed_context(self, bucket: int, lora_meta) -> StepContext:
+        n = self.mixed_rows
+        ctx = StepContext(positions=self.mixed_tokens[1, :bucket], slot_mapping=self.mixed_tokens[2, :bucket],
+                          paged=PagedAttentionMeta(self.mixed_tables, self.mixed_seqs[0, :n], self.mixed_seqs[1],
+                                                   bucket, self.blocks.block_size),
+                          logits_idx=self.mixed_logits_idx, fused_layer_ops=self.fused_layer_ops)
+        if lora_meta is not None:
+            ctx.lora, ctx.lora_meta = self.ops, lora_meta
+        return ctx
+
+    def _capture_mixed(self, bucket: int, lora_meta) -> _DecodeGraph:
+        ctx = self._mixed_context(bucket, lora_meta)
+        ids = self.mixed_tokens[0, :bucket]
+        self.base.model(ids, ctx)  # warm-up: compiles kernels; writes the same K/V the replay will
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
+            logits = self.base.model(ids, ctx)
+        if self.graph_pool is None:
+            self.graph_pool = graph.pool()
+        return _DecodeGraph(graph, logits)
+
+    @torch.inference_mode()
+    def capture_mixed_graphs(self) -> None:
+        """Capture the base-only mixed graph of every token bucket (largest first: later ones reuse its
+        memory), on padding only: no sequence, every token's K/V into the spare block."""
+        if not self.use_graphs:
+            return
+        self.mixed_tokens.zero_()
+        self.mixed_tokens[2].fill_(self.spare_slot)
+        self.mixed_seqs.zero_()
+        self.mixed_logits_idx.zero_()
+        for bucket in reversed(self.mixed_buckets):
+            if (bucket, None) not in self.mixed_graphs:
+                self.mixed_graphs[(bucket, None)] = self._capture_mixed(bucket, None)
 
     def _graph_context(self, bucket: int, lora_meta, mode: str | None) -> StepContext:
         s = self.static
@@ -300,5 +422,7 @@ class ModelRunner:
         return bucket
 
     def drop_graphs(self, merged_only: bool = False) -> None:
-        """Forget captured graphs (all, or those that use the merged weights)."""
+        """Forget captured graphs (all, or those that use the merged weights: decode graphs only)."""
         self.graphs = {k: g for k, g in self.graphs.items() if merged_only and k[2] is None}
+        if not merged_only:
+            self.mixed_graphs = {}

@@ -31,6 +31,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.prefill_budget: int | None = None  # prefill tokens per step while decode rows run (None: no cap)
+        # A step with prompt tokens may take up to the next multiple of this many tokens in all (decode rows
+        # + chunks) beyond prefill_budget: its CUDA graph computes that many anyway (model_runner.py)
+        self.token_quantum = 1
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -65,8 +68,11 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, number of its tokens to compute this step) pairs."""
         budget = self.max_batched_tokens
-        decoding = any(len(seq) - seq.num_computed == 1 for seq in self.running)
+        decoding = sum(len(seq) - seq.num_computed == 1 for seq in self.running)
         prefill_budget = budget if self.prefill_budget is None or not decoding else self.prefill_budget
+        if decoding and prefill_budget < budget:
+            q = self.token_quantum
+            prefill_budget = min(-(-(decoding + prefill_budget) // q) * q - decoding, budget - decoding)
         batch: list[tuple[Sequence, int]] = []
         # decode rows first (stable sort keeps admission order), then chunks of prompts being prefilled
         for seq in sorted(self.running, key=lambda s: len(s) - s.num_computed > 1):

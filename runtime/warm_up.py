@@ -9,7 +9,9 @@ and layer kernels at new row counts, and the capture of each batch size's decode
 1. Prefills of 1, 2, 8, 16, 32 and `max_batched_tokens` tokens, on the base model and with a rank-16 LoRA
    on every projection: one per tile configuration of the segmented kernels (kernels/tile_config.py) and
    of the paged-attention prefill, and the NF4 and layer kernels at those row counts. (Kernels that take
-   the step's sequence count or table width leave them unspecialised, so no step compiles anew.)
+   the step's sequence count or table width leave them unspecialised, so no step compiles anew.) With
+   the adapter also one prefill per mixed-step token bucket: the mixed graphs of the rank-16 launch plan
+   (the base-only ones are captured when the engine starts).
 2. A decode step at every CUDA-graph batch size with that adapter: the decode graph of the rank-16
    launch plan per batch size (the base-only graphs are captured when the engine starts). Adapters of
    other ranks or kinds share the compiled kernels; their graphs are captured at first use.
@@ -67,8 +69,10 @@ def warm_up(engine) -> float:
     longest = min(engine.config.max_batched_tokens, engine.max_model_len - 2)
     try:
         with torch.inference_mode():
+            # the mixed-step graph of every token bucket with the adapter (the base ones are captured at start)
+            buckets = tuple(b for b in engine.runner.mixed_buckets if b <= longest)
             for adapter in (None, ref):
-                for n in PREFILL_LENGTHS + (longest,):
+                for n in sorted(set(PREFILL_LENGTHS + (longest,) + (buckets if adapter is not None else ()))):
                     engine.generate([(prompt(n), once, adapter)])
             for bucket in engine.runner.buckets if engine.runner.use_graphs else ():
                 engine.generate([(prompt(4), twice, ref) for _ in range(bucket)])

@@ -234,6 +234,28 @@ def test_graph_metadata_is_reused_while_slots_and_residency_stay():
 
 
 @needs_interpreter
+def test_mixed_graph_metadata_pads_prefill_tiles():
+    """A mixed CUDA-graph step (prefill chunks beside decode rows, padded to a token bucket): prefill tiles
+    padded with null-slot tiles to a count that any step of that bucket fits, in buffers whose address
+    stays for every bucket; the deltas equal the reference for the real rows and leave padding alone."""
+    adapters = {0: make_adapter(r=8, seed=80), 1: make_adapter(k=2, r=16, seed=81)}
+    ops = make_ops(adapters)
+    ops.graph_rows, ops.graph_tokens = 8, 256
+    slots = [1] * 70 + [0, -1, 1] + [0] * 20  # a 70-token chunk, three decode rows, a 20-token chunk
+    padded = slots + [-1] * (128 - len(slots))
+    meta = ops.metadata(padded, pad_to=128, mixed=True)
+    block_m = meta.plan.config.block_m
+    assert meta.tiles.shape[0] == meta.plan.num_tiles == 128 // block_m + 8
+    real = [t for t in meta.tiles.tolist() if t[0] != ops.null_slot]
+    assert sum(min(end - first, block_m) for _, first, end in real) == sum(s != -1 for s in slots)
+    run_and_check(ops, adapters, padded, QKV, meta=meta)
+    run_and_check(ops, adapters, padded, GATE_UP, meta=meta)
+    larger = ops.metadata([0] * 200 + [-1] * 56, pad_to=256, mixed=True)
+    assert larger.tiles.data_ptr() == meta.tiles.data_ptr()  # captured graphs keep their addresses
+    assert larger.token_order.data_ptr() == meta.token_order.data_ptr()
+
+
+@needs_interpreter
 def test_weight_pool_first_fit_and_merge():
     pool = WeightPool("cpu", torch.float32)
     a, b, c = pool.allocate(100), pool.allocate(64), pool.allocate(10)

@@ -1,0 +1,174 @@
+"""Where an eager step's wall time goes: host work (building inputs, launching kernels) against GPU time (GPU).
+
+Loads a random-weight checkpoint of a bench/serve_gpu.py shape in-process (NF4), builds steps of the
+kinds a serving trace runs eagerly (a long prefill, several prompts, decode rows beside a prefill chunk;
+base and with distinct adapters), and for each one, after warm-up:
+- host_ms: from calling the model runner until it returns (the GPU still running),
+- gpu_ms: CUDA events around the step,
+- wall_ms: until the GPU is done,
+then cProfile's hottest functions for one step. A step is host-bound when host_ms ≈ wall_ms ≈ gpu_ms
+(the GPU waits for launches). Steps that the runner replays as mixed CUDA graphs also report their logits' relative difference from the eager path.
+Writes bench/results/step_host.json (or --out) and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import itertools
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve_gpu_models  # noqa: E402
+from profile_step import adapter  # noqa: E402
+
+from loraplex.runtime.adapters.registry import AdapterRef  # noqa: E402
+from loraplex.runtime.adapters.slots import LOADING  # noqa: E402
+from loraplex.runtime.base_model import load_base_model  # noqa: E402
+from loraplex.runtime.engine import Engine, EngineConfig  # noqa: E402
+from loraplex.runtime.sampler import sample  # noqa: E402
+from loraplex.runtime.sequence import SamplingParams, Sequence  # noqa: E402
+from loraplex.runtime.warm_up import warm_up  # noqa: E402
+
+# case -> (decode rows, prefill chunks as (prompt tokens, chunk tokens), adapters: none | distinct)
+CASES = {
+    "prefill_2048": (0, [(2048, 2048)], "none"),
+    "prefill_2048_adapter": (0, [(2048, 2048)], "distinct"),
+    "four_prefill_512_adapters": (0, [(512, 512)] * 4, "distinct"),
+    "mixed_64d_512p": (64, [(1024, 512)], "none"),
+    "mixed_64d_512p_adapters": (64, [(1024, 512)], "distinct"),
+    "mixed_200d_256p": (200, [(1024, 256)], "none"),
+    "mixed_200d_256p_adapters": (200, [(1024, 256)], "distinct"),
+}
+
+
+def build(engine: Engine, refs, decode_rows: int, chunks, kind: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.base.config.vocab_size
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    batch, owners = [], itertools.cycle(refs)
+    specs = [(300, 1)] * decode_rows + list(chunks)
+    for prompt_len, n in specs:
+        ref = next(owners) if kind == "distinct" else None
+        seq = Sequence(torch.randint(4, vocab, (prompt_len,), generator=g).tolist(), params, ref, lambda out: None)
+        if ref is not None:
+            seq.adapter_slot = engine.slots.acquire(ref)
+            while seq.adapter_slot == LOADING:
+                torch.cuda.synchronize()
+                seq.adapter_slot = engine.slots.acquire(ref)
+            assert seq.adapter_slot is not None, "more distinct adapters than slots"
+        engine.blocks.allocate(seq, prompt_len)
+        seq.num_computed = prompt_len - 1 if n == 1 else prompt_len - n  # K/V before it: whatever the cache holds
+        batch.append((seq, n))
+    return batch
+
+
+def run_once(engine: Engine, batch, computed) -> tuple[float, float, float]:
+    for (seq, _), c in zip(batch, computed):
+        seq.num_computed = c
+    ready = [seq for seq, n in batch if seq.num_computed + n == len(seq)]
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    logits = engine.runner.run(batch)
+    t1 = time.perf_counter()
+    end.record()
+    sample(logits, ready, None)  # the engine's one device->host copy (synchronises)
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, start.elapsed_time(end), (t2 - t0) * 1e3
+
+
+def graph_vs_eager(engine: Engine, batch, computed) -> tuple[float, float] | None:
+    """Relative difference of the step's logits between the mixed CUDA graph and the eager path, and for
+    scale the eager path's own with the adapter kernels' split-K forced to 1 (another summation order)."""
+    runner = engine.runner
+    if not runner.mixed_graphs:
+        return None
+    results = []
+    for eager, splits in ((False, None), (True, None), (True, 1)):
+        for (seq, _), c in zip(batch, computed):
+            seq.num_computed = c
+        if eager:
+            runner._mixed_graph_fits = lambda *args: False
+        engine.ops.num_splits = splits
+        try:
+            results.append(runner.run(batch).float().clone())
+        finally:
+            runner.__dict__.pop("_mixed_graph_fits", None)
+            engine.ops.num_splits = None
+    graph, eager, eager_one_split = results
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    return rel(graph, eager), rel(eager_one_split, eager)
+
+
+def measure(engine: Engine, batch, repeats: int) -> dict:
+    computed = [seq.num_computed for seq, _ in batch]
+    for _ in range(3):
+        run_once(engine, batch, computed)
+    rows = [run_once(engine, batch, computed) for _ in range(repeats)]
+    prof = cProfile.Profile()
+    for (seq, _), c in zip(batch, computed):
+        seq.num_computed = c
+    torch.cuda.synchronize()
+    prof.enable()
+    engine.runner.run(batch)
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    tot = io.StringIO()
+    pstats.Stats(prof, stream=tot).sort_stats("cumulative").print_stats(30)
+    med = [statistics.median(r[i] for r in rows) for i in range(3)]
+    return {"host_ms": med[0], "gpu_ms": med[1], "wall_ms": med[2], "tokens": sum(n for _, n in batch),
+            "graph_vs_eager_rel_err": graph_vs_eager(engine, batch, computed),
+            "rows": len(batch), "profile_tottime": text.getvalue(), "profile_cumulative": tot.getvalue()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="1b")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/serve_gpu"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "step_host.json")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--no-warm-up", action="store_true")
+    args = ap.parse_args()
+    shape = serve_gpu_models.SHAPES[args.shape]
+    model_dir = serve_gpu_models.write_checkpoint(shape, args.work / args.shape / "model", "cuda")
+    base = load_base_model(str(model_dir), quantization="nf4", device="cuda")
+    engine = Engine(base, EngineConfig(kv_cache_tokens=1 << 18, prefix_caching=False, max_gpu_adapters=64))
+    if not args.no_warm_up:
+        print(f"warm-up {warm_up(engine):.1f} s", flush=True)
+    refs = [AdapterRef(f"a{i}", 1, adapter(base.projection_shapes, base.num_layers, seed=i)) for i in range(64)]
+    result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "cases": {}}
+    for i, name in enumerate(args.cases.split(",")):
+        decode_rows, chunks, kind = CASES[name]
+        batch = build(engine, refs, decode_rows, chunks, kind, seed=i)
+        r = result["cases"][name] = measure(engine, batch, args.repeats)
+        for seq, _ in batch:
+            engine.blocks.free(seq)
+            if seq.adapter is not None:
+                engine.slots.release(seq.adapter)
+        print(f"== {name}: host {r['host_ms']:.1f} ms, GPU {r['gpu_ms']:.1f} ms, wall {r['wall_ms']:.1f} ms\n"
+              f"{r['profile_tottime']}\n{r['profile_cumulative']}", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    print(f"{'case':28s} {'tokens':>7s} {'host ms':>8s} {'GPU ms':>8s} {'wall ms':>8s} {'wall/GPU':>8s} "
+          f"{'graph vs eager':>14s} {'eager split=1':>14s}")
+    for name, r in result["cases"].items():
+        print(f"{name:28s} {r['tokens']:7d} {r['host_ms']:8.1f} {r['gpu_ms']:8.1f} {r['wall_ms']:8.1f} "
+              f"{r['wall_ms'] / r['gpu_ms']:8.2f} {(r['graph_vs_eager_rel_err'] or (0, 0))[0]:14.2e} "
+              f"{(r['graph_vs_eager_rel_err'] or (0, 0))[1]:14.2e}")
+
+
+if __name__ == "__main__":
+    main()
