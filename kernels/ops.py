@@ -35,6 +35,7 @@ from .weight_pool import WeightPool
 GRAPH_DECODE_CONFIG = choose_tile_config(1)
 # Mixed steps under CUDA graphs (prefill chunks beside decode rows): prefill tiles, whatever the segments.
 MIXED_GRAPH_CONFIG = choose_tile_config(64)
+SHORT_SEGMENT = 2  # segments of at most this many tokens take one-row tiles in a mixed graph
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class StepSegments(Segments):
     """Segments plus what the kernels need, built once per step and shared by all layers."""
     tiles: torch.Tensor  # [num_tiles, 3] int32 (slot, first row, end row) into token_order
     plan: LaunchPlan
+    # mixed CUDA-graph steps: the short segments (decode rows) get one-row tiles and the decode tile config,
+    # a second pair of launches beside the prefill-tiled long segments (None: every segment is in `tiles`)
+    short_tiles: torch.Tensor | None = None
+    short_plan: LaunchPlan | None = None
 
     @property
     def config(self) -> TileConfig:
@@ -211,6 +216,7 @@ class TritonAdapterOps(AdapterOps):
 
     # -- per step ----------------------------------------------------------------------------
     def plan(self, seg: Segments, num_tiles: int, config: TileConfig) -> LaunchPlan:
+        """The launch parameters of `num_tiles` tiles over the adapters that seg's segments use."""
         used = [self.resident[slot].packed for _, _, slot in seg.host if self.resident[slot] is not None]
         return LaunchPlan(
             config=config,
@@ -225,25 +231,37 @@ class TritonAdapterOps(AdapterOps):
         """pad_to: a CUDA-graph token count; the step's tensors are then written into fixed buffers of that
         many rows and a fixed number of tiles (padding tiles point at the null slot), so that one graph
         serves every mix of the step's adapters. A decode graph (mixed=False) gets one tile per row
-        whatever the segment lengths; a mixed graph (prefill chunks beside decode rows, up to
-        `graph_tokens` tokens and `graph_rows` sequences) gets prefill-sized tiles, as many as any step
-        of pad_to tokens over at most graph_rows segments can need."""
+        whatever the segment lengths. A mixed graph (prefill chunks beside decode rows, up to `graph_tokens`
+        tokens over at most `graph_rows` sequences) gets prefill-sized tiles for segments longer than
+        SHORT_SEGMENT tokens and one-row decode tiles for the others, each list as long as any step of
+        pad_to tokens can need: a decode row in a 64-row prefill tile costs 3-4x the one-row tile (1B,
+        H100, bench/step_host.py). Both launch plans cover every adapter the step uses, so the graph's key
+        does not depend on which adapters decode and which prefill."""
         if pad_to is None:
             return self.extend(build_segments(token_slots, self.device))
         key = (tuple(token_slots), pad_to, mixed, self._residency, self.tile_config)
         if self._last_graph_meta is not None and self._last_graph_meta[0] == key:
             return self._last_graph_meta[1]  # the fixed buffers hold this step's values already
         seg = build_segments(token_slots, "cpu")
+        segments = min(self.graph_rows, self.num_slots)
         if mixed:
             config = self.tile_config or MIXED_GRAPH_CONFIG
-            num_tiles = -(-pad_to // config.block_m) + min(self.graph_rows, self.num_slots)
-            capacity = (max(self.graph_tokens, pad_to), -(-max(self.graph_tokens, pad_to) // config.block_m)
-                        + min(self.graph_rows, self.num_slots))
+            short_config = self.tile_config or GRAPH_DECODE_CONFIG
+            num_tiles = -(-pad_to // config.block_m) + segments
+            num_short = min(pad_to, SHORT_SEGMENT * segments)
+            long_host = [h for h in seg.host if h[1] > SHORT_SEGMENT]
+            short_host = [h for h in seg.host if h[1] <= SHORT_SEGMENT]
+            tiles = self._tiles(long_host, config.block_m)
+            short = self._tiles(short_host, short_config.block_m)
+            assert len(short) <= num_short
+            short += [(self.null_slot, 0, 0)] * (num_short - len(short))
+            most_tokens = max(self.graph_tokens, pad_to)
+            capacity = (most_tokens, -(-most_tokens // config.block_m) + segments + SHORT_SEGMENT * segments)
         else:
             config = self.tile_config or GRAPH_DECODE_CONFIG
-            num_tiles = pad_to
+            num_tiles, num_short, short = pad_to, 0, []
+            tiles = self._tiles(seg.host, config.block_m)
             capacity = (max(pad_to, self.graph_rows),) * 2
-        tiles = self._tiles(seg, config.block_m)
         assert len(tiles) <= num_tiles
         tiles += [(self.null_slot, 0, 0)] * (num_tiles - len(tiles))
         order = seg.token_order.tolist() + [0] * (pad_to - len(seg.token_order))
@@ -255,22 +273,26 @@ class TritonAdapterOps(AdapterOps):
                 torch.zeros(capacity[1], 3, dtype=torch.int32, device=self.device))
         graph_order, graph_tiles = buffers
         host_order = torch.tensor(order, dtype=torch.int64, pin_memory=self.cuda)
-        host_tiles = torch.tensor(tiles, dtype=torch.int32, pin_memory=self.cuda)
+        host_tiles = torch.tensor(tiles + short, dtype=torch.int32, pin_memory=self.cuda)
         graph_order[:pad_to].copy_(host_order, non_blocking=True)
-        graph_tiles[:num_tiles].copy_(host_tiles, non_blocking=True)
+        graph_tiles[:num_tiles + num_short].copy_(host_tiles, non_blocking=True)
         fields = {**vars(seg), "token_order": graph_order[:pad_to]}
         meta = StepSegments(**fields, tiles=graph_tiles[:num_tiles], plan=self.plan(seg, num_tiles, config))
+        if mixed:
+            meta.short_tiles = graph_tiles[num_tiles:num_tiles + num_short]
+            meta.short_plan = self.plan(seg, num_short, short_config)
         self._last_graph_meta = (key, meta)
         return meta
 
     @staticmethod
-    def _tiles(seg: Segments, block_m: int) -> list[tuple[int, int, int]]:
-        return [(slot, start + m, start + length) for start, length, slot in seg.host for m in range(0, length, block_m)]
+    def _tiles(host: list[tuple[int, int, int]], block_m: int) -> list[tuple[int, int, int]]:
+        """(slot, first row, end row) tiles of block_m rows over segments given as (start, length, slot)."""
+        return [(slot, start + m, start + length) for start, length, slot in host for m in range(0, length, block_m)]
 
     def extend(self, seg: Segments) -> StepSegments:
         """Add the kernels' per-step tensors to Segments built elsewhere."""
         config = self.tile_config or choose_tile_config(seg.max_length)
-        tiles = self._tiles(seg, config.block_m)
+        tiles = self._tiles(seg.host, config.block_m)
         tiles_t = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(self.device, non_blocking=True)
         return StepSegments(**vars(seg), tiles=tiles_t, plan=self.plan(seg, len(tiles), config))
 
@@ -280,7 +302,13 @@ class TritonAdapterOps(AdapterOps):
         if not isinstance(meta, StepSegments):
             meta = self.extend(meta)
         assert len(projections) <= MAX_FUSED
-        plan, cfg = meta.plan, meta.plan.config
+        self._launch(layer, projections, x, y, meta.token_order, meta.tiles, meta.plan)
+        if meta.short_tiles is not None:
+            self._launch(layer, projections, x, y, meta.token_order, meta.short_tiles, meta.short_plan)
+
+    def _launch(self, layer, projections, x, y, token_order, tiles, plan: LaunchPlan) -> None:
+        """Shrink and expand (and the DoRA rescale) of one tile list."""
+        cfg = plan.config
         proj_ids = [self.proj_ids[p] for p in projections]
         in_features = self.projection_shapes[projections[0]][0]
         out_features = [self.projection_shapes[p][1] for p in projections]
@@ -289,12 +317,12 @@ class TritonAdapterOps(AdapterOps):
         num_splits = self.num_splits or choose_splits(
             plan.num_tiles * len(projections) * blocks * rank_tiles, in_features // plan.max_k, cfg.block_k,
             self.num_sms)
-        partials = torch.empty(num_splits, meta.token_order.shape[0], MAX_FUSED, plan.width,
+        partials = torch.empty(num_splits, token_order.shape[0], MAX_FUSED, plan.width,
                                dtype=torch.float32, device=x.device)
         table, scales = self.table[:, layer], self.scales[:, layer]
-        shrink(x, meta.token_order, meta.tiles, self.pool.buffer, table, proj_ids, blocks, rank_tiles,
+        shrink(x, token_order, tiles, self.pool.buffer, table, proj_ids, blocks, rank_tiles,
                partials, num_splits, cfg, aligned=self._aligned(plan, [in_features]), pdl=self.pdl)
-        common = (y, meta.token_order, meta.tiles, self.pool.buffer, table, scales, proj_ids, out_features,
+        common = (y, token_order, tiles, self.pool.buffer, table, scales, proj_ids, out_features,
                   plan.max_k, partials, num_splits, cfg)
         aligned = self._aligned(plan, out_features)
         if plan.has_general and self.hybrid_passes == 2:
@@ -303,7 +331,7 @@ class TritonAdapterOps(AdapterOps):
         else:
             expand(*common, blocks=True, general=plan.has_general, aligned=aligned, pdl=self.pdl)
         if plan.has_dora:
-            dora_rescale(y, meta.token_order, meta.tiles, self.pool.buffer, table, proj_ids, out_features, cfg)
+            dora_rescale(y, token_order, tiles, self.pool.buffer, table, proj_ids, out_features, cfg)
 
     @staticmethod
     def _aligned(plan: LaunchPlan, widths: list[int]) -> bool:

@@ -235,24 +235,32 @@ def test_graph_metadata_is_reused_while_slots_and_residency_stay():
 
 @needs_interpreter
 def test_mixed_graph_metadata_pads_prefill_tiles():
-    """A mixed CUDA-graph step (prefill chunks beside decode rows, padded to a token bucket): prefill tiles
-    padded with null-slot tiles to a count that any step of that bucket fits, in buffers whose address
-    stays for every bucket; the deltas equal the reference for the real rows and leave padding alone."""
-    adapters = {0: make_adapter(r=8, seed=80), 1: make_adapter(k=2, r=16, seed=81)}
+    """A mixed CUDA-graph step (prefill chunks beside decode rows, padded to a token bucket): long segments
+    in prefill tiles, short ones (decode rows) in one-row tiles, each list padded with null-slot tiles to a
+    count that any step of that bucket fits, in buffers whose address stays for every bucket; the deltas
+    equal the reference for the real rows and leave padding alone."""
+    adapters = {0: make_adapter(r=8, seed=80), 1: make_adapter(k=2, r=16, seed=81), 2: make_adapter(r=16, seed=82),
+                3: make_adapter(k=4, r=8, hybrid_r=4, seed=83)}
     ops = make_ops(adapters)
     ops.graph_rows, ops.graph_tokens = 8, 256
-    slots = [1] * 70 + [0, -1, 1] + [0] * 20  # a 70-token chunk, three decode rows, a 20-token chunk
+    # a 70-token chunk, decode rows (slots 0, 2, 3 and none), a 20-token chunk; slot 3 has two decode rows
+    slots = [1] * 70 + [0, 2, -1, 3, 1, 3] + [0] * 20
     padded = slots + [-1] * (128 - len(slots))
     meta = ops.metadata(padded, pad_to=128, mixed=True)
     block_m = meta.plan.config.block_m
     assert meta.tiles.shape[0] == meta.plan.num_tiles == 128 // block_m + 8
-    real = [t for t in meta.tiles.tolist() if t[0] != ops.null_slot]
-    assert sum(min(end - first, block_m) for _, first, end in real) == sum(s != -1 for s in slots)
-    run_and_check(ops, adapters, padded, QKV, meta=meta)
-    run_and_check(ops, adapters, padded, GATE_UP, meta=meta)
-    larger = ops.metadata([0] * 200 + [-1] * 56, pad_to=256, mixed=True)
+    assert meta.short_tiles.shape[0] == meta.short_plan.num_tiles == 2 * 8
+    assert meta.short_plan.config.block_m == 1 and meta.short_plan.width == meta.plan.width
+    long = [t for t in meta.tiles.tolist() if t[0] != ops.null_slot]
+    short = [t for t in meta.short_tiles.tolist() if t[0] != ops.null_slot]
+    assert sorted(t[0] for t in short) == [2, 3, 3] and {t[0] for t in long} == {0, 1}
+    assert sum(min(end - first, block_m) for _, first, end in long) == 71 + 21
+    for group in GROUPS:
+        run_and_check(ops, adapters, padded, group, meta=meta)
+    larger = ops.metadata([0] * 200 + [2] + [-1] * 55, pad_to=256, mixed=True)
     assert larger.tiles.data_ptr() == meta.tiles.data_ptr()  # captured graphs keep their addresses
     assert larger.token_order.data_ptr() == meta.token_order.data_ptr()
+    run_and_check(ops, adapters, [0] * 200 + [2] + [-1] * 55, QKV, meta=larger)
 
 
 @needs_interpreter
