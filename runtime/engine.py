@@ -147,7 +147,7 @@ class Engine:
         self.prefill_seconds = 0.0
         self.bookkeeping_seconds = 0.0
         self.idle_seconds = 0.0
-        self.runner.graph_steps, self.runner.graph_gpu_seconds = 0, 0.0
+        self.runner.graph_steps, self.runner.graph_gpu_seconds, self.runner.mixed_gpu_seconds = 0, 0.0, 0.0
         self.slots.loads = self.slots.evictions = 0
 
     # -- called from any thread -------------------------------------------------------------
@@ -209,7 +209,8 @@ class Engine:
                 "decode_steps": self.decode_steps, "decode_seconds": self.decode_seconds,
                 "decode_rows": self.decode_rows, "decode_context_tokens": self.decode_context_tokens,
                 "prefill_steps": self.prefill_steps, "graph_steps": self.runner.graph_steps,
-                "graph_gpu_seconds": self.runner.graph_gpu_seconds, "prefill_seconds": self.prefill_seconds,
+                "graph_gpu_seconds": self.runner.graph_gpu_seconds, "mixed_gpu_seconds": self.runner.mixed_gpu_seconds,
+                "prefill_seconds": self.prefill_seconds,
                 "bookkeeping_seconds": self.bookkeeping_seconds, "idle_seconds": self.idle_seconds,
                 "gc_seconds": gc_timer.seconds, "gc_full_collections": gc_timer.full_collections,
                 "cuda_graphs": len(self.runner.graphs) + len(self.runner.mixed_graphs), "max_num_seqs": self.max_num_seqs,

@@ -115,7 +115,8 @@ class ModelRunner:
         # GPU time of the graph replays (CUDA events, read one replay late, when it is complete): beside the
         # engine's wall time per decode step it says how much of a step the host takes
         self.graph_gpu_seconds = 0.0
-        self._replay_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self.mixed_gpu_seconds = 0.0  # the same for mixed-step replays (beside the engine's prefill_seconds)
+        self._replay_events: tuple[torch.cuda.Event, torch.cuda.Event, bool] | None = None
 
     def _layer_ops_work(self) -> bool:
         from loraplex.kernels.layer_ops import self_check
@@ -230,10 +231,7 @@ class ModelRunner:
         s, size = self.static, self.blocks.block_size
         # the previous replay may still read the staging buffers' last copy: wait for it first
         torch.cuda.current_stream(self.device).synchronize()
-        if self._replay_events is not None:
-            start, end = self._replay_events
-            self.graph_gpu_seconds += start.elapsed_time(end) / 1e3
-            self._replay_events = None
+        self._account_replay()
         rows = self.staging64.numpy()
         tables = self.staging_tables.numpy()
         width = 0
@@ -261,13 +259,27 @@ class ModelRunner:
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(bucket, lora_meta, mode)
+        self._timed_replay(entry.graph, mixed=False)
+        return entry.logits[:B]
+
+    def _timed_replay(self, graph: torch.cuda.CUDAGraph, mixed: bool) -> None:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        entry.graph.replay()
+        graph.replay()
         end.record()
-        self._replay_events = (start, end)
+        self._replay_events = (start, end, mixed)
         self.graph_steps += 1
-        return entry.logits[:B]
+
+    def _account_replay(self) -> None:
+        """Add the last replay's GPU time (complete: the stream was synchronised) to its counter."""
+        if self._replay_events is not None:
+            start, end, mixed = self._replay_events
+            seconds = start.elapsed_time(end) / 1e3
+            if mixed:
+                self.mixed_gpu_seconds += seconds
+            else:
+                self.graph_gpu_seconds += seconds
+            self._replay_events = None
 
     # -- CUDA-graph mixed steps -------------------------------------------------------------
     def _mixed_graph_fits(self, batch, token_slots: list[int], all_logits: bool, merged) -> bool:
@@ -281,6 +293,7 @@ class ModelRunner:
         bucket = next(b for b in self.mixed_buckets if b >= T)
         B, size = len(batch), self.blocks.block_size
         torch.cuda.current_stream(self.device).synchronize()  # the last copy out of the staging buffers
+        self._account_replay()
         tokens = self.mixed_staging_tokens.numpy()
         seqs = self.mixed_staging_seqs.numpy()
         tables = self.mixed_staging_tables.numpy()
@@ -321,8 +334,7 @@ class ModelRunner:
         entry = self.mixed_graphs.get(key)
         if entry is None:
             entry = self.mixed_graphs[key] = self._capture_mixed(bucket, lora_meta)
-        entry.graph.replay()
-        self.graph_steps += 1
+        self._timed_replay(entry.graph, mixed=True)
         return entry.logits[:num_logits]
 
     def _mixed_context(self, bucket: int, lora_meta) -> StepContext:
