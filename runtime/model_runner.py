@@ -110,6 +110,7 @@ class ModelRunner:
             self.mixed_seqs = torch.zeros(3, n + 1, **i32)
             self.mixed_tables = torch.zeros(n, width, **i32)
             self.mixed_logits_idx = torch.zeros(n, dtype=torch.long, device=self.device)
+            self.mixed_logits: torch.Tensor | None = None  # [n, vocab] written by every mixed replay
         self.attach_ops(ops)
         self.graph_steps = 0
         # GPU time of the graph replays (CUDA events, read one replay late, when it is complete): beside the
@@ -352,12 +353,17 @@ class ModelRunner:
         ids = self.mixed_tokens[0, :bucket]
         self.base.model(ids, ctx)  # warm-up: compiles kernels; writes the same K/V the replay will
         torch.cuda.synchronize(self.device)
+        if self.mixed_logits is None:
+            self.mixed_logits = torch.empty(self.mixed_rows, self.base.config.vocab_size, dtype=torch.float32,
+                                            device=self.device)
         graph = torch.cuda.CUDAGraph()
+        # every mixed graph writes its logits into one shared buffer: the model's own output is freed at the
+        # end of the capture, so [rows, vocab] fp32 (131 MB on Llama-3 vocabularies) is not held per graph
         with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
-            logits = self.base.model(ids, ctx)
+            self.mixed_logits.copy_(self.base.model(ids, ctx))
         if self.graph_pool is None:
             self.graph_pool = graph.pool()
-        return _DecodeGraph(graph, logits)
+        return _DecodeGraph(graph, self.mixed_logits)
 
     @torch.inference_mode()
     def capture_mixed_graphs(self) -> None:
