@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm = actions.add_parser("delete", help="delete an adapter")
     rm.add_argument("id")
     for p in (up, ls, rm):
-        p.add_argument("--url", default="http://127.0.0.1:8000")
+        p.add_argument("--url", default=os.environ.get("LORAPLEX_URL", "http://127.0.0.1:8000"),
+                       help="the server's HTTP address (default: $LORAPLEX_URL, else http://127.0.0.1:8000)")
         p.add_argument("--grpc", action="store_true", help="talk to the gRPC API instead of HTTP")
         p.add_argument("--grpc-target", default="127.0.0.1:50051", help="host:port of the gRPC API")
         p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"))
