@@ -26,6 +26,7 @@ from loraplex.runtime.adapters.peft_format import AdapterWeights, ModuleDelta
 from loraplex.runtime.adapters.registry import AdapterRef
 from loraplex.runtime.base_model import cpu_has_native_bf16, load_base_model, resolve_dtype
 from loraplex.runtime.engine import Engine, EngineConfig
+import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 from loraplex.runtime.model import PROJECTIONS
 from loraplex.runtime.sequence import SamplingParams
 
@@ -216,6 +217,7 @@ def main() -> None:
         "cpu_model": cpu_model(), "cpu_native_bf16": cpu_has_native_bf16(), "default_dtype": str(default_dtype),
         "results": rows, "dtypes": dtype_rows, "long_prompt_stall": stall}, indent=2))
     print(f"wrote {args.out}")
+    figures.draw_after_run(args.out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.client.grpc import completion_request
 from loraplex.protos.loraplex.v1 import serving_pb2_grpc as pb_grpc
+import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 
 PROMPT = "The capital of France is"
 
@@ -147,6 +148,7 @@ def main() -> None:
         "prompt": PROMPT, "grpcio": grpc.__version__, "httpx": httpx.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "results": rows}, indent=2))
     print(f"wrote {args.out}")
+    figures.draw_after_run(args.out)
 
 
 if __name__ == "__main__":

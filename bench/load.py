@@ -33,6 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_gpu import Server  # noqa: E402  (a sibling benchmark script: same server handling)
+import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 
 def idle(health: dict) -> bool:
     """Nothing running or waiting, and nothing it held still held: KV blocks and adapter pins."""
@@ -355,6 +356,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
+    figures.draw_after_run(args.out)
 
 
 if __name__ == "__main__":

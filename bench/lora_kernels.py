@@ -29,6 +29,7 @@ from loraplex.runtime.adapters.ops import TorchAdapterOps
 from loraplex.runtime.adapters.peft_format import AdapterWeights, ModuleDelta
 
 from kernel_timing import GatherBmm, copy_bandwidth, graph_us, median_us  # bench/, beside this file
+import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 
 MODELS = {  # hidden, intermediate, q heads, kv heads, head_dim
     "llama-3.2-1b": (2048, 8192, 32, 8, 64),
@@ -368,6 +369,7 @@ def main() -> None:
     print(json.dumps(result["mixed_ranks"]))
     print("summary", json.dumps({k: v for k, v in result["summary"].items() if k != "rows"}))
     print(f"wrote {args.out} in {result['seconds']:.0f} s")
+    figures.draw_after_run(args.out)
 
 
 if __name__ == "__main__":

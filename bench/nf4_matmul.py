@@ -21,6 +21,7 @@ import platform
 import time
 
 import torch
+import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 
 WEIGHTS = {  # name: (out_features, in_features)
     "8b o_proj": (4096, 4096),
@@ -169,6 +170,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out} ({result['seconds']} s)")
+    figures.draw_after_run(args.out)
 
 
 if __name__ == "__main__":

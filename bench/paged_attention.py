@@ -33,6 +33,7 @@ import triton
 from loraplex.kernels.paged_attention import paged_attention
 
 from kernel_timing import copy_bandwidth, graph_us  # bench/, beside this file
+import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 
 MODELS = {"llama-3.1-8b": (32, 8, 128), "llama-3.2-1b": (32, 8, 64)}  # heads, kv heads, head_dim
 BLOCK_SIZE = 16
@@ -211,6 +212,7 @@ def main() -> None:
     print(table(result["rows"], ["model", "case", "kernel_us", "best_split", "best_split_us", "two_calls_us",
                                  "gather_us", "speedup", "floor_us", "kernel_over_floor", "tflops", "err"]))
     print(f"wrote {args.out} in {result['seconds']:.0f} s")
+    figures.draw_after_run(args.out)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_gpu_models  # noqa: E402
+import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 
 from loraplex.runtime import nf4_linear  # noqa: E402
 from loraplex.runtime.adapters.peft_format import AdapterWeights, ModuleDelta  # noqa: E402
@@ -157,6 +158,7 @@ def main() -> None:
         result["fidelity"] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    figures.draw_after_run(args.out)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ import httpx
 import torch
 
 import serve_gpu_features as features  # the prefix, structured and dora cases (beside this file)
+import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 from serve_gpu_device import fast_path_fidelity, hf_peft_baseline, in_fresh_process, prepare_device, prompt_ids
 from serve_gpu_models import (PROJECTIONS, QV, SHAPES, AdapterSpec, ModelShape, RandomPool, adapter_payload,
                               base_bytes_per_step, distinct_specs, kv_bytes_per_token, mix_specs, qv_spec,
@@ -608,6 +609,7 @@ def main() -> None:
     save()
     print_table(result)
     print(f"wrote {args.out}")
+    figures.draw_after_run(args.out)
     if failed:
         sys.exit(f"serve_gpu: failed cases {', '.join(failed)} (their errors are in the JSON under shapes.*.errors)")
 

@@ -25,6 +25,7 @@ from loraplex.trainer.data import load_jsonl
 from loraplex.trainer.loop import LoopConfig, evaluate
 from loraplex.trainer.methods import AdapterSpec, load_model, load_tokenizer, training_device
 from loraplex.trainer.train import TrainJob, train
+import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 
 WORDS = ("apple river stone cloud green music table winter light paper horse silver garden ocean candle "
          "forest window bread yellow mountain train coffee violin tiger rocket purple island summer bridge "
@@ -112,7 +113,8 @@ def main() -> None:
         s = outcome.summary
         rows[name] = {"test_loss": evaluate(outcome.model, test_examples, args.batch_size, tokenizer.pad_token_id, device),
                       "step_time_s": s["step_time_s"], "wall_s": time.perf_counter() - started,
-                      "final_val_loss": s["final_val_loss"], "path": str(out)}
+                      "final_val_loss": s["final_val_loss"], "path": str(out),
+                      "train_loss_history": s["train_loss_history"]}
         if spec.method == "flexora":
             rows[name]["layers_kept"] = s["selected_layers"]
         del outcome
@@ -150,6 +152,7 @@ def main() -> None:
                                     "train_rows": args.train_rows, "test_rows": args.test_rows,
                                     "rows": rows, "all_beat_base": all(beats.values())}, indent=2))
     print(f"wrote {args.out}")
+    figures.draw_after_run(args.out)
 
 
 if __name__ == "__main__":

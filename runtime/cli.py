@@ -1,7 +1,12 @@
-"""The `loraplex` command: serve, train, adapters upload|list|delete."""
+"""The `loraplex` command: serve, train, adapters upload|list|delete.
+
+A command prints its progress and its result, nothing else: loraplex's own log lines (INFO: what it is
+doing; WARNING: the one deliberate notice, open mode without API keys), its own progress bars and its
+answer. `--verbose` adds the libraries' progress bars and INFO logs (uvicorn's access log included)."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -25,6 +30,7 @@ def _serve(args) -> None:
     ports = [("HTTP", args.port)] + ([("gRPC", args.grpc_port)] if args.grpc_port else [])
     for what, port in ports:  # before the model loads: a clash fails in a second, not after a minute
         _check_port_free(host, port, what)
+    _check_adapter_dir(args.adapter_dir)
 
     service = build_service(args, keys)
     service.start()
@@ -86,6 +92,16 @@ def _check_port_free(host: str, port: int, what: str) -> None:
                  f"(is another server running? pick another --{'grpc-' if what == 'gRPC' else ''}port)")
 
 
+def _check_adapter_dir(adapter_dir: Path | None) -> None:
+    """An unusable --adapter-dir (a file, an unwritable place) is an error before the model loads."""
+    from .adapters.store import check_store_root
+    from .base_model import cache_dir
+    try:
+        check_store_root(adapter_dir or cache_dir() / "adapters")
+    except OSError as e:
+        sys.exit(f"loraplex serve: --adapter-dir {e}")
+
+
 async def _serve_http_and_grpc(service, host: str, args) -> None:
     """HTTP (uvicorn) and gRPC on one event loop, sharing the one Service. SIGTERM / SIGINT drain:
     admission stops (503 / UNAVAILABLE), requests in flight get --shutdown-grace seconds, then both stop."""
@@ -130,7 +146,7 @@ async def _serve_http_and_grpc(service, host: str, args) -> None:
     engine_died: list[str] = []
     tasks.append(loop.create_task(watch_engine()))
     log.info("serving %s on http://%s:%d", service.base.name, host, args.port)
-    http = DrainingServer(uvicorn.Config(create_app(service), host=host, port=args.port, log_level=args.log_level,
+    http = DrainingServer(uvicorn.Config(create_app(service), host=host, port=args.port, log_level=uvicorn_log_level(args),
                                          timeout_graceful_shutdown=5))
     try:
         await http.serve()
@@ -239,7 +255,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not share computed prompt KV blocks between requests")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default=None,
+                   help="uvicorn's log level (default: warning; info with --verbose, which shows each request)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the libraries' progress bars and INFO logs (uvicorn's access log included)")
+
+
+def uvicorn_log_level(args) -> str:
+    return args.log_level or ("info" if args.verbose else "warning")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm = actions.add_parser("delete", help="delete an adapter")
     rm.add_argument("id")
     for p in (up, ls, rm):
-        p.add_argument("--url", default="http://127.0.0.1:8000")
+        p.add_argument("--url", default=os.environ.get("LORAPLEX_URL", "http://127.0.0.1:8000"),
+                       help="the server's HTTP address (default: $LORAPLEX_URL, else http://127.0.0.1:8000)")
         p.add_argument("--grpc", action="store_true", help="talk to the gRPC API instead of HTTP")
         p.add_argument("--grpc-target", default="127.0.0.1:50051", help="host:port of the gRPC API")
         p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"))
@@ -279,13 +303,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """No progress bars from transformers / the hub (loading weights, GGUF tensors): loraplex shows its own."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is first imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+
+
+def exit_now(code) -> None:
+    """Exit with `code` (SystemExit's meaning) skipping the interpreter's teardown, after atexit handlers and
+    flushing. A server that imported Triton otherwise prints ~30 lines of `nanobind: leaked ...` at every
+    exit: Triton's bindings hold module-level references at teardown, a report about Triton, not about us."""
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     stay_offline(import_bitsandbytes=False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        quiet_libraries()
     if args.command != "adapters":  # the client commands load no model (2.5 s less on a 2-core CPU)
         stay_offline()
-    args.func(args)
+    if args.command != "serve" or argv is not None:  # argv: called in-process, leave the interpreter be
+        args.func(args)
+        return
+    try:
+        args.func(args)
+    except SystemExit as e:
+        exit_now(e.code)
+    exit_now(0)
 
 
 if __name__ == "__main__":

@@ -78,17 +78,18 @@ def free_port() -> int:
 
 class ServerProcess:
     """`loraplex serve` in a child process, healthy when constructed. exe: another install's `loraplex`;
-    env: the child's whole environment (default: this one's)."""
+    env: the child's whole environment (default: this one's); log_level None: the command's default output."""
 
     def __init__(self, *args: str, adapter_dir: Path, port: int | None = None, grpc_port: int | None = None,
-                 exe: str | None = None, cwd: Path | None = None, env: dict | None = None, log_level: str = "warning"):
+                 exe: str | None = None, cwd: Path | None = None, env: dict | None = None,
+                 log_level: str | None = "warning"):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_port = free_port() if grpc_port is None else grpc_port  # 0: no gRPC
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         exe = exe or shutil.which("loraplex", path=str(Path(sys.executable).parent)) or shutil.which("loraplex")
         cmd = [exe, "serve", "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--adapter-dir",
-               str(adapter_dir), "--log-level", log_level, *args]
+               str(adapter_dir), *(["--log-level", log_level] if log_level else []), *args]
         self.log_path = adapter_dir.parent / f"server-{self.port}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd,

@@ -39,6 +39,27 @@ def test_taken_port_fails_fast_before_loading(which, tmp_path):
     assert time.time() - started < 30 and "loading" not in done.stderr  # the model was never loaded
 
 
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_unusable_adapter_dir_is_one_line_before_loading(where, tmp_path):
+    a_file = tmp_path / "store"
+    a_file.write_text("not a directory")
+    adapter_dir = a_file if where == "file" else a_file / "adapters"
+    done = subprocess.run([EXE, "serve", "--port", str(free_port()), "--grpc-port", "0", "--adapter-dir", str(adapter_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"--adapter-dir {adapter_dir}:" in done.stderr and "is a file, not a directory" in done.stderr, done.stderr
+    assert "loading" not in done.stderr  # said before the model loads
+
+
+@pytest.mark.parametrize("grpc", [False, True])
+def test_uploading_a_missing_folder_says_it_is_missing(grpc, tmp_path):
+    transport = ["--grpc", "--grpc-target", f"127.0.0.1:{free_port()}"] if grpc else ["--url", f"http://127.0.0.1:{free_port()}"]
+    done = subprocess.run([EXE, "adapters", "upload", str(tmp_path / "my-adapter"), "--id", "x", *transport],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert "my-adapter: no such folder" in done.stderr, done.stderr
+
+
 def test_grpc_port_is_not_shared(tiny_model_dir, tmp_path):
     """The gRPC server binds without SO_REUSEPORT: a second one on its port refuses to start."""
     first = ServerProcess("--model", str(tiny_model_dir), adapter_dir=tmp_path / "one")

@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     u.add_argument("--upload", default=None, metavar="URL", help="upload the adapter to a running loraplex server")
     u.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"), help="default: $LORAPLEX_API_KEY")
     u.add_argument("--adapter-id", default=None, help="id for --upload (default: the output directory's name)")
-    u.add_argument("--verbose", action="store_true", help="log each HTTP request of --upload")
+    u.add_argument("--verbose", action="store_true", help="also print the libraries' progress bars and log each HTTP request of --upload")
 
 
 def job_from_args(args):

@@ -117,6 +117,10 @@ def peft_config(spec: AdapterSpec):
 
 
 def attach_adapter(model, spec: AdapterSpec):
+    import warnings
+
     from peft import get_peft_model
     check_targets(spec, model.config)
-    return get_peft_model(model, peft_config(spec))
+    with warnings.catch_warnings():  # PEFT (0.21) still reads the alias transformers 5 deprecates; not ours to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        return get_peft_model(model, peft_config(spec))

@@ -121,6 +121,23 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def check_store_root(root: Path) -> None:
+    """Create the store's directory if missing, or raise OSError with a sentence saying why `root` cannot hold
+    the adapter store (a server checks this before it loads its model): a file in its place or in a parent's,
+    a directory that cannot be created, no write access."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        file = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), root)
+        what = "the path" if file == root else f"its parent {file}"
+        raise OSError(f"{root}: {what} is a file, not a directory; give a directory (it is created if missing)") from None
+    except OSError as e:
+        raise OSError(f"{root}: cannot create the directory: {e.strerror or e}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise OSError(f"{root}: the directory is not writable by this user")
+
+
 class AdapterStore:
     def __init__(self, root: Path):
         self.root = Path(root)

@@ -15,9 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.protos.loraplex.v1 import serving_pb2 as pb
 from loraplex.protos.loraplex.v1 import serving_pb2_grpc as pb_grpc
-from loraplex.runtime.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 
-from .http import ClientError
+from .http import ClientError, adapter_files
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 UPLOAD_CHUNK_BYTES = 64 << 10
@@ -57,15 +56,12 @@ def chat_request(model: str, messages: list[dict], adapters: dict[str, float] | 
 def upload_requests(directory: str | Path, adapter_id: str,
                     chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> Iterator[pb.UploadAdapterRequest]:
     """The UploadAdapter stream of a PEFT adapter directory: metadata, then the weights in chunks."""
-    d = Path(directory)
-    weights = d / WEIGHTS_FILE
-    if not weights.exists():  # checked here: an error raised while grpc reads the stream only cancels the call
-        raise ClientError(f"{d}: no {WEIGHTS_FILE} (only safetensors adapters are accepted)")
+    config, weights = adapter_files(directory)  # checked here: an error raised while grpc reads the stream only cancels the call
     digest = hashlib.sha256()
     with open(weights, "rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
-    metadata = pb.UploadAdapterMetadata(id=adapter_id, config_json=(d / CONFIG_FILE).read_bytes(),
+    metadata = pb.UploadAdapterMetadata(id=adapter_id, config_json=config.read_bytes(),
                                         size_bytes=weights.stat().st_size, sha256=digest.hexdigest())
 
     def stream():

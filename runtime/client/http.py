@@ -21,6 +21,20 @@ def quiet_transport_logs(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def adapter_files(directory: str | Path) -> tuple[Path, Path]:
+    """The config and weights files of a PEFT adapter directory, or a ClientError saying what is missing."""
+    d = Path(directory)
+    if not d.exists():
+        raise ClientError(f"{d}: no such folder (give the PEFT adapter's directory: {CONFIG_FILE} + {WEIGHTS_FILE})")
+    if not d.is_dir():
+        raise ClientError(f"{d}: not a folder (give the PEFT adapter's directory: {CONFIG_FILE} + {WEIGHTS_FILE})")
+    if not (d / WEIGHTS_FILE).exists():
+        raise ClientError(f"{d}: no {WEIGHTS_FILE} (only safetensors adapters are accepted)")
+    if not (d / CONFIG_FILE).exists():
+        raise ClientError(f"{d}: no {CONFIG_FILE}")
+    return d / CONFIG_FILE, d / WEIGHTS_FILE
+
+
 class HttpClient:
     def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 300.0):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -42,10 +56,8 @@ class HttpClient:
         return r.json()
 
     def upload_adapter(self, directory: str | Path, adapter_id: str) -> dict:
-        d = Path(directory)
-        if not (d / WEIGHTS_FILE).exists():
-            raise ClientError(f"{d}: no {WEIGHTS_FILE} (only safetensors adapters are accepted)")
-        with open(d / CONFIG_FILE, "rb") as cfg, open(d / WEIGHTS_FILE, "rb") as w:
+        config, weights = adapter_files(directory)
+        with open(config, "rb") as cfg, open(weights, "rb") as w:
             files = {"config": (CONFIG_FILE, cfg, "application/json"),
                      "weights": (WEIGHTS_FILE, w, "application/octet-stream")}
             return self._check(self._send("POST", "/v1/adapters", data={"id": adapter_id}, files=files))

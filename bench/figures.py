@@ -1,0 +1,260 @@
+"""Pictures of the benchmarks: one function per bench/ script draws its PNG from its JSON, beside it.
+
+Each script calls `draw(json_path)` at the end of a run; to redraw from JSONs already written (the GPU
+runs in bench/results/ cannot be repeated on a CPU):
+
+    python bench/figures.py bench/results/*.json      # -> bench/results/<name>.png for each
+
+Which function draws a file is chosen by its name (`kernels.json` -> lora_kernels, `engine_gpu_nf4_*.json`
+-> engine, ...). serve_trace.py draws its own (`plot()` in that script). Only matplotlib is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _bars(ax, labels, series: dict, ylabel: str, title: str, log: bool = False) -> None:
+    """Grouped bars: one group per label, one bar per series (name -> values, None skipped)."""
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        pairs = [(x, v) for x, v in zip(xs, values) if v is not None]
+        if pairs:
+            ax.bar([p[0] for p in pairs], [p[1] for p in pairs], width, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if log:
+        ax.set_yscale("log")
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+
+
+def _where(result: dict) -> str:
+    return str(result.get("device") or result.get("cpu_model") or "")
+
+
+# -- one function per benchmark ----------------------------------------------------------------------------
+def engine(result: dict, fig) -> None:
+    """bench/engine_cpu.py: tok/s of each case (base-only vs distinct adapters); prefill/decode by dtype."""
+    cases = result["results"]
+    axes = fig.subplots(1, 2 if "dtypes" in result else 1, squeeze=False)[0]
+    _bars(axes[0], list(cases), {"tok/s": [c["tokens_per_s"] for c in cases.values()]}, "tokens / s",
+          f"engine, batch {result.get('batch')}, {result.get('quantization')}, {result.get('adapter_ops')} "
+          f"({_where(result)})")
+    for x, c in enumerate(cases.values()):
+        axes[0].text(x, c["tokens_per_s"], f"{c['relative_to_base']:.2f}x", ha="center", va="bottom", fontsize=7)
+    if "dtypes" in result:
+        dtypes = result["dtypes"]
+        _bars(axes[1], list(dtypes), {"prefill": [d["prefill_tokens_per_s"] for d in dtypes.values()],
+                                      "decode": [d["decode_tokens_per_s"] for d in dtypes.values()]},
+              "tokens / s", "prefill and decode by dtype", log=True)
+
+
+def grpc_vs_http(result: dict, fig) -> None:
+    """bench/grpc_vs_http.py: per-request latency p50 / p90, HTTP beside gRPC."""
+    cases = result["results"]
+    ax = fig.subplots()
+    series = {f"{t} {q}": [cases[c][t][f"{q}_ms"] for c in cases] for t in ("http", "grpc") for q in ("p50", "p90")}
+    _bars(ax, list(cases), series, "ms per request", f"gRPC vs HTTP, one server ({result.get('machine')})")
+
+
+def lora_kernels(result: dict, fig) -> None:
+    """bench/lora_kernels.py: fraction of copy bandwidth the segmented kernels reach, per layer case and group."""
+    left, right = fig.subplots(1, 2)
+    rows = result["summary"]["rows"]
+    labels = [f"{r['phase']} {r['adapters']}x r{r['rank']} {r['kind']}" for r in rows]
+    _bars(left, labels, {"bandwidth fraction": [r["bw_fraction"] for r in rows]}, "fraction of copy bandwidth",
+          f"one Llama-3.1-8B decoder layer ({_where(result)})")
+    groups = result.get("per_group", [])
+    _bars(right, [g["group"] for g in groups], {"bandwidth fraction": [g["bw_fraction"] for g in groups]},
+          "fraction of copy bandwidth", "per projection group")
+    for ax in (left, right):
+        ax.axhline(0.6, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, 1)
+
+
+def load(result: dict, fig) -> None:
+    """bench/load.py: latency and time to first token per round (200 clients), RSS across rounds."""
+    left, right = fig.subplots(1, 2)
+    rounds = result["rounds"]
+    labels = [f"round {i + 1}" for i in range(len(rounds))]
+    _bars(left, labels, {k: [r[f"{k}_s"] for r in rounds] for k in ("latency_p50", "latency_p99", "ttft_p50", "ttft_p99")},
+          "seconds", f"{result['settings']['clients']} clients over {result['settings']['adapters']} adapters")
+    right.plot(range(1, len(rounds) + 1), [r["rss_bytes"] / 2**30 for r in rounds], "o-")
+    right.set_xlabel("round")
+    right.set_ylabel("server RSS (GiB)")
+    right.set_title(f"mismatches {result['summary']['mismatches']}, 5xx {result['summary']['server_errors']}", fontsize=9)
+
+
+def nf4_matmul(result: dict, fig) -> None:
+    """bench/nf4_matmul.py: time over the 4-bit bandwidth floor against rows, fused kernel vs bitsandbytes."""
+    cases = result["cases"]
+    weights = list(dict.fromkeys(c["weight"] for c in cases))
+    ax = fig.subplots()
+    for i, w in enumerate(weights):
+        mine = [c for c in cases if c["weight"] == w]
+        color = f"C{i}"
+        ax.plot([c["rows"] for c in mine], [c["fused_over_floor"] for c in mine], "o-", color=color, label=f"{w} fused")
+        ax.plot([c["rows"] for c in mine], [c["bnb_over_floor"] for c in mine], "s--", color=color, alpha=0.6,
+                label=f"{w} bitsandbytes")
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("rows (tokens)")
+    ax.set_ylabel("time / bandwidth floor")
+    ax.set_title(f"NF4 matmul ({_where(result)})", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+
+
+def paged_attention(result: dict, fig) -> None:
+    """bench/paged_attention.py: kernel time over its floor, and kernel vs gather-then-attend, per case."""
+    left, right = fig.subplots(1, 2)
+    rows = result["rows"]
+    labels = [f"{r['model']} {r['case']}" for r in rows]
+    _bars(left, labels, {"kernel / floor": [r.get("kernel_over_floor") for r in rows]}, "time / bandwidth floor",
+          f"paged attention ({_where(result)})")
+    left.axhline(1, color="grey", lw=0.8)
+    _bars(right, labels, {"kernel": [r.get("kernel_us") for r in rows], "gather": [r.get("gather_us") for r in rows]},
+          "µs", "kernel vs gather", log=True)
+
+
+def profile_step(result: dict, fig) -> None:
+    """bench/profile_step.py: per case, the decode step, and the profiled run's wall and GPU-kernel time."""
+    cases = {k: v for k, v in result.items() if isinstance(v, dict) and "wall_s_profiled" in v}
+    ax = fig.subplots()
+    _bars(ax, list(cases), {"decode step": [v["decode_step_ms"] if v.get("decode_steps") else None for v in cases.values()],
+                            "run, wall (profiled)": [1e3 * v["wall_s_profiled"] for v in cases.values()],
+                            "run, GPU kernels": [1e3 * v["gpu_kernel_s_profiled"] if "gpu_kernel_s_profiled" in v else None
+                                                 for v in cases.values()]},
+          "ms", f"{result.get('shape')} shape: time by case ({_where(result)})", log=True)
+
+
+def serve_gpu(result: dict, fig) -> None:
+    """bench/serve_gpu.py: tok/s against batch size and distinct adapters, beside the bandwidth floor."""
+    shapes = result["shapes"]
+    axes = fig.subplots(1, len(shapes), squeeze=False)[0]
+    bandwidth = result["copy_bandwidth_bytes_per_s"]
+    for ax, (name, shape) in zip(axes, shapes.items()):
+        waves = shape["waves"]
+        step_bytes = shape["base_bytes_per_step_nf4"]["total"]
+        for label, pick in (("base", lambda k: k.startswith("base_b") and "resident" not in k),
+                            ("distinct adapters (one per row)", lambda k: k.startswith(("distinct_b", "one_adapter_b"))),
+                            ("8 adapters", lambda k: k == "over8_b32"), ("mix LoRA r8-64 + GraLoRA", lambda k: k == "mix_b32")):
+            picked = sorted((w["rows"], w["tokens_per_s"]) for k, w in waves.items() if pick(k))
+            if picked:
+                ax.plot(*zip(*picked), "o-" if len(picked) > 1 else "o", label=label)
+        rows = sorted({w["rows"] for w in waves.values()})
+        ax.plot(rows, [r * bandwidth / step_bytes for r in rows], "k--", lw=0.8,
+                label="floor: weights once per step at copy bandwidth")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch (concurrent requests)")
+        ax.set_ylabel("output tokens / s")
+        ax.set_title(f"{shape.get('model', name)} ({_where(result)})", fontsize=9)
+        ax.legend(fontsize=7)
+
+
+def train_quality(result: dict, fig) -> None:
+    """bench/train_quality.py: held-out accuracy and loss per method; training loss curves when recorded."""
+    rows = result["rows"]
+    curves = {k: r["train_loss_history"] for k, r in rows.items() if r.get("train_loss_history")}
+    axes = fig.subplots(1, 3 if curves else 2)
+    names = list(rows)
+    _bars(axes[0], names, {"accuracy": [r.get("accuracy") for r in rows.values()]}, "held-out accuracy",
+          f"{result['task']}, rank {result['rank']}, {result['steps']} steps ({result['device']})")
+    _bars(axes[1], names, {"test loss": [r.get("test_loss") for r in rows.values()]}, "held-out loss", "loss")
+    if curves:
+        for name, losses in curves.items():
+            axes[2].plot(range(1, len(losses) + 1), losses, label=name)
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("training loss")
+        axes[2].set_yscale("log")
+        axes[2].set_title("training loss", fontsize=9)
+        axes[2].legend(fontsize=7)
+
+
+def training_summary(result: dict, fig) -> None:
+    """`loraplex train`'s training_summary.json: the loss curve of one run."""
+    ax = fig.subplots()
+    losses = result["train_loss_history"]
+    ax.plot(range(1, len(losses) + 1), losses, "o-")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{result['method']} rank {result['rank']} on {result['model']}: val loss "
+                 f"{result['initial_val_loss']:.2f} -> {result['final_val_loss']:.3f} ({result['device']})", fontsize=9)
+
+
+# file name (stem, or its start) -> (function, figure size)
+DRAWERS = {
+    "engine_cpu": (engine, (11, 4)), "engine_gpu": (engine, (7, 4)), "grpc_vs_http": (grpc_vs_http, (7, 4)),
+    "kernels": (lora_kernels, (12, 4.5)), "load": (load, (11, 4)), "nf4_matmul": (nf4_matmul, (8, 5)),
+    "paged_attention": (paged_attention, (13, 5)), "profile_step": (profile_step, (9, 4.5)),
+    "serve_gpu": (serve_gpu, (12, 4.5)), "train_quality": (train_quality, (14, 4)),
+    "training_summary": (training_summary, (7, 4)),
+}
+
+
+def drawer(json_path: Path):
+    stem = Path(json_path).stem
+    for key, value in DRAWERS.items():
+        if stem == key or stem.startswith(key + "_"):
+            return value
+    return None
+
+
+def draw(json_path: str | Path, png_path: str | Path | None = None) -> Path | None:
+    """Draw the PNG of a benchmark's JSON (default: beside it, same name); None when no drawer knows the file."""
+    json_path = Path(json_path)
+    found = drawer(json_path)
+    if found is None:
+        return None
+    function, size = found
+    plt = _pyplot()
+    fig = plt.figure(figsize=size)
+    try:
+        function(json.loads(json_path.read_text()), fig)
+        fig.tight_layout()
+        png = Path(png_path) if png_path else json_path.with_suffix(".png")
+        fig.savefig(png, dpi=80)
+    finally:
+        plt.close(fig)
+    return png
+
+
+def draw_after_run(json_path: str | Path) -> None:
+    """A benchmark's last step: its PNG beside its JSON. The JSON is written already; a figure that cannot be
+    drawn (matplotlib missing, a partial run's JSON) is reported in one line, the run still succeeds."""
+    try:
+        png = draw(json_path)
+    except Exception as e:  # noqa: BLE001 - the numbers are safe in the JSON; say why there is no picture
+        print(f"{json_path}: figure not drawn ({type(e).__name__}: {e})", file=sys.stderr)
+        return
+    if png is not None:
+        print(f"drew {png}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="draw bench/results PNGs from their JSONs")
+    parser.add_argument("json", nargs="+", type=Path)
+    args = parser.parse_args()
+    for path in args.json:
+        png = draw(path)
+        print(f"{path} -> {png}" if png else f"{path}: no figure for this file (serve_trace.py draws its own)",
+              file=sys.stdout if png else sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
