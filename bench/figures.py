@@ -141,6 +141,16 @@ def profile_step(result: dict, fig) -> None:
           "ms", f"{result.get('shape')} shape: time by case ({_where(result)})", log=True)
 
 
+def step_host(result: dict, fig) -> None:
+    """bench/step_host.py: per eager-kind step, host time to enqueue beside GPU and wall time."""
+    cases = result["cases"]
+    ax = fig.subplots()
+    _bars(ax, list(cases), {"host": [c["host_ms"] for c in cases.values()],
+                            "GPU": [c["gpu_ms"] for c in cases.values()],
+                            "wall": [c["wall_ms"] for c in cases.values()]},
+          "ms per step", f"{result.get('shape')} shape ({_where(result)}): {result.get('run', '')}"[:110])
+
+
 def serve_gpu(result: dict, fig) -> None:
     """bench/serve_gpu.py: tok/s against batch size and distinct adapters, beside the bandwidth floor."""
     shapes = result["shapes"]
@@ -202,7 +212,7 @@ DRAWERS = {
     "engine_cpu": (engine, (11, 4)), "engine_gpu": (engine, (7, 4)), "grpc_vs_http": (grpc_vs_http, (7, 4)),
     "kernels": (lora_kernels, (12, 4.5)), "load": (load, (11, 4)), "nf4_matmul": (nf4_matmul, (8, 5)),
     "paged_attention": (paged_attention, (13, 5)), "profile_step": (profile_step, (9, 4.5)),
-    "serve_gpu": (serve_gpu, (12, 4.5)), "train_quality": (train_quality, (14, 4)),
+    "serve_gpu": (serve_gpu, (12, 4.5)), "step_host": (step_host, (9, 4.5)), "train_quality": (train_quality, (14, 4)),
     "training_summary": (training_summary, (7, 4)),
 }
 

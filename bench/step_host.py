@@ -8,7 +8,7 @@ base and with distinct adapters), and for each one, after warm-up:
 - wall_ms: until the GPU is done,
 then cProfile's hottest functions for one step. A step is host-bound when host_ms ≈ wall_ms ≈ gpu_ms
 (the GPU waits for launches). Steps that the runner replays as mixed CUDA graphs also report their logits' relative difference from the eager path.
-Writes bench/results/step_host.json (or --out) and prints a table last.
+Writes bench/results/step_host.json (or --out) and its PNG, and prints a table last.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 import serve_gpu_models  # noqa: E402
 from profile_step import adapter  # noqa: E402
 
@@ -133,29 +134,6 @@ def measure(engine: Engine, batch, repeats: int) -> dict:
             "rows": len(batch), "profile_tottime": text.getvalue(), "profile_cumulative": tot.getvalue()}
 
 
-def plot(results: dict[str, dict], path: Path) -> bool:
-    """Bars of host / GPU / wall ms per case, one group per result (e.g. eager and graphed runs)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4), squeeze=False)
-    for ax, (title, result) in zip(axes[0], results.items()):
-        names = list(result["cases"])
-        for j, (key, label) in enumerate((("host_ms", "host"), ("gpu_ms", "GPU"), ("wall_ms", "wall"))):
-            ax.bar([i + 0.27 * (j - 1) for i in range(len(names))], [result["cases"][n][key] for n in names],
-                   width=0.27, label=label)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel("ms per step")
-        ax.set_title(f"{title}: {result.get('device', '')} {result.get('shape', '')}", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return True
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
@@ -164,13 +142,7 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-warm-up", action="store_true")
-    ap.add_argument("--plot-only", nargs="*", type=Path, metavar="JSON",
-                    help="draw the PNG beside --out from existing results (default: --out) and exit")
     args = ap.parse_args()
-    if args.plot_only is not None:
-        files = args.plot_only or [args.out]
-        plot({f.stem: json.loads(f.read_text()) for f in files}, args.out.with_suffix(".png"))
-        return
     shape = serve_gpu_models.SHAPES[args.shape]
     model_dir = serve_gpu_models.write_checkpoint(shape, args.work / args.shape / "model", "cuda")
     base = load_base_model(str(model_dir), quantization="nf4", device="cuda")
@@ -191,7 +163,7 @@ def main() -> None:
               f"{r['profile_tottime']}\n{r['profile_cumulative']}", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-    plot({"this run": result}, args.out.with_suffix(".png"))
+    figures.draw_after_run(args.out)
     print(f"{'case':28s} {'tokens':>7s} {'host ms':>8s} {'GPU ms':>8s} {'wall ms':>8s} {'wall/GPU':>8s} "
           f"{'graph vs eager':>14s} {'eager split=1':>14s}")
     for name, r in result["cases"].items():
