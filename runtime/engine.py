@@ -124,6 +124,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._by_id: dict[int, Sequence] = {}
+        self._pending: list[tuple[Sequence, int]] = []  # rows of the last step whose token is not yet settled
         self.reset_counters()
         self.warm_up_seconds = 0.0  # set by warm_up.py
         self.on_finish: Callable[[Sequence], None] | None = None  # metrics hook
@@ -251,6 +252,8 @@ class Engine:
             while not self._stop:
                 self._drain_inbox()
                 if not self.scheduler.has_work():
+                    self.flush()
+                if not self.scheduler.has_work():
                     waited = time.perf_counter()
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -305,9 +308,15 @@ class Engine:
         return {i for i, (seq, _) in enumerate(batch) if seq.adapter is not None and seq.adapter.key == ref.key}
 
     def step(self) -> None:
+        """One engine step. The previous step's per-token host work for rows that go on (detokenising, stop
+        strings, handing outputs over) runs after this step's launch, while the GPU computes it; rows that
+        end (end of sequence, length, errors) are settled before the next schedule, so the scheduler never
+        gives them another step. A row that a stop string (or its consumer's failure) ends during that
+        overlap was already launched once more: that token is dropped."""
         started = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
+            self.flush()
             time.sleep(0.001)  # everything waits for adapter slots or KV blocks held by finishing requests
             self.idle_seconds += time.perf_counter() - started
             return
@@ -316,9 +325,10 @@ class Engine:
         prefill_tokens = sum(n for _, n in batch if n > 1)
         run_started = time.perf_counter()
         logits = self.runner.run(batch, merged=merged)
+        ready = [seq for seq, _ in batch if seq.num_computed == len(seq)]  # one logits row each, in order
         for seq, n in batch:
             self.blocks.cache_computed(seq, n)
-        ready = [seq for seq, _ in batch if seq.num_computed == len(seq)]
+        self.flush()  # host work of the last step while the GPU runs this one (may finish rows of this batch)
         bitmask = grammar_bitmask(ready, logits.shape[1])  # host work while the GPU still runs the step
         tokens = sample(logits, ready, bitmask)  # the step's one device->host copy
         logprobs = token_logprobs(logits, ready, tokens)  # a second one, only when a row asks for logprobs
@@ -334,8 +344,10 @@ class Engine:
         else:
             self.prefill_steps += 1
             self.prefill_seconds += sampled - started
-        live = []
+        ending = []
         for seq, token, logprob in zip(ready, tokens, logprobs):
+            if seq.status is SeqStatus.FINISHED:  # ended during the overlap: this token is not its
+                continue
             if token < 0:  # the sampler's mark for a row whose logits were NaN/inf: fail this request alone
                 # its NaN/inf K/V must reach neither the prefix cache nor the block's next owner
                 self.runner.clear_kv(self.blocks.uncache(seq))
@@ -343,14 +355,35 @@ class Engine:
             elif seq.matcher is not None and not seq.matcher.accept_token(token):
                 self._finish(seq, "error", error="no token the response_format grammar allows could be sampled")
             else:
+                previous_len = len(seq.text)
                 seq.token_ids.append(token)
                 if logprob is not None:
                     seq.logprobs.append(logprob)
-                live.append((seq, len(seq.text)))
-        self.detokenizer.append([seq for seq, _ in live])
-        for seq, previous_len in live:
-            self._after_token(seq, previous_len)
+                (ending if self._ends_here(seq) else self._pending).append((seq, previous_len))
+        self._settle(ending)
         self.bookkeeping_seconds += time.perf_counter() - sampled
+
+    def _ends_here(self, seq: Sequence) -> bool:
+        """Whether seq's newest token ends it whatever its text says (end of sequence, a stop token, a finished
+        grammar, length): such rows are settled before the next schedule."""
+        token = seq.token_ids[-1]
+        return (token in seq.params.stop_token_ids or (token in self.base.eos_token_ids and not seq.params.ignore_eos)
+                or (seq.matcher is not None and seq.matcher.is_terminated())
+                or seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len)
+
+    def _settle(self, rows: list[tuple[Sequence, int]]) -> None:
+        """Detokenise the newest token of these rows, then stop checks and hand-over (or finish)."""
+        if rows:
+            self.detokenizer.append([seq for seq, _ in rows])
+            for seq, previous_len in rows:
+                self._after_token(seq, previous_len)
+
+    def flush(self) -> None:
+        """Settle the rows that went on after the last step (see step)."""
+        started = time.perf_counter()
+        rows, self._pending = self._pending, []
+        self._settle([(seq, n) for seq, n in rows if seq.status is not SeqStatus.FINISHED])
+        self.bookkeeping_seconds += time.perf_counter() - started
 
     def _after_token(self, seq: Sequence, previous_len: int) -> None:
         """Stop strings, end of sequence, length; then emit the new text or finish."""
@@ -413,6 +446,7 @@ class Engine:
             while self.scheduler.has_work():
                 self.step()
                 self._drain_inbox()
+            self.flush()
         for _ in requests:
             done.acquire()
         return results

@@ -127,3 +127,54 @@ def test_request_checks(tiny_base):
         engine.check([], greedy(1))
     with pytest.raises(RequestError, match="token ids"):
         engine.check([10 ** 9], greedy(1))
+
+
+def test_stop_string_found_in_the_overlap_drops_the_extra_token(tiny_base):
+    """The host work of step n (detokenising, stop strings) runs while step n+1 computes, so a row ended by a
+    stop string was launched once more: that token must reach neither the output nor the counts (here it
+    would also have been the row's last by length: a second ending), and the rows beside it must go on
+    exactly as alone."""
+    tok = tiny_base.tokenizer
+    prompt = tok("Hello there, how are you")["input_ids"]
+    other = tok("The quick brown fox")["input_ids"]
+    free = Engine(tiny_base, EngineConfig(kv_cache_tokens=1024)).generate([(prompt, greedy(12), None)])[0]
+    free_text = "".join(o.text for o in free)
+    assert len(free_text) >= 6
+    stop = free_text[3:6]  # a stop string that appears mid-generation
+    expected = free_text[:free_text.index(stop)]
+    completes_at = next(i for i in range(len(free)) if stop in "".join(o.text for o in free[:i + 1]))
+    engine = Engine(tiny_base, EngineConfig(kv_cache_tokens=1024))
+    params = SamplingParams(max_tokens=completes_at + 2, temperature=0.0, ignore_eos=True, stop=[stop])
+    stopped, beside = engine.generate([(prompt, params, None), (other, greedy(12), None)])
+    assert [o.finished for o in stopped].count(True) == 1 and stopped[-1].finish_reason == "stop"
+    assert "".join(o.text for o in stopped) == expected
+    tokens = [t for o in stopped for t in o.token_ids]
+    assert tokens == [t for o in free for t in o.token_ids][:completes_at + 1]
+    assert stopped[-1].completion_tokens == completes_at + 1  # none past the token that completed the stop
+    assert texts([beside]) == solo(tiny_base, [(other, greedy(12), None)])
+    assert engine.tokens_generated == completes_at + 1 + 12
+    assert not engine.scheduler.has_work() and engine.blocks.num_used == 0 and not engine._pending
+
+
+def test_a_consumer_failing_in_the_overlap_ends_only_its_request(tiny_base):
+    tok = tiny_base.tokenizer
+    prompts = [tok(p)["input_ids"] for p in ("One two three", "Four five six")]
+    engine = Engine(tiny_base, EngineConfig(kv_cache_tokens=1024))
+    seen = []
+
+    def failing(out):
+        seen.append(out)
+        if len(seen) == 3:
+            raise RuntimeError("client went away")
+
+    engine.submit(prompts[0], greedy(10), None, failing)
+    results = []
+    engine.submit(prompts[1], greedy(10), None, results.append)
+    engine._drain_inbox()
+    while engine.scheduler.has_work():
+        engine.step()
+    engine.flush()
+    assert len(seen) == 3  # nothing more reached the failed consumer
+    assert results[-1].finished and results[-1].finish_reason == "length" and results[-1].completion_tokens == 10
+    assert texts([results]) == solo(tiny_base, [(prompts[1], greedy(10), None)])
+    assert engine.blocks.num_used == 0
