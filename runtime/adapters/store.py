@@ -242,6 +242,12 @@ class AdapterStore:
         d = self.root / adapter_id / f"v{version}"
         return (d / CONFIG_FILE).read_bytes(), (d / WEIGHTS_FILE).read_bytes()
 
+    def ids(self) -> list[str]:
+        """The ids of the adapter folders, sorted, from one directory read (CURRENT files are not opened: an
+        id may still be committing or deleting; get() says)."""
+        with os.scandir(self.root) as entries:
+            return sorted(e.name for e in entries if ADAPTER_ID.match(e.name) and e.is_dir(follow_symlinks=False))
+
     def list(self) -> list[StoredAdapter]:
         found = []
         for d in sorted(self.root.iterdir()):
