@@ -254,6 +254,8 @@ class Service:
         if model in (BASE_MODEL_ID, self.base.name):
             return None
         try:
+            for pending in self.registry.loading(model) if self.sources else ():
+                await asyncio.wrap_future(pending)  # another request loads it: wait here, not in a worker thread
             return await asyncio.to_thread(self._resolve_and_prepare, tenant, model)
         except AdapterError as e:
             if e.status == 404 or (e.status == 400 and not self.sources):

@@ -203,6 +203,12 @@ class AdapterRegistry:
             return self._pin(AdapterRef(record.id, record.version, self._cache(key, weights)))
         raise AdapterError(f"adapter {adapter_id!r} not found", 404)
 
+    def loading(self, adapter_id: str) -> list[Future]:
+        """The loads of `adapter_id` from a source now in flight: a caller on an event loop awaits them
+        (asyncio.wrap_future) rather than holding a worker thread while another request loads it."""
+        with self._lock:
+            return [future for (loading_id, _), future in self._loading.items() if loading_id == adapter_id]
+
     def resolve_source(self, adapter_id: str, source: AdapterSource) -> AdapterRef | None:
         """An on-demand adapter of `source` (None when it has no folder `adapter_id`), validated exactly like an
         upload and cached under the same byte budget. Requests racing for one version load it once: the
