@@ -168,7 +168,8 @@ class Service:
         self.registry = AdapterRegistry(store, shape, max_rank=config.max_lora_rank,
                                         max_bytes=config.max_adapter_bytes, max_host_bytes=config.max_host_adapter_bytes,
                                         max_host_adapters=config.max_host_adapters)
-        self.sources = [AdapterSource(p) for p in config.adapter_sources]
+        self.sources = [AdapterSource(p) for p in config.adapter_sources]  # every tenant's
+        self._tenant_sources: dict[str, list[AdapterSource]] = {}  # a tenant's own, from the key file
         self.engine = Engine(base, engine_config)
         self.metrics = Metrics(self.engine.stats)
         self.engine.on_finish = self.metrics.on_finish  # the engine's one metrics hook
@@ -254,11 +255,12 @@ class Service:
         if model in (BASE_MODEL_ID, self.base.name):
             return None
         try:
-            for pending in self.registry.loading(model) if self.sources else ():
-                await asyncio.wrap_future(pending)  # another request loads it: wait here, not in a worker thread
+            if self._has_sources(tenant):  # another request loads it: wait here, not in a worker thread
+                for pending in self.registry.loading(model) + self.registry.loading(tenant.stored_id(model)):
+                    await asyncio.wrap_future(pending)
             return await asyncio.to_thread(self._resolve_and_prepare, tenant, model)
         except AdapterError as e:
-            if e.status == 404 or (e.status == 400 and not self.sources):
+            if e.status == 404 or (e.status == 400 and not self._has_sources(tenant)):
                 raise ModelNotFound(f"model {model!r} not found: use {BASE_MODEL_ID!r} or an uploaded adapter id")
             raise
 
@@ -267,18 +269,34 @@ class Service:
         self.engine.prepare_adapter(ref)  # pack for loading here, not on the engine thread
         return ref
 
+    def _own_sources(self, tenant: Tenant) -> list[AdapterSource]:
+        """The adapter sources the key file gives this tenant alone."""
+        dirs = self.keys.sources_of(tenant) if self.keys is not None else ()
+        if not dirs:
+            return []
+        found = self._tenant_sources.get(tenant.name)
+        if found is None:
+            found = self._tenant_sources[tenant.name] = [AdapterSource(d) for d in dirs]
+        return found
+
+    def _has_sources(self, tenant: Tenant) -> bool:
+        return bool(self.sources) or bool(self._own_sources(tenant))
+
     def _resolve_id(self, tenant: Tenant, adapter_id: str) -> AdapterRef:
-        """The tenant's stored adapter `adapter_id`, else the folder of that name in the first --adapter-source
-        holding one (loaded on this first use). AdapterError: 404 when neither has it; 400 for an id that
-        could leave a source directory or a source folder that is not a valid adapter (naming it)."""
+        """The tenant's stored adapter `adapter_id`, else the folder of that name in the first adapter source
+        holding one (the tenant's own from the key file, then the --adapter-source ones), loaded on this first
+        use. AdapterError: 404 when none has it; 400 for an id that could leave a source directory or a
+        source folder that is not a valid adapter (naming it)."""
         try:
             check_adapter_id(adapter_id)
             return self.registry.resolve(tenant.stored_id(adapter_id))
         except AdapterError as e:
-            if e.status not in (400, 404) or not self.sources:
+            if e.status not in (400, 404) or not self._has_sources(tenant):
                 raise
-        for source in self.sources:
-            ref = self.registry.resolve_source(adapter_id, source)
+        # a tenant's own source adapter is cached (and counted in metrics) under its stored-id form
+        for source, ref_id in ([(s, tenant.stored_id(adapter_id)) for s in self._own_sources(tenant)] +
+                               [(s, adapter_id) for s in self.sources]):
+            ref = self.registry.resolve_source(adapter_id, source, ref_id)
             if ref is not None:
                 return ref
         raise AdapterError(f"adapter {adapter_id!r} not found", 404)
@@ -304,7 +322,7 @@ class Service:
             try:
                 members.append((self._resolve_id(tenant, adapter_id), weight))
             except AdapterError as e:
-                if e.status == 404 or (e.status == 400 and not self.sources):
+                if e.status == 404 or (e.status == 400 and not self._has_sources(tenant)):
                     raise ModelNotFound(f"adapter {adapter_id!r} of the mix not found") from None
                 raise
         ref = self.registry.mix(members)
@@ -421,7 +439,8 @@ class Service:
         Source adapters are listed from their folders' names, without reading them."""
         stored = self._own_ids(tenant)
         own = set(stored)
-        sources = {i for source in self.sources for i in source.ids() if i not in own and i != self.base.name}
+        sources = {i for source in self._own_sources(tenant) + self.sources for i in source.ids()
+                   if i not in own and i != self.base.name}
         entries = [(0, BASE_MODEL_ID, "base")] + sorted([(1, i, "store") for i in stored] +
                                                          [(1, i, "source") for i in sources])
         start = 0

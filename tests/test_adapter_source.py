@@ -218,3 +218,48 @@ def test_10000_adapters_listed_by_pages_without_gap_or_repeat(crowded):
         assert first["first_id"] == "base" and first["has_more"] and len(first["data"]) == 100
         whole = client.get("/v1/models").json()  # no limit: the whole list, as before paging
         assert [m["id"] for m in whole["data"]] == ["base"] + expected and whole["has_more"] is False
+
+
+TENANT_KEYS = {"alice": "alice-key-123", "bob": "bob-key-456"}
+
+
+@pytest.fixture(scope="module")
+def tenants(tiny_model_dir, tiny_adapter, tmp_path_factory):
+    """alice has a source of her own in the key file; bob has none; both see the --adapter-source one."""
+    root = tmp_path_factory.mktemp("tenant-sources")
+    alice_dir, shared_dir = root / "alice", root / "shared"
+    shutil.copytree(tiny_adapter, alice_dir / "only-alice")
+    shutil.copytree(tiny_adapter, shared_dir / "shared-one")
+    keys = root / "keys"
+    keys.write_text(f"alice {TENANT_KEYS['alice']} source={alice_dir}\nbob {TENANT_KEYS['bob']}\n")
+    from loraplex.runtime.tenants import KeyRing
+    service = make_service(tiny_model_dir, root / "adapters", keys=KeyRing.from_file(keys),
+                           adapter_sources=(shared_dir,))
+    server = LiveServer(service)
+    yield server
+    server.stop()
+
+
+def test_a_tenant_source_is_seen_by_that_tenant_alone(tenants):
+    def client(name):
+        return httpx.Client(base_url=tenants.url, timeout=60, headers={"Authorization": f"Bearer {TENANT_KEYS[name]}"})
+    with client("alice") as alice, client("bob") as bob:
+        assert complete(alice, "only-alice").status_code == 200
+        assert complete(bob, "only-alice").status_code == 404
+        assert complete(bob, "shared-one").status_code == 200 and complete(alice, "shared-one").status_code == 200
+        alice_ids = [m["id"] for m in alice.get("/v1/models").json()["data"]]
+        bob_ids = [m["id"] for m in bob.get("/v1/models").json()["data"]]
+        assert "only-alice" in alice_ids and "shared-one" in alice_ids
+        assert "only-alice" not in bob_ids and "shared-one" in bob_ids
+
+
+def test_key_file_sources_are_checked(tmp_path):
+    from loraplex.runtime.tenants import KeyFileError, KeyRing
+    path = tmp_path / "keys"
+    path.write_text(f"alice {TENANT_KEYS['alice']} source={tmp_path / 'missing'}\n")
+    with pytest.raises(KeyFileError, match="not a directory"):
+        KeyRing.from_file(path)
+    path.write_text(f"alice {TENANT_KEYS['alice']} source={tmp_path}\nbob {TENANT_KEYS['bob']}\n")
+    ring = KeyRing.from_file(path)
+    assert ring.sources_of(ring.tenant_for(TENANT_KEYS["alice"])) == (tmp_path,)
+    assert ring.sources_of(ring.tenant_for(TENANT_KEYS["bob"])) == ()

@@ -209,16 +209,18 @@ class AdapterRegistry:
         with self._lock:
             return [future for (loading_id, _), future in self._loading.items() if loading_id == adapter_id]
 
-    def resolve_source(self, adapter_id: str, source: AdapterSource) -> AdapterRef | None:
+    def resolve_source(self, adapter_id: str, source: AdapterSource, ref_id: str | None = None) -> AdapterRef | None:
         """An on-demand adapter of `source` (None when it has no folder `adapter_id`), validated exactly like an
         upload and cached under the same byte budget. Requests racing for one version load it once: the
         first reads and validates, the others wait for that result (its error too); requests for other
-        adapters never wait on this load. A bad folder is an AdapterError naming it."""
+        adapters never wait on this load. A bad folder is an AdapterError naming it. `ref_id`: the id the
+        AdapterRef (cache, metrics) carries, when not `adapter_id` (a tenant's own source: its stored-id form)."""
         folder = source.folder(adapter_id)
         if folder is None:
             return None
         version = source.version(folder)
-        key = (adapter_id, version)
+        ref_id = ref_id or adapter_id
+        key = (ref_id, version)
         with self._lock:
             weights = self._live.get(key)
             loading = None if weights is not None else self._loading.get(key)
@@ -228,7 +230,7 @@ class AdapterRegistry:
         if weights is None and not owner:
             weights = loading.result()
         if weights is not None:
-            return self._pin(AdapterRef(adapter_id, version, self._cache(key, weights)))
+            return self._pin(AdapterRef(ref_id, version, self._cache(key, weights)))
         try:  # this request loads it; it stays in _loading until cached, so no second load can start
             config_raw, weights_raw = source.read(folder, self.max_bytes)
             try:
@@ -239,7 +241,7 @@ class AdapterRegistry:
                                    e.status if e.status in (413, 429) else 400) from None
             with self._lock:
                 self.source_loads += 1
-            ref = self._pin(AdapterRef(adapter_id, version, self._cache(key, weights)))
+            ref = self._pin(AdapterRef(ref_id, version, self._cache(key, weights)))
             loading.set_result(weights)
             return ref
         except BaseException as e:

@@ -70,7 +70,7 @@ class AdapterSource:
         except OSError as e:
             raise AdapterError(f"adapter source folder {folder}: not a PEFT adapter folder (needs {CONFIG_FILE} "
                                f"and {WEIGHTS_FILE}): {e.strerror or e}", 400) from None
-        stamp = ",".join(f"{s.st_ino}:{s.st_size}:{s.st_mtime_ns}" for s in stats).encode()
+        stamp = ",".join(f"{s.st_dev}:{s.st_ino}:{s.st_size}:{s.st_mtime_ns}" for s in stats).encode()
         return SOURCE_VERSION_BASE + int.from_bytes(hashlib.sha256(stamp).digest()[:5], "big")
 
     def read(self, folder: Path, max_bytes: int) -> tuple[bytes, bytes]:
