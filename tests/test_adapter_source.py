@@ -263,3 +263,33 @@ def test_key_file_sources_are_checked(tmp_path):
     ring = KeyRing.from_file(path)
     assert ring.sources_of(ring.tenant_for(TENANT_KEYS["alice"])) == (tmp_path,)
     assert ring.sources_of(ring.tenant_for(TENANT_KEYS["bob"])) == ()
+
+
+def test_serve_refuses_a_missing_source_before_loading_the_model(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+    exe = shutil.which("loraplex", path=str(Path(sys.executable).parent)) or shutil.which("loraplex")
+    (tmp_path / "a-file").write_text("")
+    for bad in (tmp_path / "missing", tmp_path / "a-file"):
+        start = time.monotonic()
+        done = subprocess.run([exe, "serve", "--port", str(free_port()), "--grpc-port", "0", "--adapter-dir",
+                               str(tmp_path / "adapters"), "--adapter-source", str(tmp_path), "--adapter-source",
+                               str(bad)], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and f"--adapter-source {bad}: not a directory" in done.stderr, done.stderr[-2000:]
+        assert time.monotonic() - start < 60
+
+
+def test_grpc_serves_source_adapters_and_refuses_escapes(live):
+    import grpc
+
+    from loraplex.client import GrpcClient, GrpcError
+    with GrpcClient(live.grpc_target) as client, httpx.Client(base_url=live.url, timeout=60) as http:
+        served = client.complete("good", "hello there", max_tokens=6, temperature=0).choices[0].text
+        assert served == complete(http, "good").json()["choices"][0]["text"]
+        for model in ("escape", "../outside", "bad"):
+            with pytest.raises(GrpcError) as e:
+                client.complete(model, "hi", max_tokens=2)
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT, (model, e.value)
