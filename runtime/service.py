@@ -257,7 +257,10 @@ class Service:
         try:
             if self._has_sources(tenant):  # another request loads it: wait here, not in a worker thread
                 for pending in self.registry.loading(model) + self.registry.loading(tenant.stored_id(model)):
-                    await asyncio.wrap_future(pending)
+                    try:  # (it may be another namespace's adapter of that id: its outcome is not ours to report)
+                        await asyncio.wrap_future(pending)
+                    except Exception:  # noqa: BLE001 - resolved again below, in this tenant's namespace
+                        pass
             return await asyncio.to_thread(self._resolve_and_prepare, tenant, model)
         except AdapterError as e:
             if e.status == 404 or (e.status == 400 and not self._has_sources(tenant)):
