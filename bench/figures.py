@@ -207,13 +207,28 @@ def training_summary(result: dict, fig) -> None:
                  f"{result['initial_val_loss']:.2f} -> {result['final_val_loss']:.3f} ({result['device']})", fontsize=9)
 
 
+def adapter_scale(result: dict, fig) -> None:
+    """bench/adapter_scale.py: upload MB/s, hot-load and on-demand first token, start-up and list time at scale."""
+    summary = result["summary"]
+    axes = fig.subplots(1, 3)
+    _bars(axes[0], ["upload (HTTP)"], {"MB/s": [summary["upload_mb_s_cpu"]]}, "MB / s",
+          f"upload, {result.get('adapter_mb')} MB adapter ({_where(result)})")
+    axes[0].axhline(300, color="grey", linestyle="--", linewidth=1)  # issue #20's target
+    labels = ["hot-load after upload", "source first token", f"/v1/models page ({result.get('stored')} stored)"]
+    _bars(axes[1], labels, {"p50 ms": [summary["hotload_after_upload_ms_p50"], summary["source_first_token_ms_p50"],
+                                       summary["models_list_ms_10k"]]}, "ms (p50)", "first token and listing", log=True)
+    start = result["start_s"]
+    _bars(axes[2], ["empty store", f"{result.get('stored')} stored"], {"s": [start["empty"], start["stored"]]},
+          "seconds to /health ok", f"server start ({summary['start_s_10k_over_0']:.2f}x)")
+
+
 # file name (stem, or its start) -> (function, figure size)
 DRAWERS = {
     "engine_cpu": (engine, (11, 4)), "engine_gpu": (engine, (7, 4)), "grpc_vs_http": (grpc_vs_http, (7, 4)),
     "kernels": (lora_kernels, (12, 4.5)), "load": (load, (11, 4)), "nf4_matmul": (nf4_matmul, (8, 5)),
     "paged_attention": (paged_attention, (13, 5)), "profile_step": (profile_step, (9, 4.5)),
     "serve_gpu": (serve_gpu, (12, 4.5)), "step_host": (step_host, (9, 4.5)), "train_quality": (train_quality, (14, 4)),
-    "training_summary": (training_summary, (7, 4)),
+    "training_summary": (training_summary, (7, 4)), "adapter_scale": (adapter_scale, (13, 4)),
 }
 
 

@@ -31,6 +31,9 @@ def _serve(args) -> None:
     for what, port in ports:  # before the model loads: a clash fails in a second, not after a minute
         _check_port_free(host, port, what)
     _check_adapter_dir(args.adapter_dir)
+    for source in args.adapter_source or ():
+        if not source.is_dir():
+            sys.exit(f"loraplex serve: --adapter-source {source}: not a directory")
 
     service = build_service(args, keys)
     service.start()
@@ -54,7 +57,8 @@ def build_service(args, keys):
                                  kv_cache_tokens=args.kv_cache_tokens, adapter_ops=args.adapter_ops,
                                  cuda_graphs=not args.enforce_eager, merge_policy=args.merge_policy,
                                  merge_format=args.merge_format, prefix_caching=not args.no_prefix_caching)
-    config = ServiceConfig(adapter_dir=args.adapter_dir, max_lora_rank=args.max_lora_rank,
+    config = ServiceConfig(adapter_dir=args.adapter_dir, adapter_sources=tuple(getattr(args, "adapter_source", None) or ()),
+                           max_lora_rank=args.max_lora_rank,
                            max_adapter_bytes=args.max_adapter_mb << 20, max_host_adapters=args.max_cpu_adapters,
                            max_host_adapter_bytes=None if args.host_adapter_memory is None
                            else int(args.host_adapter_memory * (1 << 30)),
@@ -211,6 +215,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute/activation dtype (auto: bfloat16 on a GPU or a CPU with native bf16, else float32)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--adapter-dir", type=Path, default=None, help="adapter store (default: user cache dir)")
+    p.add_argument("--adapter-source", type=Path, action="append", default=None, metavar="DIR",
+                   help="repeatable: a directory whose folders DIR/<id>/ hold PEFT adapters (adapter_config.json + "
+                        "adapter_model.safetensors); a request for an id not in the store loads DIR/<id>/ on first "
+                        "use, validated like an upload and cached, not copied into the store")
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--adapter-memory", type=_memory_amount, default=None,
                    help="accelerator memory for resident adapters: GB (e.g. 12) or a fraction of what is free "

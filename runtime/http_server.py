@@ -22,7 +22,7 @@ from . import openai_schemas as oa
 from .adapters.peft_format import AdapterError
 from .choices import Choice, Choices
 from .engine import RequestError
-from .service import Service, ServiceError, adapter_json, error_of
+from .service import MAX_PAGE, Service, ServiceError, adapter_json, error_of
 from .tenants import Tenant
 
 log = logging.getLogger("loraplex.http")
@@ -164,6 +164,29 @@ def tenant_of(request: Request) -> Tenant:
     return request.state.tenant
 
 
+def paging(request: Request) -> tuple[int | None, str | None]:
+    """`?limit=&after=` of a list route: limit an integer from 1 to MAX_PAGE (absent: the whole list), after an
+    id (absent: from the start). Anything else is a 400 naming the field."""
+    query = request.query_params
+    limit, after = query.get("limit"), query.get("after")
+    for name in ("limit", "after"):
+        if len(query.getlist(name)) > 1:
+            raise ServiceError(f"{name}: give it once")
+    if limit is not None:
+        if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_PAGE):
+            raise ServiceError(f"limit: must be an integer from 1 to {MAX_PAGE}, got {limit[:40]!r}")
+        limit = int(limit)
+    if after is not None and not 1 <= len(after) <= 256:
+        raise ServiceError("after: must be an id (1 to 256 characters)")
+    return limit, after
+
+
+def page_json(data: list[dict], has_more: bool) -> dict:
+    """A list in the OpenAI shape, with the cursor fields of its paged lists."""
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
 async def until_disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -288,7 +311,9 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        return {"object": "list", "data": service.models(tenant_of(request))}
+        limit, after = paging(request)
+        data, more = await asyncio.to_thread(service.models_page, tenant_of(request), limit, after)
+        return page_json(data, more)
 
     @app.post("/v1/adapters", status_code=201)
     async def upload_adapter(request: Request, id: str = Form(...), config: UploadFile = File(...),
@@ -306,7 +331,9 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/adapters")
     async def list_adapters(request: Request):
-        return {"object": "list", "data": [adapter_json(a) for a in service.list_adapters(tenant_of(request))]}
+        limit, after = paging(request)
+        records, more = await asyncio.to_thread(service.list_adapters_page, tenant_of(request), limit, after)
+        return page_json([adapter_json(a) for a in records], more)
 
     @app.get("/v1/adapters/{adapter_id}")
     async def get_adapter(request: Request, adapter_id: str):

@@ -8,6 +8,7 @@ check of the in-flight counter and the submit happen together, under one lock.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import logging
 import threading
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from .adapters.peft_format import AdapterError, BaseShape
-from .adapters.registry import AdapterRef, AdapterRegistry
+from .adapters.registry import AdapterRef, AdapterRegistry, refuse_pickle
+from .adapters.source import AdapterSource
 from .adapters.store import AdapterStore, StoredAdapter, check_adapter_id
 from .base_model import BaseModel, cache_dir, describe
 from .engine import Engine, EngineConfig, EngineDead, RequestError
@@ -26,13 +28,14 @@ from .tenants import OPEN_TENANT, KeyRing, Tenant, bearer_key
 from .warm_up import warm_up
 
 BASE_MODEL_ID = "base"
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # protocol-2+ pickles, torch.save zip archives
+MAX_PAGE = 1000  # the largest `limit` of a list route
 log = logging.getLogger("loraplex.service")
 
 
 @dataclass
 class ServiceConfig:
     adapter_dir: Path | None = None
+    adapter_sources: tuple[Path, ...] = ()  # --adapter-source: folders of PEFT adapters loaded on first use
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 << 20  # largest upload (weights)
     max_host_adapters: int | None = None  # optional cap on parsed adapters cached in host memory
@@ -165,6 +168,8 @@ class Service:
         self.registry = AdapterRegistry(store, shape, max_rank=config.max_lora_rank,
                                         max_bytes=config.max_adapter_bytes, max_host_bytes=config.max_host_adapter_bytes,
                                         max_host_adapters=config.max_host_adapters)
+        self.sources = [AdapterSource(p) for p in config.adapter_sources]  # every tenant's
+        self._tenant_sources: dict[str, list[AdapterSource]] = {}  # a tenant's own, from the key file
         self.engine = Engine(base, engine_config)
         self.metrics = Metrics(self.engine.stats)
         self.engine.on_finish = self.metrics.on_finish  # the engine's one metrics hook
@@ -250,17 +255,54 @@ class Service:
         if model in (BASE_MODEL_ID, self.base.name):
             return None
         try:
-            check_adapter_id(model)
-            return await asyncio.to_thread(self._resolve_and_prepare, tenant.stored_id(model))
+            if self._has_sources(tenant):  # another request loads it: wait here, not in a worker thread
+                for pending in self.registry.loading(model) + self.registry.loading(tenant.stored_id(model)):
+                    try:  # (it may be another namespace's adapter of that id: its outcome is not ours to report)
+                        await asyncio.wrap_future(pending)
+                    except Exception:  # noqa: BLE001 - resolved again below, in this tenant's namespace
+                        pass
+            return await asyncio.to_thread(self._resolve_and_prepare, tenant, model)
         except AdapterError as e:
-            if e.status in (400, 404):
+            if e.status == 404 or (e.status == 400 and not self._has_sources(tenant)):
                 raise ModelNotFound(f"model {model!r} not found: use {BASE_MODEL_ID!r} or an uploaded adapter id")
             raise
 
-    def _resolve_and_prepare(self, stored_id: str) -> AdapterRef:
-        ref = self.registry.resolve(stored_id)
+    def _resolve_and_prepare(self, tenant: Tenant, adapter_id: str) -> AdapterRef:
+        ref = self._resolve_id(tenant, adapter_id)
         self.engine.prepare_adapter(ref)  # pack for loading here, not on the engine thread
         return ref
+
+    def _own_sources(self, tenant: Tenant) -> list[AdapterSource]:
+        """The adapter sources the key file gives this tenant alone."""
+        dirs = self.keys.sources_of(tenant) if self.keys is not None else ()
+        if not dirs:
+            return []
+        found = self._tenant_sources.get(tenant.name)
+        if found is None:
+            found = self._tenant_sources[tenant.name] = [AdapterSource(d) for d in dirs]
+        return found
+
+    def _has_sources(self, tenant: Tenant) -> bool:
+        return bool(self.sources) or bool(self._own_sources(tenant))
+
+    def _resolve_id(self, tenant: Tenant, adapter_id: str) -> AdapterRef:
+        """The tenant's stored adapter `adapter_id`, else the folder of that name in the first adapter source
+        holding one (the tenant's own from the key file, then the --adapter-source ones), loaded on this first
+        use. AdapterError: 404 when none has it; 400 for an id that could leave a source directory or a
+        source folder that is not a valid adapter (naming it)."""
+        try:
+            check_adapter_id(adapter_id)
+            return self.registry.resolve(tenant.stored_id(adapter_id))
+        except AdapterError as e:
+            if e.status not in (400, 404) or not self._has_sources(tenant):
+                raise
+        # a tenant's own source adapter is cached (and counted in metrics) under its stored-id form
+        for source, ref_id in ([(s, tenant.stored_id(adapter_id)) for s in self._own_sources(tenant)] +
+                               [(s, adapter_id) for s in self.sources]):
+            ref = self.registry.resolve_source(adapter_id, source, ref_id)
+            if ref is not None:
+                return ref
+        raise AdapterError(f"adapter {adapter_id!r} not found", 404)
 
     async def _resolve_mix(self, tenant: Tenant, model: str, adapters: list[tuple[str, float]]) -> AdapterRef:
         """A weighted mix of the tenant's adapters, each resolved in its namespace like a `model`."""
@@ -281,9 +323,9 @@ class Service:
         members = []
         for adapter_id, weight in adapters:
             try:
-                members.append((self.registry.resolve(tenant.stored_id(adapter_id)), weight))
+                members.append((self._resolve_id(tenant, adapter_id), weight))
             except AdapterError as e:
-                if e.status in (400, 404):
+                if e.status == 404 or (e.status == 400 and not self._has_sources(tenant)):
                     raise ModelNotFound(f"adapter {adapter_id!r} of the mix not found") from None
                 raise
         ref = self.registry.mix(members)
@@ -333,9 +375,7 @@ class Service:
     async def upload_adapter(self, tenant: Tenant, adapter_id: str, config_raw: bytes,
                              weights_raw: bytes) -> StoredAdapter:
         self._check_own_id(adapter_id)
-        if weights_raw.startswith(_PICKLE_MAGIC):
-            raise AdapterError("the weights look like a pickle (.bin/.pt): loraplex never unpickles; "
-                               "upload adapter_model.safetensors", 400)
+        refuse_pickle(weights_raw)
         try:
             record = await asyncio.to_thread(self._upload, tenant, adapter_id, config_raw, weights_raw)
         except AdapterError:
@@ -377,10 +417,58 @@ class Service:
         self.metrics.forget_adapter(record.id, record.version)
         return self._own(tenant, record)
 
+    def _own_ids(self, tenant: Tenant) -> list[str]:
+        """The ids of the tenant's stored adapters, sorted (one directory read; no adapter file opened)."""
+        return [own for stored in self.registry.store.ids() if (own := tenant.own_id(stored)) is not None]
+
+    def list_adapters_page(self, tenant: Tenant, limit: int | None = None,
+                           after: str | None = None) -> tuple[list[StoredAdapter], bool]:
+        """Up to `limit` of the tenant's adapters with ids after `after`, by id; and whether more follow."""
+        ids = self._own_ids(tenant)
+        page, more = [], False
+        for adapter_id in ids[0 if after is None else bisect.bisect_right(ids, after):]:
+            record = self.registry.store.get(tenant.stored_id(adapter_id))
+            if record is None:  # deleted meanwhile
+                continue
+            if limit is not None and len(page) == limit:
+                more = True
+                break
+            page.append(self._own(tenant, record))
+        return page, more
+
+    def models_page(self, tenant: Tenant, limit: int | None = None, after: str | None = None) -> tuple[list[dict], bool]:
+        """The base model first, then the tenant's stored adapters and every --adapter-source adapter (a stored
+        adapter hides a source one of its id), by id: up to `limit` entries after `after`; and whether more follow.
+        Source adapters are listed from their folders' names, without reading them."""
+        stored = self._own_ids(tenant)
+        own = set(stored)
+        sources = {i for source in self._own_sources(tenant) + self.sources for i in source.ids()
+                   if i not in own and i != self.base.name}
+        entries = [(0, BASE_MODEL_ID, "base")] + sorted([(1, i, "store") for i in stored] +
+                                                         [(1, i, "source") for i in sources])
+        start = 0
+        if after is not None:
+            start = bisect.bisect_right(entries, (0, BASE_MODEL_ID, "~") if after == BASE_MODEL_ID else (1, after, "~"))
+        page, more = [], False
+        common = {"object": "model", "owned_by": "loraplex", "root": self.base.name}
+        for _, entry_id, kind in entries[start:]:
+            if kind == "base":
+                entry = {"id": BASE_MODEL_ID, **common}
+            elif kind == "source":
+                entry = {"id": entry_id, **common, "parent": BASE_MODEL_ID, "source": "adapter-source"}
+            else:
+                record = self.registry.store.get(tenant.stored_id(entry_id))
+                if record is None:
+                    continue
+                entry = {"id": entry_id, **common, "parent": BASE_MODEL_ID, "version": record.version}
+            if limit is not None and len(page) == limit:
+                more = True
+                break
+            page.append(entry)
+        return page, more
+
     def models(self, tenant: Tenant) -> list[dict]:
-        base = {"id": BASE_MODEL_ID, "object": "model", "owned_by": "loraplex", "root": self.base.name}
-        return [base] + [{"id": a.id, "object": "model", "owned_by": "loraplex", "root": self.base.name,
-                          "parent": BASE_MODEL_ID, "version": a.version} for a in self.list_adapters(tenant)]
+        return self.models_page(tenant)[0]
 
     def health(self) -> dict:
         status = "error" if not self.engine.alive else "draining" if self.draining else "ok"

@@ -1,7 +1,8 @@
 """Tenants and their API keys, and the namespace each tenant's adapters live in.
 
-A keys file holds one `TENANT KEY` pair a line (`#` starts a comment); KEY is the key in plain
-text or `sha256:<hex digest of the key>`. The tenant named `admin` has the admin role: it sees
+A keys file holds one `TENANT KEY [source=DIR ...]` line per key (`#` starts a comment); KEY is the key in
+plain text or `sha256:<hex digest of the key>`; each `source=DIR` gives the tenant an adapter source of its
+own (folders `DIR/<id>/` loaded on first use, like `serve --adapter-source`, seen by no other tenant). The tenant named `admin` has the admin role: it sees
 and manages every adapter. Keys are kept only as SHA-256 digests and compared in constant time.
 
 Adapters of tenant T are stored under `T.<id>` (tenant names hold no '.', so the first '.' splits
@@ -60,8 +61,13 @@ def bearer_key(authorization: str | None) -> str | None:
 
 
 class KeyRing:
-    def __init__(self, entries: list[tuple[str, bytes]]):
+    def __init__(self, entries: list[tuple[str, bytes]], sources: dict[str, tuple[Path, ...]] | None = None):
         self._entries = entries  # (tenant name, sha256 digest of its key)
+        self._sources = sources or {}  # tenant name -> its own adapter source directories
+
+    def sources_of(self, tenant: Tenant) -> tuple[Path, ...]:
+        """The adapter source directories given to this tenant alone in the key file."""
+        return self._sources.get(tenant.name, ())
 
     @classmethod
     def single(cls, key: str) -> KeyRing:
@@ -70,15 +76,20 @@ class KeyRing:
 
     @classmethod
     def from_file(cls, path: Path) -> KeyRing:
-        entries, seen = [], set()
+        entries, seen, sources = [], set(), {}
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             line = line.split("#", 1)[0].strip()
             if not line:
                 continue
             fields = line.split()
-            if len(fields) != 2:  # the line itself is never quoted: it may hold a key
-                raise KeyFileError(f"{path}:{number}: expected 'TENANT KEY'")
-            name, key = fields
+            if len(fields) < 2 or not all(f.startswith("source=") for f in fields[2:]):
+                raise KeyFileError(f"{path}:{number}: expected 'TENANT KEY [source=DIR ...]'")  # never quote the line: it holds a key
+            name, key = fields[:2]
+            for field in fields[2:]:
+                directory = Path(field[len("source="):])
+                if not directory.is_dir():
+                    raise KeyFileError(f"{path}:{number}: source {str(directory)!r} is not a directory")
+                sources.setdefault(name, []).append(directory)
             if not TENANT_NAME.match(name):
                 raise KeyFileError(f"{path}:{number}: invalid tenant name {name!r}: use 1-32 letters, digits, "
                                    "'_' or '-', starting with a letter or digit")
@@ -90,7 +101,7 @@ class KeyRing:
             entries.append((name, key_digest))
         if not entries:
             raise KeyFileError(f"{path}: no 'TENANT KEY' lines")
-        return cls(entries)
+        return cls(entries, {name: tuple(dirs) for name, dirs in sources.items()})
 
     def tenant_for(self, key: str) -> Tenant | None:
         presented = digest(key)

@@ -89,3 +89,20 @@ def test_bad_ids(tmp_path, bad):
         reg.upload(bad, *lora_files())
     assert e.value.status == 400
     assert not any(p.name != ".tmp" for p in tmp_path.iterdir())
+
+
+def test_start_fsyncs_no_adapter_folder_it_did_not_change(tmp_path, monkeypatch):
+    """Start-up with many committed adapters costs reads, not one directory fsync per adapter (issue #20);
+    a folder that recovery changes (a leftover CURRENT.tmp) is still synced."""
+    import loraplex.runtime.adapters.store as store_module
+    store = AdapterStore(tmp_path)
+    config_raw, weights_raw = lora_files()
+    for i in range(20):
+        store.commit(f"a{i}", config_raw, weights_raw, "LORA", 4)
+    (tmp_path / "a3" / "CURRENT.tmp").write_text("{}")
+    synced = []
+    fsync_dir = store_module._fsync_dir
+    monkeypatch.setattr(store_module, "_fsync_dir", lambda path: (synced.append(path), fsync_dir(path)))
+    reopened = AdapterStore(tmp_path)
+    assert sorted(synced) == sorted([tmp_path, tmp_path / "a3"]), synced
+    assert len(reopened.list()) == 20 and not (tmp_path / "a3" / "CURRENT.tmp").exists()

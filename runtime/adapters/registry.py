@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ import torch
 
 from ..gc_timer import freeze_new
 from .peft_format import MAX_ABS_SCALE, AdapterError, AdapterWeights, BaseShape, ModuleDelta, parse_adapter
+from .source import AdapterSource
 from .store import AdapterStore, StoredAdapter
 
 MIN_DEFAULT_HOST_BYTES = 4 << 30
@@ -45,6 +46,13 @@ def default_max_host_bytes() -> int:
         physical = 0
     return max(MIN_DEFAULT_HOST_BYTES, physical // 4)
 MIN_MIX, MAX_MIX = 2, 8  # members of one mix
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # protocol-2+ pickles, torch.save zip archives
+
+
+def refuse_pickle(weights_raw: bytes) -> None:
+    if weights_raw.startswith(_PICKLE_MAGIC):
+        raise AdapterError("the weights look like a pickle (.bin/.pt): loraplex never unpickles; "
+                           "upload adapter_model.safetensors", 400)
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +82,8 @@ class AdapterRegistry:
         self._pins: dict[tuple[str, int], int] = {}  # AdapterRefs alive per version
         self.host_bytes_used = 0  # bytes of every copy in memory: cached or held by requests
         self.host_evictions = 0
+        self.source_loads = 0  # on-demand adapters read and validated from an --adapter-source
+        self._loading: dict[tuple[str, int], Future] = {}  # source versions being loaded: one load each
         self._lock = threading.RLock()  # re-entered by a copy's finalizer when an eviction frees it
 
     def _freed(self, nbytes: int) -> None:
@@ -193,6 +203,53 @@ class AdapterRegistry:
             return self._pin(AdapterRef(record.id, record.version, self._cache(key, weights)))
         raise AdapterError(f"adapter {adapter_id!r} not found", 404)
 
+    def loading(self, adapter_id: str) -> list[Future]:
+        """The loads of `adapter_id` from a source now in flight: a caller on an event loop awaits them
+        (asyncio.wrap_future) rather than holding a worker thread while another request loads it."""
+        with self._lock:
+            return [future for (loading_id, _), future in self._loading.items() if loading_id == adapter_id]
+
+    def resolve_source(self, adapter_id: str, source: AdapterSource, ref_id: str | None = None) -> AdapterRef | None:
+        """An on-demand adapter of `source` (None when it has no folder `adapter_id`), validated exactly like an
+        upload and cached under the same byte budget. Requests racing for one version load it once: the
+        first reads and validates, the others wait for that result (its error too); requests for other
+        adapters never wait on this load. A bad folder is an AdapterError naming it. `ref_id`: the id the
+        AdapterRef (cache, metrics) carries, when not `adapter_id` (a tenant's own source: its stored-id form)."""
+        folder = source.folder(adapter_id)
+        if folder is None:
+            return None
+        version = source.version(folder)
+        ref_id = ref_id or adapter_id
+        key = (ref_id, version)
+        with self._lock:
+            weights = self._live.get(key)
+            loading = None if weights is not None else self._loading.get(key)
+            owner = weights is None and loading is None
+            if owner:
+                loading = self._loading[key] = Future()
+        if weights is None and not owner:
+            weights = loading.result()
+        if weights is not None:
+            return self._pin(AdapterRef(ref_id, version, self._cache(key, weights)))
+        try:  # this request loads it; it stays in _loading until cached, so no second load can start
+            config_raw, weights_raw = source.read(folder, self.max_bytes)
+            try:
+                refuse_pickle(weights_raw)
+                weights = self.validate(config_raw, weights_raw)
+            except AdapterError as e:
+                raise AdapterError(f"adapter source folder {folder}: {e.message}",
+                                   e.status if e.status in (413, 429) else 400) from None
+            with self._lock:
+                self.source_loads += 1
+            ref = self._pin(AdapterRef(ref_id, version, self._cache(key, weights)))
+            loading.set_result(weights)
+            return ref
+        except BaseException as e:
+            loading.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._loading[key]
 
     def mix(self, members: list[tuple[AdapterRef, float]]) -> AdapterRef:
         """One virtual adapter computing sum_i weight_i * delta_i of resolved members (PEFT's
