@@ -364,12 +364,22 @@ class Engine:
         self.bookkeeping_seconds += time.perf_counter() - sampled
 
     def _ends_here(self, seq: Sequence) -> bool:
-        """Whether seq's newest token ends it whatever its text says (end of sequence, a stop token, a finished
-        grammar, length): such rows are settled before the next schedule."""
+        """Whether seq's newest token ends it whatever its text says: such rows are settled before the next
+        schedule."""
+        return self._token_end_reason(seq) is not None
+
+    def _token_end_reason(self, seq: Sequence) -> str | None:
+        """Why seq's newest token ends it, text aside: end of sequence or a stop token ("stop"; the sampler
+        masked both while fewer than min_tokens were generated), a grammar that allows nothing more ("stop"),
+        or length."""
         token = seq.token_ids[-1]
-        return (token in seq.params.stop_token_ids or (token in self.base.eos_token_ids and not seq.params.ignore_eos)
-                or (seq.matcher is not None and seq.matcher.is_terminated())
-                or seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len)
+        if token in seq.params.stop_token_ids or (token in self.base.eos_token_ids and not seq.params.ignore_eos):
+            return "stop"
+        if seq.matcher is not None and seq.matcher.is_terminated():
+            return "stop"
+        if seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None
 
     def _settle(self, rows: list[tuple[Sequence, int]]) -> None:
         """Detokenise the newest token of these rows, then stop checks and hand-over (or finish)."""
@@ -392,17 +402,10 @@ class Engine:
         seq.last_token_at = time.monotonic()
         if seq.first_token_at is None:
             seq.first_token_at = seq.last_token_at
-        reason = None
         stop_at = find_stop(seq, previous_len) if seq.num_completion_tokens >= seq.params.min_tokens else None
         if stop_at is not None:
             seq.text = seq.text[:stop_at]
-            reason = "stop"
-        elif token in seq.params.stop_token_ids or (token in self.base.eos_token_ids and not seq.params.ignore_eos):
-            reason = "stop"  # the sampler masked both while fewer than min_tokens were generated
-        elif seq.matcher is not None and seq.matcher.is_terminated():
-            reason = "stop"  # the output is complete: the grammar allows nothing more
-        elif seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
-            reason = "length"
+        reason = "stop" if stop_at is not None else self._token_end_reason(seq)
         if reason is not None:
             self._finish(seq, reason, last_token=token)
         else:

@@ -210,8 +210,7 @@ class ModelRunner:
             token_slots.extend([NO_ADAPTER if merged and i in merged else seq.adapter_slot] * n)
         decode = all(n == 1 for _, n in batch)
         if self.use_graphs and decode and not all_logits and len(batch) <= self.buckets[-1] and \
-                (self.ops is None or getattr(self.ops, "graph_safe", False)
-                 or all(s == NO_ADAPTER for s in token_slots)):
+                self._ops_graph_safe(token_slots):
             logits = self._replay(batch, token_slots, merged or set())
         elif self._mixed_graph_fits(batch, token_slots, all_logits, merged):
             logits = self._replay_mixed(batch, token_slots)
@@ -285,9 +284,12 @@ class ModelRunner:
     # -- CUDA-graph mixed steps -------------------------------------------------------------
     def _mixed_graph_fits(self, batch, token_slots: list[int], all_logits: bool, merged) -> bool:
         return (self.use_graphs and self.paged and not all_logits and not merged and len(batch) <= self.mixed_rows
-                and sum(n for _, n in batch) <= self.mixed_buckets[-1]
-                and (self.ops is None or getattr(self.ops, "graph_safe", False)
-                     or all(s == NO_ADAPTER for s in token_slots)))
+                and sum(n for _, n in batch) <= self.mixed_buckets[-1] and self._ops_graph_safe(token_slots))
+
+    def _ops_graph_safe(self, token_slots: list[int]) -> bool:
+        """Whether a graph may capture this step's adapter math (graph-safe ops, or no row uses an adapter)."""
+        return (self.ops is None or getattr(self.ops, "graph_safe", False)
+                or all(s == NO_ADAPTER for s in token_slots))
 
     def _replay_mixed(self, batch: list[tuple[Sequence, int]], token_slots: list[int]) -> torch.Tensor:
         T = sum(n for _, n in batch)
@@ -349,21 +351,13 @@ class ModelRunner:
         return ctx
 
     def _capture_mixed(self, bucket: int, lora_meta) -> _DecodeGraph:
-        ctx = self._mixed_context(bucket, lora_meta)
-        ids = self.mixed_tokens[0, :bucket]
-        self.base.model(ids, ctx)  # warm-up: compiles kernels; writes the same K/V the replay will
-        torch.cuda.synchronize(self.device)
         if self.mixed_logits is None:
             self.mixed_logits = torch.empty(self.mixed_rows, self.base.config.vocab_size, dtype=torch.float32,
                                             device=self.device)
-        graph = torch.cuda.CUDAGraph()
         # every mixed graph writes its logits into one shared buffer: the model's own output is freed at the
         # end of the capture, so [rows, vocab] fp32 (131 MB on Llama-3 vocabularies) is not held per graph
-        with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
-            self.mixed_logits.copy_(self.base.model(ids, ctx))
-        if self.graph_pool is None:
-            self.graph_pool = graph.pool()
-        return _DecodeGraph(graph, self.mixed_logits)
+        return self._capture_graph(self.mixed_tokens[0, :bucket], self._mixed_context(bucket, lora_meta),
+                                   out=self.mixed_logits)
 
     @torch.inference_mode()
     def capture_mixed_graphs(self) -> None:
@@ -392,14 +386,19 @@ class ModelRunner:
         return ctx
 
     def _capture(self, bucket: int, lora_meta, mode: str | None) -> _DecodeGraph:
-        ctx = self._graph_context(bucket, lora_meta, mode)
-        ids = self.static["input_ids"][:bucket]
+        return self._capture_graph(self.static["input_ids"][:bucket], self._graph_context(bucket, lora_meta, mode))
+
+    def _capture_graph(self, ids: torch.Tensor, ctx: StepContext, out: torch.Tensor | None = None) -> _DecodeGraph:
+        """A graph of the model on these fixed inputs (all graphs share one memory pool); its logits are the
+        model's own output, or copied into `out`."""
         self.base.model(ids, ctx)  # warm-up: compiles kernels; writes the same K/V the replay will
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         # thread_local: HTTP threads pin adapter buffers and the merge thread runs kernels meanwhile
         with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
             logits = self.base.model(ids, ctx)
+            if out is not None:
+                logits = out.copy_(logits)
         if self.graph_pool is None:
             self.graph_pool = graph.pool()
         return _DecodeGraph(graph, logits)
