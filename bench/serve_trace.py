@@ -327,7 +327,9 @@ def slo_rate(record: dict, variant: str) -> float | None:
 
 
 def nf4_over_dense_max(calibration: dict | None) -> float | None:
-    ratios = [nf4 / dense for rows in (calibration or {}).values() for nf4, dense in rows.values() if dense]
+    """Worst NF4-path / dense-bf16 time over the calibrated shapes at decode batches (1-64 rows)."""
+    ratios = [nf4 / dense for rows in (calibration or {}).values() for m, (nf4, dense) in rows.items()
+              if dense and int(m) <= 64]
     return max(ratios) if ratios else None
 
 

@@ -44,7 +44,7 @@ SUM_BLOCK = 512  # output columns per program of the split-sum kernel
 
 @dataclass(frozen=True)
 class NF4Tiles:
-    block_m: int  # x rows per program (16, 32 or 64: tl.dot needs 16; fewer rows are masked)
+    block_m: int  # x rows per program (16, 32, 64 or 128: tl.dot needs 16; fewer rows are masked)
     block_n: int  # output features per program
     block_k: int  # input features per loop step (a power of two >= 32 dividing in_features)
     splits: int  # programs along the input features (fp32 partial sums when > 1)
@@ -55,6 +55,10 @@ class NF4Tiles:
 
 # (block_m, block_k, num_stages) of the row-count rule below, smallest block_m first
 STEPS = ((16, 64, 3), (32, 128, 2), (64, 64, 3))
+# Above 64 rows (large decode batches, short prefill chunks): 128 rows per program over 8 warps, so that
+# each weight is decoded once per 128 rows instead of the whole weight being dequantised to bf16 first.
+WIDE_STEP = (128, 64, 2)
+WIDE_ROWS = 64  # row counts above this use WIDE_STEP by the rule
 
 
 def choose_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int,
@@ -74,14 +78,18 @@ def choose_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int,
         bm, bk, stages = STEPS[0]
     elif M <= 32:
         bm, bk, stages = STEPS[1]
-    else:  # the [128, 64] fp32 accumulator and dot result take ~210 registers: shorter steps, deeper prefetch
+    elif M <= WIDE_ROWS:  # the [128, 64] fp32 accumulator and dot result take ~210 registers: shorter steps, deeper prefetch
         bm, bk, stages = STEPS[2]
-    bn, warps = 128, 4
+    else:
+        bm, bk, stages = WIDE_STEP
+    bn, warps = 128, 8 if bm > 64 else 4
     bk = min(bk, K & -K)  # K is a multiple of the blocksize, so this is at least blocksize >= 32
     programs = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     k_tiles = K // bk
     wanted = triton.cdiv(4 * num_sms, programs)
-    partial_cap = max(1, K // (16 * M))  # splits * M * N * 4 bytes <= (N * K / 2) / 2
+    # splits * M * N * 4 bytes <= (N * K / 2) / 2; past 64 rows up to twice that (still in L2): the other
+    # path there writes and reads a bf16 copy of the weight, 8x its packed bytes
+    partial_cap = max(1, K // (16 * min(M, WIDE_ROWS)))
     splits = max(1, min(wanted, k_tiles, partial_cap, MAX_SPLITS))
     splits = triton.cdiv(k_tiles, triton.cdiv(k_tiles, splits))  # no split left without work
     return NF4Tiles(bm, bn, bk, splits, warps, stages)
@@ -94,6 +102,8 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
     and the next step's loads issued ahead (prefetch): the start-up calibration times them all and keeps
     the fastest."""
     rule = choose_tiles(M, N, K, blocksize, num_sms)
+    if M > WIDE_ROWS:  # wide batches: 128 or 64 rows per program; smaller steps decode each weight too often
+        return [rule, choose_tiles(M, N, K, blocksize, num_sms, STEPS[-1])]
     steps = [step for step in STEPS if step[0] < rule.block_m]
     tiles = [rule] + [choose_tiles(M, N, K, blocksize, num_sms, step) for step in steps]
     for bm, bk, stages in [(rule.block_m, rule.block_k, rule.num_stages)] + steps:

@@ -30,10 +30,13 @@ from loraplex.kernels.nf4_matmul import NF4Tiles, _num_sms, candidate_tiles, nf4
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 48, 64)
+# Up to 64: decode batches. Above: large decode batches and short prefill chunks, where the fused kernel
+# (128 rows per program) competes with dequantising the whole weight to bf16 and a dense matmul.
+CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 # Shapes missing from DISPATCH: H100 (bench/nf4_matmul.py, 2026-11-25): bitsandbytes' gemv wins at one
 # row, the fused kernel from 8 rows to 64 on every Llama-3 8B / 3.2-1B shape (about 2x).
-DEFAULT_FUSED_ROWS = frozenset({2, 4, 8, 16, 32, 48, 64})
+DEQUANT_ROWS = 64  # not fused above this many rows: dequantise the weight once, then a dense matmul
+DEFAULT_FUSED_ROWS = frozenset({2, 4, 8, 16, 32, 48, 64})  # (above 64 rows: only where calibrated faster)
 # (out_features, in_features) -> calibrated row counts at which the fused kernel is faster.
 DISPATCH: dict[tuple[int, int], frozenset[int]] = {}
 # (out_features, in_features, calibrated rows) -> the fused kernel's fastest tiles there (None: its rule)
@@ -88,7 +91,7 @@ class NF4Linear(bnb.nn.Linear4bit):
         rows = x.numel() // max(x.shape[-1], 1)
         if self.use_fused(rows) and self._fusable(x):
             return self.fused_forward(x)
-        if rows > CALIBRATION_ROWS[-1] and self._fusable(x):
+        if rows > DEQUANT_ROWS and self._fusable(x):
             return self.dequant_forward(x)
         return super().forward(x)
 

@@ -134,12 +134,13 @@ def test_tile_rule_fits_every_shape():
     for M in (1, 2, 8, 16, 17, 32, 33, 64, 65, 200):
         for N, K in ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (2048, 8192), (960, 576), (64, 64)):
             t = choose_tiles(M, N, K, BLOCKSIZE, 132)
-            assert t.block_m in (16, 32, 64) and t.block_k >= 32 and K % t.block_k == 0
+            assert t.block_m == (128 if M > 64 else 64 if M > 32 else 32 if M > 16 else 16)
+            assert t.num_warps == (8 if t.block_m == 128 else 4) and t.block_k >= 32 and K % t.block_k == 0
             k_tiles = K // t.block_k
             steps = -(-k_tiles // t.splits)
             assert 1 <= t.splits <= k_tiles and (t.splits - 1) * steps < k_tiles  # no split without work
-            if t.splits > 1:  # fp32 partial sums stay under half of the packed weight bytes
-                assert t.splits * min(M, t.block_m) * N * 4 <= N * K // 4
+            if t.splits > 1:  # fp32 partial sums stay under half of the packed weight bytes (64 rows' worth)
+                assert t.splits * min(M, 64) * N * 4 <= N * K // 4
 
 
 def test_rejects_inputs_it_cannot_read():
@@ -200,6 +201,21 @@ def test_prefetch_needs_one_absmax_block_per_step():
     with pytest.raises(ValueError, match="prefetch"):
         nf4_matmul(torch.randn(1, 256), packed, state.absmax, state.code, BLOCKSIZE, 64,
                    tiles=NF4Tiles(block_m=16, block_n=64, block_k=128, splits=1, prefetch=True), **state_kwargs(state))
+
+
+@needs_interpreter
+def test_wide_batches_take_128_or_64_rows_per_program_and_give_the_same_product():
+    """Above 64 rows (large decode batches, short prefill chunks) the calibration times the 128-row tile
+    against several 64-row m-tiles; both equal the format, rows past the last full tile included."""
+    from loraplex.kernels.nf4_matmul import candidate_tiles
+    packed, state = quantize(64, 256, True, seed=11)
+    x = torch.randn(130, 256, generator=torch.Generator().manual_seed(12))
+    ref = x.double() @ dequantized(packed, state, torch.float32).double().T
+    tiles = candidate_tiles(130, 64, 256, BLOCKSIZE, 2)
+    assert [(t.block_m, t.num_warps) for t in tiles] == [(128, 8), (64, 4)]
+    for t in tiles:
+        out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
+        assert relative_error(out, ref) < 1e-5, t
 
 
 @needs_interpreter
