@@ -83,6 +83,7 @@ class ModelRunner:
         self.graphs: dict[tuple, _DecodeGraph] = {}
         self.mixed_buckets = mixed_buckets(max_graph_tokens) if self.use_graphs else []
         self.mixed_graphs: dict[tuple, _DecodeGraph] = {}  # (token bucket, launch plan) -> graph
+        self.uncapturable: set[tuple[bool, tuple]] = set()  # (mixed, key) of graphs whose capture failed
         self.graph_pool = None
         if self.use_graphs:
             n, width = self.buckets[-1], -(-base.config.max_position_embeddings // blocks.block_size)
@@ -209,12 +210,13 @@ class ModelRunner:
         for i, (seq, n) in enumerate(batch):
             token_slots.extend([NO_ADAPTER if merged and i in merged else seq.adapter_slot] * n)
         decode = all(n == 1 for _, n in batch)
+        logits = None
         if self.use_graphs and decode and not all_logits and len(batch) <= self.buckets[-1] and \
                 self._ops_graph_safe(token_slots):
             logits = self._replay(batch, token_slots, merged or set())
         elif self._mixed_graph_fits(batch, token_slots, all_logits, merged):
             logits = self._replay_mixed(batch, token_slots)
-        else:
+        if logits is None:  # no graph for this step (or its capture failed): eager
             input_ids, ctx = self._context(batch, all_logits, token_slots)
             if merged:
                 ctx.merged_rows = torch.tensor([i in merged for i in range(len(batch))], device=self.device)
@@ -256,11 +258,30 @@ class ModelRunner:
             plan = lora_meta.plan
         mode = "all" if merged and len(merged) == B else "some" if merged else None
         key = (bucket, plan, mode, self.merged_key if mode else None)
-        entry = self.graphs.get(key)
+        entry = self._graph(self.graphs, key, lambda: self._capture(bucket, lora_meta, mode))
         if entry is None:
-            entry = self.graphs[key] = self._capture(bucket, lora_meta, mode)
+            return None
         self._timed_replay(entry.graph, mixed=False)
         return entry.logits[:B]
+
+    def _graph(self, graphs: dict, key: tuple, capture) -> _DecodeGraph | None:
+        """graphs[key], captured now if new; None if its capture failed (now or before): the step runs
+        eagerly instead, so a graph that cannot be captured (out of memory in the pool, a kernel that is
+        not capturable) slows its steps down but fails no request."""
+        failed = (graphs is self.mixed_graphs, key)
+        if failed in self.uncapturable:
+            return None
+        entry = graphs.get(key)
+        if entry is None:
+            try:
+                entry = graphs[key] = capture()
+            except Exception as e:  # noqa: BLE001
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.uncapturable.add(failed)
+                log.warning("CUDA graph capture failed for %s, running those steps eagerly: %s", key, e)
+                return None
+        return entry
 
     def _timed_replay(self, graph: torch.cuda.CUDAGraph, mixed: bool) -> None:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -334,9 +355,9 @@ class ModelRunner:
             lora_meta = self.ops.metadata(token_slots + [NO_ADAPTER] * (bucket - T), pad_to=bucket, mixed=True)
             plan = lora_meta.plan
         key = (bucket, plan)
-        entry = self.mixed_graphs.get(key)
+        entry = self._graph(self.mixed_graphs, key, lambda: self._capture_mixed(bucket, lora_meta))
         if entry is None:
-            entry = self.mixed_graphs[key] = self._capture_mixed(bucket, lora_meta)
+            return None
         self._timed_replay(entry.graph, mixed=True)
         return entry.logits[:num_logits]
 
@@ -443,3 +464,4 @@ class ModelRunner:
         self.graphs = {k: g for k, g in self.graphs.items() if merged_only and k[2] is None}
         if not merged_only:
             self.mixed_graphs = {}
+        self.uncapturable = set()  # memory freed: a capture that failed may fit now

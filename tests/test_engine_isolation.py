@@ -200,3 +200,25 @@ def test_seeded_sampling_touches_no_global_generator(tiny_base):
     engine_for(tiny_base).generate([(tok("hello")["input_ids"], params, None),
                                     (tok("hello")["input_ids"], SamplingParams(max_tokens=4, seed=5), None)])
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_graph_that_cannot_be_captured_runs_its_steps_eagerly(tiny_base):
+    """A lazy capture that raises (graph pool out of memory, an uncapturable kernel) marks that key
+    uncapturable instead of failing the step: its steps run eagerly, and capture is not retried per step
+    (only after drop_graphs frees memory)."""
+    runner = engine_for(tiny_base).runner
+    attempts = []
+
+    def failing_capture():
+        attempts.append(1)
+        raise RuntimeError("CUDA error: out of memory (graph pool)")
+
+    key = (8, None, None, None)
+    assert runner._graph(runner.graphs, key, failing_capture) is None
+    assert runner._graph(runner.graphs, key, failing_capture) is None and len(attempts) == 1
+    assert runner._graph(runner.mixed_graphs, key, failing_capture) is None and len(attempts) == 2  # its own key
+    assert key not in runner.graphs and key not in runner.mixed_graphs
+    captured = object()
+    runner.drop_graphs()
+    assert runner._graph(runner.graphs, key, lambda: captured) is captured  # retried once memory was freed
+    assert runner._graph(runner.graphs, key, failing_capture) is captured and len(attempts) == 2
