@@ -5,7 +5,7 @@ embedding of q and k ten, the K/V cache writes two, SiLU-and-multiply two — ab
 microseconds each per layer, more time than the layer's NF4 weights take to stream at batch 32
 (bench/profile_step.py on the H200). Here they are four launches per layer:
   rms_norm           [residual add +] RMSNorm, one program per token row
-  rope_and_cache     rotary embedding of q and k and the K/V cache write, one program per (token, head)
+  rope_and_cache     rotary embedding of q and k and the K/V cache write, one program per token
   silu_and_mul       silu(gate) * up over the fused gate_up output
 Each rounds where the PyTorch reference (runtime/model.py) rounds, so the results equal it up to the
 order of a sum (and rsqrt's approximation).
@@ -52,40 +52,56 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rope_and_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                           stride_t, stride_cos, stride_q, stride_cache_slot,
-                           N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)  # q heads first, then k heads (each carrying its v head along)
-    i = tl.arange(0, HALF)
-    mask = i < HEAD_DIM // 2
-    src = qkv_ptr + t * stride_t + h * HEAD_DIM
-    x1 = tl.load(src + i, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HEAD_DIM // 2 + i, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(cos_ptr + t * stride_cos + i, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + t * stride_cos + HEAD_DIM // 2 + i, mask=mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + t * stride_cos + i, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + t * stride_cos + HEAD_DIM // 2 + i, mask=mask, other=0.0).to(tl.float32)
-    dt = qkv_ptr.dtype.element_ty
-    # reference: x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the activation dtype
+def _rotate(x1, x2, c1, c2, s1, s2, dt: tl.constexpr):
+    """The reference's x * cos + cat(-x2, x1) * sin, each product and the sum rounded to dtype dt."""
     y1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
     y2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
-    if h < N_HEADS:
-        dst = q_out_ptr + t * stride_q + h * HEAD_DIM
-        tl.store(dst + i, y1, mask=mask)
-        tl.store(dst + HEAD_DIM // 2 + i, y2, mask=mask)
-    else:
-        kv = h - N_HEADS
-        slot = tl.load(slot_ptr + t)
-        kdst = k_cache_ptr + slot * stride_cache_slot + kv * HEAD_DIM
-        cache_dt = k_cache_ptr.dtype.element_ty
-        tl.store(kdst + i, y1.to(cache_dt), mask=mask)
-        tl.store(kdst + HEAD_DIM // 2 + i, y2.to(cache_dt), mask=mask)
-        vsrc = qkv_ptr + t * stride_t + (N_HEADS + N_KV + kv) * HEAD_DIM
-        vdst = v_cache_ptr + slot * stride_cache_slot + kv * HEAD_DIM
-        for half in tl.static_range(2):
-            v = tl.load(vsrc + half * (HEAD_DIM // 2) + i, mask=mask, other=0.0)
-            tl.store(vdst + half * (HEAD_DIM // 2) + i, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    return y1, y2
+
+
+@triton.jit
+def _rope_and_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                           stride_t, stride_cos, stride_q, stride_cache_slot,
+                           N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                           Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr):
+    """One token: all its q heads rotated into q_out, its k heads rotated and v heads copied into the cache
+    (one program per token: a program per (token, head) was 64 elements of work, launch-bound in prefill)."""
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, HALF)
+    mask = i < HEAD_DIM // 2
+    c1 = tl.load(cos_ptr + t * stride_cos + i, mask=mask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + t * stride_cos + HEAD_DIM // 2 + i, mask=mask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + t * stride_cos + i, mask=mask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + t * stride_cos + HEAD_DIM // 2 + i, mask=mask, other=0.0).to(tl.float32)[None, :]
+    dt = qkv_ptr.dtype.element_ty
+    row = qkv_ptr + t * stride_t
+
+    hq = tl.arange(0, Q_HEADS)
+    mq = (hq < N_HEADS)[:, None] & mask[None, :]
+    src = row + hq[:, None] * HEAD_DIM + i[None, :]
+    x1 = tl.load(src, mask=mq, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HEAD_DIM // 2, mask=mq, other=0.0).to(tl.float32)
+    y1, y2 = _rotate(x1, x2, c1, c2, s1, s2, dt)
+    dst = q_out_ptr + t * stride_q + hq[:, None] * HEAD_DIM + i[None, :]
+    tl.store(dst, y1, mask=mq)
+    tl.store(dst + HEAD_DIM // 2, y2, mask=mq)
+
+    hk = tl.arange(0, KV_HEADS)
+    mk = (hk < N_KV)[:, None] & mask[None, :]
+    slot = tl.load(slot_ptr + t)
+    src = row + (N_HEADS + hk[:, None]) * HEAD_DIM + i[None, :]
+    x1 = tl.load(src, mask=mk, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HEAD_DIM // 2, mask=mk, other=0.0).to(tl.float32)
+    y1, y2 = _rotate(x1, x2, c1, c2, s1, s2, dt)
+    kdst = k_cache_ptr + slot * stride_cache_slot + hk[:, None] * HEAD_DIM + i[None, :]
+    cache_dt = k_cache_ptr.dtype.element_ty
+    tl.store(kdst, y1.to(cache_dt), mask=mk)
+    tl.store(kdst + HEAD_DIM // 2, y2.to(cache_dt), mask=mk)
+    vsrc = row + (N_HEADS + N_KV + hk[:, None]) * HEAD_DIM + i[None, :]
+    vdst = v_cache_ptr + slot * stride_cache_slot + hk[:, None] * HEAD_DIM + i[None, :]
+    for half in tl.static_range(2):
+        v = tl.load(vsrc + half * (HEAD_DIM // 2), mask=mk, other=0.0)
+        tl.store(vdst + half * (HEAD_DIM // 2), v.to(v_cache_ptr.dtype.element_ty), mask=mk)
 
 
 def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -100,11 +116,14 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_ca
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     q = torch.empty(T, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if T:
-        _rope_and_cache_kernel[(T, n_heads + n_kv)](
+        half = triton.next_power_of_2(head_dim // 2)
+        q_heads = triton.next_power_of_2(n_heads)
+        _rope_and_cache_kernel[(T,)](
             qkv, cos, sin, q, k_cache, v_cache, slot_mapping,
             qkv.stride(0), cos.stride(0), q.stride(0), k_cache.stride(0),
-            N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=head_dim, HALF=triton.next_power_of_2(head_dim // 2),
-            num_warps=1)
+            N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=head_dim, HALF=half,
+            Q_HEADS=q_heads, KV_HEADS=triton.next_power_of_2(n_kv),
+            num_warps=max(1, min(8, q_heads * half // 256)))
     return q
 
 
