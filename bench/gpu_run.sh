@@ -66,7 +66,9 @@ print('layer_ops self-check bf16:', c(torch.device('cuda'), torch.bfloat16) or '
       echo "background run started: ${BG_STEPS:-serve8b serve1b}" ;;
     wait)
       end=$((SECONDS + ${WAIT:-540}))
-      while [ ! -e /tmp/out/background.done ] && [ $SECONDS -lt $end ]; do sleep 10; done
+      while [ ! -e /tmp/out/background.done ] && [ $SECONDS -lt $end ]; do  # copies as it goes: a call cut
+        sleep 10; [ "$OUT" != /tmp/out ] && cp -r /tmp/out/. "$OUT"/ 2>/dev/null  # short still returns results
+      done
       [ -e /tmp/out/background.done ] && echo "background run finished" || echo "background run still going"
       tail -40 /tmp/out/background.log
       [ "$OUT" != /tmp/out ] && cp -r /tmp/out/. "$OUT"/ ;;
