@@ -1,10 +1,11 @@
 """An upload's weights file while its bytes arrive (an HTTP multipart part, gRPC chunks).
 
-The bytes land in one buffer in memory, which the parse reads afterwards, and block by block, on a worker
-thread while the next bytes arrive, in the weights file of a temporary directory of the store and in the
-sha256 digest: when the last byte is in, the file only needs its fsync. The size limit is checked on every
-chunk and the safetensors header as soon as its bytes are in, before the weights arrive. A refused upload
-calls discard(), which removes the temporary directory before the refusal is answered.
+The bytes go, block by block on a worker thread while the next bytes arrive, into the weights file of a
+temporary directory of the store and into the sha256 digest: when the last byte is in, the file only needs
+its fsync, and the parse reads it back through a private memory map of the file (its pages are still in
+the page cache; the parse copies what it keeps). The size limit is checked on every chunk and the
+safetensors header as soon as its bytes are in, before the weights arrive. A refused upload calls
+discard(), which removes the temporary directory before the refusal is answered.
 """
 from __future__ import annotations
 
@@ -32,34 +33,30 @@ def _digest_prefix(config_raw: bytes):
 class IncomingWeights:
     """`capacity`: the most bytes this upload can carry (a declared size, a Content-Length), at most `max_bytes`.
     `config_raw`: the adapter config when it is known before the weights (the store digest then runs as bytes
-    arrive; otherwise over the buffer at the end). `weights_sha256`: also hash the weights alone (gRPC checks
+    arrive; otherwise over the file at the end). `weights_sha256`: also hash the weights alone (gRPC checks
     a declared digest)."""
 
     def __init__(self, store: AdapterStore, max_bytes: int, capacity: int | None = None,
                  config_raw: bytes | None = None, weights_sha256: bool = False):
         self.max_bytes = max_bytes
         self.capacity = max_bytes if capacity is None else min(capacity, max_bytes)
-        # anonymous memory: pages are taken as bytes arrive, so a capacity above the real size costs nothing
-        self._buffer = mmap.mmap(-1, max(self.capacity, 1), flags=mmap.MAP_PRIVATE)
         self.size = 0
         self._config_raw = config_raw
         self._digest = None if config_raw is None else _digest_prefix(config_raw)
         self._weights_digest = hashlib.sha256() if weights_sha256 else None
+        self._head = bytearray()  # the first bytes, up to the end of the safetensors header
         self._header_end: int | None = None  # 8 + header length, once known
         self._header_checked = False
-        self._handed = 0  # bytes given to the worker so far
+        self._pending: list = []  # chunks not yet handed to the worker
+        self._pending_bytes = 0
         self._writing: asyncio.Future | None = None  # the block the worker is writing
+        self._map: mmap.mmap | None = None
         self.path = store.staging_dir()
         try:
-            self._file = open(self.path / WEIGHTS_FILE, "wb")
+            self._file = open(self.path / WEIGHTS_FILE, "w+b")
         except BaseException:
             shutil.rmtree(self.path, ignore_errors=True)
             raise
-
-    @property
-    def data(self) -> memoryview:
-        """The weights received (valid until release())."""
-        return memoryview(self._buffer)[:self.size]
 
     async def write(self, chunk) -> None:
         end = self.size + len(chunk)
@@ -68,48 +65,53 @@ class IncomingWeights:
                 raise AdapterError(f"adapter weights are more than {self.max_bytes} bytes, above the limit of "
                                    f"{self.max_bytes}", 413)
             raise AdapterError(f"the upload sent more than the declared {self.capacity} bytes", 400)
-        self._buffer[self.size:end] = chunk
         self.size = end
-        if not self._header_checked:
+        taken = 0
+        while not self._header_checked and taken < len(chunk):  # the first 8 bytes, then the header they announce
+            piece = chunk[taken:taken + (self._header_end or 8) - len(self._head)]
+            self._head += piece
+            taken += len(piece)
             self._check_head()
-        if self.size - self._handed >= BLOCK_BYTES:
+        self._pending.append(chunk)  # (a view of immutable bytes: held, not copied)
+        self._pending_bytes += len(chunk)
+        if self._pending_bytes >= BLOCK_BYTES:
             await self._hand_over()
 
     def _check_head(self) -> None:
         """Refuse a pickle, or a file whose safetensors header is malformed, as soon as those bytes are in."""
-        if self.size >= 4:
-            refuse_pickle(self._buffer[:4])
-        if self._header_end is None and self.size >= 8:
-            self._header_end = 8 + safetensors_header_length(self._buffer[:8])
+        if len(self._head) >= 4:
+            refuse_pickle(self._head)
+        if self._header_end is None and len(self._head) >= 8:
+            self._header_end = 8 + safetensors_header_length(self._head)
             if self._header_end > self.capacity:
                 raise AdapterError(f"{WEIGHTS_FILE} is not a safetensors file or is truncated (a header of "
                                    f"{self._header_end - 8} bytes in an upload of at most {self.capacity})", 400)
-        if self._header_end is not None and self.size >= self._header_end:
-            read_safetensors_header(self._buffer[:self._header_end], None)
+        if self._header_end is not None and len(self._head) >= self._header_end:
+            read_safetensors_header(self._head, None)
             self._header_checked = True
+            self._head = bytearray()
 
     async def _hand_over(self) -> None:
-        """Start writing the bytes not yet handed over, after the block before them (one block at a time, in order)."""
+        """Start writing the pending chunks, after the block before them (one block at a time, in order)."""
         if self._writing is not None:
             await self._writing
-        start, self._handed = self._handed, self.size
-        if start < self.size:
-            self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_block, start, self.size))
-        else:
             self._writing = None
+        if self._pending:
+            block, self._pending, self._pending_bytes = self._pending, [], 0
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_block, block))
 
-    def _write_block(self, start: int, stop: int) -> None:
-        with memoryview(self._buffer)[start:stop] as block:  # file I/O and hashing release the GIL
-            self._file.write(block)
-            for digest in (self._digest, self._weights_digest):
-                if digest is not None:
-                    digest.update(block)
+    def _write_block(self, block: list) -> None:
+        self._file.writelines(block)  # file I/O and hashing release the GIL
+        for digest in (self._digest, self._weights_digest):
+            if digest is not None:
+                for chunk in block:
+                    digest.update(chunk)
 
     async def finish(self, config_raw: bytes) -> Staged:
         """Every byte is in: write the rest and the config, sync both files and the directory; the staged version
-        commit() publishes."""
-        if self.size < 4:
-            refuse_pickle(self._buffer[:self.size])
+        commit() publishes. Then `data` holds the weights."""
+        if len(self._head) < 4 and not self._header_checked:
+            refuse_pickle(self._head)
         await self._hand_over()
         if self._writing is not None:
             await self._writing
@@ -119,17 +121,22 @@ class IncomingWeights:
     def _seal(self, config_raw: bytes) -> Staged:
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
         with open(self.path / CONFIG_FILE, "wb") as f:
             f.write(config_raw)
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(self.path)
+        if self.size:  # copy-on-write: the parse may view it as writable memory, the file never changes
+            self._map = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_COPY)
         if self._digest is None or config_raw != self._config_raw:  # the config came after the weights
             self._digest = _digest_prefix(config_raw)
-            with self.data as weights:
-                self._digest.update(weights)
+            self._digest.update(self.data)
         return Staged(self.path, self._digest.hexdigest(), self.size)
+
+    @property
+    def data(self) -> memoryview:
+        """The weights received (after finish(), until release())."""
+        return memoryview(self._map if self._map is not None else b"")
 
     @property
     def weights_sha256(self) -> str:
@@ -150,9 +157,10 @@ class IncomingWeights:
         self._remove()
 
     def _remove(self) -> None:
-        self._file.close()
+        self.release()
         shutil.rmtree(self.path, ignore_errors=True)
 
     def release(self) -> None:
-        """Drop the buffer (after the parse copied what it keeps)."""
-        self._buffer = None
+        """Unmap and close the file (the parse copied what it keeps)."""
+        self._map = None  # unmapped when the last view of it is gone
+        self._file.close()

@@ -215,16 +215,15 @@ def read_safetensors_header(raw, data_len: int | None) -> dict:
 
 
 def parse_weights(raw) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (`raw`: bytes-like), each a copy that owns its memory, so `raw` can go.
-    Read straight from `raw` after the header checks, without a second full copy (safetensors' loader made one
-    per tensor, then torch another)."""
+    """The tensors of a safetensors file (`raw`: bytes-like), as views of `raw` (of a copy when `raw` is read-only):
+    the caller copies what it keeps. Read straight from `raw` after the header checks (safetensors' loader made
+    two copies of every tensor); every value is checked finite."""
     view = memoryview(raw).cast("B")
-    header_len = safetensors_header_length(view) if len(view) >= 8 else None
-    if header_len is None:
+    if len(view) < 8:
         raise AdapterError(f"{WEIGHTS_FILE} is truncated: {len(view)} bytes", 400)
-    data_start = 8 + header_len
+    data_start = 8 + safetensors_header_length(view)
     header = read_safetensors_header(view, len(view) - data_start)
-    if view.readonly:  # torch.frombuffer wants writable memory; copies are made below anyway
+    if view.readonly:  # torch.frombuffer wants writable memory
         view = memoryview(bytearray(view)).cast("B")
     tensors = {}
     for name, info in header.items():
@@ -232,14 +231,22 @@ def parse_weights(raw) -> dict[str, torch.Tensor]:
             continue
         start, stop = info["data_offsets"]
         dtype = ALLOWED_DTYPES[info["dtype"]]
+        size = _DTYPE_BYTES[info["dtype"]]
         if stop == start:
             tensors[name] = torch.empty(info["shape"], dtype=dtype)
-            continue
-        flat = torch.frombuffer(view, dtype=torch.uint8, count=stop - start, offset=data_start + start)
-        # the byte view is re-typed after the copy: an odd offset in the file cannot misalign a tensor
-        tensors[name] = flat.clone().view(dtype).view(info["shape"])
+        elif (data_start + start) % size:  # misaligned in the file: a copy of its bytes, re-typed
+            flat = torch.frombuffer(view, dtype=torch.uint8, count=stop - start, offset=data_start + start)
+            tensors[name] = flat.clone().view(dtype).view(info["shape"])
+        else:
+            tensors[name] = torch.frombuffer(view, dtype=dtype, count=(stop - start) // size,
+                                             offset=data_start + start).view(info["shape"])
     _check_finite(view, data_start, header, tensors)
     return tensors
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy: what an adapter keeps never points into the file's bytes (parse_weights' views)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _check_finite(view: memoryview, data_start: int, header: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -357,8 +364,8 @@ def _lora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tuple
                 raise AdapterError(f"{name}.lora_magnitude_vector is missing: a DoRA adapter (use_dora: true) needs one per module", 400)
             magnitude = _expect(f"{name}.lora_magnitude_vector", parts["lora_magnitude_vector"], (fout,))
         # A stays a view of PEFT's [r, in]: the kernels' pool layout is that one (packed_layout.pool_pieces)
-        modules[(layer, proj)] = ModuleDelta(1, A.t().unsqueeze(0), B.t().unsqueeze(0).contiguous(), scale,
-                                             magnitude=magnitude)
+        modules[(layer, proj)] = ModuleDelta(1, _owned(A).t().unsqueeze(0), _owned(B.t()).unsqueeze(0), scale,
+                                             magnitude=None if magnitude is None else _owned(magnitude))
     return modules
 
 
@@ -389,9 +396,9 @@ def _gralora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tu
         if set(parts) - expected:
             raise AdapterError(f"{name}: unexpected tensors {sorted(set(parts) - expected)}")
         if hybrid_r:
-            gA = _expect(f"{name}.gralora_A_general.weight", parts.get("gralora_A_general.weight"), (hybrid_r, fin)).t().contiguous()
-            gB = _expect(f"{name}.gralora_B_general.weight", parts.get("gralora_B_general.weight"), (fout, hybrid_r)).t().contiguous()
-        modules[(layer, proj)] = ModuleDelta(k, A.contiguous(), B.contiguous(), scale, gA, gB)
+            gA = _owned(_expect(f"{name}.gralora_A_general.weight", parts.get("gralora_A_general.weight"), (hybrid_r, fin)).t())
+            gB = _owned(_expect(f"{name}.gralora_B_general.weight", parts.get("gralora_B_general.weight"), (fout, hybrid_r)).t())
+        modules[(layer, proj)] = ModuleDelta(k, _owned(A), _owned(B), scale, gA, gB)
     return modules
 
 
