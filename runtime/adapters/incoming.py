@@ -112,11 +112,15 @@ class IncomingWeights:
         commit() publishes. Then `data` holds the weights."""
         if len(self._head) < 4 and not self._header_checked:
             refuse_pickle(self._head)
+        await self.drain()
+        return await asyncio.to_thread(self._seal, config_raw)
+
+    async def drain(self) -> None:
+        """Write and hash every byte received so far."""
         await self._hand_over()
         if self._writing is not None:
             await self._writing
             self._writing = None
-        return await asyncio.to_thread(self._seal, config_raw)
 
     def _seal(self, config_raw: bytes) -> Staged:
         self._file.flush()
