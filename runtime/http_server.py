@@ -326,8 +326,6 @@ def create_app(service: Service) -> FastAPI:
         except BaseException:
             await service.refuse_upload(form.incoming)
             raise
-        if form.incoming is None:  # (read() refuses a form without weights)
-            raise ServiceError("weights: Field required")
         return adapter_json(await service.upload_received(tenant_of(request), adapter_id, config_raw, form.incoming))
 
     @app.get("/v1/adapters")

@@ -388,12 +388,10 @@ class Service:
     # A streamed upload: open_upload() when its weights start, IncomingWeights.write() as they arrive, then
     # upload_received() once the request is read, or refuse_upload() when the transport refuses it first.
     def check_upload_id(self, tenant: Tenant, adapter_id: str) -> None:
-        """The checks an upload's id gets before its weights are read: valid, not the base model's, within the
-        tenant's count (checked again at the commit)."""
+        """The checks an upload's id gets before its weights are read (no disk access: it runs on the event
+        loop): valid, not the base model's, not too long for the tenant. Its count is checked at the commit."""
         self._check_own_id(adapter_id)
-        stored_id = self._stored_upload_id(tenant, adapter_id)
-        if not tenant.admin and self.registry.store.get(stored_id) is None:
-            self._check_adapter_count(tenant)
+        self._stored_upload_id(tenant, adapter_id)
 
     def open_upload(self, capacity: int | None = None, config_raw: bytes | None = None,
                     weights_sha256: bool = False) -> IncomingWeights:
