@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 from contextlib import aclosing
 from typing import AsyncIterator
@@ -21,12 +20,13 @@ from grpc_reflection.v1alpha import reflection
 from loraplex.protos.loraplex.v1 import serving_pb2 as pb
 from loraplex.protos.loraplex.v1 import serving_pb2_grpc as pb_grpc
 
-from .adapters.store import StoredAdapter, check_adapter_id
+from .adapters.incoming import IncomingWeights
+from .adapters.store import StoredAdapter
 from .choices import MAX_N, Choice, Choices
 from .engine import RequestError
 from .openai_schemas import response_format_from_json
 from .sequence import SamplingParams, StepOutput, TokenLogprob
-from .service import Service, error_of
+from .service import MAX_PAGE, Service, error_of
 from .tenants import Tenant
 
 SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Completions", "Adapters")]
@@ -216,23 +216,25 @@ class CompletionsServicer(pb_grpc.CompletionsServicer):
         await self._stream(await self._open(tenant, request, self._chat(request)), context)
 
 
-async def receive_weights(chunks: AsyncIterator[pb.UploadAdapterRequest], size: int, sha256: str) -> bytes:
-    """The weight bytes that follow the metadata, exactly `size` of them, with the declared digest."""
-    data, digest = bytearray(), hashlib.sha256()
+async def receive_weights(chunks: AsyncIterator[pb.UploadAdapterRequest], incoming: IncomingWeights, size: int,
+                          sha256: str) -> None:
+    """The weight bytes that follow the metadata, into `incoming` as they arrive: exactly `size` of them, with the
+    declared digest. A bad header or a pickle is refused at its first chunk."""
+    received = 0
     async for message in chunks:
         if message.WhichOneof("part") != "chunk":
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "only the first message may carry metadata")
-        if len(data) + len(message.chunk) > size:
+        if received + len(message.chunk) > size:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"the upload sent more than the declared {size} bytes")
-        data += message.chunk
-        digest.update(message.chunk)
-    if len(data) < size:
+        received += len(message.chunk)
+        await incoming.write(message.chunk)
+    if received < size:
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"truncated upload: received {len(data)} of the declared {size} bytes")
-    if digest.hexdigest() != sha256.lower():
-        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"sha256 mismatch: received bytes hash to {digest.hexdigest()}, the metadata says {sha256}")
-    return bytes(data)
+                       f"truncated upload: received {received} of the declared {size} bytes")
+    await incoming.drain()
+    if incoming.weights_sha256 != sha256.lower():
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"sha256 mismatch: received bytes hash to "
+                       f"{incoming.weights_sha256}, the metadata says {sha256}")
 
 
 class AdaptersServicer(pb_grpc.AdaptersServicer):
@@ -246,19 +248,33 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         if first is None or first.WhichOneof("part") != "metadata":
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the metadata")
         meta = first.metadata
-        check_adapter_id(meta.id)  # before receiving megabytes for an id that will be refused
+        self.service.check_upload_id(tenant, meta.id)  # before receiving megabytes for an id that will be refused
         limit = self.service.config.max_adapter_bytes
         if meta.size_bytes > limit:
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"adapter weights are {meta.size_bytes} bytes, above the limit of {limit}")
         if not meta.sha256:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the metadata needs the sha256 of the weights")
-        weights = await receive_weights(messages, meta.size_bytes, meta.sha256)
-        return adapter_message(await self.service.upload_adapter(tenant, meta.id, meta.config_json, weights))
+        incoming = self.service.open_upload(meta.size_bytes, meta.config_json, weights_sha256=True)
+        try:
+            await receive_weights(messages, incoming, meta.size_bytes, meta.sha256)
+        except BaseException:
+            await self.service.refuse_upload(incoming)
+            raise
+        return adapter_message(await self.service.upload_received(tenant, meta.id, meta.config_json, incoming))
 
     @rpc
     async def ListAdapters(self, request, context, tenant):
-        return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in self.service.list_adapters(tenant)])
+        limit = request.limit if request.HasField("limit") else None
+        after = request.after if request.HasField("after") else None
+        if limit is not None and not 1 <= limit <= MAX_PAGE:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"limit: must be an integer from 1 to {MAX_PAGE}, got {limit}")
+        if after is not None and not 1 <= len(after) <= 256:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "after: must be an id (1 to 256 characters)")
+        records, more = await asyncio.to_thread(self.service.list_adapters_page, tenant, limit, after)
+        return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in records], has_more=more,
+                                       first_id=records[0].id if records else "",
+                                       last_id=records[-1].id if records else "")
 
     @rpc
     async def GetAdapter(self, request, context, tenant):

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .adapters.peft_format import AdapterError, BaseShape
-from .adapters.registry import AdapterRef, AdapterRegistry, refuse_pickle
+from .adapters.incoming import IncomingWeights
+from .adapters.peft_format import AdapterError, BaseShape, refuse_pickle
+from .adapters.registry import AdapterRef, AdapterRegistry
 from .adapters.source import AdapterSource
-from .adapters.store import AdapterStore, StoredAdapter, check_adapter_id
+from .adapters.store import AdapterStore, Staged, StoredAdapter, check_adapter_id
 from .base_model import BaseModel, cache_dir, describe
 from .engine import Engine, EngineConfig, EngineDead, RequestError
 from .metrics import Metrics
@@ -374,9 +375,9 @@ class Service:
 
     async def upload_adapter(self, tenant: Tenant, adapter_id: str, config_raw: bytes,
                              weights_raw: bytes) -> StoredAdapter:
-        self._check_own_id(adapter_id)
-        refuse_pickle(weights_raw)
         try:
+            self._check_own_id(adapter_id)
+            refuse_pickle(weights_raw)
             record = await asyncio.to_thread(self._upload, tenant, adapter_id, config_raw, weights_raw)
         except AdapterError:
             self.metrics.uploads.labels("rejected").inc()
@@ -384,19 +385,69 @@ class Service:
         self.metrics.uploads.labels("ok").inc()
         return self._own(tenant, record)
 
-    def _upload(self, tenant: Tenant, adapter_id: str, config_raw: bytes, weights_raw: bytes) -> StoredAdapter:
+    # A streamed upload: open_upload() when its weights start, IncomingWeights.write() as they arrive, then
+    # upload_received() once the request is read, or refuse_upload() when the transport refuses it first.
+    def check_upload_id(self, tenant: Tenant, adapter_id: str) -> None:
+        """The checks an upload's id gets before its weights are read (no disk access: it runs on the event
+        loop): valid, not the base model's, not too long for the tenant. Its count is checked at the commit."""
+        self._check_own_id(adapter_id)
+        self._stored_upload_id(tenant, adapter_id)
+
+    def open_upload(self, capacity: int | None = None, config_raw: bytes | None = None,
+                    weights_sha256: bool = False) -> IncomingWeights:
+        """Where a streamed upload's weights go as they arrive (a temporary directory of the store)."""
+        return IncomingWeights(self.registry.store, self.registry.max_bytes, capacity, config_raw, weights_sha256)
+
+    async def refuse_upload(self, incoming: IncomingWeights | None) -> None:
+        """A streamed upload refused before upload_received (its body, its form, the client gone): nothing stays."""
+        if incoming is not None:
+            await incoming.discard()
+        self.metrics.uploads.labels("rejected").inc()
+
+    async def upload_received(self, tenant: Tenant, adapter_id: str, config_raw: bytes,
+                              incoming: IncomingWeights) -> StoredAdapter:
+        """Commit a streamed upload whose bytes are all in: its files are synced, then it is validated (off the
+        event loop) and published; refused, its temporary directory is gone before this returns."""
+        try:
+            self._check_own_id(adapter_id)
+            staged = await incoming.finish(config_raw)
+            record = await asyncio.to_thread(self._upload, tenant, adapter_id, config_raw, incoming.data, staged)
+        except BaseException as e:
+            await incoming.discard()
+            if isinstance(e, AdapterError):
+                self.metrics.uploads.labels("rejected").inc()
+            raise
+        finally:
+            incoming.release()
+        self.metrics.uploads.labels("ok").inc()
+        return self._own(tenant, record)
+
+    def _stored_upload_id(self, tenant: Tenant, adapter_id: str) -> str:
         stored_id = tenant.stored_id(adapter_id)
         try:
             check_adapter_id(stored_id)
         except AdapterError:
             raise AdapterError(f"adapter id {adapter_id!r} is too long for tenant {tenant.name!r}", 400) from None
-        with self._upload_lock:
-            if not tenant.admin and self.registry.store.get(stored_id) is None:
-                owned = len(self.list_adapters(tenant))
-                if owned >= self.config.max_adapters_per_tenant:
-                    raise AdapterError(f"tenant {tenant.name!r} already has {owned} adapters, the limit; "
-                                       "delete one first", 403)
-            return self.registry.upload(stored_id, config_raw, weights_raw)
+        return stored_id
+
+    def _check_adapter_count(self, tenant: Tenant) -> None:
+        owned = len(self.list_adapters(tenant))
+        if owned >= self.config.max_adapters_per_tenant:
+            raise AdapterError(f"tenant {tenant.name!r} already has {owned} adapters, the limit; "
+                               "delete one first", 403)
+
+    def _upload(self, tenant: Tenant, adapter_id: str, config_raw: bytes, weights_raw,
+                staged: Staged | None = None) -> StoredAdapter:
+        try:
+            stored_id = self._stored_upload_id(tenant, adapter_id)
+            with self._upload_lock:
+                if not tenant.admin and self.registry.store.get(stored_id) is None:
+                    self._check_adapter_count(tenant)
+                return self.registry.upload(stored_id, config_raw, weights_raw, staged)
+        except BaseException:
+            if staged is not None:
+                self.registry.store.discard(staged)
+            raise
 
     def list_adapters(self, tenant: Tenant) -> list[StoredAdapter]:
         return [own for record in self.registry.list() if (own := self._own(tenant, record)) is not None]

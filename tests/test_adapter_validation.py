@@ -183,3 +183,16 @@ def test_valid_header_rewrite_still_parses(lora):
     assert parse(config, _with_header(weights, lambda h: None)).modules
     assert torch.equal(_load(_with_header(weights, lambda h: None))[sorted(_load(weights))[0]],
                        _load(weights)[sorted(_load(weights))[0]])
+
+
+def _overlap(header):
+    names = sorted(k for k in header if k != "__metadata__" and k.endswith("lora_A.weight"))
+    header[names[1]]["data_offsets"] = list(header[names[0]]["data_offsets"])  # same shape, same bytes
+
+
+def test_tensors_must_tile_the_data(lora):
+    """Tensors sharing bytes (or leaving a gap) are refused, as safetensors' own loader refused them before the
+    weights were read as views of the upload."""
+    config, weights = lora
+    refused(config, _with_header(weights, _overlap), "must not overlap or leave gaps")
+    refused(config, weights + b"\0" * 8, "cover")

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from ..gc_timer import freeze_new
-from .peft_format import MAX_ABS_SCALE, AdapterError, AdapterWeights, BaseShape, ModuleDelta, parse_adapter
+from .peft_format import (MAX_ABS_SCALE, AdapterError, AdapterWeights, BaseShape, ModuleDelta, parse_adapter,
+                          refuse_pickle)
 from .source import AdapterSource
-from .store import AdapterStore, StoredAdapter
+from .store import AdapterStore, Staged, StoredAdapter
 
 MIN_DEFAULT_HOST_BYTES = 4 << 30
 # writes uploads' files to disk while the request thread validates them (file I/O releases the GIL)
@@ -46,13 +47,6 @@ def default_max_host_bytes() -> int:
         physical = 0
     return max(MIN_DEFAULT_HOST_BYTES, physical // 4)
 MIN_MIX, MAX_MIX = 2, 8  # members of one mix
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # protocol-2+ pickles, torch.save zip archives
-
-
-def refuse_pickle(weights_raw: bytes) -> None:
-    if weights_raw.startswith(_PICKLE_MAGIC):
-        raise AdapterError("the weights look like a pickle (.bin/.pt): loraplex never unpickles; "
-                           "upload adapter_model.safetensors", 400)
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,7 +125,7 @@ class AdapterRegistry:
                                    f"{self.max_host_bytes} bytes held by requests in flight); retry later", 429)
             return shared
 
-    def validate(self, config_raw: bytes, weights_raw: bytes) -> AdapterWeights:
+    def validate(self, config_raw: bytes, weights_raw) -> AdapterWeights:
         if len(weights_raw) > self.max_bytes:
             raise AdapterError(f"adapter weights are {len(weights_raw)} bytes, above the limit of {self.max_bytes}", 413)
         weights = parse_adapter(config_raw, weights_raw, self.base, self.max_rank)
@@ -140,20 +134,32 @@ class AdapterRegistry:
                                f"adapter host memory of {self.max_host_bytes} bytes", 413)
         return weights
 
-    def upload(self, adapter_id: str, config_raw: bytes, weights_raw: bytes) -> StoredAdapter:
+    def upload(self, adapter_id: str, config_raw: bytes, weights_raw, staged: Staged | None = None) -> StoredAdapter:
         """Validate, then commit to disk; on any error nothing is published and nothing changes.
-        The files are written and synced on a worker thread while the weights are validated."""
-        self.store.get(adapter_id)  # checks the id before any parsing work
-        if len(weights_raw) > self.max_bytes:  # (validate says so too; refuse before writing anything)
-            raise AdapterError(f"adapter weights are {len(weights_raw)} bytes, above the limit of {self.max_bytes}", 413)
-        staging = _STAGING.submit(self.store.stage, config_raw, weights_raw)
+        `staged`: the files already written and synced in a temporary directory of the store (a streamed upload,
+        adapters/incoming.py), removed here if the upload is refused. Without it the files are written and synced
+        on a worker thread while the weights are validated."""
+        try:
+            self.store.get(adapter_id)  # checks the id before any parsing work
+            if len(weights_raw) > self.max_bytes:  # (validate says so too; refuse before writing anything)
+                raise AdapterError(f"adapter weights are {len(weights_raw)} bytes, above the limit of {self.max_bytes}", 413)
+        except BaseException:
+            if staged is not None:
+                self.store.discard(staged)
+            raise
+        staging = None
+        if staged is None:
+            staging = _STAGING.submit(self.store.stage, config_raw, weights_raw)
         try:
             weights = self.validate(config_raw, weights_raw)
         except BaseException:
-            staging.add_done_callback(lambda f: f.exception() is None and self.store.discard(f.result()))
+            if staging is None:
+                self.store.discard(staged)
+            else:
+                staging.add_done_callback(lambda f: f.exception() is None and self.store.discard(f.result()))
             raise
         record = self.store.commit(adapter_id, config_raw, weights_raw, weights.peft_type, weights.rank,
-                                   staged=staging.result())
+                                   staged=staged if staging is None else staging.result())
         self._forget_superseded(record.id, record.version)
         try:
             self._cache(record_key(record), weights)

@@ -93,6 +93,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable (for a version's files staged outside this module)."""
+    _fsync_dir(path)
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -290,11 +295,16 @@ class AdapterStore:
         os.replace(adapter_dir / "CURRENT.tmp", adapter_dir / "CURRENT")
         _fsync_dir(adapter_dir)
 
+    def staging_dir(self) -> Path:
+        """A new temporary directory of the store for a version's files (an upload streams its weights into it);
+        commit() publishes it, discard() removes it, the next start removes it after a crash."""
+        return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.root))
+
     def stage(self, config_raw: bytes, weights_raw: bytes) -> Staged:
         """Write both files to a temporary directory of the store and sync them (no lock: a registry
         stages while it validates). commit() publishes it; discard() removes it; a crash leaves a temp
         directory that the next start removes."""
-        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.root))
+        tmp = self.staging_dir()
         try:
             _write_synced(tmp / CONFIG_FILE, config_raw)
             _write_synced(tmp / WEIGHTS_FILE, weights_raw)

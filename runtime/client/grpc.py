@@ -132,6 +132,10 @@ class GrpcClient:
     def list_adapters(self) -> list[pb.Adapter]:
         return list(self._call(self.adapters.ListAdapters, pb.ListAdaptersRequest()).adapters)
 
+    def list_adapters_page(self, limit: int, after: str | None = None) -> pb.ListAdaptersResponse:
+        """Up to `limit` adapters whose ids follow `after`, with has_more, first_id and last_id."""
+        return self._call(self.adapters.ListAdapters, pb.ListAdaptersRequest(limit=limit, after=after))
+
     def get_adapter(self, adapter_id: str) -> pb.Adapter:
         return self._call(self.adapters.GetAdapter, pb.GetAdapterRequest(id=adapter_id))
 

@@ -1,0 +1,170 @@
+"""An upload's weights file while its bytes arrive (an HTTP multipart part, gRPC chunks).
+
+The bytes go, block by block on a worker thread while the next bytes arrive, into the weights file of a
+temporary directory of the store and into the sha256 digest: when the last byte is in, the file only needs
+its fsync, and the parse reads it back through a private memory map of the file (its pages are still in
+the page cache; the parse copies what it keeps). The size limit is checked on every chunk and the
+safetensors header as soon as its bytes are in, before the weights arrive. A refused upload calls
+discard(), which removes the temporary directory before the refusal is answered.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import mmap
+import os
+import shutil
+from pathlib import Path
+
+from .peft_format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_safetensors_header, refuse_pickle,
+                          safetensors_header_length)
+from .store import AdapterStore, Staged, fsync_dir
+
+BLOCK_BYTES = 4 << 20  # handed to the worker at a time: few thread hops, and the disk works while bytes arrive
+
+
+def _digest_prefix(config_raw: bytes):
+    """store.adapter_digest's hash state after the config: the weights' bytes follow."""
+    h = hashlib.sha256(len(config_raw).to_bytes(8, "big"))
+    h.update(config_raw)
+    return h
+
+
+class IncomingWeights:
+    """`capacity`: the most bytes this upload can carry (a declared size, a Content-Length), at most `max_bytes`.
+    `config_raw`: the adapter config when it is known before the weights (the store digest then runs as bytes
+    arrive; otherwise over the file at the end). `weights_sha256`: also hash the weights alone (gRPC checks
+    a declared digest)."""
+
+    def __init__(self, store: AdapterStore, max_bytes: int, capacity: int | None = None,
+                 config_raw: bytes | None = None, weights_sha256: bool = False):
+        self.max_bytes = max_bytes
+        self.capacity = max_bytes if capacity is None else min(capacity, max_bytes)
+        self.size = 0
+        self._config_raw = config_raw
+        self._digest = None if config_raw is None else _digest_prefix(config_raw)
+        self._weights_digest = hashlib.sha256() if weights_sha256 else None
+        self._head = bytearray()  # the first bytes, up to the end of the safetensors header
+        self._header_end: int | None = None  # 8 + header length, once known
+        self._header_checked = False
+        self._pending: list = []  # chunks not yet handed to the worker
+        self._pending_bytes = 0
+        self._writing: asyncio.Future | None = None  # the block the worker is writing
+        self._map: mmap.mmap | None = None
+        self.path = store.staging_dir()
+        try:
+            self._file = open(self.path / WEIGHTS_FILE, "w+b")
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    async def write(self, chunk) -> None:
+        end = self.size + len(chunk)
+        if end > self.capacity:
+            if self.capacity == self.max_bytes:
+                raise AdapterError(f"adapter weights are more than {self.max_bytes} bytes, above the limit of "
+                                   f"{self.max_bytes}", 413)
+            raise AdapterError(f"the upload sent more than the declared {self.capacity} bytes", 400)
+        self.size = end
+        taken = 0
+        while not self._header_checked and taken < len(chunk):  # the first 8 bytes, then the header they announce
+            piece = chunk[taken:taken + (self._header_end or 8) - len(self._head)]
+            self._head += piece
+            taken += len(piece)
+            self._check_head()
+        self._pending.append(chunk)  # (a view of immutable bytes: held, not copied)
+        self._pending_bytes += len(chunk)
+        if self._pending_bytes >= BLOCK_BYTES:
+            await self._hand_over()
+
+    def _check_head(self) -> None:
+        """Refuse a pickle, or a file whose safetensors header is malformed, as soon as those bytes are in."""
+        if len(self._head) >= 4:
+            refuse_pickle(self._head)
+        if self._header_end is None and len(self._head) >= 8:
+            self._header_end = 8 + safetensors_header_length(self._head)
+            if self._header_end > self.capacity:
+                raise AdapterError(f"{WEIGHTS_FILE} is not a safetensors file or is truncated (a header of "
+                                   f"{self._header_end - 8} bytes in an upload of at most {self.capacity})", 400)
+        if self._header_end is not None and len(self._head) >= self._header_end:
+            read_safetensors_header(self._head, None)
+            self._header_checked = True
+            self._head = bytearray()
+
+    async def _hand_over(self) -> None:
+        """Start writing the pending chunks, after the block before them (one block at a time, in order)."""
+        if self._writing is not None:
+            await self._writing
+            self._writing = None
+        if self._pending:
+            block, self._pending, self._pending_bytes = self._pending, [], 0
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_block, block))
+
+    def _write_block(self, block: list) -> None:
+        self._file.writelines(block)  # file I/O and hashing release the GIL
+        for digest in (self._digest, self._weights_digest):
+            if digest is not None:
+                for chunk in block:
+                    digest.update(chunk)
+
+    async def finish(self, config_raw: bytes) -> Staged:
+        """Every byte is in: write the rest and the config, sync both files and the directory; the staged version
+        commit() publishes. Then `data` holds the weights."""
+        if len(self._head) < 4 and not self._header_checked:
+            refuse_pickle(self._head)
+        await self.drain()
+        return await asyncio.to_thread(self._seal, config_raw)
+
+    async def drain(self) -> None:
+        """Write and hash every byte received so far."""
+        await self._hand_over()
+        if self._writing is not None:
+            await self._writing
+            self._writing = None
+
+    def _seal(self, config_raw: bytes) -> Staged:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        with open(self.path / CONFIG_FILE, "wb") as f:
+            f.write(config_raw)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(self.path)
+        if self.size:  # copy-on-write: the parse may view it as writable memory, the file never changes
+            self._map = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_COPY)
+        if self._digest is None or config_raw != self._config_raw:  # the config came after the weights
+            self._digest = _digest_prefix(config_raw)
+            self._digest.update(self.data)
+        return Staged(self.path, self._digest.hexdigest(), self.size)
+
+    @property
+    def data(self) -> memoryview:
+        """The weights received (after finish(), until release())."""
+        return memoryview(self._map if self._map is not None else b"")
+
+    @property
+    def weights_sha256(self) -> str:
+        """The hex digest of the weights alone (with weights_sha256=True, after finish())."""
+        return self._weights_digest.hexdigest()
+
+    async def discard(self) -> None:
+        """Remove the temporary directory, after the block being written (the upload is refused)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            try:
+                await asyncio.shield(writing)
+            except asyncio.CancelledError:  # the refusing task itself is cancelled: remove once the block is out
+                writing.add_done_callback(lambda _: self._remove())
+                raise
+            except Exception:
+                pass
+        self._remove()
+
+    def _remove(self) -> None:
+        self.release()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def release(self) -> None:
+        """Unmap and close the file (the parse copied what it keeps)."""
+        self._map = None  # unmapped when the last view of it is gone
+        self._file.close()

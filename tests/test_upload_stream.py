@@ -1,0 +1,218 @@
+"""Streamed uploads (issue #20): the weights go into the store's temporary directory as they arrive, a refusal
+comes as soon as the bytes that earn it are in (not after the body), and a refused or abandoned upload leaves
+nothing behind; gRPC ListAdapters pages like the HTTP lists."""
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+import torch
+from safetensors.torch import save
+
+from loraplex.protos.loraplex.v1 import serving_pb2 as pb
+from loraplex.protos.loraplex.v1 import serving_pb2_grpc as pb_grpc
+from loraplex.runtime.adapters.store import AdapterStore
+from service_fixtures import LiveServer, make_service
+
+LIMIT = 1 << 20  # --max-adapter-mb of this server: 1 MiB
+BOUNDARY = b"upload-boundary"
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("upload-stream") / "adapters"
+    server = LiveServer(make_service(tiny_model_dir, store, max_adapter_bytes=LIMIT))
+    server.store = store
+    yield server
+    server.stop()
+
+
+def tiny_lora(rank: int = 2, seed: int = 0) -> tuple[bytes, bytes]:
+    """A LoRA on q_proj of the tiny model (hidden 64, 2 layers)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(2):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, 64, generator=g) * 0.1
+        tensors[f"{prefix}.lora_B.weight"] = torch.randn(64, rank, generator=g) * 0.1
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj"]}
+    return json.dumps(config).encode(), save(tensors)
+
+
+def entries(store: Path) -> list[str]:
+    return sorted(str(p.relative_to(store)) for p in store.rglob("*"))
+
+
+def part(name: str, value: bytes, filename: str | None = None) -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return b"--" + BOUNDARY + b"\r\nContent-Disposition: " + disposition.encode() + b"\r\n\r\n" + value + b"\r\n"
+
+
+def weights_head(size: int) -> bytes:
+    """The start of a well-formed safetensors file of one fp32 tensor of `size` bytes (its data not included)."""
+    header = json.dumps({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                         {"dtype": "F32", "shape": [size // 4], "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+def send_partial(port: int, body_start: bytes, content_length: int) -> socket.socket:
+    """A POST /v1/adapters whose Content-Length announces more than is sent: the rest never comes."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/adapters HTTP/1.1\r\nhost: x\r\ncontent-type: multipart/form-data; boundary=" + BOUNDARY +
+                 b"\r\ncontent-length: " + str(content_length).encode() + b"\r\n\r\n" + body_start)
+    return sock
+
+
+def answer(sock: socket.socket, seconds: float = 10) -> tuple[int, str]:
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        pytest.fail(f"no answer within {seconds} s while the body was still incomplete: {data[:200]!r}")
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+@pytest.mark.parametrize("case", ["bad header", "pickle", "over the size limit"])
+def test_http_upload_refused_mid_body_leaves_nothing(live, case):
+    """The refusal arrives while most of the announced body is still unsent, and the store is as before,
+    no temporary directory included."""
+    config, _ = tiny_lora()
+    before = entries(live.store)
+    start = part("id", b"mid-body") + part("config", config, "adapter_config.json")
+    start += b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="weights"; filename="w.safetensors"\r\n\r\n'
+    if case == "bad header":
+        start += struct.pack("<Q", 1 << 40) + b"\0" * 4096
+        status, fragment = 400, "not a safetensors file"
+    elif case == "pickle":
+        start += b"\x80\x04" + b"\0" * 4096
+        status, fragment = 400, "pickle"
+    else:
+        start += weights_head(2 * LIMIT) + b"\0" * (LIMIT + (64 << 10))
+        status, fragment = 413, "limit"
+    sock = send_partial(live.port, start, LIMIT + (900 << 10))  # within the upload limit + its form slack
+    try:
+        code, body = answer(sock)
+    finally:
+        sock.close()
+    assert code == status and fragment in json.loads(body)["error"]["message"], body
+    assert entries(live.store) == before
+
+
+def test_http_client_gone_mid_body_leaves_nothing(live):
+    """The weights go into a temporary directory of the store as they arrive; a client that leaves mid-body
+    takes it with it, and the next upload of the id succeeds."""
+    config, weights = tiny_lora(rank=8)
+    before = entries(live.store)
+    body = part("id", b"gone") + part("config", config, "adapter_config.json") + part("weights", weights, "w.st")
+    body += b"--" + BOUNDARY + b"--\r\n"
+    sock = send_partial(live.port, body[:len(body) // 2], len(body))
+    deadline = time.time() + 10
+    while not list(live.store.glob(".tmp-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    assert list(live.store.glob(".tmp-*")), "the weights did not reach the store while the body streamed in"
+    sock.close()
+    deadline = time.time() + 10
+    while entries(live.store) != before and time.time() < deadline:
+        time.sleep(0.05)
+    assert entries(live.store) == before
+    r = httpx.post(f"{live.url}/v1/adapters", content=body,
+                   headers={"content-type": f"multipart/form-data; boundary={BOUNDARY.decode()}"})
+    assert r.status_code == 201, r.text
+    assert httpx.delete(f"{live.url}/v1/adapters/gone").status_code == 200
+
+
+def test_http_form_in_any_order_and_checked(live):
+    """The weights may come before the config (the digest is then taken at the end): the stored digest is
+    right, so a restart verifies it. A field given twice or missing is a 400 naming it."""
+    config, weights = tiny_lora(seed=3)
+    content_type = {"content-type": f"multipart/form-data; boundary={BOUNDARY.decode()}"}
+    end = b"--" + BOUNDARY + b"--\r\n"
+    body = part("weights", weights, "w.safetensors") + part("config", config, "adapter_config.json") + part("id", b"late")
+    r = httpx.post(f"{live.url}/v1/adapters", content=body + end, headers=content_type)
+    assert r.status_code == 201, r.text
+    assert AdapterStore(live.store).quarantined == []  # a fresh open verifies every digest
+    twice = part("id", b"x") + part("id", b"y") + part("config", config, "c") + part("weights", weights, "w")
+    r = httpx.post(f"{live.url}/v1/adapters", content=twice + end, headers=content_type)
+    assert r.status_code == 400 and "id: give it once" in r.json()["error"]["message"]
+    r = httpx.post(f"{live.url}/v1/adapters", content=part("id", b"x") + part("config", config, "c") + end,
+                   headers=content_type)
+    assert r.status_code == 400 and "weights: Field required" in r.json()["error"]["message"]
+    r = httpx.post(f"{live.url}/v1/adapters", content=b"{}", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
+    assert not list(live.store.glob(".tmp-*"))
+    assert httpx.delete(f"{live.url}/v1/adapters/late").status_code == 200
+
+
+def test_grpc_upload_refused_mid_body_leaves_nothing(live):
+    """A bad safetensors header in the first chunk ends the call while the client still holds the rest back."""
+    config, _ = tiny_lora()
+    before = entries(live.store)
+    release, sent_all = threading.Event(), []
+
+    def requests():
+        meta = pb.UploadAdapterMetadata(id="grpc-mid", config_json=config, size_bytes=LIMIT, sha256="0" * 64)
+        yield pb.UploadAdapterRequest(metadata=meta)
+        yield pb.UploadAdapterRequest(chunk=struct.pack("<Q", 1 << 40) + b"\0" * 4096)
+        release.wait(20)
+        sent_all.append(True)
+        yield pb.UploadAdapterRequest(chunk=b"\0" * (LIMIT - 4104))
+
+    with grpc.insecure_channel(live.grpc_target) as channel:
+        stub = pb_grpc.AdaptersStub(channel)
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.UploadAdapter(requests(), timeout=30)
+            assert not sent_all, "the refusal waited for the whole stream"
+        finally:
+            release.set()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "safetensors" in e.value.details()
+    deadline = time.time() + 10
+    while entries(live.store) != before and time.time() < deadline:
+        time.sleep(0.05)
+    assert entries(live.store) == before
+
+
+def test_grpc_upload_and_list_pages(live):
+    """Uploads over gRPC commit; ListAdapters pages with limit/after like the HTTP lists, with no gap or repeat."""
+    with grpc.insecure_channel(live.grpc_target) as channel:
+        stub = pb_grpc.AdaptersStub(channel)
+        for i in range(5):
+            config, weights = tiny_lora(seed=i)
+            meta = pb.UploadAdapterMetadata(id=f"page-{i}", config_json=config, size_bytes=len(weights),
+                                            sha256=hashlib.sha256(weights).hexdigest())
+            chunks = [pb.UploadAdapterRequest(chunk=weights[j:j + 1000]) for j in range(0, len(weights), 1000)]
+            assert stub.UploadAdapter(iter([pb.UploadAdapterRequest(metadata=meta)] + chunks), timeout=30).version == 1
+        everything = [a.id for a in stub.ListAdapters(pb.ListAdaptersRequest(), timeout=30).adapters]
+        seen, after = [], None
+        while True:
+            page = stub.ListAdapters(pb.ListAdaptersRequest(limit=2, after=after), timeout=30)
+            assert len(page.adapters) <= 2
+            seen += [a.id for a in page.adapters]
+            if page.adapters:
+                assert (page.first_id, page.last_id) == (page.adapters[0].id, page.adapters[-1].id)
+            if not page.has_more:
+                break
+            after = page.last_id
+        assert seen == everything and {f"page-{i}" for i in range(5)} <= set(seen)
+        for bad in (pb.ListAdaptersRequest(limit=0), pb.ListAdaptersRequest(limit=1001),
+                    pb.ListAdaptersRequest(limit=1, after="")):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ListAdapters(bad, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for i in range(5):
+            stub.DeleteAdapter(pb.DeleteAdapterRequest(id=f"page-{i}"), timeout=30)
