@@ -1,5 +1,6 @@
 """The body of `POST /v1/adapters`, read as it streams in: a multipart form with the fields `id` (text),
-`config` (adapter_config.json) and `weights` (adapter_model.safetensors), each given once, in any order.
+`config` (adapter_config.json) and `weights` (adapter_model.safetensors), each given once, in any order;
+any other field is refused by name.
 
 The weights part goes straight into the Service's IncomingWeights (memory, the store's temporary directory
 and the digest, adapters/incoming.py): no spooled copy, and a refusal — the id, a pickle, a bad
@@ -34,7 +35,7 @@ class UploadForm:
         self.done: set[str] = set()  # fields whose part has ended
         self.incoming: IncomingWeights | None = None
         self._events: list[tuple] = []
-        self._part: str | None = None  # field of the part being read (None: a field we ignore)
+        self._part: str | None = None  # field of the part being read
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_name = self._header_value = b""
 
@@ -92,9 +93,10 @@ class UploadForm:
         disposition = dict(headers).get(b"content-disposition", b"")
         _, options = parse_options_header(disposition)
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        self._part = name if name in FIELDS else None
-        if self._part is None:
-            return
+        if name not in FIELDS:  # never silently ignored
+            raise ServiceError(f"{name or '(unnamed)'}: unknown form field of an adapter upload; the fields are "
+                               f"{', '.join(FIELDS)}")
+        self._part = name
         if name in self.done or name in self.values or (name == "weights" and self.incoming is not None):
             raise ServiceError(f"{name}: give it once")
         if name == "weights":

@@ -138,7 +138,7 @@ def test_http_client_gone_mid_body_leaves_nothing(live):
 
 def test_http_form_in_any_order_and_checked(live):
     """The weights may come before the config (the digest is then taken at the end): the stored digest is
-    right, so a restart verifies it. A field given twice or missing is a 400 naming it."""
+    right, so a restart verifies it. A field given twice, missing or unknown is a 400 naming it."""
     config, weights = tiny_lora(seed=3)
     content_type = {"content-type": f"multipart/form-data; boundary={BOUNDARY.decode()}"}
     end = b"--" + BOUNDARY + b"--\r\n"
@@ -152,6 +152,9 @@ def test_http_form_in_any_order_and_checked(live):
     r = httpx.post(f"{live.url}/v1/adapters", content=part("id", b"x") + part("config", config, "c") + end,
                    headers=content_type)
     assert r.status_code == 400 and "weights: Field required" in r.json()["error"]["message"]
+    extra = part("id", b"x") + part("rank", b"8") + part("config", config, "c") + part("weights", weights, "w")
+    r = httpx.post(f"{live.url}/v1/adapters", content=extra + end, headers=content_type)
+    assert r.status_code == 400 and "rank: unknown form field" in r.json()["error"]["message"]
     r = httpx.post(f"{live.url}/v1/adapters", content=b"{}", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
     assert not list(live.store.glob(".tmp-*"))
