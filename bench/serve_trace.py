@@ -70,8 +70,8 @@ BEFORE_8B = {"trace_inf_base_over_floor": 5.7, "trace_inf_adapters_over_base": 0
              "slo_rate_adapters": "< 4 (TTFT p99 3.8 s at 4 req/s)", "first_burst_ttft_over_warm": "about 13 (1B: 3.0 s / 0.22-0.29 s)",
              "nf4_over_dense_max": 1.62}
 COUNTERS = ("decode_steps", "decode_seconds", "decode_rows", "prefill_steps", "prefill_seconds", "steps",
-            "graph_steps", "bookkeeping_seconds", "idle_seconds", "tokens_generated", "adapter_loads", "merged_steps",
-            "graph_gpu_seconds", "mixed_gpu_seconds")
+            "graph_steps", "bookkeeping_seconds", "idle_seconds", "device_wait_seconds", "tokens_generated",
+            "adapter_loads", "merged_steps", "graph_gpu_seconds", "mixed_gpu_seconds")
 
 
 # -- the trace ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .memory_budget import (DEFAULT_ADAPTER_SLOTS, adapter_memory_bytes, default
                             make_ops)
 from .model_runner import MIXED_QUANTUM, ModelRunner
 from .prefill_budget import PrefillBudget
-from .sampler import grammar_bitmask, sample, token_logprobs
+from .sampler import grammar_bitmask, sample_on_device, token_logprobs
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence, SeqStatus, StepOutput
 from .structured import GrammarError, Grammars
@@ -148,6 +148,9 @@ class Engine:
         self.prefill_seconds = 0.0
         self.bookkeeping_seconds = 0.0
         self.idle_seconds = 0.0
+        # of decode_seconds + prefill_seconds: blocked on the device for a step's tokens (near 0: the host
+        # is the bottleneck and the GPU waits for it; most of the step: the GPU is)
+        self.device_wait_seconds = 0.0
         self.runner.graph_steps, self.runner.graph_gpu_seconds, self.runner.mixed_gpu_seconds = 0, 0.0, 0.0
         self.slots.loads = self.slots.evictions = 0
 
@@ -213,6 +216,7 @@ class Engine:
                 "graph_gpu_seconds": self.runner.graph_gpu_seconds, "mixed_gpu_seconds": self.runner.mixed_gpu_seconds,
                 "prefill_seconds": self.prefill_seconds,
                 "bookkeeping_seconds": self.bookkeeping_seconds, "idle_seconds": self.idle_seconds,
+                "device_wait_seconds": self.device_wait_seconds,
                 "gc_seconds": gc_timer.seconds, "gc_full_collections": gc_timer.full_collections,
                 "cuda_graphs": len(self.runner.graphs) + len(self.runner.mixed_graphs), "max_num_seqs": self.max_num_seqs,
                 "prefill_budget": self.scheduler.prefill_budget, "max_step_seconds": self.max_step_seconds,
@@ -330,7 +334,10 @@ class Engine:
             self.blocks.cache_computed(seq, n)
         self.flush()  # host work of the last step while the GPU runs this one (may finish rows of this batch)
         bitmask = grammar_bitmask(ready, logits.shape[1])  # host work while the GPU still runs the step
-        tokens = sample(logits, ready, bitmask)  # the step's one device->host copy
+        chosen = sample_on_device(logits, ready, bitmask)
+        waiting = time.perf_counter()
+        tokens = chosen.tolist()  # the step's one device->host copy: waits for the GPU
+        self.device_wait_seconds += time.perf_counter() - waiting
         logprobs = token_logprobs(logits, ready, tokens)  # a second one, only when a row asks for logprobs
         self.steps += 1
         sampled = time.perf_counter()

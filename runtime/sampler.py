@@ -193,6 +193,11 @@ def token_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]
 def sample(logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None) -> list[int]:
     """One token id per row of `logits` [R, V] (row i belongs to seqs[i]); -1 where the row is not finite.
     bitmask: grammar_bitmask(seqs), when the caller filled it already."""
+    return sample_on_device(logits, seqs, bitmask).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    """`sample`'s token ids as a tensor on the logits' device: launched, not waited for."""
     finite = torch.isfinite(logits).all(dim=1)
     logits = process_logits(logits, seqs, bitmask)
     sampled_params = [s.params for s in seqs if not s.params.greedy]
@@ -213,4 +218,4 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | N
                                         float("-inf"))
         drawn = (scaled + gumbel_noise(seed_lo, seed_hi, position, vocab)).argmax(dim=1)
         chosen = torch.where(greedy, logits.argmax(dim=1), drawn) if len(sampled_params) < len(seqs) else drawn
-    return torch.where(finite, chosen, -1).tolist()
+    return torch.where(finite, chosen, -1)
