@@ -16,7 +16,7 @@ the running batch never waits for a load. With a fixed `pool_bytes` the pool nev
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,6 +48,11 @@ class LaunchPlan:
     width: int  # widest shrink result (k*r + hybrid rank)
     num_tiles: int
     has_dora: bool = False
+    # tiles expected to carry work, which sizes the shrink's split-K (None: num_tiles). A mixed graph pads
+    # its prefill tiles with null ones up to any step's need (+ one per sequence): sized by the padded count,
+    # a 1,024-token step's ~16 working tiles got one split each and streamed 4,096-14,336 input features
+    # serially on a few programs while the rest of the GPU idled
+    busy_tiles: int | None = None
 
     @property
     def max_k(self) -> int:
@@ -277,7 +282,10 @@ class TritonAdapterOps(AdapterOps):
         graph_order[:pad_to].copy_(host_order, non_blocking=True)
         graph_tiles[:num_tiles + num_short].copy_(host_tiles, non_blocking=True)
         fields = {**vars(seg), "token_order": graph_order[:pad_to]}
-        meta = StepSegments(**fields, tiles=graph_tiles[:num_tiles], plan=self.plan(seg, num_tiles, config))
+        plan = self.plan(seg, num_tiles, config)
+        if mixed:  # a step of this bucket fills about pad_to / block_m prefill tiles (the scheduler fills it)
+            plan = replace(plan, busy_tiles=-(-pad_to // config.block_m))
+        meta = StepSegments(**fields, tiles=graph_tiles[:num_tiles], plan=plan)
         if mixed:
             meta.short_tiles = graph_tiles[num_tiles:num_tiles + num_short]
             meta.short_plan = self.plan(seg, num_short, short_config)
@@ -314,9 +322,7 @@ class TritonAdapterOps(AdapterOps):
         out_features = [self.projection_shapes[p][1] for p in projections]
         blocks = plan.max_k + int(plan.has_general)
         rank_tiles = -(-plan.block_rank // cfg.block_r)
-        num_splits = self.num_splits or choose_splits(
-            plan.num_tiles * len(projections) * blocks * rank_tiles, in_features // plan.max_k, cfg.block_k,
-            self.num_sms)
+        num_splits = self.splits(plan, projections)
         partials = torch.empty(num_splits, token_order.shape[0], MAX_FUSED, plan.width,
                                dtype=torch.float32, device=x.device)
         table, scales = self.table[:, layer], self.scales[:, layer]
@@ -332,6 +338,17 @@ class TritonAdapterOps(AdapterOps):
             expand(*common, blocks=True, general=plan.has_general, aligned=aligned, pdl=self.pdl)
         if plan.has_dora:
             dora_rescale(y, token_order, tiles, self.pool.buffer, table, proj_ids, out_features, cfg)
+
+    def splits(self, plan: LaunchPlan, projections: tuple[str, ...]) -> int:
+        """How many pieces the shrink cuts the input features into for this plan (tile_config.choose_splits)."""
+        if self.num_splits:
+            return self.num_splits
+        blocks = plan.max_k + int(plan.has_general)
+        rank_tiles = -(-plan.block_rank // plan.config.block_r)
+        in_features = self.projection_shapes[projections[0]][0]
+        tiles = plan.num_tiles if plan.busy_tiles is None else plan.busy_tiles
+        return choose_splits(tiles * len(projections) * blocks * rank_tiles, in_features // plan.max_k,
+                             plan.config.block_k, self.num_sms)
 
     @staticmethod
     def _aligned(plan: LaunchPlan, widths: list[int]) -> bool:

@@ -3,6 +3,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` of the process
 
+from dataclasses import replace
+
 import pytest
 import torch
 import triton.language as tl
@@ -257,10 +259,31 @@ def test_mixed_graph_metadata_pads_prefill_tiles():
     assert sum(min(end - first, block_m) for _, first, end in long) == 71 + 21
     for group in GROUPS:
         run_and_check(ops, adapters, padded, group, meta=meta)
+    assert meta.plan.busy_tiles == 128 // block_m and meta.short_plan.busy_tiles is None
+    ops.num_splits = 2  # split-K under the padded tiles (what an 8B-shaped GPU step gets, below)
+    run_and_check(ops, adapters, padded, QKV, meta=meta)
+    ops.num_splits = None
     larger = ops.metadata([0] * 200 + [2] + [-1] * 55, pad_to=256, mixed=True)
     assert larger.tiles.data_ptr() == meta.tiles.data_ptr()  # captured graphs keep their addresses
     assert larger.token_order.data_ptr() == meta.token_order.data_ptr()
     run_and_check(ops, adapters, [0] * 200 + [2] + [-1] * 55, QKV, meta=larger)
+
+
+@needs_interpreter
+def test_mixed_graph_split_k_counts_the_working_tiles_not_the_padding():
+    """A mixed graph's prefill tile list is padded with null tiles (one per possible sequence): the shrink's
+    split-K must be sized by the tiles a step of the bucket fills, or a 1,024-token step on an 8B shape
+    streams each 14,336-feature input on 16 programs of an H100's 132 multiprocessors."""
+    shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
+              "gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
+    ops = TritonAdapterOps(8, shapes, 1, "cpu", torch.float32)
+    ops.graph_rows, ops.graph_tokens, ops.num_sms = 256, 2048, 132
+    meta = ops.metadata([0] * 900 + [1] * 60 + list(range(2, 8)) + [-1] * 58, pad_to=1024, mixed=True)
+    assert meta.plan.num_tiles == 1024 // 64 + 8 and meta.plan.busy_tiles == 1024 // 64
+    padded_count = replace(meta.plan, busy_tiles=None)
+    for group in GROUPS:
+        assert ops.splits(meta.plan, group) >= ops.splits(padded_count, group)
+    assert ops.splits(meta.plan, ("down_proj",)) == 16 > ops.splits(replace(padded_count, num_tiles=272), ("down_proj",))
 
 
 @needs_interpreter
