@@ -99,8 +99,10 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
     """The rule's tiles, then those of the smaller row steps (several m-tiles decode each weight more
     than once, but start more programs: on the H200 the 16-row step ran at 3.3x its floor at 32 rows, the
     32-row one at 4.4x, bench/results/nf4_matmul.json), then each step with one absmax block per loop step
-    and the next step's loads issued ahead (prefetch): the start-up calibration times them all and keeps
-    the fastest."""
+    and the next step's loads issued ahead (prefetch), then the rule's tiles with 2x and 4x its splits where
+    the partial-sum cap held them down (from 32 rows a [4096, 4096] weight got 4 splits, 128 programs for 132
+    SMs: one 4-warp program per SM; H100, bench/results/serve_trace.json): the start-up calibration times
+    them all and keeps the fastest."""
     rule = choose_tiles(M, N, K, blocksize, num_sms)
     if M > WIDE_ROWS:  # wide batches: 128 or 64 rows per program; smaller steps decode each weight too often
         return [rule, choose_tiles(M, N, K, blocksize, num_sms, STEPS[-1])]
@@ -109,6 +111,14 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
     for bm, bk, stages in [(rule.block_m, rule.block_k, rule.num_stages)] + steps:
         one_block = choose_tiles(M, N, K, blocksize, num_sms, (bm, min(bk, blocksize), stages))
         tiles.append(replace(one_block, prefetch=True))
+    k_tiles = K // rule.block_k
+    programs = triton.cdiv(N, rule.block_n) * triton.cdiv(M, rule.block_m)
+    if programs * rule.splits < 2 * num_sms:
+        for more in (2 * rule.splits, 4 * rule.splits):
+            splits = min(more, k_tiles, MAX_SPLITS)
+            splits = triton.cdiv(k_tiles, triton.cdiv(k_tiles, splits))  # no split left without work
+            if splits > rule.splits:
+                tiles.append(replace(rule, splits=splits))
     return list(dict.fromkeys(tiles))
 
 

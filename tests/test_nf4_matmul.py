@@ -226,7 +226,8 @@ def test_every_candidate_tiling_gives_the_same_product():
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(10))
     ref = x.double() @ dequantized(packed, state, torch.float32).double().T
     tiles = candidate_tiles(40, 64, 256, BLOCKSIZE, 2)
-    assert len(tiles) == 6 and sum(t.prefetch for t in tiles) == 3
+    assert len(tiles) == 8 and sum(t.prefetch for t in tiles) == 3
+    assert [t.splits for t in tiles[-2:]] == [2, 4] and tiles[-1] == replace(tiles[0], splits=4)  # more split-K
     for t in tiles:
         out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
         assert relative_error(out, ref) < 1e-5, t
