@@ -121,6 +121,7 @@ class Engine:
         self.alive = True
         self.error: str | None = None  # why the engine died
         self._wake = threading.Event()
+        self._prepare_lock = threading.Lock()  # prepare_adapter
         self._thread: threading.Thread | None = None
         self._stop = False
         self._by_id: dict[int, Sequence] = {}
@@ -237,8 +238,10 @@ class Engine:
                 for (o, i), rows in NF4_US.items()}
 
     def prepare_adapter(self, ref: AdapterRef) -> None:
-        """Host-side work for loading ref later (packing, pinned memory): call off the engine thread."""
-        self.ops.prepare(ref.weights)
+        """Host-side work for loading ref later (packing, pinned memory): call off the engine thread. One at a
+        time: a request and the packing after an upload never pack the same adapter twice."""
+        with self._prepare_lock:
+            self.ops.prepare(ref.weights)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)

@@ -12,6 +12,7 @@ import bisect
 import dataclasses
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -176,6 +177,7 @@ class Service:
         self.engine.on_finish = self.metrics.on_finish  # the engine's one metrics hook
         self._lock = threading.Lock()  # the in-flight set and the submit that grows it
         self._upload_lock = threading.Lock()  # the per-tenant count and the commit that grows it
+        self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-pack")  # _prepare_soon
         self._in_flight: set[Generation] = set()
         self.draining = False
 
@@ -190,6 +192,7 @@ class Service:
 
     def stop(self) -> None:
         self.engine.stop()
+        self._preparing.shutdown(wait=False, cancel_futures=True)
 
     # -- callers ----------------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> Tenant:
@@ -383,6 +386,7 @@ class Service:
             self.metrics.uploads.labels("rejected").inc()
             raise
         self.metrics.uploads.labels("ok").inc()
+        self._prepare_soon(record)
         return self._own(tenant, record)
 
     # A streamed upload: open_upload() when its weights start, IncomingWeights.write() as they arrive, then
@@ -420,7 +424,22 @@ class Service:
         finally:
             incoming.release()
         self.metrics.uploads.labels("ok").inc()
+        self._prepare_soon(record)
         return self._own(tenant, record)
+
+    def _prepare_soon(self, record: StoredAdapter) -> None:
+        """Pack a new upload for loading (pinned host memory in the kernels' layout) on a worker thread, after
+        the upload is answered: its first request then pays only the transfer and its prefill (issue #20)."""
+        weights = self.registry.cached(record)
+        if weights is None:  # not cached (host memory full): packed at first use, as before
+            return
+
+        def prepare():
+            try:
+                self.engine.prepare_adapter(AdapterRef(record.id, record.version, weights))
+            except Exception as e:  # noqa: BLE001 - the first request packs it again and reports a failure
+                log.warning("packing adapter %s v%d after its upload failed: %s", record.id, record.version, e)
+        self._preparing.submit(prepare)
 
     def _stored_upload_id(self, tenant: Tenant, adapter_id: str) -> str:
         stored_id = tenant.stored_id(adapter_id)

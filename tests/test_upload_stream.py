@@ -219,3 +219,21 @@ def test_grpc_upload_and_list_pages(live):
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         for i in range(5):
             stub.DeleteAdapter(pb.DeleteAdapterRequest(id=f"page-{i}"), timeout=30)
+
+
+def test_an_upload_is_packed_for_loading_after_its_answer(live, monkeypatch):
+    """The packing a first request would pay (pinned memory in the kernels' layout on a GPU) is done on a
+    worker right after the upload is answered, for the version just stored."""
+    packed = []
+    prepare = live.service.engine.prepare_adapter
+    monkeypatch.setattr(live.service.engine, "prepare_adapter", lambda ref: (prepare(ref), packed.append(ref)))
+    config, weights = tiny_lora(seed=5)
+    files = {"config": ("adapter_config.json", config), "weights": ("adapter_model.safetensors", weights)}
+    r = httpx.post(f"{live.url}/v1/adapters", data={"id": "packed-early"}, files=files)
+    assert r.status_code == 201, r.text
+    deadline = time.time() + 10
+    while not packed and time.time() < deadline:
+        time.sleep(0.02)
+    assert [(ref.id, ref.version) for ref in packed] == [("packed-early", r.json()["version"])]
+    assert packed[0].weights is live.service.registry.cached(live.service.registry.get("packed-early"))
+    assert httpx.delete(f"{live.url}/v1/adapters/packed-early").status_code == 200

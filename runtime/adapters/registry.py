@@ -209,6 +209,11 @@ class AdapterRegistry:
             return self._pin(AdapterRef(record.id, record.version, self._cache(key, weights)))
         raise AdapterError(f"adapter {adapter_id!r} not found", 404)
 
+    def cached(self, record: StoredAdapter) -> AdapterWeights | None:
+        """The host copy of this version when the cache holds it now (nothing is read or loaded)."""
+        with self._lock:
+            return self._live.get(record_key(record))
+
     def loading(self, adapter_id: str) -> list[Future]:
         """The loads of `adapter_id` from a source now in flight: a caller on an event loop awaits them
         (asyncio.wrap_future) rather than holding a worker thread while another request loads it."""
