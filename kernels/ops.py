@@ -38,6 +38,14 @@ MIXED_GRAPH_CONFIG = choose_tile_config(64)
 SHORT_SEGMENT = 2  # segments of at most this many tokens take one-row tiles in a mixed graph
 
 
+def plan_size(n: int) -> int:
+    """A rank or width as a launch plan holds it: rounded up to a power of two, at least 16. Programs past a
+    slot's own rank exit at once (the kernels read it from the module table), so rank-4, -8 and -16
+    adapters share one plan, and so one captured CUDA graph: a new rank in traffic costs a capture on the
+    serving path only once per power of two."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     """Launch parameters shared by every layer of a step (hashable: part of a CUDA graph's key)."""
@@ -227,8 +235,8 @@ class TritonAdapterOps(AdapterOps):
             config=config,
             ks=frozenset().union(*(p.ks for p in used)) or frozenset({1}),
             has_general=any(p.has_general for p in used),
-            block_rank=max((p.block_rank for p in used), default=1),
-            width=max((p.width for p in used), default=1),
+            block_rank=plan_size(max((p.block_rank for p in used), default=1)),
+            width=plan_size(max((p.width for p in used), default=1)),
             num_tiles=num_tiles,
             has_dora=any(p.has_dora for p in used))
 

@@ -287,6 +287,20 @@ def test_mixed_graph_split_k_counts_the_working_tiles_not_the_padding():
 
 
 @needs_interpreter
+def test_ranks_up_to_a_power_of_two_share_a_launch_plan():
+    """A launch plan (part of a CUDA graph's key) rounds rank and width up to a power of two (>= 16): rank 4,
+    8 and 16 adapters replay one graph, rank 32 gets its own; the results stay exact (run_and_check)."""
+    adapters = {0: make_adapter(r=4, seed=90), 1: make_adapter(r=16, seed=91), 2: make_adapter(r=32, seed=92),
+                3: make_adapter(r=8, seed=93)}
+    ops = make_ops(adapters)
+    plans = {slot: ops.metadata([slot] * 4, pad_to=4).plan for slot in adapters}
+    assert plans[0] == plans[1] == plans[3] != plans[2]
+    assert (plans[0].block_rank, plans[0].width, plans[2].block_rank) == (16, 16, 32)
+    slots = [0, 3, 3, 1, 2, -1]
+    run_and_check(ops, adapters, slots, QKV, meta=ops.metadata(slots, pad_to=len(slots)))
+
+
+@needs_interpreter
 def test_weight_pool_first_fit_and_merge():
     pool = WeightPool("cpu", torch.float32)
     a, b, c = pool.allocate(100), pool.allocate(64), pool.allocate(10)
