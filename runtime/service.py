@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import functools
 import logging
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from .adapters.store import AdapterStore, Staged, StoredAdapter, check_adapter_i
 from .base_model import BaseModel, cache_dir, describe
 from .engine import Engine, EngineConfig, EngineDead, RequestError
 from .metrics import Metrics
+from .outbox import Outbox
 from .sequence import SamplingParams, StepOutput
 from .tenants import OPEN_TENANT, KeyRing, Tenant, bearer_key
 from .warm_up import warm_up
@@ -177,6 +180,7 @@ class Service:
         self.engine.on_finish = self.metrics.on_finish  # the engine's one metrics hook
         self._lock = threading.Lock()  # the in-flight set and the submit that grows it
         self._upload_lock = threading.Lock()  # the per-tenant count and the commit that grows it
+        self._outboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its Outbox
         self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-pack")  # _prepare_soon
         self._in_flight: set[Generation] = set()
         self.draining = False
@@ -224,10 +228,11 @@ class Service:
         await asyncio.to_thread(self.engine.check, prompt_ids, params)  # compiles a response_format grammar
         loop = asyncio.get_running_loop()
         generation = Generation(self, loop.time() + self.config.request_timeout)
-        emit = lambda out: loop.call_soon_threadsafe(generation.queue.put_nowait, out)  # noqa: E731
         with self._lock:
             self._check_open()
             self._check_capacity()
+            outbox = self._outboxes.get(loop) or self._outboxes.setdefault(loop, Outbox(loop))
+            emit = functools.partial(outbox.put, generation.queue)
             generation.request_id = self.engine.submit(prompt_ids, params, adapter, emit)
             self._in_flight.add(generation)
         return generation

@@ -1,0 +1,30 @@
+"""Outbox: outputs put from another thread reach their queues in order, with one loop wake-up per batch."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from loraplex.runtime.outbox import Outbox
+
+
+def test_outputs_from_another_thread_arrive_in_order_with_few_wakeups():
+    async def main():
+        loop = asyncio.get_running_loop()
+        outbox = Outbox(loop)
+        queues = [asyncio.Queue() for _ in range(50)]
+        wakeups = []
+        deliver = outbox._deliver
+        outbox._deliver = lambda: (wakeups.append(1), deliver())
+
+        def producer():
+            for step in range(20):  # an engine step: one output per request
+                for q in queues:
+                    outbox.put(q, step)
+        thread = threading.Thread(target=producer)
+        thread.start()
+        got = [[await asyncio.wait_for(q.get(), 5) for _ in range(20)] for q in queues]
+        thread.join()
+        assert got == [list(range(20))] * 50
+        assert all(q.empty() for q in queues)
+        assert len(wakeups) < 20 * 50 / 10  # batched: far fewer wake-ups than outputs
+    asyncio.run(main())
