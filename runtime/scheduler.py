@@ -75,10 +75,15 @@ class Scheduler:
             prefill_budget = min(-(-(decoding + prefill_budget) // q) * q - decoding, budget - decoding)
         batch: list[tuple[Sequence, int]] = []
         # decode rows first (stable sort keeps admission order), then chunks of prompts being prefilled
+        room = self.blocks.block_size
         for seq in sorted(self.running, key=lambda s: len(s) - s.num_computed > 1):
-            if seq not in self.running:  # preempted below to make room
+            if seq.status is not SeqStatus.RUNNING:  # preempted below to make room
                 continue
             left = len(seq) - seq.num_computed
+            if left == 1 and budget > 0 and seq.num_computed < len(seq.block_table) * room:
+                batch.append((seq, 1))  # a decode row whose last block has room: nothing to allocate
+                budget -= 1
+                continue
             n = min(left, budget) if left == 1 else min(left, budget, prefill_budget)
             if n <= 0:
                 continue
