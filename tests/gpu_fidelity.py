@@ -32,10 +32,10 @@ def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast
     engine.runner.drop_graphs()  # the start-up captures used the default layer kernels
     engine.merger.patience, engine.merger.min_rows, engine.merger.dwell_seconds = 1, 1, 0.0
     logits, chosen = {}, {}
-    real_sample = engine_module.sample
+    real_sample = engine_module.sample_on_device
 
     def sample(step_logits, seqs, *rest):
-        tokens = real_sample(step_logits, seqs, *rest)
+        tokens = real_sample(step_logits, seqs, *rest).tolist()
         for row, seq in enumerate(seqs):
             key = tuple(seq.prompt_token_ids)
             i = seq.num_completion_tokens
@@ -43,9 +43,9 @@ def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast
             if forced is not None:
                 tokens[row] = forced[key][i]
             chosen.setdefault(key, []).append(tokens[row])
-        return tokens
+        return torch.tensor(tokens, dtype=torch.int64, device=step_logits.device)
 
-    engine_module.sample = sample
+    engine_module.sample_on_device = sample
     try:
         engine.generate(requests)
         engine.merger.wait()
@@ -53,7 +53,7 @@ def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast
         chosen.clear()
         engine.generate(requests)
     finally:
-        engine_module.sample = real_sample
+        engine_module.sample_on_device = real_sample
         nf4_linear.DISPATCH.clear()
         nf4_linear.DISPATCH.update(saved)
     return logits, chosen, engine

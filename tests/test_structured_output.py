@@ -163,13 +163,13 @@ def test_a_token_the_grammar_refuses_ends_that_request_alone(server, monkeypatch
     """Should a constrained row ever sample a token its matcher refuses, that request ends with an
     error and the free row beside it finishes normally."""
     import loraplex.runtime.engine as engine_module
-    sample = engine_module.sample
+    sample = engine_module.sample_on_device
     brace = server.service.base.tokenizer.encode("}")[0]  # never allowed before the object opens
 
     def sample_breaking_grammar(logits, seqs, *rest):
-        return [brace if seq.matcher is not None and seq.num_completion_tokens == 0 else token
-                for seq, token in zip(seqs, sample(logits, seqs, *rest))]
-    monkeypatch.setattr(engine_module, "sample", sample_breaking_grammar)
+        return torch.tensor([brace if seq.matcher is not None and seq.num_completion_tokens == 0 else token
+                             for seq, token in zip(seqs, sample(logits, seqs, *rest).tolist())])
+    monkeypatch.setattr(engine_module, "sample_on_device", sample_breaking_grammar)
 
     async def both():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -225,12 +225,12 @@ def test_the_engine_fills_the_grammar_bitmask_before_sampling(server, monkeypatc
     """The step's bitmask is filled right after the forward is launched (CPU work that overlaps the GPU)
     and handed to the sampler, which then does not fill it again."""
     import loraplex.runtime.engine as engine_module
-    sample, seen = engine_module.sample, []
+    sample, seen = engine_module.sample_on_device, []
 
     def recording_sample(logits, seqs, bitmask=None):
         seen.append((sum(s.matcher is not None for s in seqs), None if bitmask is None else bitmask.shape[0]))
         return sample(logits, seqs, bitmask)
-    monkeypatch.setattr(engine_module, "sample", recording_sample)
+    monkeypatch.setattr(engine_module, "sample_on_device", recording_sample)
     with httpx.Client(base_url=server.url, timeout=60) as client:
         r = client.post("/v1/completions", json={"model": "a", "prompt": "Hello", "max_tokens": 4,
                                                   "temperature": 0.0, "response_format": {"type": "json_object"}})
