@@ -201,12 +201,12 @@ def comparisons_report(results: dict, comparisons: list[str], ranks: dict) -> li
             gr, wr = versus(g("flexora", r), g("lora random layers", r))
             holds = "holds" if wa == "ahead" and wr == "ahead" else (
                 "does not hold" if "behind" in (wa, wr) else "not shown (within noise)")
-            layers = [len(v["layers"]) for k, v in results.items() if k.startswith("flexora") and v.get("layers")]
+            layers = results.get(f"flexora r{r}", {}).get("layer_counts")
             report.append({"comparison": "flexora", "claim": "Flexora's chosen layers beat LoRA on all layers and LoRA on "
                            "as many random layers", "metric": "held-out exact match",
                            "groups": {f"{k} r{r}": g(k, r) for k in ("flexora", "lora", "lora random layers")},
                            "verdict": f"{holds}: Flexora vs all layers {pts(ga)} ({wa}), vs random layers {pts(gr)} "
-                                      f"({wr}); layers kept {layers}"})
+                                      f"({wr}); layers kept per seed {layers}"})
     if "qlora" in comparisons:
         r = ranks["qlora"]
         if g("qlora", r) and g("lora", r):
@@ -273,8 +273,9 @@ def main() -> None:
         runs = per_seed[f"{label} r{rank}"]
         result["runs"][f"{label} r{rank}"] = {"accuracy": stats([r["accuracy"] for r in runs]),
                                               "test_loss": stats([r["test_loss"] for r in runs]), "seeds": runs}
-        result["comparisons"] = comparisons_report({k: {"accuracy": v["accuracy"], "layers": v["seeds"][0].get("layers")}
-                                                    for k, v in result["runs"].items()}, comparisons, ranks)
+        summary = {k: {"accuracy": v["accuracy"], "layer_counts": [len(s["layers"]) for s in v["seeds"] if "layers" in s]}
+                   for k, v in result["runs"].items()}
+        result["comparisons"] = comparisons_report(summary, comparisons, ranks)
         write(result, args.out)  # as it goes: a run cut short keeps what it measured
 
     best = max(result["runs"].items(), key=lambda kv: kv[1]["accuracy"]["mean"])
