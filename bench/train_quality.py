@@ -38,6 +38,7 @@ from loraplex.trainer.objective import SpeedConfig
 from loraplex.trainer.train import TrainJob, train
 
 COMPARISONS = ("gralora", "hybrid", "flexora", "qlora")
+SETTINGS = ("task", "model", "steps", "batch_size", "lr", "seeds", "ranks", "train_rows", "test_rows", "device")
 
 
 # -- the task ---------------------------------------------------------------------------------------------------
@@ -262,9 +263,19 @@ def main() -> None:
               "lr": args.lr, "seeds": seeds, "ranks": ranks, "train_rows": args.train_rows, "test_rows": args.test_rows,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "base": base_row, "runs": {}}
     print(f"base model: exact match {base_row['accuracy']:.1%}, held-out loss {base_row['test_loss']:.3f}", flush=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if all(previous.get(k) == result[k] for k in SETTINGS):  # a run split over calls (or cut short) goes on
+        result["runs"] = previous.get("runs", {})
     flexora_layers: dict = {}
     per_seed: dict = {}
     for label, rank in plan(comparisons, ranks):
+        done = result["runs"].get(f"{label} r{rank}")
+        if done:
+            print(f"  {label} r{rank}: kept from {args.out}", flush=True)
+            for seed, row in zip(seeds, done["seeds"]):
+                if label == "flexora":
+                    flexora_layers[(rank, seed)] = row["layers"]
+            continue
         for seed in seeds:
             row = train_one(label, rank, seed, args, paths, tokenizer, test_examples, test_rows, flexora_layers)
             per_seed.setdefault(f"{label} r{rank}", []).append(row)
@@ -273,9 +284,6 @@ def main() -> None:
         runs = per_seed[f"{label} r{rank}"]
         result["runs"][f"{label} r{rank}"] = {"accuracy": stats([r["accuracy"] for r in runs]),
                                               "test_loss": stats([r["test_loss"] for r in runs]), "seeds": runs}
-        summary = {k: {"accuracy": v["accuracy"], "layer_counts": [len(s["layers"]) for s in v["seeds"] if "layers" in s]}
-                   for k, v in result["runs"].items()}
-        result["comparisons"] = comparisons_report(summary, comparisons, ranks)
         write(result, args.out)  # as it goes: a run cut short keeps what it measured
 
     best = max(result["runs"].items(), key=lambda kv: kv[1]["accuracy"]["mean"])
@@ -298,6 +306,10 @@ def main() -> None:
 
 
 def write(result: dict, out: Path) -> None:
+    """The JSON, with the comparisons' verdicts from every run it holds so far."""
+    summary = {k: {"accuracy": v["accuracy"], "layer_counts": [len(s["layers"]) for s in v["seeds"] if "layers" in s]}
+               for k, v in result["runs"].items()}
+    result["comparisons"] = comparisons_report(summary, list(COMPARISONS), result["ranks"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))

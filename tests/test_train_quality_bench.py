@@ -63,3 +63,9 @@ def test_smoke_run_writes_every_comparison(tiny_model_dir, tmp_path):
     flexora, random_layers = result["runs"]["flexora r4"]["seeds"][0], result["runs"]["lora random layers r4"]["seeds"][0]
     assert len(flexora["layers"]) == len(random_layers["layers"])  # the same number of layers
     assert out.with_suffix(".png").exists()
+    again = subprocess.run([sys.executable, str(REPO / "bench" / "train_quality.py"), "--smoke", "--model",
+                            str(tiny_model_dir), "--comparisons", "qlora", "--workdir", str(tmp_path / "work"),
+                            "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "lora r4: kept from" in again.stdout and "qlora r4: kept from" in again.stdout  # a split run goes on
+    assert json.loads(out.read_text())["runs"] == result["runs"]
