@@ -18,7 +18,8 @@
 #   trainspeed1b   bench/train_speed.py --shapes 1b (all methods + the fast-vs-unfused loss check), ~5 min
 #   trainspeed8b   the same on 8b for lora,qlora (the summary's ratios); trainspeed8b_more: gralora,flexora.
 #              They add to one $OUT/train_speed.json (ARGS_SPEED: extra flags); needs the bitsandbytes wheel
-#   quality    bench/train_quality.py (the comparisons of issue #21, 3 seeds; ARGS_QUALITY: extra flags)
+#   quality    bench/train_quality.py (the comparisons of issue #21, 3 seeds; ARGS_QUALITY: extra flags); run it
+#              as BG_STEPS=quality (background + wait): started again, it keeps the runs /tmp/out holds
 #   engine | quality16 | quality64   the older engine and training benchmarks
 set -uo pipefail
 export PYTHONUNBUFFERED=1 LORAPLEX_CACHE=/tmp/lpcache LORAPLEX_GGUF=${LORAPLEX_GGUF:-/tmp/model.gguf}
