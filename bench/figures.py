@@ -177,7 +177,23 @@ def serve_gpu(result: dict, fig) -> None:
 
 
 def train_quality(result: dict, fig) -> None:
-    """bench/train_quality.py: held-out accuracy and loss per method; training loss curves when recorded."""
+    """bench/train_quality.py: held-out exact match (mean ± std over seeds) and loss per run; the older
+    one-seed format (`rows`): accuracy and loss per method, training loss curves when recorded."""
+    if "runs" in result:
+        runs = result["runs"]
+        names = ["base", *runs]
+        axes = fig.subplots(1, 2)
+        acc = [result["base"]["accuracy"], *(r["accuracy"]["mean"] for r in runs.values())]
+        err = [0.0, *(r["accuracy"]["std"] for r in runs.values())]
+        axes[0].bar(range(len(names)), acc, yerr=err, capsize=2)
+        axes[0].set_xticks(range(len(names)))
+        axes[0].set_xticklabels(names, rotation=45, ha="right", fontsize=6)
+        axes[0].set_ylabel("held-out exact match")
+        axes[0].set_title(f"{result['task']}, {result['steps']} steps, seeds {result['seeds']} ({_where(result)})",
+                          fontsize=8)
+        _bars(axes[1], names, {"loss": [result["base"]["test_loss"], *(r["test_loss"]["mean"] for r in runs.values())]},
+              "held-out loss", "loss per completion token", log=True)
+        return
     rows = result["rows"]
     curves = {k: r["train_loss_history"] for k, r in rows.items() if r.get("train_loss_history")}
     axes = fig.subplots(1, 3 if curves else 2)
@@ -193,6 +209,18 @@ def train_quality(result: dict, fig) -> None:
         axes[2].set_yscale("log")
         axes[2].set_title("training loss", fontsize=9)
         axes[2].legend(fontsize=7)
+
+
+def train_speed(result: dict, fig) -> None:
+    """bench/train_speed.py: loraplex train over transformers Trainer + PEFT, tokens/s and peak memory."""
+    shapes = result["shapes"]
+    axes = fig.subplots(1, 2)
+    methods = ("lora", "qlora", "gralora", "flexora")
+    for ax, (key, label) in zip(axes, (("tok_s", "tokens/s, loraplex / Trainer"),
+                                       ("peak_mem", "peak memory, loraplex / Trainer"))):
+        _bars(ax, list(methods), {shape: [s["ratios"].get(f"{m}_{key}_over_peft_trainer") for m in methods]
+                                  for shape, s in shapes.items()}, label, f"{label} ({_where(result)})")
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
 
 
 def training_summary(result: dict, fig) -> None:
@@ -228,6 +256,7 @@ DRAWERS = {
     "kernels": (lora_kernels, (12, 4.5)), "load": (load, (11, 4)), "nf4_matmul": (nf4_matmul, (8, 5)),
     "paged_attention": (paged_attention, (13, 5)), "profile_step": (profile_step, (9, 4.5)),
     "serve_gpu": (serve_gpu, (12, 4.5)), "step_host": (step_host, (9, 4.5)), "train_quality": (train_quality, (14, 4)),
+    "train_speed": (train_speed, (11, 4)),
     "training_summary": (training_summary, (7, 4)), "adapter_scale": (adapter_scale, (13, 4)),
 }
 

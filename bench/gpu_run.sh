@@ -15,6 +15,11 @@
 #   wait       until the background run ends or WAIT seconds (default 540) passed: progress, then copy
 #   gguf       append the carried chunks .gguf_part/* to /tmp/model.gguf (the default model's 98 MB do not
 #              fit one 64 MiB carry beside the wheels: cut it here with `split -b`, carry a chunk per command)
+#   trainspeed1b   bench/train_speed.py --shapes 1b (all methods + the fast-vs-unfused loss check), ~5 min
+#   trainspeed8b   the same on 8b for lora,qlora (the summary's ratios); trainspeed8b_more: gralora,flexora.
+#              They add to one $OUT/train_speed.json (ARGS_SPEED: extra flags); needs the bitsandbytes wheel
+#   quality    bench/train_quality.py (the comparisons of issue #21, 3 seeds; ARGS_QUALITY: extra flags); run it
+#              as BG_STEPS=quality (background + wait): started again, it keeps the runs /tmp/out holds
 #   engine | quality16 | quality64   the older engine and training benchmarks
 set -uo pipefail
 export PYTHONUNBUFFERED=1 LORAPLEX_CACHE=/tmp/lpcache LORAPLEX_GGUF=${LORAPLEX_GGUF:-/tmp/model.gguf}
@@ -79,6 +84,16 @@ print('layer_ops self-check bf16:', c(torch.device('cuda'), torch.bfloat16) or '
     engine)
       python3 bench/engine_cpu.py --device cuda --quantization nf4 --adapter-ops triton --batch 32 --new-tokens 64 \
         --out "$OUT/engine_gpu_nf4_triton.json" 2>&1 | grep -v "it/s\]" ;;
+    trainspeed1b)
+      timeout -k 10 ${LIMIT:-36000} python3 bench/train_speed.py --shapes 1b --out "$OUT/train_speed.json" ${ARGS_SPEED:-} 2>&1 \
+        | tr '\r' '\n' | grep -vE "it/s|s/it|step/s|Loading weights" | tail -60 ;;
+    trainspeed8b|trainspeed8b_more)
+      methods=lora,qlora; [ "$step" = trainspeed8b_more ] && methods=gralora,flexora
+      timeout -k 10 ${LIMIT:-36000} python3 bench/train_speed.py --shapes 8b --methods $methods --out "$OUT/train_speed.json" \
+        ${ARGS_SPEED:-} 2>&1 | tr '\r' '\n' | grep -vE "it/s|s/it|step/s|Loading weights" | tail -60 ;;
+    quality)
+      timeout -k 10 ${LIMIT:-36000} python3 bench/train_quality.py --out "$OUT/train_quality.json" ${ARGS_QUALITY:-} 2>&1 \
+        | tr '\r' '\n' | grep -vE "it/s|s/it|step/s|Loading weights" | tail -80 ;;
     quality16)
       python3 bench/train_quality.py --rank 16 --steps 150 --batch-size 16 --out "$OUT/train_quality_gpu_r16.json" 2>&1 \
         | grep -vE "step/s|it/s" ;;

@@ -39,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows (counted) instead of failing")
+    s = p.add_argument_group("speed (each on by default on CUDA, off on the CPU; the loss is the same either way)")
+    s.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="lay a micro-batch's rows end to end without padding, attention kept within each row")
+    s.add_argument("--fused-ce", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused lm_head + cross-entropy over target tokens only: the vocabulary logits are never stored")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoder layers (not during Flexora's layer search)")
     g = p.add_argument_group("GraLoRA")
     g.add_argument("--gralora-k", type=int, default=None, help="blocks per side (default: 2 for rank <= 32, else 4)")
     g.add_argument("--hybrid-r", type=int, default=0, help="rank of the shared plain-LoRA part (hybrid GraLoRA)")
@@ -70,6 +77,7 @@ def job_from_args(args):
     job = TrainJob(data=args.data, output=args.output, spec=spec, loop=loop, val=args.val, model=args.model,
                    max_length=args.max_length, val_fraction=args.val_fraction, skip_bad_rows=args.skip_bad_rows,
                    gradient_checkpointing=args.gradient_checkpointing, resume=args.resume,
+                   packing=args.packing, fused_ce=args.fused_ce, compile=args.compile,
                    flexora={"hypergrad": args.flexora_hypergrad, "unroll": args.flexora_unroll,
                             "top_k": args.flexora_top_k, "search_steps": args.flexora_search_steps,
                             "alpha_lr": args.flexora_alpha_lr, "val_batches": args.flexora_val_batches})

@@ -15,14 +15,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .data import IGNORE, BatchStream, Example, collate
+from .data import BatchStream, Example
 from .distributed import SINGLE, World
+from .objective import Objective, SpeedConfig
 
 
 @dataclass
@@ -56,9 +57,11 @@ class StepHook(Protocol):
 @dataclass
 class LoopResult:
     steps: int
-    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr"} per optimiser step
-    tokens: int = 0
+    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "tokens", "seconds"} per step
+    tokens: int = 0  # real tokens (no padding)
     seconds: float = 0.0
+    peak_memory_bytes: int | None = None  # CUDA: the most allocated during the loop (this process)
+    speed: SpeedConfig | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -83,21 +86,18 @@ def make_scheduler(optimizer, cfg: LoopConfig, total: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**batch).loss
-
-
 @torch.no_grad()
-def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device, world: World = SINGLE) -> float:
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device, world: World = SINGLE,
+             speed: SpeedConfig = SpeedConfig()) -> float:
     """Mean loss per completion token over examples (batches dealt round-robin over the ranks)."""
     was_training = model.training
     model.eval()
+    objective = Objective(model, speed, pad_id)
     total, count = 0.0, 0
     for i in range(world.rank * batch_size, len(examples), batch_size * world.size):
-        batch = collate(examples[i:i + batch_size], pad_id, device)
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())
-        total += float(batch_loss(model, batch)) * n
-        count += n
+        batch = objective.make_batch(examples[i:i + batch_size], device)
+        total += float(objective(batch)) * batch["num_targets"]
+        count += batch["num_targets"]
     model.train(was_training)
     total, count = world.all_sum([total, count])
     return total / max(count, 1)
@@ -146,14 +146,14 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 def run_loop(model, stream: BatchStream, cfg: LoopConfig, *, pad_id: int, device, checkpoint_dir: Path | None,
              resume: bool = False, hook: StepHook | None = None, desc: str = "training",
-             loss_fn: Callable = batch_loss, world: World = SINGLE) -> LoopResult:
+             world: World = SINGLE, speed: SpeedConfig = SpeedConfig()) -> LoopResult:
     if world.distributed and hook is not None:
         raise ValueError("a step hook (Flexora's search) does not run under torchrun")
     params = trainable_parameters(model)
     optimizer = make_optimizer(list(params.values()), cfg, device)
     total = cfg.total_steps(stream)
     scheduler = make_scheduler(optimizer, cfg, total)
-    result = LoopResult(steps=total)
+    result = LoopResult(steps=total, speed=speed)
     start_step = 0
     torch.manual_seed(cfg.seed)
     if checkpoint_dir and not resume and world.is_main:
@@ -175,8 +175,11 @@ def run_loop(model, stream: BatchStream, cfg: LoopConfig, *, pad_id: int, device
         start_step = state["step"]
 
     model.train()
+    objective = Objective(model, speed, pad_id)
     # Every rank starts from the same weights (same seed, same checkpoint): DDP only averages gradients.
-    net = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else model
+    net = torch.nn.parallel.DistributedDataParallel(objective) if world.distributed else objective
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(total=total, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, disable=not world.is_main)
     for step in range(start_step, total):
         began = time.perf_counter()
@@ -184,10 +187,10 @@ def run_loop(model, stream: BatchStream, cfg: LoopConfig, *, pad_id: int, device
         for micro in range(cfg.grad_accum):
             rows = stream.batch(step * cfg.grad_accum + micro)
             mine, weight = world.shard(rows)
-            batch = collate(mine, pad_id, device)
+            batch = objective.make_batch(mine, device)
             last = micro == cfg.grad_accum - 1
             with net.no_sync() if world.distributed and not last else contextlib.nullcontext():
-                loss = loss_fn(net, batch) * weight / cfg.grad_accum
+                loss = net(batch) * weight / cfg.grad_accum
                 loss.backward()
             step_loss += loss.item()
             step_tokens += sum(len(e.input_ids) for e in rows)
@@ -198,9 +201,13 @@ def run_loop(model, stream: BatchStream, cfg: LoopConfig, *, pad_id: int, device
         optimizer.zero_grad(set_to_none=True)
         if hook is not None:
             hook(step)
-        result.seconds += time.perf_counter() - began
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's time includes its optimiser kernels
+        took = time.perf_counter() - began
+        result.seconds += took
         result.tokens += step_tokens
-        result.history.append({"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+        result.history.append({"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                               "tokens": step_tokens, "seconds": took})
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{result.tokens_per_s:.0f}")
         bar.update()
         if checkpoint_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == total):
@@ -208,4 +215,6 @@ def run_loop(model, stream: BatchStream, cfg: LoopConfig, *, pad_id: int, device
                 save_checkpoint(checkpoint_dir, step + 1, params, optimizer, scheduler, result, hook)
             world.barrier()
     bar.close()
+    if device.type == "cuda":
+        result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
     return result

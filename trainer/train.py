@@ -16,6 +16,7 @@ from .distributed import SINGLE, World, close_world, init_world
 from .flexora import FlexoraSearch, LayerGates, select_layers
 from .loop import LoopConfig, LoopResult, evaluate, run_loop
 from .methods import AdapterSpec, MethodError, attach_adapter, load_model, load_tokenizer
+from .objective import SpeedConfig, compile_decoder_layers
 
 
 @dataclass
@@ -31,6 +32,10 @@ class TrainJob:
     skip_bad_rows: bool = False
     gradient_checkpointing: bool = False
     resume: bool = False
+    # --packing / --fused-ce / --compile; None: on for CUDA, off elsewhere (objective.SpeedConfig)
+    packing: bool | None = None
+    fused_ce: bool | None = None
+    compile: bool | None = None
     flexora: dict = field(default_factory=lambda: {"hypergrad": "first-order", "unroll": 1, "top_k": None,
                                                    "search_steps": None, "alpha_lr": 0.01, "val_batches": 1})
 
@@ -68,9 +73,14 @@ def _train_stage(job: TrainJob, spec: AdapterSpec, train_rows, val_rows, tokeniz
     base = load_model(job.model, spec.method, device, job.gradient_checkpointing and not unrolled,
                          attn_implementation="eager" if unrolled else None)
     model = attach_adapter(base, spec)
+    speed = SpeedConfig.resolve(device, job.packing, job.fused_ce, job.compile)
+    if gates and job.compile is None:
+        speed = replace(speed, compile=False)  # the search's functional_call swaps weights: a recompile per hyper-step
+    if speed.compile:
+        compile_decoder_layers(model)
     pad = tokenizer.pad_token_id
     stream = BatchStream(train_rows, loop.batch_size, loop.seed)
-    initial_val = evaluate(model, val_rows, loop.batch_size, pad, device, world)
+    initial_val = evaluate(model, val_rows, loop.batch_size, pad, device, world, speed)
     hook = None
     if gates:
         layer_gates = LayerGates(model.config.num_hidden_layers, device)
@@ -80,8 +90,8 @@ def _train_stage(job: TrainJob, spec: AdapterSpec, train_rows, val_rows, tokeniz
                              unroll=job.flexora["unroll"], inner_lr=loop.lr, alpha_lr=job.flexora["alpha_lr"],
                              val_batches=job.flexora["val_batches"], pad_id=pad, device=device)
     result = run_loop(model, stream, loop, pad_id=pad, device=device, checkpoint_dir=checkpoints, resume=job.resume,
-                      hook=hook, desc=desc, world=world)
-    final_val = evaluate(model, val_rows, loop.batch_size, pad, device, world)
+                      hook=hook, desc=desc, world=world, speed=speed)
+    final_val = evaluate(model, val_rows, loop.batch_size, pad, device, world, speed)
     return model, result, initial_val, final_val, hook
 
 
@@ -90,7 +100,11 @@ def _losses(result: LoopResult, initial_val: float, final_val: float) -> dict:
             "final_train_loss": result.history[-1]["loss"] if result.history else None,
             "train_loss_history": [h["loss"] for h in result.history], "steps": result.steps,
             "tokens_per_s": result.tokens_per_s, "train_seconds": result.seconds,
-            "step_time_s": result.seconds / max(len(result.history), 1)}
+            "step_time_s": result.seconds / max(len(result.history), 1),
+            "step_tokens": [h.get("tokens") for h in result.history],
+            "step_seconds": [h.get("seconds") for h in result.history],
+            "peak_memory_gb": result.peak_memory_bytes / 2**30 if result.peak_memory_bytes else None,
+            "speed": asdict(result.speed) if result.speed else None}
 
 
 def train(job: TrainJob) -> TrainOutcome:

@@ -1,0 +1,59 @@
+"""Padding-free batches: a micro-batch's rows laid end to end in one sequence, attention kept within each row.
+
+`pack` turns the rows of a micro-batch into one row of their summed length: `position_ids` restart at 0 for
+every row, which is what transformers reads to build a block-diagonal causal mask (sdpa, eager, flex) or
+varlen boundaries (flash-attention), so no token attends to another row. `targets` holds each position's
+next-token label, shifted within its row (a row's last position has none), so the loss never predicts one
+row's first token from the row before it. The sequence is filled up to a multiple of PACK_MULTIPLE (a
+fixed set of shapes for the allocator and torch.compile) with a filler row that has no targets.
+
+The same rows in the padded layout (`data.collate`) and packed give the same loss up to float summation
+order: the set of (context, target) pairs is identical.
+"""
+from __future__ import annotations
+
+import torch
+
+from .data import IGNORE, Example
+
+PACK_MULTIPLE = 64
+
+
+def row_targets(labels: list[int]) -> list[int]:
+    """Next-token targets of one row: target[i] = labels[i + 1]; the last position has none."""
+    return labels[1:] + [IGNORE]
+
+
+def num_targets(examples: list[Example]) -> int:
+    """Tokens a batch of these rows takes loss on (the causal shift drops each row's first label)."""
+    return sum(1 for e in examples for t in e.labels[1:] if t != IGNORE)
+
+
+def pack(examples: list[Example], pad_id: int, device, multiple: int = PACK_MULTIPLE) -> dict:
+    ids, positions, targets = [], [], []
+    for e in examples:
+        ids += e.input_ids
+        positions += range(len(e.input_ids))
+        targets += row_targets(e.labels)
+    filler = -len(ids) % multiple
+    ids += [pad_id] * filler
+    positions += range(filler)  # its own row: a fresh position run, attended only by itself
+    targets += [IGNORE] * filler
+    as_row = lambda values: torch.tensor([values], dtype=torch.long).to(device, non_blocking=True)
+    return {"input_ids": as_row(ids), "position_ids": as_row(positions), "targets": as_row(targets),
+            "num_targets": num_targets(examples), "real_tokens": sum(len(e.input_ids) for e in examples)}
+
+
+def padded(examples: list[Example], pad_id: int, device) -> dict:
+    """The padded layout (one row per example, right-padded) with the same `targets` as `pack`."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        targets[row, :n] = torch.tensor(row_targets(e.labels))
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "targets": targets.to(device),
+            "num_targets": num_targets(examples), "real_tokens": sum(len(e.input_ids) for e in examples)}
