@@ -70,6 +70,17 @@ def peft_reference(adapter_dir: Path | None):
     return model.eval()
 
 
+def bench_module(name: str):
+    """A script of bench/ imported as a module (the benchmarks are scripts, not a package)."""
+    import importlib
+    bench_dir = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench_dir)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(bench_dir)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

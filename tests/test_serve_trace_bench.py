@@ -10,16 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import bench_module  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def bench():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import serve_trace
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return serve_trace
+    return bench_module("serve_trace")
 
 
 def test_zipf_and_arrivals():

@@ -8,16 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import bench_module  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def bench():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import train_quality
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return train_quality
+    return bench_module("train_quality")
 
 
 def test_held_out_rows_share_no_pair_with_training_rows():

@@ -8,15 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import bench_module  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_rows_fit_max_length():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import train_speed
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    train_speed = bench_module("train_speed")
     rows = train_speed.make_rows(200, 128, random.Random(0))
     lengths = [len(r["prompt"]) + len(r["completion"]) for r in rows]
     assert min(lengths) >= 32 and max(lengths) <= 124 and len(set(lengths)) > 20  # varied: padding would matter

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import IGNORE, Example
+from .data import IGNORE, Example, collate
 
 PACK_MULTIPLE = 64
 
@@ -42,6 +42,17 @@ def pack(examples: list[Example], pad_id: int, device, multiple: int = PACK_MULT
     as_row = lambda values: torch.tensor([values], dtype=torch.long).to(device, non_blocking=True)
     return {"input_ids": as_row(ids), "position_ids": as_row(positions), "targets": as_row(targets),
             "num_targets": num_targets(examples), "real_tokens": sum(len(e.input_ids) for e in examples)}
+
+
+def padded(examples: list[Example], pad_id: int, device) -> dict:
+    """The padded layout (data.collate: one row per example, right-padded) with the same `targets` as `pack`."""
+    batch = collate(examples, pad_id, "cpu")
+    targets = torch.full_like(batch.pop("labels"), IGNORE)
+    for row, e in enumerate(examples):
+        targets[row, :len(e.input_ids)] = torch.tensor(row_targets(e.labels))
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+            "targets": targets.to(device), "num_targets": num_targets(examples),
+            "real_tokens": sum(len(e.input_ids) for e in examples)}
 
 
 def padded(examples: list[Example], pad_id: int, device) -> dict:
