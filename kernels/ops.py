@@ -36,6 +36,7 @@ GRAPH_DECODE_CONFIG = choose_tile_config(1)
 # Mixed steps under CUDA graphs (prefill chunks beside decode rows): prefill tiles, whatever the segments.
 MIXED_GRAPH_CONFIG = choose_tile_config(64)
 SHORT_SEGMENT = 2  # segments of at most this many tokens take one-row tiles in a mixed graph
+SHORT_GRID = 64  # programs over a mixed graph's one-row tiles (each loops over more when a step has more)
 
 
 def plan_size(n: int) -> int:
@@ -56,25 +57,32 @@ class LaunchPlan:
     width: int  # widest shrink result (k*r + hybrid rank)
     num_tiles: int
     has_dora: bool = False
-    # tiles expected to carry work, which sizes the shrink's split-K (None: num_tiles). A mixed graph pads
-    # its prefill tiles with null ones up to any step's need (+ one per sequence): sized by the padded count,
-    # a 1,024-token step's ~16 working tiles got one split each and streamed 4,096-14,336 input features
-    # serially on a few programs while the rest of the GPU idled
+    # tiles expected to carry work (None: num_tiles): the programs on the kernels' tile axis (each loops over
+    # the step's working tiles with that stride) and what sizes the shrink's split-K. A mixed graph pads its
+    # tile list up to any step's need (+ one per sequence): a 1,024-token bucket at 256 sequences lists 272
+    # tiles of which a step fills ~16-30; a program per listed tile cost every launch ~250 idle programs per
+    # output tile, and split-K sized by the padded count streamed 4,096-14,336 input features serially
     busy_tiles: int | None = None
 
     @property
     def max_k(self) -> int:
         return max(self.ks)
 
+    @property
+    def grid_tiles(self) -> int:
+        return self.num_tiles if self.busy_tiles is None else min(self.busy_tiles, self.num_tiles)
+
 
 @dataclass
 class StepSegments(Segments):
     """Segments plus what the kernels need, built once per step and shared by all layers."""
-    tiles: torch.Tensor  # [num_tiles, 3] int32 (slot, first row, end row) into token_order
+    tiles: torch.Tensor  # [num_tiles, 3] int32 (slot, first row, end row) into token_order, working ones first
+    tile_count: torch.Tensor  # [1] int32 on the device: how many of `tiles` carry work
     plan: LaunchPlan
     # mixed CUDA-graph steps: the short segments (decode rows) get one-row tiles and the decode tile config,
     # a second pair of launches beside the prefill-tiled long segments (None: every segment is in `tiles`)
     short_tiles: torch.Tensor | None = None
+    short_count: torch.Tensor | None = None
     short_plan: LaunchPlan | None = None
 
     @property
@@ -267,14 +275,16 @@ class TritonAdapterOps(AdapterOps):
             tiles = self._tiles(long_host, config.block_m)
             short = self._tiles(short_host, short_config.block_m)
             assert len(short) <= num_short
+            counts = (len(tiles), len(short), 0)
             short += [(self.null_slot, 0, 0)] * (num_short - len(short))
             most_tokens = max(self.graph_tokens, pad_to)
-            capacity = (most_tokens, -(-most_tokens // config.block_m) + segments + SHORT_SEGMENT * segments)
+            capacity = (most_tokens, 1 + -(-most_tokens // config.block_m) + segments + SHORT_SEGMENT * segments)
         else:
             config = self.tile_config or GRAPH_DECODE_CONFIG
             num_tiles, num_short, short = pad_to, 0, []
             tiles = self._tiles(seg.host, config.block_m)
-            capacity = (max(pad_to, self.graph_rows),) * 2
+            counts = (len(tiles), 0, 0)
+            capacity = (max(pad_to, self.graph_rows), 1 + max(pad_to, self.graph_rows))
         assert len(tiles) <= num_tiles
         tiles += [(self.null_slot, 0, 0)] * (num_tiles - len(tiles))
         order = seg.token_order.tolist() + [0] * (pad_to - len(seg.token_order))
@@ -286,17 +296,20 @@ class TritonAdapterOps(AdapterOps):
                 torch.zeros(capacity[1], 3, dtype=torch.int32, device=self.device))
         graph_order, graph_tiles = buffers
         host_order = torch.tensor(order, dtype=torch.int64, pin_memory=self.cuda)
-        host_tiles = torch.tensor(tiles + short, dtype=torch.int32, pin_memory=self.cuda)
+        # row 0: the working-tile counts of the two lists; then the prefill tiles, then the one-row tiles
+        host_tiles = torch.tensor([counts] + tiles + short, dtype=torch.int32, pin_memory=self.cuda)
         graph_order[:pad_to].copy_(host_order, non_blocking=True)
-        graph_tiles[:num_tiles + num_short].copy_(host_tiles, non_blocking=True)
+        graph_tiles[:1 + num_tiles + num_short].copy_(host_tiles, non_blocking=True)
         fields = {**vars(seg), "token_order": graph_order[:pad_to]}
         plan = self.plan(seg, num_tiles, config)
-        if mixed:  # a step of this bucket fills about pad_to / block_m prefill tiles (the scheduler fills it)
-            plan = replace(plan, busy_tiles=-(-pad_to // config.block_m))
-        meta = StepSegments(**fields, tiles=graph_tiles[:num_tiles], plan=plan)
+        if mixed:  # a step of this bucket fills pad_to / block_m prefill tiles, up to twice that with its segments
+            full = -(-pad_to // config.block_m)
+            plan = replace(plan, busy_tiles=full + min(full, segments))
+        meta = StepSegments(**fields, tiles=graph_tiles[1:1 + num_tiles], tile_count=graph_tiles[0, 0:1], plan=plan)
         if mixed:
-            meta.short_tiles = graph_tiles[num_tiles:num_tiles + num_short]
-            meta.short_plan = self.plan(seg, num_short, short_config)
+            meta.short_tiles = graph_tiles[1 + num_tiles:1 + num_tiles + num_short]
+            meta.short_count = graph_tiles[0, 1:2]
+            meta.short_plan = replace(self.plan(seg, num_short, short_config), busy_tiles=min(num_short, SHORT_GRID))
         self._last_graph_meta = (key, meta)
         return meta
 
@@ -309,8 +322,8 @@ class TritonAdapterOps(AdapterOps):
         """Add the kernels' per-step tensors to Segments built elsewhere."""
         config = self.tile_config or choose_tile_config(seg.max_length)
         tiles = self._tiles(seg.host, config.block_m)
-        tiles_t = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(self.device, non_blocking=True)
-        return StepSegments(**vars(seg), tiles=tiles_t, plan=self.plan(seg, len(tiles), config))
+        rows = torch.tensor([(len(tiles), 0, 0)] + tiles, dtype=torch.int32).to(self.device, non_blocking=True)
+        return StepSegments(**vars(seg), tiles=rows[1:], tile_count=rows[0, 0:1], plan=self.plan(seg, len(tiles), config))
 
     def apply(self, layer, projections, x, y, meta: Segments) -> None:
         if meta.empty:
@@ -318,11 +331,12 @@ class TritonAdapterOps(AdapterOps):
         if not isinstance(meta, StepSegments):
             meta = self.extend(meta)
         assert len(projections) <= MAX_FUSED
-        self._launch(layer, projections, x, y, meta.token_order, meta.tiles, meta.plan)
+        self._launch(layer, projections, x, y, meta.token_order, meta.tiles, meta.tile_count, meta.plan)
         if meta.short_tiles is not None:
-            self._launch(layer, projections, x, y, meta.token_order, meta.short_tiles, meta.short_plan)
+            self._launch(layer, projections, x, y, meta.token_order, meta.short_tiles, meta.short_count,
+                         meta.short_plan)
 
-    def _launch(self, layer, projections, x, y, token_order, tiles, plan: LaunchPlan) -> None:
+    def _launch(self, layer, projections, x, y, token_order, tiles, tile_count, plan: LaunchPlan) -> None:
         """Shrink and expand (and the DoRA rescale) of one tile list."""
         cfg = plan.config
         proj_ids = [self.proj_ids[p] for p in projections]
@@ -334,10 +348,10 @@ class TritonAdapterOps(AdapterOps):
         partials = torch.empty(num_splits, token_order.shape[0], MAX_FUSED, plan.width,
                                dtype=torch.float32, device=x.device)
         table, scales = self.table[:, layer], self.scales[:, layer]
-        shrink(x, token_order, tiles, self.pool.buffer, table, proj_ids, blocks, rank_tiles,
-               partials, num_splits, cfg, aligned=self._aligned(plan, [in_features]), pdl=self.pdl)
-        common = (y, token_order, tiles, self.pool.buffer, table, scales, proj_ids, out_features,
-                  plan.max_k, partials, num_splits, cfg)
+        shrink(x, token_order, tiles, tile_count, plan.grid_tiles, self.pool.buffer, table, proj_ids, blocks,
+               rank_tiles, partials, num_splits, cfg, aligned=self._aligned(plan, [in_features]), pdl=self.pdl)
+        common = (y, token_order, tiles, tile_count, plan.grid_tiles, self.pool.buffer, table, scales, proj_ids,
+                  out_features, plan.max_k, partials, num_splits, cfg)
         aligned = self._aligned(plan, out_features)
         if plan.has_general and self.hybrid_passes == 2:
             expand(*common, blocks=True, general=False, aligned=aligned, pdl=self.pdl)
@@ -354,8 +368,7 @@ class TritonAdapterOps(AdapterOps):
         blocks = plan.max_k + int(plan.has_general)
         rank_tiles = -(-plan.block_rank // plan.config.block_r)
         in_features = self.projection_shapes[projections[0]][0]
-        tiles = plan.num_tiles if plan.busy_tiles is None else plan.busy_tiles
-        return choose_splits(tiles * len(projections) * blocks * rank_tiles, in_features // plan.max_k,
+        return choose_splits(plan.grid_tiles * len(projections) * blocks * rank_tiles, in_features // plan.max_k,
                              plan.config.block_k, self.num_sms)
 
     @staticmethod

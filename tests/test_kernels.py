@@ -259,9 +259,15 @@ def test_mixed_graph_metadata_pads_prefill_tiles():
     assert sum(min(end - first, block_m) for _, first, end in long) == 71 + 21
     for group in GROUPS:
         run_and_check(ops, adapters, padded, group, meta=meta)
-    assert meta.plan.busy_tiles == 128 // block_m and meta.short_plan.busy_tiles is None
+    # programs on the tile axis: twice the bucket's full tiles (prefill), SHORT_GRID at most (one-row tiles)
+    assert meta.plan.busy_tiles == 2 * (128 // block_m) and meta.short_plan.busy_tiles == 2 * 8
+    assert meta.tile_count.item() == len(long) and meta.short_count.item() == len(short)
     ops.num_splits = 2  # split-K under the padded tiles (what an 8B-shaped GPU step gets, below)
     run_and_check(ops, adapters, padded, QKV, meta=meta)
+    # fewer programs than working tiles: each program strides over several tiles
+    strided = replace(meta, plan=replace(meta.plan, busy_tiles=1), short_plan=replace(meta.short_plan, busy_tiles=2))
+    for group in GROUPS:
+        run_and_check(ops, adapters, padded, group, meta=strided)
     ops.num_splits = None
     larger = ops.metadata([0] * 200 + [2] + [-1] * 55, pad_to=256, mixed=True)
     assert larger.tiles.data_ptr() == meta.tiles.data_ptr()  # captured graphs keep their addresses
@@ -279,7 +285,7 @@ def test_mixed_graph_split_k_counts_the_working_tiles_not_the_padding():
     ops = TritonAdapterOps(8, shapes, 1, "cpu", torch.float32)
     ops.graph_rows, ops.graph_tokens, ops.num_sms = 256, 2048, 132
     meta = ops.metadata([0] * 900 + [1] * 60 + list(range(2, 8)) + [-1] * 58, pad_to=1024, mixed=True)
-    assert meta.plan.num_tiles == 1024 // 64 + 8 and meta.plan.busy_tiles == 1024 // 64
+    assert meta.plan.num_tiles == 1024 // 64 + 8 and meta.plan.busy_tiles == 1024 // 64 + 8
     padded_count = replace(meta.plan, busy_tiles=None)
     for group in GROUPS:
         assert ops.splits(meta.plan, group) >= ops.splits(padded_count, group)

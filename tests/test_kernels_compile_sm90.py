@@ -51,3 +51,47 @@ def test_every_candidate_tiling_compiles_for_sm90():
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["compiled"] >= 8 and not result["failures"], "\n".join(result["failures"])
+
+
+LORA_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from loraplex.kernels import segmented_lora as k
+from loraplex.kernels.ops import GRAPH_DECODE_CONFIG, MIXED_GRAPH_CONFIG
+from loraplex.kernels.tile_config import choose_tile_config
+
+configs = {choose_tile_config(n) for n in (1, 2, 16, 32, 64)} | {GRAPH_DECODE_CONFIG, MIXED_GRAPH_CONFIG}
+common = {"pool_ptr": "*bf16", "table_ptr": "*i64", "token_order_ptr": "*i64", "tiles_ptr": "*i32",
+          "tile_count_ptr": "*i32", "partial_ptr": "*fp32", "x_ptr": "*bf16", "y_ptr": "*bf16", "scale_ptr": "*fp32"}
+jobs = []
+for cfg in configs:
+    for aligned in (True, False):
+        jobs.append((k._shrink_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
+                                            ALIGNED=aligned, UPCAST=False, PDL=True), cfg.shrink_warps, cfg.num_stages))
+        for blocks, general in ((True, False), (True, True), (False, True)):
+            jobs.append((k._expand_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+                                                DO_BLOCKS=blocks, DO_GENERAL=general, ALIGNED=aligned, UPCAST=False,
+                                                PDL=True), cfg.expand_warps, cfg.num_stages))
+failures = []
+for fn, constexprs, warps, stages in jobs:
+    signature = {a: "constexpr" if a in constexprs else common.get(a, "i32") for a in fn.arg_names}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    except Exception as e:
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        failures.append(f"{fn.__name__} {constexprs}: {type(cause).__name__}: {str(cause)[-400:]}")
+print(json.dumps({"compiled": len(jobs), "failures": failures}))
+"""
+
+
+def test_segmented_lora_kernels_compile_for_sm90():
+    """The shrink and expand (tile loop, programmatic dependent launch) in every tile config serving uses."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", LORA_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["compiled"] >= 20 and not result["failures"], "\n".join(result["failures"])

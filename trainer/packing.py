@@ -54,17 +54,3 @@ def padded(examples: list[Example], pad_id: int, device) -> dict:
             "targets": targets.to(device), "num_targets": num_targets(examples),
             "real_tokens": sum(len(e.input_ids) for e in examples)}
 
-
-def padded(examples: list[Example], pad_id: int, device) -> dict:
-    """The padded layout (one row per example, right-padded) with the same `targets` as `pack`."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        targets[row, :n] = torch.tensor(row_targets(e.labels))
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "targets": targets.to(device),
-            "num_targets": num_targets(examples), "real_tokens": sum(len(e.input_ids) for e in examples)}
