@@ -1,5 +1,5 @@
-"""The adapter store after crashes: leftovers and orphans removed at start, digests verified, corrupt
-versions quarantined and never served; SIGKILL at random points of commits and deletes loses no
+"""The adapter store after crashes: leftovers removed at start, orphans when a folder is first touched,
+digests verified on every read, corrupt versions quarantined and never served; start-up reads no adapter; SIGKILL at random points of commits and deletes loses no
 acknowledged upload; `kill -9` of a real server during 50 uploads serves nothing corrupt."""
 from __future__ import annotations
 
@@ -66,14 +66,30 @@ def test_orphan_version_from_a_crash_before_current_is_removed(tmp_path):
     (tmp_path / ".tmp-dead").mkdir()
     (tmp_path / ".tmp-dead" / "adapter_model.safetensors").write_bytes(b"y")
     restarted = AdapterStore(tmp_path)
-    assert restarted.list() == [record] and restarted.quarantined == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # start-up only removed the temp directory
+    assert restarted.list() == [record] and restarted.quarantined == []  # list() touches every folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     assert_clean(tmp_path)
     assert committed(restarted, "a").version == 2
 
 
+def test_start_reads_no_adapter_file(tmp_path, monkeypatch):
+    """Start-up is one directory read (issue #20: 10,000 stored adapters must not slow it): no CURRENT is
+    parsed and no weights are hashed until an adapter is asked for."""
+    store = AdapterStore(tmp_path)
+    for i in range(5):
+        committed(store, f"a{i}", seed=i)
+    opened = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self.name) or real_read_bytes(self))
+    restarted = AdapterStore(tmp_path)
+    assert opened == []
+    assert restarted.ids() == [f"a{i}" for i in range(5)] and opened == []
+    assert restarted.get("a3").version == 1 and set(opened) == {"CURRENT"}  # no weights read
+
+
 @pytest.mark.parametrize("damage", ["flip-a-byte", "truncate", "missing-weights", "missing-version", "bad-current"])
-def test_corrupt_adapter_is_quarantined_at_start_and_never_served(tmp_path, damage):
+def test_corrupt_adapter_is_quarantined_on_first_use_and_never_served(tmp_path, damage):
     reg = AdapterRegistry(AdapterStore(tmp_path), SHAPE)
     reg.upload("good", *lora_files(seed=1))
     reg.upload("bad", *lora_files(seed=2))
@@ -94,10 +110,11 @@ def test_corrupt_adapter_is_quarantined_at_start_and_never_served(tmp_path, dama
         (tmp_path / "bad" / "CURRENT").write_text('{"id": "bad", "version": "1"')
     store = AdapterStore(tmp_path)
     reg = AdapterRegistry(store, SHAPE)
-    assert [r.id for r in reg.list()] == ["good"]
+    assert store.quarantined == []  # nothing read at start
     with pytest.raises(AdapterError) as e:
-        reg.resolve("bad")
+        reg.resolve("bad")  # its folder's recovery, or the digest check of its read
     assert e.value.status == 404
+    assert [r.id for r in reg.list()] == ["good"]
     [q] = store.quarantined
     assert q.id == "bad" and q.version == (None if damage == "bad-current" else 1) and q.reason
     assert Path(q.path).parent == tmp_path / ".quarantine" and Path(q.path).is_dir()
@@ -214,9 +231,9 @@ def test_sigkill_during_commits_never_loses_or_corrupts(tmp_path):
         kills_mid_commit += in_flight is not None and in_flight[0] == "commit"
 
         store = AdapterStore(tmp_path)  # the restart
+        actual = {r.id: (r.sha256, r.version) for r in store.list()}  # recovers every folder
         assert store.quarantined == [], store.quarantined
         assert_clean(tmp_path)
-        actual = {r.id: (r.sha256, r.version) for r in store.list()}
         for adapter_id in set(expected) | set(actual):
             allowed = [expected.get(adapter_id)]
             if in_flight is not None and in_flight[1] == adapter_id:
@@ -304,6 +321,9 @@ def test_health_reports_quarantined_adapters(tmp_path, tiny_model_dir):
     weights.write_bytes(weights.read_bytes()[:-10])
     service = make_service(tiny_model_dir, tmp_path / "adapters")
     try:
+        assert service.health()["quarantined_adapters"] == []  # start-up reads no adapter
+        with pytest.raises(AdapterError):
+            service.registry.resolve("damaged")
         [q] = service.health()["quarantined_adapters"]
         assert q["id"] == "damaged" and q["version"] == 1 and q["reason"]
     finally:
