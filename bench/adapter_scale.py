@@ -13,7 +13,10 @@ Summary keys (issue #20): upload_mb_s_cpu (p50 over the repeats), hotload_after_
 to the first streamed token of the new adapter), source_first_token_ms_p50 (a request naming a source
 folder not loaded yet, to its first token), start_s_10k_over_0 (start with `--stored` adapters ÷ start on
 an empty store; process start to /health ok), models_list_ms_10k (GET /v1/models?limit=100 p50).
-upload_mb_s_gpu_host and trace_1000_over_64 need the device (--gpu): not measured here (null).
+upload_mb_s_gpu_host and trace_1000_over_64 need the device: not measured here (null).
+
+The device part, `--gpu` (bench/adapter_scale_gpu.py says what it measures and how): upload MB/s, hot-load and
+source first token of 8B-shape adapters on a GPU server, and the serve_trace.py trace over 1,000 adapters / 64.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from loraplex.runtime.adapters.store import adapter_digest
+import adapter_scale_gpu  # noqa: E402 - bench/, beside this file: the --gpu part
 import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 
 # the default model (SmolLM2-135M): 30 layers, hidden 576, 3 KV heads of 64, intermediate 1536
@@ -147,13 +151,17 @@ def p50(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="uploads, hot-loads and source folders (both parts)")
     parser.add_argument("--stored", type=int, default=10_000)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "adapter_scale.json")
-    parser.add_argument("--gpu", action="store_true", help="the device part (not implemented yet)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: bench/results/adapter_scale.json (--gpu: adapter_scale_gpu.json)")
+    parser.add_argument("--gpu", action="store_true", help="the device part instead of the CPU part")
+    adapter_scale_gpu.add_arguments(parser)
     args = parser.parse_args()
     if args.gpu:
-        sys.exit("adapter_scale.py: --gpu is not implemented yet (the CPU part runs without it)")
+        adapter_scale_gpu.main(args, cpu_model())
+        return
+    args.out = args.out or Path(__file__).parent / "results" / "adapter_scale.json"
     load_before = os.getloadavg()[0]  # other work on the machine skews every number here: recorded with them
     work = Path(tempfile.mkdtemp(prefix="adapter-scale-"))
     try:

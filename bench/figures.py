@@ -237,6 +237,8 @@ def training_summary(result: dict, fig) -> None:
 
 def adapter_scale(result: dict, fig) -> None:
     """bench/adapter_scale.py: upload MB/s, hot-load and on-demand first token, start-up and list time at scale."""
+    if result.get("mode") == "gpu":
+        return adapter_scale_gpu(result, fig)
     summary = result["summary"]
     axes = fig.subplots(1, 3)
     _bars(axes[0], ["upload (HTTP)"], {"MB/s": [summary["upload_mb_s_cpu"]]}, "MB / s",
@@ -248,6 +250,23 @@ def adapter_scale(result: dict, fig) -> None:
     start = result["start_s"]
     _bars(axes[2], ["empty store", f"{result.get('stored')} stored"], {"s": [start["empty"], start["stored"]]},
           "seconds to /health ok", f"server start ({summary['start_s_10k_over_0']:.2f}x)")
+
+
+def adapter_scale_gpu(result: dict, fig) -> None:
+    """bench/adapter_scale.py --gpu: fp32 upload MB/s, first tokens, the trace over few and many adapters."""
+    summary, settings = result["summary"], result["settings"]
+    axes = fig.subplots(1, 3)
+    _bars(axes[0], ["upload (HTTP)"], {"MB/s": [summary["upload_mb_s_gpu_host"]]}, "MB / s",
+          f"upload, {result.get('upload_mb') or settings['upload_adapter_mb']:.1f} MB fp32 adapter ({_where(result)})")
+    axes[0].axhline(1000, color="grey", linestyle="--", linewidth=1)  # issue #20's target
+    _bars(axes[1], ["hot-load after upload", "source first token"],
+          {"p50 ms": [summary["hotload_after_upload_ms_p50"], summary["source_first_token_ms_p50"]]},
+          "ms (p50)", "first token (targets 60, 400 ms)", log=True)
+    runs = {n: result["trace"].get(str(n), {}) for n in settings["trace_adapters"]}
+    ratio = summary["trace_1000_over_64"]
+    _bars(axes[2], [f"{n} adapters" for n in runs], {"output tok/s": [r.get("output_tok_s") for r in runs.values()]},
+          "output tok / s", f"trace, {settings['trace']['requests']} requests at once"
+          + (f" ({ratio:.2f}x)" if ratio is not None else ""))
 
 
 # file name (stem, or its start) -> (function, figure size)

@@ -8,6 +8,10 @@
 #   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS, ARGS1B, ARGS8B: extra flags;
 #              LIMIT: seconds before it is stopped, its JSON kept as far as it got)
 #   trace1b | trace8b   bench/serve_trace.py --shapes 1b / 8b (ARGS_TRACE: extra flags)
+#   scale8b | scale1b   bench/adapter_scale.py --gpu --shape 8b / 1b (issue #20: fp32 upload MB/s, hot-load and
+#              --adapter-source first token, the trace over 1,000 adapters / 64; ARGS_SCALE: extra flags, e.g.
+#              --skip-trace): $OUT/adapter_scale_gpu.json (1b: adapter_scale_gpu_1b.json) + its server log.
+#              8b needs ~32 GB of disk under /tmp/serve_gpu/8b (checkpoint + 1,069 adapter folders), ~5 min
 #   host1b | host8b   bench/step_host.py (host vs GPU time of eager steps, cProfile; ARGS_HOST: extra flags)
 #   profile1b | profile8b   bench/profile_step.py (kernels by GPU time per case; ARGS_PROFILE: extra flags)
 #   background  run BG_STEPS (default "serve8b serve1b") detached (setsid) into /tmp/out, so that one run
@@ -53,6 +57,13 @@ for step in "$@"; do
       (cd bench && timeout -k 10 ${LIMIT:-36000} python3 serve_trace.py --shapes ${step#trace} \
         --out "$OUT/serve_trace_${step#trace}.json" ${ARGS_TRACE:-} 2>&1 | grep -vE "it/s|tensor/s|layer/s" | tail -40)
       cp /tmp/serve_gpu/${step#trace}/server-*.log "$OUT/" 2>/dev/null ;;
+    scale8b|scale1b)  # bench/adapter_scale.py --gpu on one shape (ARGS_SCALE: extra flags); its server log kept
+      shape=${step#scale}; name=adapter_scale_gpu$([ "$shape" = 8b ] || echo "_$shape")
+      timeout -k 10 ${LIMIT:-36000} python3 bench/adapter_scale.py --gpu --shape $shape --out "$OUT/$name.json" \
+        ${ARGS_SCALE:-} 2>&1 | grep -vE "it/s|tensor/s|layer/s" | tail -40
+      log=$(ls -t /tmp/serve_gpu/$shape/server-*.log 2>/dev/null | head -1)
+      [ -n "$log" ] && cp "$log" "$OUT/${name}_server.log"
+      df -h /tmp | tail -1 ;;
     clean8b)  # the 8B checkpoint and adapters (tens of GB): room on the disk for the next shape
       rm -rf /tmp/serve_gpu/8b; df -h /tmp | tail -1 ;;
     check)

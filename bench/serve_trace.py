@@ -100,7 +100,11 @@ def arrivals(count: int, rate: float, cv: float, rng: random.Random) -> list[flo
     return out
 
 
-def make_trace(args, shape: ModelShape, adapter_ids: list[str]) -> list[tuple[tuple[int, ...], int, str]]:
+def make_trace(args, shape: ModelShape, adapter_ids: list[str],
+               prompt_salt: int | None = None) -> list[tuple[tuple[int, ...], int, str]]:
+    """(prompt, max_tokens, model) per request. Prompt lengths, outputs and which requests are on base depend on
+    args.seed alone (the adapter picks also on len(adapter_ids)); prompt_salt (default args.seed) picks the
+    prompts' token ids: two traces with other salts share no prompt (no prefix-cache hits between them)."""
     rng = random.Random(args.seed)
     lo, hi = args.prompt_len
     olo, ohi = args.output_len
@@ -108,7 +112,8 @@ def make_trace(args, shape: ModelShape, adapter_ids: list[str]) -> list[tuple[tu
     outputs = [rng.randint(olo, ohi) for _ in range(args.requests)]
     picks = zipf_choices(len(adapter_ids), args.zipf, args.requests, rng)
     models = ["base" if rng.random() < args.base_share else adapter_ids[p] for p in picks]
-    prompts = [tuple(p[:n]) for p, n in zip(prompt_ids(args.requests, hi, shape.vocab, salt=args.seed), lengths)]
+    salt = args.seed if prompt_salt is None else prompt_salt
+    prompts = [tuple(p[:n]) for p, n in zip(prompt_ids(args.requests, hi, shape.vocab, salt=salt), lengths)]
     return list(zip(prompts, outputs, models))
 
 
@@ -409,29 +414,34 @@ def pair(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def add_trace_arguments(ap) -> None:
+    """The flags that define the trace (make_trace, schedule); bench/adapter_scale.py --gpu takes them too."""
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--gamma-cv", type=float, default=1.0, help="1: Poisson arrivals; else gamma gaps of this CV")
+    ap.add_argument("--prompt-len", type=pair, default=(64, 1024))
+    ap.add_argument("--output-len", type=pair, default=(32, 256))
+    ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--base-share", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="8b,1b")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/serve_gpu"), help="checkpoints cache (serve_gpu's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_trace.json")
-    ap.add_argument("--requests", type=int, default=400)
+    add_trace_arguments(ap)
     ap.add_argument("--rate-requests", type=int, default=200, help="requests of a rate run (the trace's first)")
     ap.add_argument("--rates", default="inf,4,8", help="comma list: inf and request rates (req/s)")
-    ap.add_argument("--gamma-cv", type=float, default=1.0, help="1: Poisson arrivals; else gamma gaps of this CV")
-    ap.add_argument("--prompt-len", type=pair, default=(64, 1024))
-    ap.add_argument("--output-len", type=pair, default=(32, 256))
     ap.add_argument("--adapters", type=int, default=64)
     ap.add_argument("--adapter-kind", choices=["lora16", "mix"], default="lora16")
-    ap.add_argument("--zipf", type=float, default=1.0)
-    ap.add_argument("--base-share", type=float, default=0.1)
     ap.add_argument("--fp32-adapters", action="store_true", help="upload fp32 files (PEFT's default) instead of bf16")
     ap.add_argument("--upload-concurrency", type=int, default=8)
     ap.add_argument("--burst", type=int, default=32)
     ap.add_argument("--burst-prompt", type=int, default=128)
     ap.add_argument("--burst-new-tokens", type=int, default=128)
     ap.add_argument("--prefill-tokens", type=int, default=2048)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--server-timeout", type=float, default=1200)
     ap.add_argument("--server-args", default="", help="extra `loraplex serve` flags (the product is the defaults)")
     args = ap.parse_args()
