@@ -21,6 +21,7 @@ source first token of 8B-shape adapters on a GPU server, and the serve_trace.py 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -130,8 +131,11 @@ class Server:
             self.proc.kill()
 
     def upload(self, adapter_id: str, config_raw: bytes, weights_raw: bytes) -> None:
+        # the weights as a file object, as a client uploads a file (loraplex's own client does): httpx sends a
+        # bytes object by re-slicing its remainder after every socket write, which alone caps a 2-core host
         r = self.client.post("/v1/adapters", data={"id": adapter_id}, files={
-            "config": ("adapter_config.json", config_raw), "weights": ("adapter_model.safetensors", weights_raw)})
+            "config": ("adapter_config.json", config_raw),
+            "weights": ("adapter_model.safetensors", io.BytesIO(weights_raw))})
         assert r.status_code == 201, r.text
 
     def first_token_s(self, model: str, start: float) -> float:
