@@ -142,11 +142,14 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-warm-up", action="store_true")
+    ap.add_argument("--max-gpu-adapters", type=int, default=None,
+                    help="adapter slots (default: the server's, which sizes a mixed graph's tile list)")
     args = ap.parse_args()
     shape = serve_gpu_models.SHAPES[args.shape]
     model_dir = serve_gpu_models.write_checkpoint(shape, args.work / args.shape / "model", "cuda")
     base = load_base_model(str(model_dir), quantization="nf4", device="cuda")
-    engine = Engine(base, EngineConfig(kv_cache_tokens=1 << 18, prefix_caching=False, max_gpu_adapters=64))
+    engine = Engine(base, EngineConfig(kv_cache_tokens=1 << 18, prefix_caching=False,
+                                        max_gpu_adapters=args.max_gpu_adapters))
     if not args.no_warm_up:
         print(f"warm-up {warm_up(engine):.1f} s", flush=True)
     refs = [AdapterRef(f"a{i}", 1, adapter(base.projection_shapes, base.num_layers, seed=i)) for i in range(64)]
