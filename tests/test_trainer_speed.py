@@ -94,6 +94,39 @@ def test_attention_never_crosses_rows(tiny_model_dir):
             start += n
 
 
+def test_packed_attention_computes_each_rows_own_scores(tiny_model_dir, monkeypatch):
+    """The trainer's attention for packed batches (packed_attention, set when packing is on) gets the rows'
+    boundaries and computes each row alone: every row's logits equal the row run alone, the filler is a row of
+    its own, and the loss is HF's on the padded batch. A padded batch through the same model keeps its mask."""
+    from loraplex.trainer import packed_attention
+    model = _model(tiny_model_dir).eval()
+    packed_attention.use_packed_attention(model.get_base_model())
+    rows = _rows()
+    batch = pack(rows, pad_id=0, device="cpu")
+    lengths = [len(e.input_ids) for e in rows]
+    filler = batch["input_ids"].shape[1] - sum(lengths)
+    assert filler and batch["cu_seq_lens"].tolist() == [sum(lengths[:i]) for i in range(len(rows) + 1)] + [
+        sum(lengths) + filler] and batch["max_length"] == max(lengths + [filler])
+    seen, per_row = [], packed_attention._per_row
+    monkeypatch.setattr(packed_attention, "_per_row", lambda q, k, v, bounds, *a: seen.append(bounds.tolist())
+                        or per_row(q, k, v, bounds, *a))
+    objective = Objective(model, SpeedConfig(packing=True), 0)
+    with torch.no_grad():
+        inputs = {"cu_seq_lens_q": batch["cu_seq_lens"], "max_length_q": batch["max_length"]}
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       **inputs).logits[0]
+        assert seen and all(b == batch["cu_seq_lens"].tolist() for b in seen)
+        start = 0
+        for e in rows:
+            seen.clear()
+            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            assert not seen  # no boundaries: transformers' SDPA path
+            torch.testing.assert_close(packed[start:start + len(e.input_ids)], alone, rtol=1e-4, atol=1e-4)
+            start += len(e.input_ids)
+        hf = model(**collate(rows, 0, "cpu")).loss  # padded, with its mask, through the same attention function
+        torch.testing.assert_close(objective(batch), hf, rtol=1e-5, atol=1e-6)
+
+
 def test_padding_is_not_counted(tiny_model_dir):
     model = _model(tiny_model_dir).eval()
     rows = _rows()

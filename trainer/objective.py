@@ -52,6 +52,9 @@ class Objective(torch.nn.Module):
                               labels=batch["labels"]).loss
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         inputs["use_cache"] = False  # with a KV cache transformers ignores packing: attention would cross rows
+        if "cu_seq_lens" in batch:  # the names transformers' attention functions read for packed rows
+            inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+                          max_length_q=batch["max_length"], max_length_k=batch["max_length"])
         count = max(batch["num_targets"], 1)
         if self.speed.fused_ce:
             causal_lm = self.model.get_base_model()  # the LoRA layers sit inside it

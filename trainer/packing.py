@@ -1,8 +1,9 @@
 """Padding-free batches: a micro-batch's rows laid end to end in one sequence, attention kept within each row.
 
 `pack` turns the rows of a micro-batch into one row of their summed length: `position_ids` restart at 0 for
-every row, which is what transformers reads to build a block-diagonal causal mask (sdpa, eager, flex) or
-varlen boundaries (flash-attention), so no token attends to another row. `targets` holds each position's
+every row, which is what transformers reads to build a block-diagonal causal mask (sdpa, eager, flex), and
+`cu_seq_lens` holds the rows' boundaries for attention that computes only each row's own scores
+(packed_attention.py: varlen FlashAttention), so no token attends to another row. `targets` holds each position's
 next-token label, shifted within its row (a row's last position has none), so the loss never predicts one
 row's first token from the row before it. The sequence is filled up to a multiple of PACK_MULTIPLE (a
 fixed set of shapes for the allocator and torch.compile) with a filler row that has no targets.
@@ -30,17 +31,23 @@ def num_targets(examples: list[Example]) -> int:
 
 
 def pack(examples: list[Example], pad_id: int, device, multiple: int = PACK_MULTIPLE) -> dict:
-    ids, positions, targets = [], [], []
+    ids, positions, targets, bounds = [], [], [], [0]
     for e in examples:
         ids += e.input_ids
         positions += range(len(e.input_ids))
         targets += row_targets(e.labels)
+        bounds.append(len(ids))
     filler = -len(ids) % multiple
     ids += [pad_id] * filler
     positions += range(filler)  # its own row: a fresh position run, attended only by itself
     targets += [IGNORE] * filler
+    if filler:
+        bounds.append(len(ids))
     as_row = lambda values: torch.tensor([values], dtype=torch.long).to(device, non_blocking=True)
     return {"input_ids": as_row(ids), "position_ids": as_row(positions), "targets": as_row(targets),
+            # each row's first position and the end, for attention that skips other rows' blocks (packed_attention)
+            "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True),
+            "max_length": max(b - a for a, b in zip(bounds, bounds[1:])),
             "num_targets": num_targets(examples), "real_tokens": sum(len(e.input_ids) for e in examples)}
 
 

@@ -17,6 +17,7 @@ from .flexora import FlexoraSearch, LayerGates, select_layers
 from .loop import LoopConfig, LoopResult, evaluate, run_loop
 from .methods import AdapterSpec, MethodError, attach_adapter, load_model, load_tokenizer
 from .objective import SpeedConfig, compile_decoder_layers
+from .packed_attention import use_packed_attention
 
 
 @dataclass
@@ -76,6 +77,8 @@ def _train_stage(job: TrainJob, spec: AdapterSpec, train_rows, val_rows, tokeniz
     speed = SpeedConfig.resolve(device, job.packing, job.fused_ce, job.compile)
     if gates and job.compile is None:
         speed = replace(speed, compile=False)  # the search's functional_call swaps weights: a recompile per hyper-step
+    if speed.packing and not unrolled:  # (the unrolled search differentiates twice: eager attention)
+        use_packed_attention(model.get_base_model())
     if speed.compile:
         compile_decoder_layers(model)
     pad = tokenizer.pad_token_id

@@ -1,0 +1,88 @@
+"""Attention within each row of a packed sequence, computing only the rows' own causal blocks.
+
+With `position_ids` restarting per row, transformers' SDPA path builds one [T, T] block-diagonal mask and
+the masked SDPA kernel computes every score of it: for 8 rows of ~270 tokens, T² is 8x the rows' own Σ L²,
+where the padded layout computes only each row's own scores. Here the rows' boundaries (`cu_seq_lens_q`,
+the names transformers' FlashAttention path reads, passed by `Objective` for packed batches) go to
+FlashAttention's varlen kernel on CUDA (torch.nn.attention.varlen) and to one causal SDPA per row
+elsewhere. A batch without boundaries (a padded one) takes transformers' SDPA path with its mask.
+
+`use_packed_attention(model)` registers the function with transformers' attention interface and sets it
+on the model.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+NAME = "loraplex_packed"
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters)
+except ImportError:  # torch < 2.10
+    varlen_attn, _VARLEN_PARAMS = None, set()
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs):
+    """transformers' attention interface: query [1, heads, T, dim], key/value [1, kv heads, T, dim]; returns
+    ([1, T, heads, dim], None)."""
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
+    if _flash_varlen_fits(q, dropout, scaling):
+        out = _flash_varlen(q, k, v, bounds, int(kwargs["max_length_q"]), scaling)
+    else:
+        out = _per_row(q, k, v, bounds, dropout, scaling)
+    return out.unsqueeze(0), None
+
+
+def _flash_varlen_fits(q: torch.Tensor, dropout: float, scaling: float | None) -> bool:
+    if varlen_attn is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or dropout:
+        return False
+    default_scale = scaling is None or abs(scaling - q.shape[-1] ** -0.5) < 1e-12
+    return default_scale or "scale" in _VARLEN_PARAMS
+
+
+def _flash_varlen(q, k, v, bounds: torch.Tensor, max_len: int, scaling: float | None) -> torch.Tensor:
+    options = {}
+    if "window_size" in _VARLEN_PARAMS:  # torch >= 2.11 spells causal as a window; 2.10 as is_causal
+        options["window_size"] = (-1, 0)
+    else:
+        options["is_causal"] = True
+    if "scale" in _VARLEN_PARAMS and scaling is not None:
+        options["scale"] = scaling
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        if "enable_gqa" in _VARLEN_PARAMS:
+            options["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    bounds = bounds.to(device=q.device, dtype=torch.int32)
+    return varlen_attn(q, k, v, bounds, bounds, max_len, max_len, **options)
+
+
+def _per_row(q, k, v, bounds: torch.Tensor, dropout: float, scaling: float | None) -> torch.Tensor:
+    edges = bounds.tolist()
+    rows = []
+    for start, end in zip(edges[:-1], edges[1:]):
+        rows.append(F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
+            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]).transpose(0, 1))
+    return torch.cat(rows)
+
+
+def use_packed_attention(model) -> None:
+    """Register `packed_attention` with transformers and make it the model's attention (padded batches keep
+    the SDPA mask they had)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(NAME, packed_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)
