@@ -47,7 +47,9 @@ def pack(examples: list[Example], pad_id: int, device, multiple: int = PACK_MULT
     return {"input_ids": as_row(ids), "position_ids": as_row(positions), "targets": as_row(targets),
             # each row's first position and the end, for attention that skips other rows' blocks (packed_attention)
             "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True),
-            "max_length": max(b - a for a, b in zip(bounds, bounds[1:])),
+            # the longest row, rounded up to a power of two: an upper bound is all varlen attention needs, and
+            # few distinct values keep torch.compile from specialising on each step's longest row
+            "max_length": 1 << (max(b - a for a, b in zip(bounds, bounds[1:])) - 1).bit_length(),
             "num_targets": num_targets(examples), "real_tokens": sum(len(e.input_ids) for e in examples)}
 
 
