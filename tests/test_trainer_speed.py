@@ -127,6 +127,35 @@ def test_packed_attention_computes_each_rows_own_scores(tiny_model_dir, monkeypa
         torch.testing.assert_close(objective(batch), hf, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_compiled_layers_have_no_graph_break(tiny_model_dir, checkpointing):
+    """--compile compiles each decoder layer whole, also inside gradient checkpointing (QLoRA, the 8B shape), and
+    computes the eager loss and gradients (Dynamo's eager backend: the graph capture is what can break)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from loraplex.trainer.objective import compile_decoder_layers
+    rows = _rows()
+    batch = pack(rows, pad_id=0, device="cpu")
+    results = []
+    for compiled in (False, True):
+        model = _model(tiny_model_dir).train()
+        if checkpointing:
+            model.get_base_model().gradient_checkpointing_enable()
+            model.get_base_model().enable_input_require_grads()
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            compile_decoder_layers(model, backend="eager")
+        loss = Objective(model, SpeedConfig(packing=True), 0)(batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), grads))
+    assert counters["frames"]["ok"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for compiled_grad, eager_grad in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(compiled_grad, eager_grad)
+
+
 def test_padding_is_not_counted(tiny_model_dir):
     model = _model(tiny_model_dir).eval()
     rows = _rows()

@@ -65,9 +65,20 @@ class Objective(torch.nn.Module):
                                                  reduction="sum") / count
 
 
-def compile_decoder_layers(peft_model) -> int:
-    """torch.compile each decoder layer (dynamic in the token count: packed lengths vary); returns how many."""
+def compile_decoder_layers(peft_model, backend: str = "inductor") -> int:
+    """torch.compile each decoder layer (dynamic in the token count: packed lengths vary); returns how many.
+
+    Under gradient checkpointing a layer's call is a checkpoint around its forward, and transformers' hub-kernel
+    wrappers (the `kernels` package) set a context variable in that forward: Dynamo refuses side effects inside
+    the checkpoint and fell back to running every layer eagerly (QLoRA always, the 8B shape's LoRA). Replaying the
+    forward's side effects in the recomputation is not needed (the variable only selects kernels), so they are
+    skipped there and the layer compiles whole."""
+    import torch._dynamo.config as dynamo_config
+    try:
+        dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    except AttributeError:  # an older torch without the switch: checkpointed layers stay eager there
+        pass
     layers = peft_model.get_base_model().model.layers
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, backend=backend)
     return len(layers)
