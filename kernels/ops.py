@@ -302,9 +302,10 @@ class TritonAdapterOps(AdapterOps):
         graph_tiles[:1 + num_tiles + num_short].copy_(host_tiles, non_blocking=True)
         fields = {**vars(seg), "token_order": graph_order[:pad_to]}
         plan = self.plan(seg, num_tiles, config)
-        if mixed:  # a step of this bucket fills pad_to / block_m prefill tiles, up to twice that with its segments
+        if mixed:  # a step of this bucket fills pad_to / block_m prefill tiles, plus one per segment boundary: a few
+            # decode rows of one adapter are a long segment too (>= 3 rows), so small buckets get room for 16 of them
             full = -(-pad_to // config.block_m)
-            plan = replace(plan, busy_tiles=full + min(full, segments))
+            plan = replace(plan, busy_tiles=full + min(segments, max(full, 16)))
         meta = StepSegments(**fields, tiles=graph_tiles[1:1 + num_tiles], tile_count=graph_tiles[0, 0:1], plan=plan)
         if mixed:
             meta.short_tiles = graph_tiles[1 + num_tiles:1 + num_tiles + num_short]
