@@ -13,17 +13,20 @@ on the model.
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
 
 NAME = "loraplex_packed"
+log = logging.getLogger(__name__)
 
 try:
     from torch.nn.attention.varlen import varlen_attn
     _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters)
 except ImportError:  # torch < 2.10
     varlen_attn, _VARLEN_PARAMS = None, set()
+_use_varlen = varlen_attn is not None  # False after a failed probe on this machine (use_packed_attention)
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -44,7 +47,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 def _flash_varlen_fits(q: torch.Tensor, dropout: float, scaling: float | None) -> bool:
-    if varlen_attn is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or dropout:
+    if not _use_varlen or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or dropout:
         return False
     default_scale = scaling is None or abs(scaling - q.shape[-1] ** -0.5) < 1e-12
     return default_scale or "scale" in _VARLEN_PARAMS
@@ -79,11 +82,28 @@ def _per_row(q, k, v, bounds: torch.Tensor, dropout: float, scaling: float | Non
     return torch.cat(rows)
 
 
+def _varlen_works(device: torch.device) -> bool:
+    """Forward and backward of the varlen kernel on two tiny rows (the torch build may lack it for this GPU)."""
+    try:
+        q, k, v = (torch.randn(8, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        bounds = torch.tensor([0, 3, 8], device=device, dtype=torch.int32)
+        _flash_varlen(q, k, v, bounds, 8, None).float().sum().backward()
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure: the per-row path computes the same attention
+        log.warning("varlen FlashAttention unavailable here (%s: %s); packed rows use one SDPA call per row",
+                    type(e).__name__, e)
+        return False
+
+
 def use_packed_attention(model) -> None:
     """Register `packed_attention` with transformers and make it the model's attention (padded batches keep
     the SDPA mask they had)."""
+    global _use_varlen
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    device = next(model.parameters()).device
+    if device.type == "cuda" and _use_varlen:
+        _use_varlen = _varlen_works(device)
     AttentionInterface.register(NAME, packed_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
