@@ -169,7 +169,8 @@ N_STORE = N_SOURCE = 5000
 @pytest.fixture(scope="module")
 def crowded(tiny_model_dir, tmp_path_factory):
     """A server whose store holds N_STORE adapters and whose source holds N_SOURCE folders, made on disk
-    directly (the listing reads names and CURRENT files only) rather than through 10,000 uploads."""
+    directly (the listing reads names, CURRENT files and the version folders' file sizes, never the weights)
+    rather than through 10,000 uploads."""
     root = tmp_path_factory.mktemp("crowded")
     source = root / "source"
     source.mkdir()
@@ -180,7 +181,9 @@ def crowded(tiny_model_dir, tmp_path_factory):
         if i % 2:
             (source / adapter_id).mkdir()
         else:
-            (store / adapter_id).mkdir()
+            (store / adapter_id / "v1").mkdir(parents=True)
+            (store / adapter_id / "v1" / "adapter_config.json").write_text("{}")
+            (store / adapter_id / "v1" / "adapter_model.safetensors").write_bytes(b"\0" * 8)
             record = {"id": adapter_id, "version": 1, "peft_type": "LORA", "rank": 4, "size_bytes": 8,
                       "created": 0.0, "sha256": "0" * 64}
             (store / adapter_id / "CURRENT").write_text(json.dumps(record))
