@@ -23,7 +23,8 @@
 #   trainspeed8b   the same on 8b for lora,qlora (the summary's ratios); trainspeed8b_more: gralora,flexora.
 #              They add to one $OUT/train_speed.json (ARGS_SPEED: extra flags); needs the bitsandbytes wheel
 #   quality    bench/train_quality.py (the comparisons of issue #21, 3 seeds; ARGS_QUALITY: extra flags); run it
-#              as BG_STEPS=quality (background + wait): started again, it keeps the runs /tmp/out holds
+#              as BG_STEPS=quality (background + wait): started again, it keeps the runs /tmp/out holds, and on a
+#              fresh machine those of bench/results/train_quality.json (commit a partial one between sessions)
 #   engine | quality16 | quality64   the older engine and training benchmarks
 set -uo pipefail
 export PYTHONUNBUFFERED=1 LORAPLEX_CACHE=/tmp/lpcache LORAPLEX_GGUF=${LORAPLEX_GGUF:-/tmp/model.gguf}
@@ -102,7 +103,8 @@ print('layer_ops self-check bf16:', c(torch.device('cuda'), torch.bfloat16) or '
       methods=lora,qlora; [ "$step" = trainspeed8b_more ] && methods=gralora,flexora
       timeout -k 10 ${LIMIT:-36000} python3 bench/train_speed.py --shapes 8b --methods $methods --out "$OUT/train_speed.json" \
         ${ARGS_SPEED:-} 2>&1 | tr '\r' '\n' | grep -vE "it/s|s/it|step/s|Loading weights" | tail -60 ;;
-    quality)
+    quality)  # a fresh machine resumes from the committed JSON (the script keeps its runs when the settings match)
+      [ -e "$OUT/train_quality.json" ] || cp bench/results/train_quality.json "$OUT/" 2>/dev/null
       timeout -k 10 ${LIMIT:-36000} python3 bench/train_quality.py --out "$OUT/train_quality.json" ${ARGS_QUALITY:-} 2>&1 \
         | tr '\r' '\n' | grep -vE "it/s|s/it|step/s|Loading weights" | tail -80 ;;
     quality16)
