@@ -18,7 +18,8 @@
 #              can outlast a command; later commands copy /tmp/out to $OUT
 #   wait       until the background run ends or WAIT seconds (default 540) passed: progress, then copy
 #   gguf       append the carried chunks .gguf_part/* to /tmp/model.gguf (the default model's 98 MB do not
-#              fit one 64 MiB carry beside the wheels: cut it here with `split -b`, carry a chunk per command)
+#              fit one 64 MiB carry: cut it here with `split -b 50m -d`, the last piece renamed *.last, and carry
+#              one chunk per command: carry [".gguf_part/part-00"], then [".gguf_part/part-01.last"])
 #   trainspeed1b   bench/train_speed.py --shapes 1b (all methods + the fast-vs-unfused loss check), ~5 min
 #   trainspeed8b   the same on 8b for lora,qlora (the summary's ratios); trainspeed8b_more: gralora,flexora.
 #              They add to one $OUT/train_speed.json (ARGS_SPEED: extra flags); needs the bitsandbytes wheel
@@ -89,10 +90,12 @@ print('layer_ops self-check bf16:', c(torch.device('cuda'), torch.bfloat16) or '
       [ -e /tmp/out/background.done ] && echo "background run finished" || echo "background run still going"
       tail -40 /tmp/out/background.log
       [ "$OUT" != /tmp/out ] && cp -r /tmp/out/. "$OUT"/ ;;
-    gguf)  # chunks are named in order; the last one ends in .last
-      cat .gguf_part/* >> /tmp/model.gguf.part
+    gguf)  # chunks are named in order; the last one ends in .last; each is removed once appended (a chunk of an
+      # earlier call stays in the tree there, and must not be appended twice)
+      last=$(ls .gguf_part/*.last 2>/dev/null)
+      for chunk in .gguf_part/*; do cat "$chunk" >> /tmp/model.gguf.part && rm -f "$chunk"; done
       ls -l /tmp/model.gguf.part
-      if ls .gguf_part/*.last > /dev/null 2>&1; then mv /tmp/model.gguf.part /tmp/model.gguf && echo "default model assembled"; fi ;;
+      if [ -n "$last" ]; then mv /tmp/model.gguf.part /tmp/model.gguf && echo "default model assembled"; fi ;;
     engine)
       python3 bench/engine_cpu.py --device cuda --quantization nf4 --adapter-ops triton --batch 32 --new-tokens 64 \
         --out "$OUT/engine_gpu_nf4_triton.json" 2>&1 | grep -v "it/s\]" ;;
