@@ -324,7 +324,8 @@ class TritonAdapterOps(AdapterOps):
         config = self.tile_config or choose_tile_config(seg.max_length)
         tiles = self._tiles(seg.host, config.block_m)
         rows = torch.tensor([(len(tiles), 0, 0)] + tiles, dtype=torch.int32).to(self.device, non_blocking=True)
-        return StepSegments(**vars(seg), tiles=rows[1:], tile_count=rows[0, 0:1], plan=self.plan(seg, len(tiles), config))
+        return StepSegments(**vars(seg), tiles=rows[1:], tile_count=rows[0, 0:1],
+                            plan=self.plan(seg, len(tiles), config))
 
     def apply(self, layer, projections, x, y, meta: Segments) -> None:
         if meta.empty:

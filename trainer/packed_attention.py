@@ -68,7 +68,7 @@ def _flash_varlen(q, k, v, bounds: torch.Tensor, max_len: int, scaling: float | 
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     bounds = bounds.to(device=q.device, dtype=torch.int32)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # token-major ([T, heads, dim] rows), as FlashAttention reads
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # token-major [T, heads, dim], as FlashAttention reads
     return varlen_attn(q, k, v, bounds, bounds, max_len, max_len, **options)
 
 
