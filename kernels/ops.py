@@ -176,6 +176,10 @@ class TritonAdapterOps(AdapterOps):
         adapter.packed = packed
         return packed
 
+    def host_bytes(self, adapter: AdapterWeights) -> int:
+        """The packed copy prepare() keeps in (pinned) host memory: the pool layout, as many bytes as on the device."""
+        return self.nbytes(adapter)
+
     def nbytes(self, adapter: AdapterWeights) -> int:
         return layout.aligned(sum(layout.module_size(m) for m in adapter.modules.values())) * \
             torch.finfo(self.dtype).bits // 8

@@ -170,12 +170,13 @@ class Service:
         self.keys = keys  # None: open mode
         store = AdapterStore(config.adapter_dir or cache_dir() / "adapters")
         shape = BaseShape(base.num_layers, base.projection_shapes)
+        self.engine = Engine(base, engine_config)
         self.registry = AdapterRegistry(store, shape, max_rank=config.max_lora_rank,
                                         max_bytes=config.max_adapter_bytes, max_host_bytes=config.max_host_adapter_bytes,
-                                        max_host_adapters=config.max_host_adapters)
+                                        max_host_adapters=config.max_host_adapters,
+                                        packed_bytes=self.engine.ops.host_bytes)
         self.sources = [AdapterSource(p) for p in config.adapter_sources]  # every tenant's
         self._tenant_sources: dict[str, list[AdapterSource]] = {}  # a tenant's own, from the key file
-        self.engine = Engine(base, engine_config)
         self.metrics = Metrics(self.engine.stats)
         self.engine.on_finish = self.metrics.on_finish  # the engine's one metrics hook
         self._lock = threading.Lock()  # the in-flight set and the submit that grows it

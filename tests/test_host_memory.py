@@ -111,3 +111,16 @@ def test_the_host_copy_keeps_the_files_dtype():
     for key, m in half.modules.items():
         assert m.A.dtype == m.B.dtype == torch.bfloat16
         assert torch.equal(m.A.float(), full.modules[key].A) and torch.equal(m.B.float(), full.modules[key].B)
+
+
+def test_the_engines_packed_copy_is_charged_with_the_weights(tmp_path):
+    """The GPU kernels keep a packed (pinned) copy of every adapter they prepare beside its parsed weights: the
+    budget charges it with the copy, so a cache of N adapters holds N x (parsed + packed) bytes at most."""
+    reg = registry(tmp_path, 3.5, packed_bytes=lambda weights: weights.nbytes // 2)
+    for name in "abcd":
+        reg.upload(name, *lora_files())
+        assert reg.host_bytes_used <= reg.max_host_bytes
+    assert reg.host_bytes_used == 2 * (ADAPTER_BYTES + ADAPTER_BYTES // 2)  # a third would pass 3.5 x
+    held = reg.resolve("a")
+    gc.collect()
+    assert reg.host_bytes_used <= reg.max_host_bytes and held.weights.nbytes == ADAPTER_BYTES

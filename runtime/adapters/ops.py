@@ -36,6 +36,10 @@ class AdapterOps:
         """Host-side preparation for a later `load` (any thread); `load` calls it when not done yet."""
         prepare_dora(adapter, self.base_weight)
 
+    def host_bytes(self, adapter: AdapterWeights) -> int:
+        """Host bytes prepare() adds beside the parsed weights (a load-ready copy); none here."""
+        return 0
+
     def nbytes(self, adapter: AdapterWeights) -> int:
         """Accelerator bytes the adapter takes once loaded."""
         return sum(t.numel() for m in adapter.modules.values() for t in m.tensors()) * torch.finfo(self.dtype).bits // 8

@@ -23,6 +23,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,13 +65,17 @@ class AdapterRef:
 class AdapterRegistry:
     def __init__(self, store: AdapterStore, base: BaseShape, *, max_rank: int = 64,
                  max_bytes: int = 512 << 20, max_host_bytes: int | None = None,
-                 max_host_adapters: int | None = None):
+                 max_host_adapters: int | None = None, packed_bytes: Callable[[AdapterWeights], int] | None = None):
         self.store = store
         self.base = base
         self.max_rank = max_rank
         self.max_bytes = max_bytes  # upload size (the safetensors file)
         self.max_host_bytes = default_max_host_bytes() if max_host_bytes is None else max_host_bytes
         self.max_host_adapters = max_host_adapters  # optional cap on the count of cached copies
+        # host bytes the engine's load-ready copy of an adapter takes beside its parsed weights (the kernels'
+        # pinned pool layout, packed on first use or right after an upload): charged with the copy, so the
+        # budget bounds what the host really holds
+        self.packed_bytes = packed_bytes or (lambda weights: 0)
         self._host: OrderedDict[tuple[str, int], AdapterWeights] = OrderedDict()  # cached, oldest first
         self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # every copy in memory
         self._pins: dict[tuple[str, int], int] = {}  # AdapterRefs alive per version
@@ -108,8 +113,9 @@ class AdapterRegistry:
             if new:
                 shared = weights
                 self._live[key] = shared
-                self.host_bytes_used += shared.nbytes
-                weakref.finalize(shared, self._freed, shared.nbytes)
+                charged = shared.nbytes + self.packed_bytes(shared)
+                self.host_bytes_used += charged
+                weakref.finalize(shared, self._freed, charged)
             self._host[key] = shared
             self._host.move_to_end(key)
             for old in [k for k in self._host if k != key]:
