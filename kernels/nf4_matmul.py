@@ -119,6 +119,11 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
             splits = triton.cdiv(k_tiles, triton.cdiv(k_tiles, splits))  # no split left without work
             if splits > rule.splits:
                 tiles.append(replace(rule, splits=splits))
+    # and the largest split count under the rule's that divides the K loop evenly: 48 rows of a [4096, 4096]
+    # weight got 5 splits of 13, 13, 13, 13 and 12 steps and took 21.5 us, where 64 rows with 4 took 18.7 (H100)
+    even = max((d for d in range(1, rule.splits) if k_tiles % d == 0), default=None)
+    if even is not None and k_tiles % rule.splits:
+        tiles.append(replace(rule, splits=even))
     return list(dict.fromkeys(tiles))
 
 

@@ -188,12 +188,17 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
     for M, rule_m, others in ((32, 32, [16]), (64, 64, [16, 32])):
         tiles = candidate_tiles(M, 28672, 4096, BLOCKSIZE, 132)
         assert tiles[0] == choose_tiles(M, 28672, 4096, BLOCKSIZE, 132) and tiles[0].block_m == rule_m
-        plain, ahead = tiles[:1 + len(others)], tiles[1 + len(others):]
+        plain, ahead = tiles[:1 + len(others)], [t for t in tiles[1 + len(others):] if t.prefetch]
         assert [t.block_m for t in plain[1:]] == others and not any(t.prefetch for t in plain)
         assert [t.block_m for t in ahead] == [rule_m] + others  # every step again, one absmax block per step
         assert all(t.prefetch and t.block_k <= BLOCKSIZE for t in ahead)
         for t in tiles:  # the partial sums stay under a quarter of the packed weight bytes
             assert t.splits * M * 28672 * 4 <= 28672 * 4096 // 4 or t.splits == 1
+    # a rule whose splits cut the K loop unevenly (48 rows: 5 splits of 64 steps) is timed against the largest
+    # even split under it
+    rule48 = choose_tiles(48, 4096, 4096, BLOCKSIZE, 132)
+    assert (4096 // rule48.block_k) % rule48.splits and replace(rule48, splits=4) in candidate_tiles(
+        48, 4096, 4096, BLOCKSIZE, 132)
 
 
 def test_prefetch_needs_one_absmax_block_per_step():
