@@ -78,7 +78,8 @@ def run_loraplex(case: dict) -> dict:
     if flexora:  # stage 1 is the measured part; stage 2 ran one step
         s = json.loads((Path(case["output"]) / "flexora_report.json").read_text())["stage1"]
     return {"tok_s": steady(s["step_tokens"], s["step_seconds"], case["warmup"]), "peak_memory_gb": s["peak_memory_gb"],
-            "losses": s["train_loss_history"], "speed": s["speed"], "steps": len(s["step_tokens"])}
+            "losses": s["train_loss_history"], "speed": s["speed"], "speed_report": s.get("speed_report"),
+            "steps": len(s["step_tokens"])}
 
 
 class _CountingCollator:

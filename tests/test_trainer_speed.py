@@ -191,6 +191,10 @@ def test_loss_curve_matches_unfused_path(method, data_file, tiny_model_dir, tmp_
         runs[fast] = train(job).summary
     assert runs[True]["speed"] == {"packing": True, "fused_ce": True, "compile": False}
     assert runs[False]["speed"] == {"packing": False, "fused_ce": False, "compile": False}
+    # the summary says which attention ran: packed rows one SDPA each on the CPU (varlen FlashAttention on CUDA)
+    assert (runs[True]["speed_report"]["attention"], runs[True]["speed_report"]["packed_rows"]) == (
+        "loraplex_packed", "per-row")
+    assert runs[False]["speed_report"]["attention"] == "sdpa" and runs[False]["speed_report"]["packed_rows"] is None
     torch.testing.assert_close(torch.tensor(runs[True]["train_loss_history"]),
                                torch.tensor(runs[False]["train_loss_history"]), rtol=1e-5, atol=1e-6)
     for key in ("initial_val_loss", "final_val_loss"):

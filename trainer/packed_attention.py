@@ -95,6 +95,17 @@ def _varlen_works(device: torch.device) -> bool:
         return False
 
 
+def speed_report(model) -> dict:
+    """What the speed switches did in this process: the attention the model ran (and for packed rows whether
+    through varlen FlashAttention), and torch.compile's frames compiled and graph breaks (0 and 0 when off)."""
+    from torch._dynamo.utils import counters
+    attention = model.get_base_model().config._attn_implementation
+    weight = next(model.parameters())
+    varlen = _use_varlen and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
+    return {"attention": attention, "packed_rows": ("varlen" if varlen else "per-row") if attention == NAME else None,
+            "compiled_frames": counters["frames"]["ok"], "graph_breaks": sum(counters["graph_break"].values())}
+
+
 def use_packed_attention(model) -> None:
     """Register `packed_attention` with transformers and make it the model's attention (padded batches keep
     the SDPA mask they had)."""

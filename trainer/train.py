@@ -17,7 +17,7 @@ from .flexora import FlexoraSearch, LayerGates, select_layers
 from .loop import LoopConfig, LoopResult, evaluate, run_loop
 from .methods import AdapterSpec, MethodError, attach_adapter, load_model, load_tokenizer
 from .objective import SpeedConfig, compile_decoder_layers
-from .packed_attention import use_packed_attention
+from .packed_attention import speed_report, use_packed_attention
 
 
 @dataclass
@@ -157,6 +157,7 @@ def _train(job: TrainJob, world: World) -> TrainOutcome:
         model, result, initial_val, final_val, _ = _train_stage(job, spec, train_rows, val_rows, tokenizer, device,
                                                                 checkpoints, desc=f"{spec.method} training", world=world)
     summary.update(_losses(result, initial_val, final_val))
+    summary["speed_report"] = speed_report(model)
     if world.is_main:
         model.save_pretrained(job.output)
         tokenizer.save_pretrained(job.output / "tokenizer")
