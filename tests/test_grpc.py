@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -34,8 +35,11 @@ def client(fp32_server):
 
 
 def store_files(server) -> list[str]:
+    """Every folder and file under the server's store; one the server removes during the walk is skipped (os.walk
+    ignores a folder gone before it is read, where rglob raised)."""
     root = Path(server.proc.args[server.proc.args.index("--adapter-dir") + 1])
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    return sorted(str(Path(folder, name).relative_to(root))
+                  for folder, folders, files in os.walk(root) for name in folders + files)
 
 
 def wait_until_idle(server, seconds: float) -> dict:
