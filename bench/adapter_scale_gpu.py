@@ -99,14 +99,7 @@ def fp32_payload(spec: AdapterSpec, shape: ModelShape, pool: RandomPool) -> tupl
 
 def write_fp32_adapter(spec: AdapterSpec, shape: ModelShape, pool: RandomPool, root: Path) -> Path:
     """write_adapter's folder with fp32 weights (cached: written once)."""
-    d = root / spec.id
-    if not (d / "adapter_model.safetensors").exists():
-        d.mkdir(parents=True, exist_ok=True)
-        config, weights = fp32_payload(spec, shape, pool)
-        (d / "adapter_config.json").write_bytes(config)
-        (d / "adapter_model.safetensors.tmp").write_bytes(weights)
-        os.replace(d / "adapter_model.safetensors.tmp", d / "adapter_model.safetensors")
-    return d
+    return write_adapter(spec, shape, pool, root, payload=fp32_payload)
 
 
 def write_source(root: Path, shape: ModelShape, pool: RandomPool, fp32: list[AdapterSpec],

@@ -144,13 +144,13 @@ def adapter_payload(spec: AdapterSpec, shape: ModelShape, pool: RandomPool) -> t
     return json.dumps(spec.config()).encode(), save_safetensors(adapter_tensors(spec, shape, pool))
 
 
-def write_adapter(spec: AdapterSpec, shape: ModelShape, pool: RandomPool, root: Path) -> Path:
-    """The adapter as a PEFT directory under root (cached: written once)."""
+def write_adapter(spec: AdapterSpec, shape: ModelShape, pool: RandomPool, root: Path, payload=None) -> Path:
+    """The adapter as a PEFT directory under root (cached: written once); payload: adapter_payload's stand-in."""
     d = root / spec.id
     if (d / "adapter_model.safetensors").exists():
         return d
     d.mkdir(parents=True, exist_ok=True)
-    config, weights = adapter_payload(spec, shape, pool)
+    config, weights = (payload or adapter_payload)(spec, shape, pool)
     (d / "adapter_config.json").write_bytes(config)
     (d / "adapter_model.safetensors.tmp").write_bytes(weights)
     os.replace(d / "adapter_model.safetensors.tmp", d / "adapter_model.safetensors")
