@@ -7,6 +7,28 @@ import os
 import subprocess
 import sys
 
+COMPILE = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+
+
+def compile_all(jobs):
+    # jobs: (jit function, constexprs, argument types, warps, stages); prints what compiled and what failed
+    failures = []
+    for fn, constexprs, types, warps, stages in jobs:
+        signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        try:
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        except Exception as e:
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            failures.append(f"{fn.__name__} {constexprs}: {type(cause).__name__}: {str(cause)[-400:]}")
+    print(json.dumps({"compiled": len(jobs), "failures": failures}))
+"""
+
 SCRIPT = r"""
 import json, sys
 import triton
@@ -29,25 +51,14 @@ for n, kk in SHAPES:
 types = {"x_ptr": "*bf16", "packed_ptr": "*u8", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
          "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
          "partial_ptr": "*fp32", "offset": "fp32"}
-failures = []
-for constexprs, warps, stages in variants.values():
-    t = dict(types, absmax_ptr="*u8" if constexprs["NESTED"] else "*fp32")
-    signature = {a: "constexpr" if a in constexprs else t.get(a, "i32") for a in k._nf4_matmul_kernel.arg_names}
-    src = triton.compiler.ASTSource(fn=k._nf4_matmul_kernel, signature=signature, constexprs=constexprs)
-    try:
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    except Exception as e:
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        failures.append(f"{constexprs}: {type(cause).__name__}: {str(cause)[-400:]}")
-print(json.dumps({"compiled": len(variants), "failures": failures}))
+compile_all([(k._nf4_matmul_kernel, constexprs, dict(types, absmax_ptr="*u8" if constexprs["NESTED"] else "*fp32"),
+              warps, stages) for constexprs, warps, stages in variants.values()])
 """
 
 
 def test_every_candidate_tiling_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    run = subprocess.run([sys.executable, "-c", COMPILE + SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["compiled"] >= 8 and not result["failures"], "\n".join(result["failures"])
@@ -73,25 +84,14 @@ for cfg in configs:
             jobs.append((k._expand_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
                                                 DO_BLOCKS=blocks, DO_GENERAL=general, ALIGNED=aligned, UPCAST=False,
                                                 PDL=True), cfg.expand_warps, cfg.num_stages))
-failures = []
-for fn, constexprs, warps, stages in jobs:
-    signature = {a: "constexpr" if a in constexprs else common.get(a, "i32") for a in fn.arg_names}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    try:
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    except Exception as e:
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        failures.append(f"{fn.__name__} {constexprs}: {type(cause).__name__}: {str(cause)[-400:]}")
-print(json.dumps({"compiled": len(jobs), "failures": failures}))
+compile_all([(fn, constexprs, common, warps, stages) for fn, constexprs, warps, stages in jobs])
 """
 
 
 def test_segmented_lora_kernels_compile_for_sm90():
     """The shrink and expand (tile loop, programmatic dependent launch) in every tile config serving uses."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", LORA_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    run = subprocess.run([sys.executable, "-c", COMPILE + LORA_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["compiled"] >= 20 and not result["failures"], "\n".join(result["failures"])
