@@ -49,14 +49,18 @@ def module_size(m: ModuleDelta) -> int:
 
 
 def write_module(m: ModuleDelta, pool: torch.Tensor, offset: int) -> list[int]:
-    """Copy the module into pool[offset:]; returns its table row (offsets absolute in the pool)."""
+    """Copy the module into pool[offset:] (the alignment gaps after its pieces zeroed: the pool may be
+    uninitialised memory); returns its table row (offsets absolute in the pool)."""
     row = [0] * NUM_FIELDS
     row[K], row[RANK] = m.k, m.rank
     row[GENERAL_RANK] = general_rank(m)
     for field, piece in pool_pieces(m):
-        pool[offset:offset + piece.numel()].view(piece.shape).copy_(piece)
+        n = piece.numel()
+        pool[offset:offset + n].view(piece.shape).copy_(piece)
+        if aligned(n) > n:
+            pool[offset + n:offset + aligned(n)].zero_()
         row[field] = offset
-        offset += aligned(piece.numel())
+        offset += aligned(n)
     return row
 
 

@@ -14,6 +14,7 @@ import functools
 import logging
 import sys
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -430,10 +431,15 @@ class Service:
                               incoming: IncomingWeights) -> StoredAdapter:
         """Commit a streamed upload whose bytes are all in: its files are synced, then it is validated (off the
         event loop) and published; refused, its temporary directory is gone before this returns."""
+        received = time.perf_counter()
         try:
             self._check_own_id(adapter_id)
             staged = await incoming.finish(config_raw)
-            record = await asyncio.to_thread(self._upload, tenant, adapter_id, config_raw, incoming.data, staged)
+            synced = time.perf_counter()
+            record = await asyncio.to_thread(self._upload, tenant, adapter_id, config_raw, incoming.data, staged, True)
+            log.info("upload %s: %.1f MB received in %.0f ms, then synced in %.0f ms, validated and committed in %.0f ms",
+                     record.id, incoming.size / 1e6, 1e3 * (received - incoming.opened), 1e3 * (synced - received),
+                     1e3 * (time.perf_counter() - synced))
         except BaseException as e:
             await incoming.discard()
             if isinstance(e, AdapterError):
@@ -474,13 +480,13 @@ class Service:
                                "delete one first", 403)
 
     def _upload(self, tenant: Tenant, adapter_id: str, config_raw: bytes, weights_raw,
-                staged: Staged | None = None) -> StoredAdapter:
+                staged: Staged | None = None, owned: bool = False) -> StoredAdapter:
         try:
             stored_id = self._stored_upload_id(tenant, adapter_id)
             with self._upload_lock:
                 if not tenant.admin and self.registry.store.get(stored_id) is None:
                     self._check_adapter_count(tenant)
-                return self.registry.upload(stored_id, config_raw, weights_raw, staged)
+                return self.registry.upload(stored_id, config_raw, weights_raw, staged, owned)
         except BaseException:
             if staged is not None:
                 self.registry.store.discard(staged)

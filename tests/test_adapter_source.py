@@ -122,9 +122,9 @@ def test_racing_requests_load_once_and_others_do_not_wait(live, monkeypatch):
     registry = live.service.registry
     validate = registry.validate
 
-    def slow_validate(config_raw, weights_raw):
+    def slow_validate(config_raw, weights_raw, owned=False):
         time.sleep(3.0)  # the first request is still loading when the others arrive
-        return validate(config_raw, weights_raw)
+        return validate(config_raw, weights_raw, owned)
     monkeypatch.setattr(registry, "validate", slow_validate)
     with httpx.Client(base_url=live.url, timeout=60) as client:
         assert complete(client, "good").status_code == 200  # already cached: no load

@@ -68,3 +68,24 @@ def test_errors_name_the_problem(tmp_path):
     gcfg = json.dumps({"peft_type": "GRALORA", "r": 6, "gralora_k": 4, "alpha": 8}).encode()
     with pytest.raises(AdapterError, match="must divide r"):
         parse_adapter(gcfg, weights, SHAPE, 64)
+
+
+def test_owned_buffer_is_kept_and_a_borrowed_one_copied(tmp_path):
+    """parse_adapter(owned=True) keeps views of the buffer it is handed (an upload's received bytes: no copy per
+    tensor); without `owned` nothing it returns points into the caller's buffer, so writing it later changes
+    no adapter."""
+    _, cfg, weights = saved(LoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False), tmp_path)
+    for owned in (True, False):
+        buffer = bytearray(weights)
+        start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+        adapter = parse_adapter(cfg, buffer, SHAPE, max_rank=64, owned=owned)
+        inside = [start <= t.data_ptr() < start + len(buffer) for m in adapter.modules.values() for t in m.tensors()]
+        assert all(inside) if owned else not any(inside)
+        before = {key: module_delta(torch.ones(1, SHAPE.projections[key[1]][0]), m) for key, m in adapter.modules.items()}
+        if not owned:
+            buffer[-4096:] = bytes(4096)  # the caller reuses its buffer: the adapter is unchanged
+            for key, m in adapter.modules.items():
+                torch.testing.assert_close(module_delta(torch.ones(1, SHAPE.projections[key[1]][0]), m), before[key])
+    fresh = parse_adapter(cfg, weights, SHAPE, max_rank=64)  # (read-only bytes: one private copy, kept)
+    for key, m in fresh.modules.items():
+        torch.testing.assert_close(module_delta(torch.ones(1, SHAPE.projections[key[1]][0]), m), before[key])

@@ -1,9 +1,10 @@
 """An upload's weights file while its bytes arrive (an HTTP multipart part, gRPC chunks).
 
-The bytes go, block by block on a worker thread while the next bytes arrive, into the weights file of a
-temporary directory of the store and into the sha256 digest: when the last byte is in, the file only needs
-its fsync, and the parse reads it back through a private memory map of the file (its pages are still in
-the page cache; the parse copies what it keeps). The size limit is checked on every chunk and the
+The bytes go, block by block on a worker thread while the next bytes arrive, into one buffer of the upload's
+size (its capacity: the Content-Length, a declared size), the weights file of a temporary directory of the
+store and the sha256 digest: when the last byte is in, the file only needs its fsync, and the parse keeps
+views of the buffer (no second copy of the weights; reading the file back through a memory map and cloning
+every tensor took longer than receiving it). The size limit is checked on every chunk and the
 safetensors header as soon as its bytes are in, before the weights arrive. A refused upload calls
 discard(), which removes the temporary directory before the refusal is answered.
 """
@@ -11,16 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import mmap
 import os
 import shutil
+import time
 from pathlib import Path
 
 from .peft_format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_safetensors_header, refuse_pickle,
                           safetensors_header_length)
-from .store import AdapterStore, Staged, fsync_dir
+from .store import AdapterStore, Staged, fsync_dir, owned_buffer
 
-BLOCK_BYTES = 4 << 20  # handed to the worker at a time: few thread hops, and the disk works while bytes arrive
+BLOCK_BYTES = 4 << 20  # handed to the workers at a time: few thread hops, and the disk works while bytes arrive
+SYNC_BYTES = 32 << 20  # written bytes between two fdatasync calls during an upload
 
 
 def _digest_prefix(config_raw: bytes):
@@ -41,6 +43,7 @@ class IncomingWeights:
         self.max_bytes = max_bytes
         self.capacity = max_bytes if capacity is None else min(capacity, max_bytes)
         self.size = 0
+        self.opened = time.perf_counter()  # the first byte of the weights
         self._config_raw = config_raw
         self._digest = None if config_raw is None else _digest_prefix(config_raw)
         self._weights_digest = hashlib.sha256() if weights_sha256 else None
@@ -50,7 +53,9 @@ class IncomingWeights:
         self._pending: list = []  # chunks not yet handed to the worker
         self._pending_bytes = 0
         self._writing: asyncio.Future | None = None  # the block the worker is writing
-        self._map: mmap.mmap | None = None
+        self._written = 0  # bytes in the buffer and the file
+        self._unsynced = 0  # bytes written since the last fdatasync
+        self._buffer: mmap.mmap | None = owned_buffer(self.capacity)
         self.path = store.staging_dir()
         try:
             self._file = open(self.path / WEIGHTS_FILE, "w+b")
@@ -98,14 +103,36 @@ class IncomingWeights:
             self._writing = None
         if self._pending:
             block, self._pending, self._pending_bytes = self._pending, [], 0
-            self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_block, block))
+            self._writing = asyncio.ensure_future(self._take_block(block))
 
-    def _write_block(self, block: list) -> None:
-        self._file.writelines(block)  # file I/O and hashing release the GIL
+    async def _take_block(self, block: list) -> None:
+        """Copy + write and hash one block on two worker threads at once (each alone is slower than the wire)."""
+        jobs = [asyncio.to_thread(self._copy_and_write, block)]
+        if self._digest is not None or self._weights_digest is not None:
+            jobs.append(asyncio.to_thread(self._hash, block))
+        for result in await asyncio.gather(*jobs, return_exceptions=True):  # both done before anything is removed
+            if isinstance(result, BaseException):
+                raise result
+
+    def _copy_and_write(self, block: list) -> None:
+        start = end = self._written
+        view = memoryview(self._buffer)
+        for chunk in block:
+            view[end:end + len(chunk)] = chunk
+            end += len(chunk)
+        self._written = end
+        self._file.write(view[start:end])  # one system call a block (file I/O releases the GIL)
+        self._unsynced += end - start
+        if self._unsynced >= SYNC_BYTES:  # the disk works while bytes arrive; the final fsync only has the tail
+            self._file.flush()
+            os.fdatasync(self._file.fileno())
+            self._unsynced = 0
+
+    def _hash(self, block: list) -> None:
         for digest in (self._digest, self._weights_digest):
             if digest is not None:
                 for chunk in block:
-                    digest.update(chunk)
+                    digest.update(chunk)  # (releases the GIL)
 
     async def finish(self, config_raw: bytes) -> Staged:
         """Every byte is in: write the rest and the config, sync both files and the directory; the staged version
@@ -130,8 +157,6 @@ class IncomingWeights:
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(self.path)
-        if self.size:  # copy-on-write: the parse may view it as writable memory, the file never changes
-            self._map = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_COPY)
         if self._digest is None or config_raw != self._config_raw:  # the config came after the weights
             self._digest = _digest_prefix(config_raw)
             self._digest.update(self.data)
@@ -139,8 +164,9 @@ class IncomingWeights:
 
     @property
     def data(self) -> memoryview:
-        """The weights received (after finish(), until release())."""
-        return memoryview(self._map if self._map is not None else b"")
+        """The weights received (after finish(), until release()): writable memory that the parse may keep views
+        of (parse_adapter's `owned`), not written again."""
+        return memoryview(self._buffer if self._buffer is not None else b"")[:self.size]
 
     @property
     def weights_sha256(self) -> str:
@@ -165,6 +191,6 @@ class IncomingWeights:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def release(self) -> None:
-        """Unmap and close the file (the parse copied what it keeps)."""
-        self._map = None  # unmapped when the last view of it is gone
+        """Let go of the buffer (a parsed adapter keeps it through its views) and close the file."""
+        self._buffer = None
         self._file.close()

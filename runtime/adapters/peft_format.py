@@ -214,16 +214,18 @@ def read_safetensors_header(raw, data_len: int | None) -> dict:
     return header
 
 
-def parse_weights(raw) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (`raw`: bytes-like), as views of `raw` (of a copy when `raw` is read-only):
-    the caller copies what it keeps. Read straight from `raw` after the header checks (safetensors' loader made
-    two copies of every tensor); every value is checked finite."""
+def parse_weights(raw, owned: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (`raw`: bytes-like) as views of one buffer the caller may keep: `raw`
+    itself when `owned` (the caller hands over writable memory nobody else writes), else one copy of it. Read
+    straight from the buffer after the header checks (safetensors' loader made two copies of every tensor; one
+    clone per tensor, in a worker thread, cost 200 ms for 78 MB on the 2-core CI host: small allocations from a
+    thread's malloc arena, each faulting its pages in); every value is checked finite."""
     view = memoryview(raw).cast("B")
     if len(view) < 8:
         raise AdapterError(f"{WEIGHTS_FILE} is truncated: {len(view)} bytes", 400)
     data_start = 8 + safetensors_header_length(view)
     header = read_safetensors_header(view, len(view) - data_start)
-    if view.readonly:  # torch.frombuffer wants writable memory
+    if view.readonly or not owned:  # torch.frombuffer wants writable memory; what the adapter keeps is ours
         view = memoryview(bytearray(view)).cast("B")
     tensors = {}
     for name, info in header.items():
@@ -242,11 +244,6 @@ def parse_weights(raw) -> dict[str, torch.Tensor]:
                                              offset=data_start + start).view(info["shape"])
     _check_finite(view, data_start, header, tensors)
     return tensors
-
-
-def _owned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy: what an adapter keeps never points into the file's bytes (parse_weights' views)."""
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _check_finite(view: memoryview, data_start: int, header: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -363,9 +360,9 @@ def _lora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tuple
             if "lora_magnitude_vector" not in parts:
                 raise AdapterError(f"{name}.lora_magnitude_vector is missing: a DoRA adapter (use_dora: true) needs one per module", 400)
             magnitude = _expect(f"{name}.lora_magnitude_vector", parts["lora_magnitude_vector"], (fout,))
-        # A stays a view of PEFT's [r, in]: the kernels' pool layout is that one (packed_layout.pool_pieces)
-        modules[(layer, proj)] = ModuleDelta(1, _owned(A).t().unsqueeze(0), _owned(B.t()).unsqueeze(0), scale,
-                                             magnitude=None if magnitude is None else _owned(magnitude))
+        # views of parse_weights' buffer: A of PEFT's [r, in] (the kernels' pool layout is that one,
+        # packed_layout.pool_pieces), B of [out, r], transposed when packed
+        modules[(layer, proj)] = ModuleDelta(1, A.t().unsqueeze(0), B.t().unsqueeze(0), scale, magnitude=magnitude)
     return modules
 
 
@@ -396,16 +393,17 @@ def _gralora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tu
         if set(parts) - expected:
             raise AdapterError(f"{name}: unexpected tensors {sorted(set(parts) - expected)}")
         if hybrid_r:
-            gA = _owned(_expect(f"{name}.gralora_A_general.weight", parts.get("gralora_A_general.weight"), (hybrid_r, fin)).t())
-            gB = _owned(_expect(f"{name}.gralora_B_general.weight", parts.get("gralora_B_general.weight"), (fout, hybrid_r)).t())
-        modules[(layer, proj)] = ModuleDelta(k, _owned(A), _owned(B), scale, gA, gB)
+            gA = _expect(f"{name}.gralora_A_general.weight", parts.get("gralora_A_general.weight"), (hybrid_r, fin)).t()
+            gB = _expect(f"{name}.gralora_B_general.weight", parts.get("gralora_B_general.weight"), (fout, hybrid_r)).t()
+        modules[(layer, proj)] = ModuleDelta(k, A, B, scale, gA, gB)
     return modules
 
 
-def parse_adapter(config_raw: bytes, weights_raw: bytes, base: BaseShape, max_rank: int) -> AdapterWeights:
-    """Validate an uploaded adapter against the base model; raises AdapterError naming the problem."""
+def parse_adapter(config_raw: bytes, weights_raw, base: BaseShape, max_rank: int, owned: bool = False) -> AdapterWeights:
+    """Validate an uploaded adapter against the base model; raises AdapterError naming the problem.
+    `owned`: the adapter may keep views of `weights_raw` (see parse_weights)."""
     config = parse_config(config_raw)
-    grouped = _group_tensors(parse_weights(weights_raw), base)
+    grouped = _group_tensors(parse_weights(weights_raw, owned), base)
     _check_targets(config, grouped)
     if config["peft_type"] == "LORA":
         modules = _lora_modules(config, grouped, base, max_rank)

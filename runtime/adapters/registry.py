@@ -131,20 +131,23 @@ class AdapterRegistry:
                                    f"{self.max_host_bytes} bytes held by requests in flight); retry later", 429)
             return shared
 
-    def validate(self, config_raw: bytes, weights_raw) -> AdapterWeights:
+    def validate(self, config_raw: bytes, weights_raw, owned: bool = False) -> AdapterWeights:
+        """The parsed adapter (`owned`: it may keep views of weights_raw, see parse_adapter)."""
         if len(weights_raw) > self.max_bytes:
             raise AdapterError(f"adapter weights are {len(weights_raw)} bytes, above the limit of {self.max_bytes}", 413)
-        weights = parse_adapter(config_raw, weights_raw, self.base, self.max_rank)
+        weights = parse_adapter(config_raw, weights_raw, self.base, self.max_rank, owned)
         if weights.nbytes > self.max_host_bytes:
             raise AdapterError(f"adapter weights take {weights.nbytes} bytes in host memory, above the server's "
                                f"adapter host memory of {self.max_host_bytes} bytes", 413)
         return weights
 
-    def upload(self, adapter_id: str, config_raw: bytes, weights_raw, staged: Staged | None = None) -> StoredAdapter:
+    def upload(self, adapter_id: str, config_raw: bytes, weights_raw, staged: Staged | None = None,
+               owned: bool = False) -> StoredAdapter:
         """Validate, then commit to disk; on any error nothing is published and nothing changes.
         `staged`: the files already written and synced in a temporary directory of the store (a streamed upload,
         adapters/incoming.py), removed here if the upload is refused. Without it the files are written and synced
-        on a worker thread while the weights are validated."""
+        on a worker thread while the weights are validated. `owned`: the cached adapter may keep views of
+        weights_raw (IncomingWeights.data)."""
         try:
             self.store.get(adapter_id)  # checks the id before any parsing work
             if len(weights_raw) > self.max_bytes:  # (validate says so too; refuse before writing anything)
@@ -157,7 +160,7 @@ class AdapterRegistry:
         if staged is None:
             staging = _STAGING.submit(self.store.stage, config_raw, weights_raw)
         try:
-            weights = self.validate(config_raw, weights_raw)
+            weights = self.validate(config_raw, weights_raw, owned)
         except BaseException:
             if staging is None:
                 self.store.discard(staged)
@@ -211,7 +214,7 @@ class AdapterRegistry:
                     config_raw, weights_raw = self.store.read(record.id, record.version)
                 except FileNotFoundError:
                     continue
-                weights = parse_adapter(config_raw, weights_raw, self.base, max(self.max_rank, record.rank))
+                weights = parse_adapter(config_raw, weights_raw, self.base, max(self.max_rank, record.rank), owned=True)
             return self._pin(AdapterRef(record.id, record.version, self._cache(key, weights)))
         raise AdapterError(f"adapter {adapter_id!r} not found", 404)
 
@@ -252,7 +255,7 @@ class AdapterRegistry:
             config_raw, weights_raw = source.read(folder, self.max_bytes)
             try:
                 refuse_pickle(weights_raw)
-                weights = self.validate(config_raw, weights_raw)
+                weights = self.validate(config_raw, weights_raw, owned=True)
             except AdapterError as e:
                 raise AdapterError(f"adapter source folder {folder}: {e.message}",
                                    e.status if e.status in (413, 429) else 400) from None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CONFIG_FILE, WEIGHTS_FILE, AdapterError
-from .store import ADAPTER_ID
+from .store import ADAPTER_ID, read_weights_file
 
 # Source versions live far above any store version (those count uploads from 1), so a source
 # adapter's (id, version) key never equals a stored one's, and stays a positive int for metrics.
@@ -73,14 +73,15 @@ class AdapterSource:
         stamp = ",".join(f"{s.st_dev}:{s.st_ino}:{s.st_size}:{s.st_mtime_ns}" for s in stats).encode()
         return SOURCE_VERSION_BASE + int.from_bytes(hashlib.sha256(stamp).digest()[:5], "big")
 
-    def read(self, folder: Path, max_bytes: int) -> tuple[bytes, bytes]:
-        """Both files' bytes; the weights refused (413) before they are read when above `max_bytes`."""
+    def read(self, folder: Path, max_bytes: int) -> tuple[bytes, memoryview]:
+        """Both files' bytes, the weights in memory of their own (store.read_weights_file); the weights refused
+        (413) before they are read when above `max_bytes`."""
         try:
             size = os.stat(folder / WEIGHTS_FILE).st_size
             if size > max_bytes:
                 raise AdapterError(f"adapter source folder {folder}: adapter weights are {size} bytes, above the "
                                    f"limit of {max_bytes}", 413)
-            return (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes()
+            return (folder / CONFIG_FILE).read_bytes(), read_weights_file(folder / WEIGHTS_FILE)
         except OSError as e:
             raise AdapterError(f"adapter source folder {folder}: cannot read it: {e.strerror or e}", 400) from None
 
