@@ -49,6 +49,18 @@ def requests(base, owners, new_tokens, prompt_len=128):
     return [(torch.randint(4, vocab, (prompt_len,), generator=g).tolist(), params, o) for o in owners]
 
 
+def trace_requests(base, owners):
+    """serve_trace.py's lengths: prompt uniform 64-1,024 tokens, output uniform 32-256 (ignore_eos)."""
+    vocab = base.config.vocab_size
+    g = torch.Generator().manual_seed(7)
+    reqs = []
+    for owner in owners:
+        prompt_len, new_tokens = (int(torch.randint(lo, hi + 1, (1,), generator=g)) for lo, hi in ((64, 1024), (32, 256)))
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        reqs.append((torch.randint(4, vocab, (prompt_len,), generator=g).tolist(), params, owner))
+    return reqs
+
+
 def set_fused(base, on: bool, saved: dict):
     nf4_linear.DISPATCH.clear()
     nf4_linear.DISPATCH.update(saved)
@@ -58,11 +70,11 @@ def set_fused(base, on: bool, saved: dict):
                 nf4_linear.DISPATCH[(m.out_features, m.in_features)] = frozenset()
 
 
-def profile(base, reqs, saved) -> dict:
+def profile(base, reqs, saved, kv_cache_tokens: int = 32768) -> dict:
     """Kernels by GPU time over one generate() of `reqs` (after a warm-up run of the same requests),
     with the engine's decode step time and the wall time of the prefill steps."""
     set_fused(base, True, saved)
-    engine = Engine(base, EngineConfig(kv_cache_tokens=32768, prefix_caching=False))
+    engine = Engine(base, EngineConfig(kv_cache_tokens=kv_cache_tokens, prefix_caching=False))
     t = time.perf_counter()
     engine.generate(reqs)  # captures graphs, loads adapters, compiles kernels
     first_s = time.perf_counter() - t
@@ -100,7 +112,8 @@ def main() -> None:
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--skip-fidelity", action="store_true")
     ap.add_argument("--cases", default="base_b32,distinct_b32,over8_b32,one_adapter_b32,mix_b32,mix_prefill_b32",
-                    help="profiled cases (comma separated), from: %(default)s")
+                    help="profiled cases (comma separated): %(default)s, or base_prefill_b32, distinct_prefill_b32, "
+                         "base_prefill_2048, adapter_prefill_2048, four_prefill_512, trace_128, trace_128_adapters")
     ap.add_argument("--new-tokens", type=int, default=16)
     args = ap.parse_args()
     shape = serve_gpu_models.SHAPES[args.shape]
@@ -119,13 +132,19 @@ def main() -> None:
     cases = {"base_b32": [None] * 32, "distinct_b32": refs, "over8_b32": [refs[i % 8] for i in range(32)],
              "one_adapter_b32": [refs[0]] * 32, "mix_b32": mix, "base_prefill_b32": [None] * 32,
              "distinct_prefill_b32": refs, "mix_prefill_b32": mix,
-             "base_prefill_2048": [None], "adapter_prefill_2048": [refs[0]], "four_prefill_512": refs[:4]}
+             "base_prefill_2048": [None], "adapter_prefill_2048": [refs[0]], "four_prefill_512": refs[:4],
+             # a serve_trace.py-like batch all at once (mixed steps of prompt chunks beside up to 128 decode rows,
+             # then decode): where the trace's GPU time goes, base-only and over the 32 adapters
+             "trace_128": [None] * 128, "trace_128_adapters": [refs[i % 32] for i in range(128)]}
     prompt_lens = {"base_prefill_2048": 2048, "adapter_prefill_2048": 2048, "four_prefill_512": 512}
     if not args.skip_profile:
         for name in args.cases.split(","):
             owners = cases[name]
             new_tokens = 1 if "prefill" in name else args.new_tokens
-            r = profile(base, requests(base, owners, new_tokens, prompt_lens.get(name, 128)), saved)
+            if name.startswith("trace"):  # room for every sequence at once: no preemption
+                r = profile(base, trace_requests(base, owners), saved, kv_cache_tokens=len(owners) * 1280)
+            else:
+                r = profile(base, requests(base, owners, new_tokens, prompt_lens.get(name, 128)), saved)
             result[name] = r
             print(f"== {name}: decode step {r['decode_step_ms']:.2f} ms over {r['decode_steps']} steps "
                   f"(graph steps so far {r['graph_steps']}); {r['prefill_steps']} prefill steps; "
