@@ -178,3 +178,38 @@ def test_a_consumer_failing_in_the_overlap_ends_only_its_request(tiny_base):
     assert results[-1].finished and results[-1].finish_reason == "length" and results[-1].completion_tokens == 10
     assert texts([results]) == solo(tiny_base, [(prompts[1], greedy(10), None)])
     assert engine.blocks.num_used == 0
+
+
+def test_adapters_pack_each_once_and_never_behind_another(tiny_base, adapters):
+    """prepare_adapter locks per adapter: a slow pack of one adapter holds up neither another adapter's pack
+    nor a request for it, and two threads preparing one adapter run one after the other (the second finds it
+    packed, as ops.prepare keeps its result)."""
+    import threading
+    import time
+
+    engine = Engine(tiny_base, EngineConfig(kv_cache_tokens=1024))
+    slow, fast = (AdapterRef(ref.id, 1, random_adapter(tiny_base.projection_shapes, tiny_base.num_layers, seed=9 + i))
+                  for i, ref in enumerate(adapters[:2]))
+    calls, started = [], threading.Event()
+    prepare = engine.ops.prepare
+
+    def timed_prepare(weights):
+        begin = time.perf_counter()
+        if weights is slow.weights:
+            started.set()
+            time.sleep(0.5)
+        prepare(weights)
+        calls.append((weights, begin, time.perf_counter()))
+    engine.ops.prepare = timed_prepare
+    threads = [threading.Thread(target=engine.prepare_adapter, args=(slow,)) for _ in range(2)]
+    threads[0].start()
+    assert started.wait(10)
+    threads[1].start()
+    t = time.perf_counter()
+    engine.prepare_adapter(fast)
+    assert time.perf_counter() - t < 0.25  # not behind the slow pack
+    for thread in threads:
+        thread.join()
+    (b0, e0), (b1, e1) = sorted((b, e) for w, b, e in calls if w is slow.weights)
+    assert b1 >= e0  # the same adapter: one pack at a time
+    assert sum(w is fast.weights for w, _, _ in calls) == 1

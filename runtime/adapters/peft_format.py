@@ -18,6 +18,7 @@ import json
 import math
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +102,8 @@ class AdapterWeights:
     config: dict
     modules: dict[tuple[int, str], ModuleDelta] = field(default_factory=dict)
     packed: object | None = field(default=None, repr=False, compare=False)  # the adapter ops' load-ready form
+    # held while `packed` is computed: this adapter is packed once, other adapters meanwhile (engine.prepare_adapter)
+    pack_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
