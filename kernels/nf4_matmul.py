@@ -62,9 +62,9 @@ WIDE_ROWS = 64  # row counts above this use WIDE_STEP by the rule
 
 
 def choose_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int,
-                 step: tuple[int, int, int] | None = None) -> NF4Tiles:
+                 step: tuple[int, int, int] | None = None, block_n: int = 128, num_warps: int | None = None) -> NF4Tiles:
     """Tiles for x [M, K] times an NF4 weight [N, K]; step: (block_m, block_k, num_stages) instead of the
-    row-count rule (for candidate_tiles).
+    row-count rule, block_n and num_warps instead of 128 and the rule's (for candidate_tiles).
 
     The kernel is bound by instruction issue on the dequantisation (about 6 per weight on sm90, see
     the module docstring), nearly independent of M up to 64: one m-tile covers all rows so each weight
@@ -82,7 +82,7 @@ def choose_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int,
         bm, bk, stages = STEPS[2]
     else:
         bm, bk, stages = WIDE_STEP
-    bn, warps = 128, 8 if bm > 64 else 4
+    bn, warps = block_n, num_warps or (8 if bm > 64 else 4)
     bk = min(bk, K & -K)  # K is a multiple of the blocksize, so this is at least blocksize >= 32
     programs = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     k_tiles = K // bk
@@ -124,6 +124,13 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
     even = max((d for d in range(1, rule.splits) if k_tiles % d == 0), default=None)
     if even is not None and k_tiles % rule.splits:
         tiles.append(replace(rule, splits=even))
+    # From 32 rows the partial-sum cap holds split-K to a few programs per SM (64 rows of [4096, 4096]: 32 n-tiles x
+    # 4 splits of 4 warps, 4 warps an SM, too few to hide load latency; 19.0 us vs 14.6 dense, H100): more warps
+    # per program, or twice the programs over 64 output features each (one 64-row wgmma per program)
+    if M > STEPS[0][0]:
+        step = (rule.block_m, rule.block_k, rule.num_stages)
+        tiles += [choose_tiles(M, N, K, blocksize, num_sms, step, num_warps=8),
+                  choose_tiles(M, N, K, blocksize, num_sms, step, block_n=64)]
     return list(dict.fromkeys(tiles))
 
 

@@ -93,6 +93,7 @@ def test_matches_float64_reference(M, shape, compress, bias):
     NF4Tiles(block_m=16, block_n=64, block_k=32, splits=3),  # pieces inside an absmax block, split-K
     NF4Tiles(block_m=32, block_n=32, block_k=256, splits=2),  # 4 absmax blocks per step
     NF4Tiles(block_m=64, block_n=128, block_k=64, splits=1),
+    NF4Tiles(block_m=32, block_n=64, block_k=128, splits=2, num_warps=8),  # calibration's 64-feature / 8-warp tiles
     NF4Tiles(block_m=16, block_n=64, block_k=64, splits=2, prefetch=True),  # next step's loads ahead, split-K
     NF4Tiles(block_m=16, block_n=32, block_k=32, splits=1, prefetch=True),  # two steps per absmax block
 ])
@@ -199,6 +200,14 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
     rule48 = choose_tiles(48, 4096, 4096, BLOCKSIZE, 132)
     assert (4096 // rule48.block_k) % rule48.splits and replace(rule48, splits=4) in candidate_tiles(
         48, 4096, 4096, BLOCKSIZE, 132)
+    # from 32 rows also 8 warps a program, and 64 output features a program with the splits that count gives
+    for M in (32, 48, 64):
+        rule, tiles = choose_tiles(M, 4096, 4096, BLOCKSIZE, 132), candidate_tiles(M, 4096, 4096, BLOCKSIZE, 132)
+        assert replace(rule, num_warps=8) in tiles
+        narrow = [t for t in tiles if t.block_n == 64]
+        assert len(narrow) == 1 and narrow[0].block_m == rule.block_m and narrow[0].splits <= rule.splits
+        assert narrow[0].splits * M * 4096 * 4 <= 4096 * 4096 // 4 or narrow[0].splits == 1
+    assert all(t.block_n == 128 and t.num_warps == 4 for t in candidate_tiles(16, 4096, 4096, BLOCKSIZE, 132))
 
 
 def test_prefetch_needs_one_absmax_block_per_step():
@@ -231,8 +240,8 @@ def test_every_candidate_tiling_gives_the_same_product():
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(10))
     ref = x.double() @ dequantized(packed, state, torch.float32).double().T
     tiles = candidate_tiles(40, 64, 256, BLOCKSIZE, 2)
-    assert len(tiles) == 8 and sum(t.prefetch for t in tiles) == 3
-    assert [t.splits for t in tiles[-2:]] == [2, 4] and tiles[-1] == replace(tiles[0], splits=4)  # more split-K
+    assert len(tiles) == 10 and sum(t.prefetch for t in tiles) == 3 and sum(t.block_n == 64 for t in tiles) == 1
+    assert [t.splits for t in tiles[-4:-2]] == [2, 4] and tiles[-3] == replace(tiles[0], splits=4)  # more split-K
     for t in tiles:
         out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
         assert relative_error(out, ref) < 1e-5, t
