@@ -1,6 +1,10 @@
 """How the engine sizes what it puts on the accelerator: KV cache tokens first, then the adapter pool in
-bytes from what is left; and which adapter-ops implementation serves the adapters (`make_ops`)."""
+bytes from what is left; which adapter-ops implementation serves the adapters (`make_ops`); and how pinned
+host memory (the adapters' packed copies) is obtained."""
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 
@@ -15,6 +19,26 @@ MIN_AUTO_NUM_SEQS = 16
 KV_TOKENS_PER_SEQ = 1024  # CUDA: the KV room per running sequence that the default batch leaves
 DEFAULT_ADAPTER_SHARE = 0.5  # of the accelerator memory free after weights and KV
 CPU_ADAPTER_MEMORY = 4 << 30
+PINNED_REGISTER_THREADS = 8
+
+log = logging.getLogger(__name__)
+
+
+def use_registered_pinned_memory() -> bool:
+    """Pinned host memory from malloc + cudaHostRegister, its pages touched by PINNED_REGISTER_THREADS threads,
+    instead of one cudaHostAlloc per block (PyTorch's allocator options, its PR 108488: cudaHostAlloc maps and
+    locks a whole block, rounded up to a power of two, on one thread under a global lock). Every uploaded
+    adapter is packed into fresh pinned memory before its first load, so that allocation sits on the hot-load
+    path. Left alone when PYTORCH_CUDA_ALLOC_CONF already chooses a pinned-memory option; False when not set."""
+    if not torch.cuda.is_available() or "pinned" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return False
+    settings = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{PINNED_REGISTER_THREADS}"
+    try:  # (PyTorch >= 2.9 names it so; before, torch.cuda.memory._set_allocator_settings)
+        (getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings)(settings)
+    except (AttributeError, RuntimeError) as e:  # a PyTorch without these options
+        log.warning("pinned host memory stays cudaHostAlloc's: %s", e)
+        return False
+    return True
 
 
 def make_ops(kind: str, base: BaseModel, num_slots: int, pool_bytes: int | None = None) -> AdapterOps:
@@ -25,6 +49,8 @@ def make_ops(kind: str, base: BaseModel, num_slots: int, pool_bytes: int | None 
         return TorchAdapterOps(*args, base_weight=base.projection_weight)
     if kind == "triton":
         from loraplex.kernels.ops import TritonAdapterOps
+        if base.device.type == "cuda":
+            use_registered_pinned_memory()
         return TritonAdapterOps(*args, pool_bytes=pool_bytes, base_weight=base.projection_weight)
     raise ValueError(f"unknown adapter ops {kind!r}: auto, torch or triton")
 
