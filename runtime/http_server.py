@@ -21,7 +21,8 @@ from . import openai_schemas as oa
 from .adapters.peft_format import AdapterError
 from .choices import Choice, Choices
 from .engine import RequestError
-from .service import MAX_PAGE, Service, ServiceError, adapter_json, error_of
+from .adapter_admin import adapter_json
+from .service import MAX_PAGE, Service, ServiceError, error_of
 from .tenants import Tenant
 from .upload_form import UploadForm
 

@@ -3,29 +3,28 @@
 One admission path for both transports: `Service.open_request` authenticates nothing (the
 transport hands it the caller's Tenant), resolves the `model` name in the tenant's namespace to an
 adapter version, tokenises off the event loop, checks the limits and submits to the engine; the
-check of the in-flight counter and the submit happen together, under one lock.
+check of the in-flight counter and the submit happen together, under one lock. The adapter routes
+(uploads, listing, deletion, the model list) are the AdapterAdmin half it inherits (adapter_admin.py).
 """
 from __future__ import annotations
 
 import asyncio
-import bisect
 import dataclasses
 import functools
 import logging
 import sys
 import threading
-import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .adapters.incoming import IncomingWeights
-from .adapters.peft_format import AdapterError, BaseShape, refuse_pickle
+from .adapters.peft_format import AdapterError, BaseShape
 from .adapters.registry import AdapterRef, AdapterRegistry
 from .adapters.source import AdapterSource
-from .adapters.store import AdapterStore, Staged, StoredAdapter, check_adapter_id
+from .adapters.store import AdapterStore, check_adapter_id
+from .adapter_admin import BASE_MODEL_ID, AdapterAdmin
 from .base_model import BaseModel, cache_dir, describe
 from .engine import Engine, EngineConfig, EngineDead, RequestError
 from .metrics import Metrics
@@ -34,7 +33,6 @@ from .sequence import SamplingParams, StepOutput
 from .tenants import OPEN_TENANT, KeyRing, Tenant, bearer_key
 from .warm_up import warm_up
 
-BASE_MODEL_ID = "base"
 MAX_PAGE = 1000  # the largest `limit` of a list route
 log = logging.getLogger("loraplex.service")
 
@@ -175,7 +173,7 @@ class Generation:
         self.close()
 
 
-class Service:
+class Service(AdapterAdmin):
     def __init__(self, base: BaseModel, engine_config: EngineConfig | None = None,
                  config: ServiceConfig | None = None, keys: KeyRing | None = None):
         self.base = base
@@ -382,188 +380,6 @@ class Service:
         while self._in_flight and loop.time() < deadline + 5:  # their transports close them
             await asyncio.sleep(0.05)
 
-    # -- adapters (in the caller's namespace) ---------------------------------------------
-    def _own(self, tenant: Tenant, record: StoredAdapter) -> StoredAdapter | None:
-        own_id = tenant.own_id(record.id)
-        return None if own_id is None else dataclasses.replace(record, id=own_id)
-
-    def _check_own_id(self, adapter_id: str) -> None:
-        check_adapter_id(adapter_id)
-        if adapter_id in (BASE_MODEL_ID, self.base.name):
-            raise AdapterError(f"adapter id {adapter_id!r} is reserved for the base model", 400)
-
-    def _not_found(self, adapter_id: str) -> AdapterError:
-        return AdapterError(f"adapter {adapter_id!r} not found", 404)
-
-    async def upload_adapter(self, tenant: Tenant, adapter_id: str, config_raw: bytes,
-                             weights_raw: bytes) -> StoredAdapter:
-        try:
-            self._check_own_id(adapter_id)
-            refuse_pickle(weights_raw)
-            record = await asyncio.to_thread(self._upload, tenant, adapter_id, config_raw, weights_raw)
-        except AdapterError:
-            self.metrics.uploads.labels("rejected").inc()
-            raise
-        self.metrics.uploads.labels("ok").inc()
-        self._prepare_soon(record)
-        return self._own(tenant, record)
-
-    # A streamed upload: open_upload() when its weights start, IncomingWeights.write() as they arrive, then
-    # upload_received() once the request is read, or refuse_upload() when the transport refuses it first.
-    def check_upload_id(self, tenant: Tenant, adapter_id: str) -> None:
-        """The checks an upload's id gets before its weights are read (no disk access: it runs on the event
-        loop): valid, not the base model's, not too long for the tenant. Its count is checked at the commit."""
-        self._check_own_id(adapter_id)
-        self._stored_upload_id(tenant, adapter_id)
-
-    def open_upload(self, capacity: int | None = None, config_raw: bytes | None = None,
-                    weights_sha256: bool = False) -> IncomingWeights:
-        """Where a streamed upload's weights go as they arrive (a temporary directory of the store)."""
-        return IncomingWeights(self.registry.store, self.registry.max_bytes, capacity, config_raw, weights_sha256)
-
-    async def refuse_upload(self, incoming: IncomingWeights | None) -> None:
-        """A streamed upload refused before upload_received (its body, its form, the client gone): nothing stays."""
-        if incoming is not None:
-            await incoming.discard()
-        self.metrics.uploads.labels("rejected").inc()
-
-    async def upload_received(self, tenant: Tenant, adapter_id: str, config_raw: bytes,
-                              incoming: IncomingWeights) -> StoredAdapter:
-        """Commit a streamed upload whose bytes are all in: its files are synced, then it is validated (off the
-        event loop) and published; refused, its temporary directory is gone before this returns."""
-        received = time.perf_counter()
-        try:
-            self._check_own_id(adapter_id)
-            staged = await incoming.finish(config_raw)
-            synced = time.perf_counter()
-            record = await asyncio.to_thread(self._upload, tenant, adapter_id, config_raw, incoming.data, staged, True)
-            log.info("upload %s: %.1f MB received in %.0f ms, then synced in %.0f ms, validated and committed in %.0f ms",
-                     record.id, incoming.size / 1e6, 1e3 * (received - incoming.opened), 1e3 * (synced - received),
-                     1e3 * (time.perf_counter() - synced))
-        except BaseException as e:
-            await incoming.discard()
-            if isinstance(e, AdapterError):
-                self.metrics.uploads.labels("rejected").inc()
-            raise
-        finally:
-            incoming.release()
-        self.metrics.uploads.labels("ok").inc()
-        self._prepare_soon(record)
-        return self._own(tenant, record)
-
-    def _prepare_soon(self, record: StoredAdapter) -> None:
-        """Pack a new upload for loading (pinned host memory in the kernels' layout) on a worker thread, after
-        the upload is answered: its first request then pays only the transfer and its prefill (issue #20)."""
-        weights = self.registry.cached(record)
-        if weights is None:  # not cached (host memory full): packed at first use, as before
-            return
-
-        def prepare():
-            try:
-                self.engine.prepare_adapter(AdapterRef(record.id, record.version, weights))
-            except Exception as e:  # noqa: BLE001 - the first request packs it again and reports a failure
-                log.warning("packing adapter %s v%d after its upload failed: %s", record.id, record.version, e)
-        self._preparing.submit(prepare)
-
-    def _stored_upload_id(self, tenant: Tenant, adapter_id: str) -> str:
-        stored_id = tenant.stored_id(adapter_id)
-        try:
-            check_adapter_id(stored_id)
-        except AdapterError:
-            raise AdapterError(f"adapter id {adapter_id!r} is too long for tenant {tenant.name!r}", 400) from None
-        return stored_id
-
-    def _check_adapter_count(self, tenant: Tenant) -> None:
-        owned = len(self.list_adapters(tenant))
-        if owned >= self.config.max_adapters_per_tenant:
-            raise AdapterError(f"tenant {tenant.name!r} already has {owned} adapters, the limit; "
-                               "delete one first", 403)
-
-    def _upload(self, tenant: Tenant, adapter_id: str, config_raw: bytes, weights_raw,
-                staged: Staged | None = None, owned: bool = False) -> StoredAdapter:
-        try:
-            stored_id = self._stored_upload_id(tenant, adapter_id)
-            with self._upload_lock:
-                if not tenant.admin and self.registry.store.get(stored_id) is None:
-                    self._check_adapter_count(tenant)
-                return self.registry.upload(stored_id, config_raw, weights_raw, staged, owned)
-        except BaseException:
-            if staged is not None:
-                self.registry.store.discard(staged)
-            raise
-
-    def list_adapters(self, tenant: Tenant) -> list[StoredAdapter]:
-        return [own for record in self.registry.list() if (own := self._own(tenant, record)) is not None]
-
-    def get_adapter(self, tenant: Tenant, adapter_id: str) -> StoredAdapter:
-        self._check_own_id(adapter_id)
-        try:
-            return self._own(tenant, self.registry.get(tenant.stored_id(adapter_id)))
-        except AdapterError as e:
-            raise self._not_found(adapter_id) if e.status in (400, 404) else e
-
-    def delete_adapter(self, tenant: Tenant, adapter_id: str) -> StoredAdapter:
-        self._check_own_id(adapter_id)
-        try:
-            record = self.registry.delete(tenant.stored_id(adapter_id))
-        except AdapterError as e:
-            raise self._not_found(adapter_id) if e.status in (400, 404) else e
-        self.metrics.forget_adapter(record.id, record.version)
-        return self._own(tenant, record)
-
-    def _own_ids(self, tenant: Tenant) -> list[str]:
-        """The ids of the tenant's stored adapters, sorted (one directory read; no adapter file opened)."""
-        return [own for stored in self.registry.store.ids() if (own := tenant.own_id(stored)) is not None]
-
-    def list_adapters_page(self, tenant: Tenant, limit: int | None = None,
-                           after: str | None = None) -> tuple[list[StoredAdapter], bool]:
-        """Up to `limit` of the tenant's adapters with ids after `after`, by id; and whether more follow."""
-        ids = self._own_ids(tenant)
-        page, more = [], False
-        for adapter_id in ids[0 if after is None else bisect.bisect_right(ids, after):]:
-            record = self.registry.store.get(tenant.stored_id(adapter_id))
-            if record is None:  # deleted meanwhile
-                continue
-            if limit is not None and len(page) == limit:
-                more = True
-                break
-            page.append(self._own(tenant, record))
-        return page, more
-
-    def models_page(self, tenant: Tenant, limit: int | None = None, after: str | None = None) -> tuple[list[dict], bool]:
-        """The base model first, then the tenant's stored adapters and every --adapter-source adapter (a stored
-        adapter hides a source one of its id), by id: up to `limit` entries after `after`; and whether more follow.
-        Source adapters are listed from their folders' names, without reading them."""
-        stored = self._own_ids(tenant)
-        own = set(stored)
-        sources = {i for source in self._own_sources(tenant) + self.sources for i in source.ids()
-                   if i not in own and i != self.base.name}
-        entries = [(0, BASE_MODEL_ID, "base")] + sorted([(1, i, "store") for i in stored] +
-                                                         [(1, i, "source") for i in sources])
-        start = 0
-        if after is not None:
-            start = bisect.bisect_right(entries, (0, BASE_MODEL_ID, "~") if after == BASE_MODEL_ID else (1, after, "~"))
-        page, more = [], False
-        common = {"object": "model", "owned_by": "loraplex", "root": self.base.name}
-        for _, entry_id, kind in entries[start:]:
-            if kind == "base":
-                entry = {"id": BASE_MODEL_ID, **common}
-            elif kind == "source":
-                entry = {"id": entry_id, **common, "parent": BASE_MODEL_ID, "source": "adapter-source"}
-            else:
-                record = self.registry.store.get(tenant.stored_id(entry_id))
-                if record is None:
-                    continue
-                entry = {"id": entry_id, **common, "parent": BASE_MODEL_ID, "version": record.version}
-            if limit is not None and len(page) == limit:
-                more = True
-                break
-            page.append(entry)
-        return page, more
-
-    def models(self, tenant: Tenant) -> list[dict]:
-        return self.models_page(tenant)[0]
-
     def health(self) -> dict:
         status = "error" if not self.engine.alive else "draining" if self.draining else "ok"
         limits = {**self.config.limits(), "max_host_adapter_bytes": self.registry.max_host_bytes}
@@ -571,7 +387,3 @@ class Service:
                 **self.engine.stats(), "in_flight": self.in_flight, "limits": limits,
                 "quarantined_adapters": [dataclasses.asdict(q) for q in self.registry.store.quarantined]}
 
-
-def adapter_json(a: StoredAdapter) -> dict:
-    return {"id": a.id, "object": "adapter", "version": a.version, "peft_type": a.peft_type, "rank": a.rank,
-            "size_bytes": a.size_bytes, "created": int(a.created)}
