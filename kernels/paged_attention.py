@@ -33,7 +33,9 @@ query_start[B].
 Constraints: block_size a power of two (any BLOCK_N works with it); any head_dim (padded to a power
 of two inside; tuned for 64 and 128); H a multiple of KV; the last dimension of q, out and the
 caches contiguous (q and out may be strided views otherwise). Mixed batches (decode rows and
-prefill chunks) work in one prefill launch, where a decode sequence fills only G of BLOCK_M rows.
+prefill chunks) work in one prefill launch; there a sequence with one query runs the decode launch's
+tile (DECODE_M rows, G of them its heads) instead of BLOCK_M rows of which it fills G: on the 8B shape
+a mixed graph's tile is 128 rows, and each decode row paid 32x its attention's tensor-core work.
 """
 from __future__ import annotations
 
@@ -107,31 +109,17 @@ def _attend_tiles(acc, m_i, l_i, q, q_pos, tile_lo, tile_hi,
     return acc, m_i, l_i
 
 
-# The batch's sequence count and block-table width change every step: specialising on them (Triton's
-# default for integers: ==1, divisible by 16) compiled a new kernel at run time for each combination
-# (H200, 1B shape: a 32-request burst's prefill steps took 80 ms instead of 17 ms on a fresh server).
-@triton.jit(do_not_specialize=["num_seqs", "window", "stride_bt"])
-def _paged_attention_kernel(
-    q_ptr, k_cache, v_cache, out_ptr, part_out, part_lse,
-    block_tables, context_lens, query_start,
-    num_seqs, qk_scale, window,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_kvh, stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    DECODE: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
+@triton.jit
+def _attend_query_tile(q_ptr, k_cache, v_cache, out_ptr, part_out, part_lse, block_tables, context_lens, query_start,
+                       seq, q_tile, qk_scale, window,
+                       stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_kvh, stride_bt,
+                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Query tile `q_tile` (BLOCK_Q tokens x GROUP heads of this program's KV head) of sequence `seq`."""
     kv_head = tl.program_id(1)
-    if DECODE:
-        seq = tl.program_id(0)
-        q_tile = 0
-    else:  # the last tiles (most causal work) start first
-        tile = tl.num_programs(0) - 1 - tl.program_id(0)
-        seq = _find_sequence(query_start, tile, num_seqs, BLOCK_Q)
-        q_tile = tile - (tl.load(query_start + seq) // BLOCK_Q + seq)
     q_first = tl.load(query_start + seq)
     n_q = tl.load(query_start + seq + 1) - q_first
-    if q_tile * BLOCK_Q >= n_q:  # a gap tile of the prefill grid, or a sequence without queries
-        return
     ctx_len = tl.load(context_lens + seq)
 
     rows = tl.arange(0, BLOCK_M)
@@ -190,6 +178,47 @@ def _paged_attention_kernel(
     else:
         tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# The batch's sequence count and block-table width change every step: specialising on them (Triton's
+# default for integers: ==1, divisible by 16) compiled a new kernel at run time for each combination
+# (H200, 1B shape: a 32-request burst's prefill steps took 80 ms instead of 17 ms on a fresh server).
+@triton.jit(do_not_specialize=["num_seqs", "window", "stride_bt"])
+def _paged_attention_kernel(
+    q_ptr, k_cache, v_cache, out_ptr, part_out, part_lse,
+    block_tables, context_lens, query_start,
+    num_seqs, qk_scale, window,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_kvh, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    DECODE: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    DECODE_M: tl.constexpr,
+):
+    # (arguments spelled out: older Triton front ends reject starred arguments in a jit call)
+    if DECODE:
+        _attend_query_tile(q_ptr, k_cache, v_cache, out_ptr, part_out, part_lse, block_tables, context_lens,
+                           query_start, tl.program_id(0), 0, qk_scale, window, stride_qt, stride_qh, stride_ot,
+                           stride_oh, stride_slot, stride_kvh, stride_bt, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, 1,
+                           BLOCK_N, BLOCK_SIZE, SPLIT, UPCAST, PRECISION)
+    else:  # the last tiles (most causal work) start first
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+        seq = _find_sequence(query_start, tile, num_seqs, BLOCK_Q)
+        q_tile = tile - (tl.load(query_start + seq) // BLOCK_Q + seq)
+        n_q = tl.load(query_start + seq + 1) - tl.load(query_start + seq)
+        # a decode row of a mixed batch takes a DECODE_M-row tile for its GROUP query heads, not BLOCK_M rows of
+        # which GROUP work (8B: 4 of 128, over every cache tile of its context)
+        one_query_tile: tl.constexpr = DECODE_M < BLOCK_M
+        if q_tile * BLOCK_Q < n_q:  # else a gap tile of the grid, or a sequence without queries
+            if one_query_tile and n_q == 1:
+                _attend_query_tile(q_ptr, k_cache, v_cache, out_ptr, part_out, part_lse, block_tables, context_lens,
+                                   query_start, seq, 0, qk_scale, window, stride_qt, stride_qh, stride_ot,
+                                   stride_oh, stride_slot, stride_kvh, stride_bt, GROUP, HEAD_DIM, BLOCK_D, DECODE_M,
+                                   1, BLOCK_N, BLOCK_SIZE, False, UPCAST, PRECISION)
+            else:
+                _attend_query_tile(q_ptr, k_cache, v_cache, out_ptr, part_out, part_lse, block_tables, context_lens,
+                                   query_start, seq, q_tile, qk_scale, window, stride_qt, stride_qh, stride_ot,
+                                   stride_oh, stride_slot, stride_kvh, stride_bt, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                   BLOCK_Q, BLOCK_N, BLOCK_SIZE, False, UPCAST, PRECISION)
 
 
 @triton.jit
@@ -279,19 +308,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if splits == 1:
             _paged_attention_kernel[(B, KV, 1)](
                 q, k_cache, v_cache, out, out, out, *args, BLOCK_M=block_m, BLOCK_Q=1, BLOCK_N=block_n,
-                DECODE=True, SPLIT=False, num_warps=4, num_stages=3, **common)
+                DECODE=True, SPLIT=False, DECODE_M=block_m, num_warps=4, num_stages=3, **common)
             return out
         part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
         _paged_attention_kernel[(B, KV, splits)](
             q, k_cache, v_cache, out, part_out, part_lse, *args, BLOCK_M=block_m, BLOCK_Q=1, BLOCK_N=block_n,
-            DECODE=True, SPLIT=True, num_warps=4, num_stages=3, **common)
+            DECODE=True, SPLIT=True, DECODE_M=block_m, num_warps=4, num_stages=3, **common)
         _merge_splits_kernel[(B, H)](out, part_out, part_lse, query_start, splits, out.stride(0), out.stride(1),
                                      HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
                                      num_warps=4 if block_d >= 128 else 2)
         return out
 
-    # Prefill / mixed: rows of a tile are BLOCK_Q tokens x G heads; 128 rows once chunks are long.
+    # Prefill / mixed: rows of a tile are BLOCK_Q tokens x G heads; 128 rows once chunks are long. A sequence
+    # with one query (a decode row beside prefill chunks) takes the decode launch's smaller tile.
     block_m = min(128, max(16, triton.next_power_of_2(max_query_len * group)))
     block_m = max(block_m, triton.next_power_of_2(group))
     block_q = block_m // group
@@ -299,6 +329,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     grid = (T // block_q + B, KV)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, out, out, *args, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        DECODE=False, SPLIT=False, num_warps=8 if block_m >= 128 else 4, num_stages=3, **common)
+        DECODE=False, SPLIT=False, DECODE_M=max(16, triton.next_power_of_2(group)),
+        num_warps=8 if block_m >= 128 else 4, num_stages=3, **common)
     return out
 

@@ -95,3 +95,31 @@ def test_segmented_lora_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["compiled"] >= 20 and not result["failures"], "\n".join(result["failures"])
+
+
+ATTENTION_SCRIPT = r"""
+from loraplex.kernels import paged_attention as k
+
+types = {"q_ptr": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "out_ptr": "*bf16", "part_out": "*fp32",
+         "part_lse": "*fp32", "block_tables": "*i32", "context_lens": "*i32", "query_start": "*i32", "qk_scale": "fp32"}
+jobs = []
+for head_dim in (64, 128):  # the 1B and 8B shapes (4 query heads a KV head)
+    for decode, split, block_m in ((True, False, 16), (True, True, 16), (False, False, 16), (False, False, 64),
+                                   (False, False, 128)):
+        constexprs = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m,
+                          BLOCK_Q=1 if decode else block_m // 4, BLOCK_N=64, BLOCK_SIZE=16, DECODE=decode, SPLIT=split,
+                          UPCAST=False, PRECISION="tf32", DECODE_M=16)
+        jobs.append((k._paged_attention_kernel, constexprs, types, 8 if block_m >= 128 else 4, 3))
+compile_all(jobs)
+"""
+
+
+def test_paged_attention_compiles_for_sm90():
+    """Decode (with and without split-K) and prefill / mixed launches, the latter with the one-query tile that
+    a mixed batch's decode rows take."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE + ATTENTION_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["compiled"] == 10 and not result["failures"], "\n".join(result["failures"])
