@@ -94,6 +94,7 @@ def test_matches_float64_reference(M, shape, compress, bias):
     NF4Tiles(block_m=32, block_n=32, block_k=256, splits=2),  # 4 absmax blocks per step
     NF4Tiles(block_m=64, block_n=128, block_k=64, splits=1),
     NF4Tiles(block_m=32, block_n=64, block_k=128, splits=2, num_warps=8),  # calibration's 64-feature / 8-warp tiles
+    NF4Tiles(block_m=128, block_n=64, block_k=128, splits=1, num_warps=8),  # a wide batch's 128-feature steps
     NF4Tiles(block_m=16, block_n=64, block_k=64, splits=2, prefetch=True),  # next step's loads ahead, split-K
     NF4Tiles(block_m=16, block_n=32, block_k=32, splits=1, prefetch=True),  # two steps per absmax block
 ])
@@ -208,6 +209,11 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
         assert len(narrow) == 1 and narrow[0].block_m == rule.block_m and narrow[0].splits <= rule.splits
         assert narrow[0].splits * M * 4096 * 4 <= 4096 * 4096 // 4 or narrow[0].splits == 1
     assert all(t.block_n == 128 and t.num_warps == 4 for t in candidate_tiles(16, 4096, 4096, BLOCKSIZE, 132))
+    wide = candidate_tiles(128, 28672, 4096, BLOCKSIZE, 132)  # above 64 rows: the rule, 64-row tiles, longer steps,
+    rule = wide[0]                                            # a deeper pipeline
+    assert rule == choose_tiles(128, 28672, 4096, BLOCKSIZE, 132) and rule.block_m == 128
+    assert {(t.block_m, t.block_k, t.num_stages) for t in wide[1:]} == {
+        (64, 64, 3), (128, 2 * rule.block_k, rule.num_stages), (128, rule.block_k, rule.num_stages + 1)}
 
 
 def test_prefetch_needs_one_absmax_block_per_step():
@@ -220,13 +226,14 @@ def test_prefetch_needs_one_absmax_block_per_step():
 @needs_interpreter
 def test_wide_batches_take_128_or_64_rows_per_program_and_give_the_same_product():
     """Above 64 rows (large decode batches, short prefill chunks) the calibration times the 128-row tile
-    against several 64-row m-tiles; both equal the format, rows past the last full tile included."""
+    against several 64-row m-tiles, longer loop steps and a deeper pipeline; all equal the format, rows past
+    the last full tile included."""
     from loraplex.kernels.nf4_matmul import candidate_tiles
     packed, state = quantize(64, 256, True, seed=11)
     x = torch.randn(130, 256, generator=torch.Generator().manual_seed(12))
     ref = x.double() @ dequantized(packed, state, torch.float32).double().T
     tiles = candidate_tiles(130, 64, 256, BLOCKSIZE, 2)
-    assert [(t.block_m, t.num_warps) for t in tiles] == [(128, 8), (64, 4)]
+    assert [(t.block_m, t.num_warps) for t in tiles] == [(128, 8), (64, 4), (128, 8), (128, 8)]
     for t in tiles:
         out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
         assert relative_error(out, ref) < 1e-5, t
