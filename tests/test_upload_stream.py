@@ -238,3 +238,30 @@ def test_an_upload_is_packed_for_loading_after_its_answer(live, monkeypatch):
     assert [(ref.id, ref.version) for ref in packed] == [("packed-early", r.json()["version"])]
     assert packed[0].weights is live.service.registry.cached(live.service.registry.get("packed-early"))
     assert httpx.delete(f"{live.url}/v1/adapters/packed-early").status_code == 200
+
+
+def test_received_bytes_are_the_parse_buffer_and_only_the_upload_is_kept(tmp_path):
+    """IncomingWeights keeps the weights in one buffer (what the parse views), byte for byte the file it syncs;
+    a capacity far above the upload (no Content-Length: the size limit) is given back when the upload ends."""
+    import asyncio
+
+    from loraplex.runtime.adapters.incoming import IncomingWeights
+    from loraplex.runtime.adapters.store import adapter_digest
+
+    config_raw, weights_raw = tiny_lora(rank=4, seed=3)
+    store = AdapterStore(tmp_path / "store")
+
+    async def receive():
+        incoming = IncomingWeights(store, max_bytes=256 << 20, config_raw=config_raw)
+        for i in range(0, len(weights_raw), 1000):
+            await incoming.write(memoryview(weights_raw)[i:i + 1000])
+        staged = await incoming.finish(config_raw)
+        return incoming, staged
+    incoming, staged = asyncio.run(receive())
+    try:
+        assert bytes(incoming.data) == weights_raw == (staged.path / "adapter_model.safetensors").read_bytes()
+        assert len(incoming._buffer) == len(weights_raw)  # not 256 MB of reserved addresses per kept adapter
+        assert staged.digest == adapter_digest(config_raw, weights_raw)
+        assert not incoming.data.readonly  # the parse keeps views of it (owned=True)
+    finally:
+        incoming.release()
