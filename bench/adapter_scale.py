@@ -107,7 +107,7 @@ class Server:
         exe = shutil.which("loraplex", path=str(Path(sys.executable).parent)) or "loraplex"
         start = time.perf_counter()
         self.proc = subprocess.Popen([exe, "serve", "--port", str(self.port), "--grpc-port", "0", "--adapter-dir",
-                                      str(store), "--log-level", os.environ.get("LOG_LEVEL", "warning"), *extra])
+                                      str(store), "--log-level", "warning", *extra])
         self.client = httpx.Client(base_url=self.url, timeout=300)
         deadline = time.time() + 600
         while time.time() < deadline:
