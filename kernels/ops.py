@@ -96,9 +96,11 @@ class StepSegments(Segments):
 
 @dataclass
 class PackedAdapter:
-    """An adapter in pool layout: one flat host buffer and, per module, its offsets inside it."""
+    """An adapter in pool layout: one flat host buffer and its module table, offsets relative to the buffer."""
     data: torch.Tensor  # [n] in the pool dtype (pinned when a CUDA device will read it)
-    modules: list[tuple[int, str, list[int], float]]  # (layer, projection, table row relative to 0, scale)
+    table: torch.Tensor  # [layers, projections, NUM_FIELDS] int64: module-table rows, offsets relative to 0
+    shift: torch.Tensor  # like table, 1 where a field is an offset (moves with the slot's region), else 0
+    scales: torch.Tensor  # [layers, projections] fp32
     ks: frozenset[int]
     has_general: bool
     block_rank: int
@@ -169,9 +171,17 @@ class TritonAdapterOps(AdapterOps):
         started = time.perf_counter()
         data = torch.empty(max(total, 1), dtype=self.dtype, pin_memory=self.cuda)
         allocated = time.perf_counter()
-        rows, offset = [], 0
+        # the module table too (loads only add the slot's region to its offsets: the engine thread's part)
+        table = [[[0] * layout.NUM_FIELDS for _ in self.proj_ids] for _ in range(self.num_layers)]
+        shift = [[[0] * layout.NUM_FIELDS for _ in self.proj_ids] for _ in range(self.num_layers)]
+        scales = [[0.0] * len(self.proj_ids) for _ in range(self.num_layers)]
+        offset = 0
         for (layer, proj), m in modules.items():
-            rows.append((layer, proj, layout.write_module(m, data, offset), m.scale))
+            row, j = layout.write_module(m, data, offset), self.proj_ids[proj]
+            table[layer][j], scales[layer][j] = row, m.scale
+            for f in (layout.A_OFFSET, layout.B_OFFSET, layout.GENERAL_A_OFFSET, layout.GENERAL_B_OFFSET):
+                shift[layer][j][f] = 1
+            shift[layer][j][layout.DORA_OFFSET] = int(row[layout.DORA_OFFSET] != 0)  # 0: not DoRA, stays 0
             offset += layout.module_size(m)
         if offset < data.numel():
             data[offset:].zero_()
@@ -179,7 +189,8 @@ class TritonAdapterOps(AdapterOps):
                  len(modules), data.numel() * data.element_size() / 1e6, "pinned" if self.cuda else "pageable",
                  self.dtype, 1e3 * (time.perf_counter() - started), 1e3 * (allocated - started))
         packed = PackedAdapter(
-            data, rows, frozenset(m.k for m in modules.values()),
+            data, torch.tensor(table, dtype=torch.int64), torch.tensor(shift, dtype=torch.int64),
+            torch.tensor(scales, dtype=torch.float32), frozenset(m.k for m in modules.values()),
             any(m.general_A is not None for m in modules.values()),
             max((max(m.rank, layout.general_rank(m)) for m in modules.values()), default=1),
             max((layout.intermediate_width(m) for m in modules.values()), default=1),
@@ -204,17 +215,7 @@ class TritonAdapterOps(AdapterOps):
         region = self.pool.allocate(packed.data.numel())
         if region is None:
             return False
-        rows = torch.zeros(self.num_layers, len(self.proj_ids), layout.NUM_FIELDS, dtype=torch.int64)
-        scales = torch.zeros(self.num_layers, len(self.proj_ids), dtype=torch.float32)
-        offsets = (layout.A_OFFSET, layout.B_OFFSET, layout.GENERAL_A_OFFSET, layout.GENERAL_B_OFFSET)
-        for layer, proj, row, scale in packed.modules:
-            row = list(row)
-            for f in offsets:
-                row[f] += region
-            if row[layout.DORA_OFFSET]:  # 0: not DoRA
-                row[layout.DORA_OFFSET] += region
-            rows[layer, self.proj_ids[proj]] = torch.tensor(row)
-            scales[layer, self.proj_ids[proj]] = scale
+        rows, scales = packed.table + region * packed.shift, packed.scales  # (one op: this runs on the engine thread)
         target = self.pool.buffer[region:region + packed.data.numel()]
         if not self.cuda:
             target.copy_(packed.data)
