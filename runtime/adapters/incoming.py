@@ -160,7 +160,7 @@ class IncomingWeights:
         if len(self._buffer) > max(self.size, 1):  # a capacity above the upload (the form's other fields, or no
             try:                                    # Content-Length: up to the size limit) is not kept with it
                 self._buffer.resize(max(self.size, 1))
-            except (BufferError, OSError, SystemError):  # a view of it still open, or no mremap here
+            except (BufferError, OSError, SystemError, ValueError):  # a view of it still open, or no mremap here
                 pass
         if self._digest is None or config_raw != self._config_raw:  # the config came after the weights
             self._digest = _digest_prefix(config_raw)
