@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -197,6 +198,30 @@ async def trace_runs(url: str, shape: ModelShape, args, result: dict, save) -> N
         await session.client.aclose()
 
 
+# -- the server's own timings -------------------------------------------------------------------------------
+UPLOAD_LINE = re.compile(r"upload (\S+): ([\d.]+) MB received in (\d+) ms, then synced in (\d+) ms, "
+                         r"validated and committed in (\d+) ms")
+PACK_LINE = re.compile(r"packed an adapter of (\d+) modules: ([\d.]+) MB of \S+ \S+ host memory in (\d+) ms "
+                       r"\(allocation (\d+) ms\)")
+
+
+def server_timings(log_text: str) -> dict:
+    """Each upload's phases and each pack's time (its pinned allocation apart), from the server's log lines
+    (runtime/service.py and kernels/ops.py write them), with their medians: where an upload's and a hot-load's
+    milliseconds go."""
+    uploads = [{"id": m[1], "mb": float(m[2]), "received_ms": int(m[3]), "synced_ms": int(m[4]),
+                "validated_ms": int(m[5])} for m in UPLOAD_LINE.finditer(log_text)]
+    packs = [{"modules": int(m[1]), "mb": float(m[2]), "ms": int(m[3]), "allocation_ms": int(m[4])}
+             for m in PACK_LINE.finditer(log_text)]
+
+    def median(rows, key):
+        return statistics.median(r[key] for r in rows) if rows else None
+    return {"uploads": uploads, "packs": packs,
+            "p50_ms": {"upload_received": median(uploads, "received_ms"), "upload_synced": median(uploads, "synced_ms"),
+                       "upload_validated": median(uploads, "validated_ms"), "pack": median(packs, "ms"),
+                       "pack_allocation": median(packs, "allocation_ms")}}
+
+
 # -- summary and run ---------------------------------------------------------------------------------------
 def summarize(result: dict) -> dict:
     def p50_ms(values):
@@ -307,6 +332,11 @@ def main(args, host_cpu: str) -> None:
     finally:
         server.stop()
         result["server_log"] = str(server.log_path)
+        try:
+            result["server_timings"] = server_timings(Path(server.log_path).read_text(errors="replace"))
+            print(f"server timings, p50 ms: {result['server_timings']['p50_ms']}", flush=True)
+        except OSError as e:
+            result["server_timings"] = {"error": str(e)}
         save()
     if result["errors"]:
         print(f"--- server log tail ({server.log_path}) ---\n{server.log_tail()}\n---", file=sys.stderr, flush=True)

@@ -104,3 +104,17 @@ def test_device_part_smoke_on_cpu(tmp_path):
         assert run["errors"] == run["short_outputs"] == 0 and run["output_tokens"] == run["trace"]["output_tokens"]
         assert run["counters"]["adapter_loads"] == run["trace"]["distinct_adapters"] > 0  # each loaded at first use
     assert result["settings"]["trace_adapters"] == [4, 8] and "--adapter-source" in result["settings"]["server_flags"]
+    timings = result["server_timings"]  # the server's own log lines: each upload's phases
+    assert len(timings["uploads"]) == 2 and timings["p50_ms"]["upload_received"] is not None
+
+
+def test_server_timings_from_log_lines():
+    gpu = bench_module("adapter_scale_gpu")
+    log = ("2026-12-06 09:45:40,443 loraplex.service INFO upload up-0: 167.8 MB received in 119 ms, then synced in "
+           "51 ms, validated and committed in 27 ms\n"
+           "2026-12-06 09:45:40,500 loraplex.kernels.ops INFO packed an adapter of 224 modules: 83.9 MB of pinned "
+           "torch.bfloat16 host memory in 61 ms (allocation 40 ms)\nsomething else\n")
+    timings = gpu.server_timings(log)
+    assert timings["uploads"] == [{"id": "up-0", "mb": 167.8, "received_ms": 119, "synced_ms": 51, "validated_ms": 27}]
+    assert timings["packs"] == [{"modules": 224, "mb": 83.9, "ms": 61, "allocation_ms": 40}]
+    assert timings["p50_ms"]["pack_allocation"] == 40 and gpu.server_timings("")["p50_ms"]["pack"] is None
