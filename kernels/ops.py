@@ -179,7 +179,7 @@ class TritonAdapterOps(AdapterOps):
         for (layer, proj), m in modules.items():
             row, j = layout.write_module(m, data, offset), self.proj_ids[proj]
             table[layer][j], scales[layer][j] = row, m.scale
-            for f in (layout.A_OFFSET, layout.B_OFFSET, layout.GENERAL_A_OFFSET, layout.GENERAL_B_OFFSET):
+            for f in layout.OFFSET_FIELDS:
                 shift[layer][j][f] = 1
             shift[layer][j][layout.DORA_OFFSET] = int(row[layout.DORA_OFFSET] != 0)  # 0: not DoRA, stays 0
             offset += layout.module_size(m)

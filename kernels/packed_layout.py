@@ -20,6 +20,8 @@ from .weight_pool import aligned
 # Fields of a module-table row.
 K, RANK, GENERAL_RANK, A_OFFSET, B_OFFSET, GENERAL_A_OFFSET, GENERAL_B_OFFSET, DORA_OFFSET = range(8)
 NUM_FIELDS = 8
+OFFSET_FIELDS = (A_OFFSET, B_OFFSET, GENERAL_A_OFFSET, GENERAL_B_OFFSET)  # move with the slot's region (DORA_OFFSET
+                                                                        # too, when not 0)
 
 
 def general_rank(m: ModuleDelta) -> int:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .peft_format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_safetensors_header, refuse_pickle,
                           safetensors_header_length)
-from .store import AdapterStore, Staged, fsync_dir, owned_buffer
+from .buffers import owned_buffer
+from .store import AdapterStore, Staged, fsync_dir
 
 BLOCK_BYTES = 4 << 20  # handed to the workers at a time: few thread hops, and the disk works while bytes arrive
 SYNC_BYTES = 32 << 20  # written bytes between two fdatasync calls during an upload
@@ -55,7 +56,7 @@ class IncomingWeights:
         self._writing: asyncio.Future | None = None  # the block the worker is writing
         self._written = 0  # bytes in the buffer and the file
         self._unsynced = 0  # bytes written since the last fdatasync
-        self._buffer: mmap.mmap | None = owned_buffer(self.capacity)
+        self._buffer = owned_buffer(self.capacity)  # None after release()
         self.path = store.staging_dir()
         try:
             self._file = open(self.path / WEIGHTS_FILE, "w+b")

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CONFIG_FILE, WEIGHTS_FILE, AdapterError
-from .store import ADAPTER_ID, read_weights_file
+from .buffers import read_weights_file
+from .store import ADAPTER_ID
 
 # Source versions live far above any store version (those count uploads from 1), so a source
 # adapter's (id, version) key never equals a stored one's, and stays a positive int for metrics.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .buffers import read_weights_file
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -145,35 +145,6 @@ def check_store_root(root: Path) -> None:
         raise OSError(f"{root}: cannot create the directory: {e.strerror or e}") from None
     if not os.access(root, os.W_OK | os.X_OK):
         raise OSError(f"{root}: the directory is not writable by this user")
-
-
-def owned_buffer(size: int) -> mmap.mmap:
-    """Anonymous writable memory for `size` bytes: pages are given on first write (a size far above what
-    arrives, an upload without Content-Length, only reserves addresses), as huge pages where the kernel allows
-    (one fault per 2 MB instead of per 4 KB: page faults dominated filling 4 KB pages on a 2-core VM)."""
-    buffer = mmap.mmap(-1, max(size, 1))
-    if size >= 2 << 20 and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buffer.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    return buffer
-
-
-def read_weights_file(path: Path) -> memoryview:
-    """A weights file's bytes in fresh writable memory that nothing else refers to: parse_adapter(owned=True)
-    keeps views of it instead of copying every tensor."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        buffer = owned_buffer(size)
-        view = memoryview(buffer)[:size]
-        done = 0
-        while done < size:
-            n = f.readinto(view[done:])
-            if not n:
-                raise OSError(f"{path} shrank while it was read")
-            done += n
-        return view
 
 
 class AdapterStore:
