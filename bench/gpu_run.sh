@@ -12,6 +12,7 @@
 #              --adapter-source first token, the trace over 1,000 adapters / 64; ARGS_SCALE: extra flags, e.g.
 #              --skip-trace): $OUT/adapter_scale_gpu.json (1b: adapter_scale_gpu_1b.json) + its server log.
 #              8b needs ~32 GB of disk under /tmp/serve_gpu/8b (checkpoint + 1,069 adapter folders), ~5 min
+#   trim8b     remove the 8B shape's adapter folders, keep its checkpoint; clean8b: remove it all
 #   host1b | host8b   bench/step_host.py (host vs GPU time of eager steps, cProfile; ARGS_HOST: extra flags)
 #   profile1b | profile8b   bench/profile_step.py (kernels by GPU time per case; ARGS_PROFILE: extra flags)
 #   background  run BG_STEPS (default "serve8b serve1b") detached (setsid) into /tmp/out, so that one run
@@ -66,6 +67,8 @@ for step in "$@"; do
       log=$(ls -t /tmp/serve_gpu/$shape/server-*.log 2>/dev/null | head -1)
       [ -n "$log" ] && cp "$log" "$OUT/${name}_server.log"
       df -h /tmp | tail -1 ;;
+    trim8b)  # everything of the 8B shape but its checkpoint (the adapters of earlier steps): room for scale8b's
+      find /tmp/serve_gpu/8b -mindepth 1 -maxdepth 1 ! -name model -exec rm -rf {} + 2>/dev/null; df -h /tmp | tail -1 ;;
     clean8b)  # the 8B checkpoint and adapters (tens of GB): room on the disk for the next shape
       rm -rf /tmp/serve_gpu/8b; df -h /tmp | tail -1 ;;
     check)
