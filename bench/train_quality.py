@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -109,38 +110,87 @@ def plan(comparisons: list[str], ranks: dict) -> list[tuple[str, int]]:
     return runs
 
 
-def train_one(label: str, rank: int, seed: int, args, paths: dict, tokenizer, test_examples, test_rows,
-              flexora_layers: dict) -> dict:
+def train_one(label: str, rank: int, seed: int, layers_kept: list[int] | None, context: dict) -> dict:
+    """One run: train, then the held-out exact match and loss. layers_kept: Flexora's layers for this rank and seed
+    (a 'lora random layers' run takes as many random layers)."""
+    args, paths, tokenizer = context["args"], context["paths"], context["tokenizer"]
     spec = spec_for("lora" if label == "lora random layers" else label, rank)
-    num_layers = None
     if label == "lora random layers":
-        kept = flexora_layers[(rank, seed)]
-        num_layers = len(kept)
-        total = args.num_layers
-        spec = replace(spec, layers_to_transform=sorted(random.Random(1000 + seed).sample(range(total), num_layers)))
+        count = len(layers_kept)
+        spec = replace(spec, layers_to_transform=sorted(random.Random(1000 + seed).sample(range(args.num_layers), count)))
     out = args.workdir / f"{label.replace(' ', '-')}-r{rank}-s{seed}"
     job = TrainJob(data=paths["train"], val=paths["val"], output=out, spec=spec, model=args.model, max_length=64,
                    loop=LoopConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch_size, seed=seed,
                                    warmup=0.05, save_every=0, paged_adamw=spec.method == "qlora"),
-                   compile=False,  # ~50 short runs: compiling each would cost more than it saves
+                   compile=False,  # ~40 short runs: compiling each would cost more than it saves
                    flexora={"hypergrad": "first-order", "unroll": 1, "top_k": None, "search_steps": None,
                             "alpha_lr": 0.01, "val_batches": 1})
     began = time.perf_counter()
     outcome = train(job)
     device = training_device()
-    row = {"accuracy": exact_match(outcome.model, tokenizer, test_rows, device, args.digits + 3),
-           "test_loss": evaluate(outcome.model, test_examples, args.batch_size, tokenizer.pad_token_id, device,
-                                 speed=SpeedConfig.resolve(device)),
+    row = {"accuracy": exact_match(outcome.model, tokenizer, context["test_rows"], device, args.digits + 3),
+           "test_loss": evaluate(outcome.model, context["test_examples"], args.batch_size, tokenizer.pad_token_id,
+                                 device, speed=SpeedConfig.resolve(device)),
            "final_train_loss": outcome.summary["final_train_loss"], "wall_s": round(time.perf_counter() - began, 1)}
     if spec.method == "flexora":
         row["layers"] = outcome.summary["selected_layers"]
-        flexora_layers[(rank, seed)] = row["layers"]
     if spec.layers_to_transform is not None:
         row["layers"] = spec.layers_to_transform
     del outcome
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def load_context(args, paths: dict) -> dict:
+    """What every run reads: the settings, the data files, the tokenizer and the held-out rows."""
+    tokenizer = load_tokenizer(args.model)
+    test_examples, _ = load_jsonl(paths["test"], tokenizer, 64)
+    test_rows = [json.loads(line) for line in paths["test"].read_text().splitlines()]
+    return {"args": args, "paths": paths, "tokenizer": tokenizer, "test_examples": test_examples,
+            "test_rows": test_rows}
+
+
+_WORKER: dict = {}  # a worker process's context (set once by start_worker)
+
+
+def start_worker(args, paths: dict, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(load_context(args, paths))
+
+
+def run_in_worker(label: str, rank: int, seed: int, layers_kept) -> dict:
+    return train_one(label, rank, seed, layers_kept, _WORKER)
+
+
+def run_jobs(jobs: list[tuple[str, int, int]], workers: int, args, paths: dict, context: dict | None,
+             flexora_layers: dict):
+    """Yield (job, row) as runs finish. With workers > 1 the runs share the GPU from that many processes (a
+    135M-parameter model leaves the GPU idle between one process's kernels); a 'lora random layers' run is started
+    once the Flexora run of its rank and seed has chosen its layers. Flexora runs (two stages, the longest) first."""
+    jobs = sorted(jobs, key=lambda j: j[0] != "flexora")
+    ready = lambda j: j[0] != "lora random layers" or (j[1], j[2]) in flexora_layers
+    if workers <= 1:
+        while jobs:
+            job = next(j for j in jobs if ready(j))
+            jobs.remove(job)
+            yield job, train_one(*job, flexora_layers.get((job[1], job[2])), context)
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    threads = max(1, (os.cpu_count() or 2) // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
+                             initargs=(args, paths, threads)) as pool:
+        running: dict = {}
+        while jobs or running:
+            for job in [j for j in jobs if ready(j)]:
+                jobs.remove(job)
+                running[pool.submit(run_in_worker, *job, flexora_layers.get((job[1], job[2])))] = job
+            if not running:
+                raise RuntimeError(f"runs that wait on a Flexora run that never ran: {jobs}")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield running.pop(future), future.result()
 
 
 # -- the verdicts -----------------------------------------------------------------------------------------------
@@ -230,6 +280,9 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=4000)
     ap.add_argument("--test-rows", type=int, default=200)
     ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="runs at once, each in its own process (default: 1 on the CPU; on CUDA half the cores, at "
+                         "most 8: the small model leaves the GPU idle between one process's kernels)")
     ap.add_argument("--smoke", action="store_true", help="CI: 1 seed, 2 steps, small ranks, 8 test rows")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/loraplex-train-quality"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_quality.json")
@@ -250,41 +303,54 @@ def main() -> None:
              "train": write_jsonl(args.workdir / "train.jsonl", make_rows(args.train_rows, args.digits,
                                                                           random.Random(1234), taken))}
     device = training_device()
-    tokenizer = load_tokenizer(args.model)
-    test_examples, _ = load_jsonl(paths["test"], tokenizer, 64)
+    workers = args.workers if args.workers is not None else (min(8, (os.cpu_count() or 2) // 2)
+                                                             if device.type == "cuda" else 1)
+    context = load_context(args, paths)
     base = load_model(args.model, "lora", device, False)
     args.num_layers = base.config.num_hidden_layers
-    base_row = {"accuracy": exact_match(base, tokenizer, test_rows, device, args.digits + 3),
-                "test_loss": evaluate(base, test_examples, args.batch_size, tokenizer.pad_token_id, device)}
+    base_row = {"accuracy": exact_match(base, context["tokenizer"], test_rows, device, args.digits + 3),
+                "test_loss": evaluate(base, context["test_examples"], args.batch_size,
+                                      context["tokenizer"].pad_token_id, device)}
     del base
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     result = {"benchmark": "train_quality", "task": f"add two {args.digits}-digit numbers (chat), exact match",
               "model": args.model or "SmolLM2-135M-Instruct", "steps": args.steps, "batch_size": args.batch_size,
               "lr": args.lr, "seeds": seeds, "ranks": ranks, "train_rows": args.train_rows, "test_rows": args.test_rows,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "base": base_row, "runs": {}}
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "workers": workers,
+              "base": base_row, "runs": {}}
     print(f"base model: exact match {base_row['accuracy']:.1%}, held-out loss {base_row['test_loss']:.3f}", flush=True)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     if all(previous.get(k) == result[k] for k in SETTINGS):  # a run split over calls (or cut short) goes on
         result["runs"] = previous.get("runs", {})
     flexora_layers: dict = {}
-    per_seed: dict = {}
+    jobs = []
     for label, rank in plan(comparisons, ranks):
         done = result["runs"].get(f"{label} r{rank}")
         if done:
             print(f"  {label} r{rank}: kept from {args.out}", flush=True)
-            for seed, row in zip(seeds, done["seeds"]):
-                if label == "flexora":
-                    flexora_layers[(rank, seed)] = row["layers"]
+            if label == "flexora":
+                flexora_layers.update({(rank, seed): row["layers"] for seed, row in zip(seeds, done["seeds"])})
             continue
-        for seed in seeds:
-            row = train_one(label, rank, seed, args, paths, tokenizer, test_examples, test_rows, flexora_layers)
-            per_seed.setdefault(f"{label} r{rank}", []).append(row)
-            print(f"  {label} r{rank} seed {seed}: exact match {row['accuracy']:.1%}, held-out loss "
-                  f"{row['test_loss']:.3f} ({row['wall_s']} s)", flush=True)
-        runs = per_seed[f"{label} r{rank}"]
-        result["runs"][f"{label} r{rank}"] = {"accuracy": stats([r["accuracy"] for r in runs]),
-                                              "test_loss": stats([r["test_loss"] for r in runs]), "seeds": runs}
-        write(result, args.out)  # as it goes: a run cut short keeps what it measured
+        jobs += [(label, rank, seed) for seed in seeds]
+    per_seed: dict = {}
+    began = time.perf_counter()
+    for (label, rank, seed), row in run_jobs(jobs, workers, args, paths, context, flexora_layers):
+        name = f"{label} r{rank}"
+        if label == "flexora":
+            flexora_layers[(rank, seed)] = row["layers"]
+        per_seed.setdefault(name, {})[seed] = row
+        print(f"  {name} seed {seed}: exact match {row['accuracy']:.1%}, held-out loss {row['test_loss']:.3f} "
+              f"({row['wall_s']} s)", flush=True)
+        if len(per_seed[name]) == len(seeds):
+            runs = [per_seed[name][s] for s in seeds]
+            result["runs"][name] = {"accuracy": stats([r["accuracy"] for r in runs]),
+                                    "test_loss": stats([r["test_loss"] for r in runs]), "seeds": runs}
+            write(result, args.out)  # as it goes: a run cut short keeps what it measured
+    result["runs"] = {f"{label} r{rank}": result["runs"][f"{label} r{rank}"] for label, rank in plan(comparisons, ranks)
+                      if f"{label} r{rank}" in result["runs"]} | result["runs"]  # the plan's order
+    result["wall_s_this_call"] = round(time.perf_counter() - began, 1)
 
     best = max(result["runs"].items(), key=lambda kv: kv[1]["accuracy"]["mean"])
     result["best"] = {"run": best[0], "accuracy": best[1]["accuracy"]["mean"],

@@ -47,9 +47,10 @@ def test_same_budget_specs_and_verdicts():
 
 
 def test_smoke_run_writes_every_comparison(tiny_model_dir, tmp_path):
+    """Two worker processes (as on the GPU): a random-layers run waits for its Flexora run's layer count."""
     out = tmp_path / "train_quality.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "train_quality.py"), "--smoke", "--model",
-                           str(tiny_model_dir), "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                           str(tiny_model_dir), "--workers", "2", "--workdir", str(tmp_path / "work"), "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -59,6 +60,7 @@ def test_smoke_run_writes_every_comparison(tiny_model_dir, tmp_path):
             "qlora r4"} <= set(result["runs"])
     flexora, random_layers = result["runs"]["flexora r4"]["seeds"][0], result["runs"]["lora random layers r4"]["seeds"][0]
     assert len(flexora["layers"]) == len(random_layers["layers"])  # the same number of layers
+    assert list(result["runs"])[:3] == ["lora r4", "gralora k2 r4", "gralora k4 r4"] and result["workers"] == 2
     assert out.with_suffix(".png").exists()
     again = subprocess.run([sys.executable, str(REPO / "bench" / "train_quality.py"), "--smoke", "--model",
                             str(tiny_model_dir), "--comparisons", "qlora", "--workdir", str(tmp_path / "work"),
