@@ -112,7 +112,7 @@ print('layer_ops self-check bf16:', c(torch.device('cuda'), torch.bfloat16) or '
     quality)  # a fresh machine resumes from the committed JSON (the script keeps its runs when the settings match)
       for _ in $(seq 60); do [ -e "$LORAPLEX_GGUF" ] && break; sleep 10; done  # the gguf chunks may still be coming
       [ -e "$OUT/train_quality.json" ] || cp bench/results/train_quality.json "$OUT/" 2>/dev/null
-      timeout -k 10 ${LIMIT:-36000} python3 bench/train_quality.py --out "$OUT/train_quality.json" ${ARGS_QUALITY:-} 2>&1 \
+      timeout -k 10 ${LIMIT_QUALITY:-${LIMIT:-36000}} python3 bench/train_quality.py --out "$OUT/train_quality.json" ${ARGS_QUALITY:-} 2>&1 \
         | tr '\r' '\n' | grep -vE "it/s|s/it|step/s|Loading weights" | tail -80 ;;
     quality16)
       python3 bench/train_quality.py --rank 16 --steps 150 --batch-size 16 --out "$OUT/train_quality_gpu_r16.json" 2>&1 \
