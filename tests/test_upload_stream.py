@@ -265,3 +265,47 @@ def test_received_bytes_are_the_parse_buffer_and_only_the_upload_is_kept(tmp_pat
         assert not incoming.data.readonly  # the parse keeps views of it (owned=True)
     finally:
         incoming.release()
+
+
+@pytest.mark.parametrize("refuse_direct", [False, True])
+@pytest.mark.parametrize("declared", [False, True])
+def test_weights_file_is_written_whole_with_or_without_direct_io(tmp_path, monkeypatch, refuse_direct, declared):
+    """Blocks go out with O_DIRECT where the filesystem takes it (aligned prefix, then a padded tail cut to size);
+    a filesystem that opens O_DIRECT but refuses the writes (EINVAL) gets page-cache writes from then on. Either
+    way the file is the upload byte for byte, of its own length, with the capacity exact (a declared size) or not."""
+    import asyncio
+    import errno
+    import os
+
+    from safetensors.torch import save
+
+    from loraplex.runtime.adapters import incoming as incoming_module
+    from loraplex.runtime.adapters.store import adapter_digest
+
+    config_raw = json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}).encode()
+    weights_raw = save({"w": torch.arange(2_300_001, dtype=torch.float32)})  # 9.2 MB: 2 blocks and a tail
+    assert len(weights_raw) % incoming_module.DIRECT_ALIGN
+    real_pwrite, refused = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        if refuse_direct and os.O_DIRECT & incoming_module.fcntl.fcntl(fd, incoming_module.fcntl.F_GETFL):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+    monkeypatch.setattr(incoming_module.os, "pwrite", pwrite)
+    store = AdapterStore(tmp_path / "store")
+
+    async def receive():
+        incoming = incoming_module.IncomingWeights(store, 256 << 20, len(weights_raw) if declared else None,
+                                                   config_raw)
+        for i in range(0, len(weights_raw), 65536):
+            await incoming.write(memoryview(weights_raw)[i:i + 65536])
+        return incoming, await incoming.finish(config_raw)
+    incoming, staged = asyncio.run(receive())
+    try:
+        assert (staged.path / "adapter_model.safetensors").read_bytes() == weights_raw
+        assert bytes(incoming.data) == weights_raw and staged.digest == adapter_digest(config_raw, weights_raw)
+        if refuse_direct:  # one refused write, then page-cache writes
+            assert not incoming._direct and len(refused) == 1
+    finally:
+        incoming.release()

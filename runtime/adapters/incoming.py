@@ -4,14 +4,19 @@ The bytes go, block by block on a worker thread while the next bytes arrive, int
 size (its capacity: the Content-Length, a declared size), the weights file of a temporary directory of the
 store and the sha256 digest: when the last byte is in, the file only needs its fsync, and the parse keeps
 views of the buffer (no second copy of the weights; reading the file back through a memory map and cloning
-every tensor took longer than receiving it). The size limit is checked on every chunk and the
+every tensor took longer than receiving it). The file is written from that buffer with O_DIRECT where the
+filesystem allows it: no page-cache copy of the weights (on a 2-core VM, allocating page-cache pages for a
+fresh 78 MB file took 190-440 ms, the direct writes 65-80 ms). The size limit is checked on every chunk and the
 safetensors header as soon as its bytes are in, before the weights arrive. A refused upload calls
 discard(), which removes the temporary directory before the refusal is answered.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import hashlib
+import mmap
 import os
 import shutil
 import time
@@ -23,7 +28,20 @@ from .buffers import owned_buffer
 from .store import AdapterStore, Staged, fsync_dir
 
 BLOCK_BYTES = 4 << 20  # handed to the workers at a time: few thread hops, and the disk works while bytes arrive
-SYNC_BYTES = 32 << 20  # written bytes between two fdatasync calls during an upload
+SYNC_BYTES = 32 << 20  # written bytes between two fdatasync calls during an upload (page-cache writes)
+DIRECT_ALIGN = 4096  # O_DIRECT: memory address, file offset and length in multiples of the logical block size
+
+
+def open_for_direct_writes(path: Path) -> tuple[int, bool]:
+    """A new file opened for writing, with O_DIRECT where the filesystem takes it (tmpfs refuses it)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct, 0o644), True
+        except OSError:
+            pass
+    return os.open(path, flags, 0o644), False
 
 
 def _digest_prefix(config_raw: bytes):
@@ -54,12 +72,13 @@ class IncomingWeights:
         self._pending: list = []  # chunks not yet handed to the worker
         self._pending_bytes = 0
         self._writing: asyncio.Future | None = None  # the block the worker is writing
-        self._written = 0  # bytes in the buffer and the file
-        self._unsynced = 0  # bytes written since the last fdatasync
+        self._written = 0  # bytes in the buffer
+        self._flushed = 0  # bytes in the file (with O_DIRECT, a multiple of DIRECT_ALIGN until the seal)
+        self._synced_at = 0  # file bytes at the last fdatasync (page-cache writes)
         self._buffer = owned_buffer(self.capacity)  # None after release()
         self.path = store.staging_dir()
         try:
-            self._file = open(self.path / WEIGHTS_FILE, "w+b")
+            self._fd, self._direct = open_for_direct_writes(self.path / WEIGHTS_FILE)
         except BaseException:
             shutil.rmtree(self.path, ignore_errors=True)
             raise
@@ -116,18 +135,54 @@ class IncomingWeights:
                 raise result
 
     def _copy_and_write(self, block: list) -> None:
-        start = end = self._written
+        end = self._written
         view = memoryview(self._buffer)
         for chunk in block:
             view[end:end + len(chunk)] = chunk
             end += len(chunk)
         self._written = end
-        self._file.write(view[start:end])  # one system call a block (file I/O releases the GIL)
-        self._unsynced += end - start
-        if self._unsynced >= SYNC_BYTES:  # the disk works while bytes arrive; the final fsync only has the tail
-            self._file.flush()
-            os.fdatasync(self._file.fileno())
-            self._unsynced = 0
+        self._write_out(end - end % DIRECT_ALIGN if self._direct else end)  # (os.pwrite releases the GIL)
+
+    def _write_out(self, end: int) -> None:
+        """Write the buffer's bytes up to `end` into the file."""
+        view = memoryview(self._buffer)
+        while self._flushed < end:
+            try:
+                self._flushed += os.pwrite(self._fd, view[self._flushed:end], self._flushed)
+            except OSError as e:
+                if not (self._direct and e.errno == errno.EINVAL):
+                    raise
+                self._buffered_from_now()  # the filesystem opened the file O_DIRECT but refuses such writes
+        if not self._direct and self._flushed - self._synced_at >= SYNC_BYTES:
+            os.fdatasync(self._fd)  # the disk works while bytes arrive; the final fsync only has the tail
+            self._synced_at = self._flushed
+
+    def _buffered_from_now(self) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._direct = False
+
+    def _write_tail(self) -> None:
+        """The last bytes: with O_DIRECT, a length short of a block goes out padded, then the file is cut to size."""
+        if not self._direct or self._flushed == self.size:
+            self._write_out(self.size)
+            return
+        tail = self.size - self._flushed
+        padded = -(-tail // DIRECT_ALIGN) * DIRECT_ALIGN
+        scratch = mmap.mmap(-1, padded)  # page-aligned
+        try:
+            scratch[:tail] = memoryview(self._buffer)[self._flushed:self.size]
+            try:
+                os.pwrite(self._fd, scratch, self._flushed)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._buffered_from_now()
+                self._write_out(self.size)
+                return
+        finally:
+            scratch.close()
+        os.ftruncate(self._fd, self.size)
+        self._flushed = self.size
 
     def _hash(self, block: list) -> None:
         for digest in (self._digest, self._weights_digest):
@@ -151,8 +206,8 @@ class IncomingWeights:
             self._writing = None
 
     def _seal(self, config_raw: bytes) -> Staged:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._write_tail()
+        os.fsync(self._fd)
         with open(self.path / CONFIG_FILE, "wb") as f:
             f.write(config_raw)
             f.flush()
@@ -199,4 +254,6 @@ class IncomingWeights:
     def release(self) -> None:
         """Let go of the buffer (a parsed adapter keeps it through its views) and close the file."""
         self._buffer = None
-        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
