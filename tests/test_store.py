@@ -107,3 +107,21 @@ def test_start_fsyncs_no_adapter_folder_it_did_not_change(tmp_path, monkeypatch)
     assert synced == [] and (tmp_path / "a3" / "CURRENT.tmp").exists()
     assert len(reopened.list()) == 20 and not (tmp_path / "a3" / "CURRENT.tmp").exists()
     assert synced == [tmp_path / "a3"], synced
+
+
+def test_weights_file_read_in_pieces_by_threads_is_the_file(tmp_path, monkeypatch):
+    """read_weights_file reads a large file in pieces on several threads: every byte lands where it belongs, in
+    fresh writable memory of the file's exact length."""
+    import os
+
+    from loraplex.runtime.adapters import buffers
+
+    monkeypatch.setattr(buffers, "READ_PIECE_BYTES", 4096)
+    path = tmp_path / "adapter_model.safetensors"
+    data = os.urandom(25 * 4096 + 123)
+    path.write_bytes(data)
+    view = buffers.read_weights_file(path)
+    assert bytes(view) == data and len(view) == len(data) and not view.readonly
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 10)
+    assert bytes(buffers.read_weights_file(small)) == b"x" * 10

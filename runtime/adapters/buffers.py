@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -21,17 +23,44 @@ def owned_buffer(size: int) -> mmap.mmap:
     return buffer
 
 
+READ_PIECE_BYTES = 8 << 20  # a large file is read in pieces of this size by READ_THREADS threads at once
+READ_THREADS = 8
+_read_pool: ThreadPoolExecutor | None = None
+_read_pool_lock = threading.Lock()
+
+
+def _read_threads() -> ThreadPoolExecutor:
+    global _read_pool
+    with _read_pool_lock:
+        if _read_pool is None:
+            _read_pool = ThreadPoolExecutor(min(READ_THREADS, os.cpu_count() or 1), thread_name_prefix="loraplex-read")
+        return _read_pool
+
+
+def _read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if not n:
+            raise OSError(f"{path} shrank while it was read")
+        done += n
+
+
 def read_weights_file(path: Path) -> memoryview:
     """A weights file's bytes in fresh writable memory that nothing else refers to: parse_adapter(owned=True)
-    keeps views of it instead of copying every tensor."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    keeps views of it instead of copying every tensor. A large file is read by several threads at once (the
+    time goes to faulting the fresh pages in, even when the file is in the page cache: 125 ms for 168 MB on
+    one core)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
         buffer = owned_buffer(size)
         view = memoryview(buffer)[:size]
-        done = 0
-        while done < size:
-            n = f.readinto(view[done:])
-            if not n:
-                raise OSError(f"{path} shrank while it was read")
-            done += n
+        pieces = [(start, min(start + READ_PIECE_BYTES, size)) for start in range(0, size, READ_PIECE_BYTES)]
+        if len(pieces) <= 1:
+            _read_into(fd, view, 0, path)
+        else:
+            list(_read_threads().map(lambda piece: _read_into(fd, view[piece[0]:piece[1]], piece[0], path), pieces))
         return view
+    finally:
+        os.close(fd)
