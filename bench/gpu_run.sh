@@ -19,8 +19,10 @@
 #              can outlast a command; later commands copy /tmp/out to $OUT
 #   wait       until the background run ends or WAIT seconds (default 540) passed: progress, then copy
 #   gguf       append the carried chunks .gguf_part/* to /tmp/model.gguf (the default model's 98 MB do not
-#              fit one 64 MiB carry: cut it here with `split -b 50m -d`, the last piece renamed *.last, and carry
-#              one chunk per command: carry [".gguf_part/part-00"], then [".gguf_part/part-01.last"])
+#              fit one 64 MiB carry: cut it here with `split -b 33m -d`, the last piece renamed *.last, and carry
+#              one chunk per command: [".whl", ".gguf_part/part-00"], then [".gguf_part/part-01"], then
+#              [".gguf_part/part-02.last"]; .whl fits beside a chunk once bitsandbytes' wheel keeps only its
+#              cpu/cuda130/cuda132 libraries: 43 -> 7 MB, see ../shared/NOTES.md)
 #   trainspeed1b   bench/train_speed.py --shapes 1b (all methods + the fast-vs-unfused loss check), ~5 min
 #   trainspeed8b   the same on 8b for lora,qlora (the summary's ratios); trainspeed8b_more: gralora,flexora.
 #              They add to one $OUT/train_speed.json (ARGS_SPEED: extra flags); needs the bitsandbytes wheel
