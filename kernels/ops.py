@@ -16,15 +16,14 @@ the running batch never waits for a load. With a fixed `pool_bytes` the pool nev
 """
 from __future__ import annotations
 
+import itertools
 import logging
-import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
 
+from loraplex.runtime.adapters.buffers import copy_threads
 from loraplex.runtime.adapters.ops import AdapterOps
 from loraplex.runtime.adapters.peft_format import AdapterWeights, ModuleDelta
 from loraplex.runtime.adapters.segments import Segments, build_segments
@@ -95,19 +94,6 @@ class StepSegments(Segments):
     @property
     def config(self) -> TileConfig:
         return self.plan.config
-
-
-PACK_THREADS = 8  # threads that copy one adapter's modules into its packed host copy
-_pack_pool: ThreadPoolExecutor | None = None
-_pack_pool_lock = threading.Lock()
-
-
-def _pack_threads() -> ThreadPoolExecutor:
-    global _pack_pool
-    with _pack_pool_lock:
-        if _pack_pool is None:
-            _pack_pool = ThreadPoolExecutor(min(PACK_THREADS, os.cpu_count() or 1), thread_name_prefix="loraplex-pack-copy")
-        return _pack_pool
 
 
 @dataclass
@@ -183,7 +169,8 @@ class TritonAdapterOps(AdapterOps):
         for layer, proj in modules:
             if layer >= self.num_layers or proj not in self.proj_ids:
                 raise ValueError(f"adapter module ({layer}, {proj}) is outside the served model")
-        total = sum(layout.module_size(m) for m in modules.values())
+        ends = list(itertools.accumulate(layout.module_size(m) for m in modules.values()))
+        total, offsets = (ends[-1] if ends else 0), [0, *ends[:-1]]  # each module's place in the packed copy
         started = time.perf_counter()
         data = torch.empty(max(total, 1), dtype=self.dtype, pin_memory=self.cuda)
         allocated = time.perf_counter()
@@ -191,25 +178,21 @@ class TritonAdapterOps(AdapterOps):
         table = [[[0] * layout.NUM_FIELDS for _ in self.proj_ids] for _ in range(self.num_layers)]
         shift = [[[0] * layout.NUM_FIELDS for _ in self.proj_ids] for _ in range(self.num_layers)]
         scales = [[0.0] * len(self.proj_ids) for _ in range(self.num_layers)]
-        offsets, offset = [], 0
-        for m in modules.values():
-            offsets.append(offset)
-            offset += layout.module_size(m)
         # the copies (fp32 -> pool dtype, A transposed) on several threads: torch releases the GIL in copy_
         inference = torch.is_inference_mode_enabled()  # (thread-local: `data` may be an inference tensor)
 
         def write(module: ModuleDelta, offset: int) -> list[int]:
             with torch.inference_mode(inference):
                 return layout.write_module(module, data, offset)
-        rows = _pack_threads().map(write, modules.values(), offsets)
+        rows = copy_threads().map(write, modules.values(), offsets)
         for ((layer, proj), m), row in zip(modules.items(), rows):
             j = self.proj_ids[proj]
             table[layer][j], scales[layer][j] = row, m.scale
             for f in layout.OFFSET_FIELDS:
                 shift[layer][j][f] = 1
             shift[layer][j][layout.DORA_OFFSET] = int(row[layout.DORA_OFFSET] != 0)  # 0: not DoRA, stays 0
-        if offset < data.numel():
-            data[offset:].zero_()
+        if total < data.numel():
+            data[total:].zero_()
         log.info("packed an adapter of %d modules: %.1f MB of %s %s host memory in %.0f ms (allocation %.0f ms)",
                  len(modules), data.numel() * data.element_size() / 1e6, "pinned" if self.cuda else "pageable",
                  self.dtype, 1e3 * (time.perf_counter() - started), 1e3 * (allocated - started))

@@ -23,18 +23,19 @@ def owned_buffer(size: int) -> mmap.mmap:
     return buffer
 
 
-READ_PIECE_BYTES = 8 << 20  # a large file is read in pieces of this size by READ_THREADS threads at once
-READ_THREADS = 8
-_read_pool: ThreadPoolExecutor | None = None
-_read_pool_lock = threading.Lock()
+READ_PIECE_BYTES = 8 << 20  # a large file is read in pieces of this size, several at once
+COPY_THREADS = 8  # threads of host memory copies: file pieces read here, an adapter's modules packed (kernels/ops.py)
+_copy_pool: ThreadPoolExecutor | None = None
+_copy_pool_lock = threading.Lock()
 
 
-def _read_threads() -> ThreadPoolExecutor:
-    global _read_pool
-    with _read_pool_lock:
-        if _read_pool is None:
-            _read_pool = ThreadPoolExecutor(min(READ_THREADS, os.cpu_count() or 1), thread_name_prefix="loraplex-read")
-        return _read_pool
+def copy_threads() -> ThreadPoolExecutor:
+    """The process's pool for host memory copies (each task a copy; none submits another, so none waits on one)."""
+    global _copy_pool
+    with _copy_pool_lock:
+        if _copy_pool is None:
+            _copy_pool = ThreadPoolExecutor(min(COPY_THREADS, os.cpu_count() or 1), thread_name_prefix="loraplex-copy")
+        return _copy_pool
 
 
 def _read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
@@ -60,7 +61,7 @@ def read_weights_file(path: Path) -> memoryview:
         if len(pieces) <= 1:
             _read_into(fd, view, 0, path)
         else:
-            list(_read_threads().map(lambda piece: _read_into(fd, view[piece[0]:piece[1]], piece[0], path), pieces))
+            list(copy_threads().map(lambda piece: _read_into(fd, view[piece[0]:piece[1]], piece[0], path), pieces))
         return view
     finally:
         os.close(fd)
