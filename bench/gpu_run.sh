@@ -5,6 +5,7 @@
 #   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
 #   test       the CUDA-only tests (fast path vs eager reference)
 #   check      the fused layer kernels' start-up self-check on this GPU
+#   kernels    bench/lora_kernels.py (ARGS_KERNELS)    kernelsab: the same before and after a patch (AB_PATCH)
 #   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS, ARGS1B, ARGS8B: extra flags;
 #              LIMIT: seconds before it is stopped, its JSON kept as far as it got)
 #   trace1b | trace8b   bench/serve_trace.py --shapes 1b / 8b (ARGS_TRACE: extra flags)
@@ -73,6 +74,13 @@ for step in "$@"; do
       find /tmp/serve_gpu/8b -mindepth 1 -maxdepth 1 ! -name model -exec rm -rf {} + 2>/dev/null; df -h /tmp | tail -1 ;;
     clean8b)  # the 8B checkpoint and adapters (tens of GB): room on the disk for the next shape
       rm -rf /tmp/serve_gpu/8b; df -h /tmp | tail -1 ;;
+    kernels)  # bench/lora_kernels.py (ARGS_KERNELS: its flags, default --no-grid --skip-check: summary, groups, extras)
+      python3 bench/lora_kernels.py ${ARGS_KERNELS:---no-grid --skip-check} --out "$OUT/kernels.json" 2>&1 | tail -40 ;;
+    kernelsab)  # A/B on one GPU: `kernels` on a copy of this tree with the patch AB_PATCH reversed ($OUT/before),
+      # then here ($OUT/after); make the patch with `git diff OLD NEW -- kernels runtime > ab.patch`, left untracked
+      rm -rf /tmp/ab && mkdir /tmp/ab && cp -r $(ls -A | grep -vxE '\.pth|\.git') /tmp/ab/
+      (cd /tmp/ab && patch -s -R -p1 < "$AB_PATCH" && OUT="$OUT/before" bash bench/gpu_run.sh kernels)
+      OUT="$OUT/after" bash bench/gpu_run.sh kernels ;;
     check)
       python3 -c "import torch; from loraplex.kernels.layer_ops import self_check as c
 print('layer_ops self-check bf16:', c(torch.device('cuda'), torch.bfloat16) or 'ok', '| fp32:', c(torch.device('cuda'), torch.float32) or 'ok')" ;;

@@ -121,14 +121,16 @@ def test_hybrid_one_and_two_passes(passes):
 
 @needs_interpreter
 def test_mixed_ranks_in_one_launch(monkeypatch):
+    # ranks 20 and 12 / 6: B pieces padded to a multiple of 8 in the pool, the rank loop past one 16-wide tile
     adapters = {0: make_adapter(r=8, seed=5), 1: make_adapter(r=16, seed=6), 2: make_adapter(r=64, seed=7),
-                3: make_adapter(k=4, r=16, hybrid_r=16, seed=8)}
+                3: make_adapter(k=4, r=16, hybrid_r=16, seed=8), 4: make_adapter(r=20, seed=9),
+                5: make_adapter(k=2, r=12, hybrid_r=6, seed=10)}
     ops = make_ops(adapters)
     launches = []
     for name in ("shrink", "expand"):
         original = getattr(kernel_ops, name)
         monkeypatch.setattr(kernel_ops, name, lambda *a, _f=original, _n=name, **kw: (launches.append(_n), _f(*a, **kw)))
-    run_and_check(ops, adapters, [2, 0, 1, 3, 2, -1, 0, 1, 3, 3, 2], QKV)
+    run_and_check(ops, adapters, [2, 0, 1, 3, 2, -1, 0, 1, 3, 3, 2, 4, 5, 4, 5, 5], QKV)
     assert launches == ["shrink", "expand"]
 
 
