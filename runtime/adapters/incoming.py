@@ -22,6 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .peft_format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_safetensors_header, refuse_pickle,
                           safetensors_header_length)
 from .buffers import owned_buffer
@@ -136,9 +138,9 @@ class IncomingWeights:
 
     def _copy_and_write(self, block: list) -> None:
         end = self._written
-        view = memoryview(self._buffer)
-        for chunk in block:
-            view[end:end + len(chunk)] = chunk
+        target = np.frombuffer(self._buffer, np.uint8)
+        for chunk in block:  # (numpy's copy releases the GIL, a memoryview's slice assignment does not: the event
+            np.copyto(target[end:end + len(chunk)], np.frombuffer(chunk, np.uint8))  # loop then waited on it)
             end += len(chunk)
         self._written = end
         self._write_out(end - end % DIRECT_ALIGN if self._direct else end)  # (os.pwrite releases the GIL)
