@@ -172,16 +172,14 @@ def _shrink_tile(x_ptr, x_row_stride, in_features, token_order_ptr, tiles_ptr, t
 
 @triton.jit
 def _rank_product(acc, v_rows, v_pos0, rank, num_splits, partial_split_stride, row_mask,
-                  b_ptr, b_cols, col_mask,
+                  b_ptr, b_row_stride, b_cols, col_mask,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
-    """acc += (sum over splits of v[:, v_pos0 : v_pos0+rank]) @ b[b_cols, :rank].T, b stored [columns, padded
-    rank] (packed_layout: rows of padded_rank(rank), zeros past the rank, so whole 8-element vectors load)."""
-    padded = tl.multiple_of((rank + 7) // 8 * 8, 8)
+    """acc += (sum over splits of v[:, v_pos0 : v_pos0+rank]) @ b[:rank, b_cols]."""
     for r0 in range(0, rank, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_mask = rr < rank
-        b = tl.load(b_ptr + b_cols[None, :].to(tl.int64) * padded + rr[:, None],
-                    mask=(rr < padded)[:, None] & col_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + rr[:, None] * b_row_stride + b_cols[None, :],
+                    mask=r_mask[:, None] & col_mask[None, :], other=0.0)
         # Weights are never written by a launch: the first tile is read before waiting for the
         # previous launch (a no-op afterwards), so the weight stream starts while that one drains.
         _wait_for_previous_launch(PDL)
@@ -245,8 +243,10 @@ def _expand_tile(y_ptr, y_row_stride, token_order_ptr, tiles_ptr, tile, pool_ptr
     tiles_per_block = tl.cdiv(block_out, BLOCK_N)
     j = local_tile // tiles_per_block
     if has_work & (j < k):
+        width = out_features
         y_col = y_col0
         if ALIGNED:  # every block width is a multiple of 8: lets the compiler emit 16-byte loads
+            width = tl.multiple_of(width, 8)
             block_out = tl.multiple_of(block_out, 8)
             y_col = tl.multiple_of(y_col, 8)
         block_cols = (local_tile % tiles_per_block) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -256,14 +256,15 @@ def _expand_tile(y_ptr, y_row_stride, token_order_ptr, tiles_ptr, tile, pool_ptr
         v_rows = partial_ptr + rows[:, None].to(tl.int64) * partial_row_stride + p * partial_proj_stride
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if DO_BLOCKS:
-            # block j of [k, out/k, padded r]: a multiple of 8 elements from the 64-aligned piece start
-            b_base = tl.multiple_of(tl.load(entry + _B_OFFSET) + j.to(tl.int64) * ((r + 7) // 8 * 8) * block_out, 8)
+            b_base = tl.load(entry + _B_OFFSET) + j.to(tl.int64) * r * block_out
+            if ALIGNED:
+                b_base = tl.multiple_of(b_base, 8)
             acc = _rank_product(acc, v_rows, j * r, r, num_splits, partial_split_stride, row_mask,
-                                pool_ptr + b_base, block_cols, col_mask, BLOCK_M, BLOCK_R, UPCAST, PDL)
+                                pool_ptr + b_base, block_out, block_cols, col_mask, BLOCK_M, BLOCK_R, UPCAST, PDL)
         if DO_GENERAL:
             g_base = tl.multiple_of(tl.load(entry + _GENERAL_B_OFFSET), 64)  # pool pieces are 64-aligned
             acc = _rank_product(acc, v_rows, k * r, hr, num_splits, partial_split_stride, row_mask,
-                                pool_ptr + g_base, cols, col_mask, BLOCK_M, BLOCK_R, UPCAST, PDL)
+                                pool_ptr + g_base, width, cols, col_mask, BLOCK_M, BLOCK_R, UPCAST, PDL)
         _wait_for_previous_launch(PDL)  # y belongs to earlier launches (a no-op if a rank tile waited)
 
         scale = tl.load(scale_ptr + slot.to(tl.int64) * scale_slot_stride + proj)

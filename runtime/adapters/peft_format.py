@@ -363,8 +363,8 @@ def _lora_modules(config, grouped, base: BaseShape, max_rank: int) -> dict[tuple
             if "lora_magnitude_vector" not in parts:
                 raise AdapterError(f"{name}.lora_magnitude_vector is missing: a DoRA adapter (use_dora: true) needs one per module", 400)
             magnitude = _expect(f"{name}.lora_magnitude_vector", parts["lora_magnitude_vector"], (fout,))
-        # views of parse_weights' buffer: A of PEFT's [r, in], B of [out, r] (the kernels' pool layouts are
-        # those two, packed_layout.pool_pieces: packing is a plain copy)
+        # views of parse_weights' buffer: A of PEFT's [r, in] (the kernels' pool layout is that one,
+        # packed_layout.pool_pieces), B of [out, r], transposed when packed
         modules[(layer, proj)] = ModuleDelta(1, A.t().unsqueeze(0), B.t().unsqueeze(0), scale, magnitude=magnitude)
     return modules
 
