@@ -334,13 +334,11 @@ def exit_now(code) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stay_offline(import_bitsandbytes=False)
+    stay_offline()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     if not getattr(args, "verbose", False):
         quiet_libraries()
-    if args.command != "adapters":  # the client commands load no model (2.5 s less on a 2-core CPU)
-        stay_offline()
     if args.command != "serve" or argv is not None:  # argv: called in-process, leave the interpreter be
         args.func(args)
         return
