@@ -99,6 +99,8 @@ def test_device_part_smoke_on_cpu(tmp_path):
     assert result["mode"] == "gpu" and result["errors"] == {} and result["device"].startswith("cpu")
     assert all(v is not None for v in result["summary"].values()), result["summary"]
     assert len(result["upload_s"]) == len(result["hotload_after_upload_s"]) == len(result["source_first_token_s"]) == 2
+    floors = result["host_floors_mb_s"]
+    assert all(floors[k] > 0 for k in ("loopback_tcp", "sha256", "disk_write_fsync")), floors
     for count in ("4", "8"):
         run = result["trace"][count]
         assert run["errors"] == run["short_outputs"] == 0 and run["output_tokens"] == run["trace"]["output_tokens"]
