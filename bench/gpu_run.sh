@@ -5,6 +5,7 @@
 #   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
 #   test       the CUDA-only tests (fast path vs eager reference)
 #   check      the fused layer kernels' start-up self-check on this GPU
+#   pack8b | pack1b   bench/pack_speed.py (issue #20: the hot-load's pack by threads, foreach, memcpy floor), ~1 min
 #   kernels    bench/lora_kernels.py (ARGS_KERNELS)    kernelsab: the same before and after a patch (AB_PATCH)
 #   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS, ARGS1B, ARGS8B: extra flags;
 #              LIMIT: seconds before it is stopped, its JSON kept as far as it got)
@@ -74,6 +75,8 @@ for step in "$@"; do
       find /tmp/serve_gpu/8b -mindepth 1 -maxdepth 1 ! -name model -exec rm -rf {} + 2>/dev/null; df -h /tmp | tail -1 ;;
     clean8b)  # the 8B checkpoint and adapters (tens of GB): room on the disk for the next shape
       rm -rf /tmp/serve_gpu/8b; df -h /tmp | tail -1 ;;
+    pack8b|pack1b)  # bench/pack_speed.py: where a hot-load's pack goes (threads, one foreach call, the memcpy floor)
+      (cd bench && python3 pack_speed.py --shape ${step#pack} --out "$OUT/pack_speed_${step#pack}.json" 2>&1 | tail -12) ;;
     kernels)  # bench/lora_kernels.py (ARGS_KERNELS: its flags, default --no-grid --skip-check: summary, groups, extras)
       python3 bench/lora_kernels.py ${ARGS_KERNELS:---no-grid --skip-check} --out "$OUT/kernels.json" 2>&1 | tail -40 ;;
     kernelsab)  # A/B on one GPU: `kernels` on a copy of this tree with the patch AB_PATCH reversed ($OUT/before),

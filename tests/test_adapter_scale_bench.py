@@ -120,3 +120,14 @@ def test_server_timings_from_log_lines():
     assert timings["uploads"] == [{"id": "up-0", "mb": 167.8, "received_ms": 119, "synced_ms": 51, "validated_ms": 27}]
     assert timings["packs"] == [{"modules": 224, "mb": 83.9, "ms": 61, "allocation_ms": 40}]
     assert timings["p50_ms"]["pack_allocation"] == 40 and gpu.server_timings("")["p50_ms"]["pack"] is None
+
+
+def test_pack_speed_bench_runs_on_the_cpu(tmp_path):
+    """bench/pack_speed.py on the tiny shape: every variant timed and written (the device run times the 8B pack)."""
+    out = tmp_path / "pack_speed.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "pack_speed.py"), "--shape", "tiny", "--repeats", "1",
+                           "--threads", "1,2", "--out", str(out)], cwd=REPO / "bench", capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["ms_p50"]) == {"threads=1", "threads=2", "foreach", "memcpy"}, result["ms_p50"]
