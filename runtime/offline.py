@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import logging
 import os
@@ -66,13 +67,13 @@ class _OfflineLoader(importlib.abc.Loader):
 
 
 class _BitsandbytesFinder(importlib.abc.MetaPathFinder):
-    """Finds `bitsandbytes` (the first time only) with the wrapped loader; everything else is left to the others."""
+    """Finds `bitsandbytes` with the wrapped loader; everything else is left to the others. It stays in place:
+    availability checks (transformers, PEFT) call importlib.util.find_spec before anything imports it."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "bitsandbytes":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:
             spec.loader = _OfflineLoader(spec.loader)
         return spec

@@ -80,6 +80,19 @@ def test_bitsandbytes_imports_without_a_fetch_after_stay_offline(no_network_env)
         pytest.skip("bitsandbytes does not fetch at import on this CPU (it does with AVX512-bf16)")
 
 
+def test_bitsandbytes_is_guarded_after_an_availability_check():
+    """transformers and PEFT look bitsandbytes up (importlib.util.find_spec) before anything imports it: the import
+    that follows still runs under the guard."""
+    done = subprocess.run([sys.executable, "-c", "from loraplex.runtime.offline import stay_offline\n"
+                           "stay_offline()\nimport importlib.util, sys\n"
+                           "assert 'bitsandbytes' not in sys.modules\n"
+                           "assert importlib.util.find_spec('bitsandbytes') is not None\n"
+                           "import bitsandbytes\nprint(type(bitsandbytes.__spec__.loader).__name__)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "_OfflineLoader", done.stdout
+
+
 def test_train_reaches_no_host_and_prints_no_hub_line(no_network_env, tiny_model_dir, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Add {i} and 1.", "completion": f" {i + 1}"}) + "\n"
