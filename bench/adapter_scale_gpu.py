@@ -31,9 +31,9 @@ picks follow Zipf over each set, and the prompts' token ids are salted by the ad
 run gets no prefix-cache hit from the first.
 
 Checkpoint and folders are cached under --work/<shape>/ (serve_gpu.py's cache: `gpu_run.sh clean8b` removes
-it). Before the server starts, `host_floors_mb_s`: the loopback TCP, sha256 and O_DIRECT write + fsync rates of an
-upload's bytes on this host (host_floors), the ceiling of upload_mb_s_gpu_host. The JSON is rewritten after every part, so a run cut short keeps what it measured; `summary` holds the
-four keys (null when not measured), beside the raw lists, the trace runs, `settings` and `device`.
+it). Before the server starts, `host_floors_mb_s` (host_floors.py): the loopback TCP, sha256 and O_DIRECT write
++ fsync rates of an upload's bytes on this host, the ceiling of upload_mb_s_gpu_host. The JSON is rewritten after
+every part, so a run cut short keeps what it measured; `summary` holds the four keys (null when not measured), beside the raw lists, the trace runs, `settings` and `device`.
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ import httpx
 from safetensors.torch import save as save_safetensors
 
 import figures  # bench/, beside this file: a PNG beside the JSON
+from host_floors import host_floors
 from serve_gpu import Server
 from serve_gpu_device import in_fresh_process, prepare_device, prompt_ids
 from serve_gpu_models import QV, SHAPES, AdapterSpec, ModelShape, RandomPool, adapter_tensors, write_adapter
@@ -199,60 +200,6 @@ async def trace_runs(url: str, shape: ModelShape, args, result: dict, save) -> N
         await session.client.aclose()
 
 
-# -- the host's floors for an upload ------------------------------------------------------------------------
-def host_floors(payload: bytes, directory: Path) -> dict:
-    """MB/s of what every upload byte goes through, one stream each, on this host: a loopback TCP socket (send +
-    recv, Python), sha256 (the store's digest), and an O_DIRECT write + fsync of a file in `directory` (the store's
-    filesystem; the 201 waits for it). An upload cannot beat the slowest of them."""
-    import hashlib
-    import socket
-    import threading
-
-    from loraplex.runtime.adapters.incoming import DIRECT_ALIGN, open_for_direct_writes
-    from loraplex.runtime.adapters.buffers import owned_buffer
-    mb = len(payload) / 1e6
-    view = memoryview(payload)
-    with socket.create_server(("127.0.0.1", 0)) as listener:  # TCP over loopback, as the uploads travel
-        sender = socket.create_connection(listener.getsockname())
-        receiver, _ = listener.accept()
-    got = [0]
-
-    def receive():
-        while got[0] < len(payload):
-            n = len(receiver.recv(256 << 10))
-            if not n:
-                break
-            got[0] += n
-    t = time.perf_counter()
-    thread = threading.Thread(target=receive)
-    thread.start()
-    sender.sendall(view)
-    thread.join()
-    loopback = mb / (time.perf_counter() - t)
-    sender.close()
-    receiver.close()
-    t = time.perf_counter()
-    hashlib.sha256(view).hexdigest()
-    digest = mb / (time.perf_counter() - t)
-    aligned = len(payload) - len(payload) % DIRECT_ALIGN
-    buffer = owned_buffer(aligned)  # page-aligned, as the upload's own buffer
-    buffer[:aligned] = view[:aligned]
-    path = directory / ".floor-write"
-    path.unlink(missing_ok=True)
-    fd, direct = open_for_direct_writes(path)
-    try:
-        t = time.perf_counter()
-        for start in range(0, aligned, 4 << 20):
-            os.pwrite(fd, memoryview(buffer)[start:min(start + (4 << 20), aligned)], start)
-        os.fsync(fd)
-        disk = aligned / 1e6 / (time.perf_counter() - t)
-    finally:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-    return {"loopback_tcp": round(loopback), "sha256": round(digest), "disk_write_fsync": round(disk),
-            "disk_o_direct": direct}
-
-
 # -- the server's own timings -------------------------------------------------------------------------------
 UPLOAD_LINE = re.compile(r"upload (\S+): ([\d.]+) MB received in (\d+) ms, then synced in (\d+) ms, "
                          r"validated and committed in (\d+) ms")
@@ -369,7 +316,7 @@ def main(args, host_cpu: str) -> None:
           f"({result['phase_seconds']['checkpoint']:.0f} s + {result['phase_seconds']['adapter_folders']:.0f} s)",
           flush=True)
 
-    config, weights = fp32_payload(upload_spec(0), shape, pool)
+    _, weights = fp32_payload(upload_spec(0), shape, pool)
     result["host_floors_mb_s"] = host_floors(weights, args.work)
     print(f"host floors for an upload of {len(weights) / 1e6:.0f} MB, MB/s: {result['host_floors_mb_s']}", flush=True)
     extra = ("--adapter-source", str(source), *args.server_args.split())

@@ -5,7 +5,7 @@
 The pack (kernels/ops.py TritonAdapterOps.prepare) turns a parsed upload (fp32 views of the received safetensors
 bytes, as the server holds them) into the pool layout in pinned host memory: most of a hot-load's time after the
 201 (adapter_scale_gpu.json: pack 67-85 ms of 89-108 ms on 8B). Timed here, each on a fresh adapter:
-  prepare      the server's path (threaded module copies, pinned allocation), with its own allocation time
+  prepare      the server's path (threaded module copies), its pinned allocation included (GPU host only)
   threads=N    the same copies (packed_layout.write_module) on N threads, into a buffer allocated beforehand
   foreach      one torch._foreach_copy_ over every piece (one call; PyTorch parallelises inside each copy)
   memcpy       a straight fp32 -> bf16 copy of as many elements (no layout, no per-piece work): the floor
@@ -14,7 +14,6 @@ Prints a table and writes JSON (ms per pack, p50 over --repeats).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -64,13 +63,11 @@ def main() -> None:
     ops = TritonAdapterOps(4, shape.projections(), shape.layers, device, torch.bfloat16) if cuda else None
     pool = RandomPool()
     rows: dict[str, list[float]] = {}
-    allocation: list[float] = []
 
     def timed(name: str, work, setup=lambda adapter, data: ()) -> None:
         for i in range(args.repeats):
             adapter = fresh_adapter(shape, pool, i)
-            total = layout.aligned(sum(layout.module_size(m) for m in adapter.modules.values()))
-            data = torch.empty(total, dtype=torch.bfloat16, pin_memory=cuda)
+            data = torch.empty(layout.aligned(layout.module_offsets(adapter.modules.values())[1]), dtype=torch.bfloat16, pin_memory=cuda)
             data.fill_(0)  # (pages in: only the copies are timed)
             extra = setup(adapter, data)
             t = time.perf_counter()
@@ -83,7 +80,7 @@ def main() -> None:
             t = time.perf_counter()
             ops.prepare(adapter)
             rows.setdefault("prepare", []).append(1e3 * (time.perf_counter() - t))
-    offsets = lambda a, d: ([0, *itertools.accumulate(layout.module_size(m) for m in a.modules.values())][:-1],)
+    offsets = lambda a, d: (layout.module_offsets(a.modules.values())[0],)
     for n in [int(x) for x in args.threads.split(",")]:
         with ThreadPoolExecutor(n) as workers:
             timed(f"threads={n}", lambda a, d, starts: list(workers.map(

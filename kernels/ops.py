@@ -16,7 +16,6 @@ the running batch never waits for a load. With a fixed `pool_bytes` the pool nev
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -169,8 +168,7 @@ class TritonAdapterOps(AdapterOps):
         for layer, proj in modules:
             if layer >= self.num_layers or proj not in self.proj_ids:
                 raise ValueError(f"adapter module ({layer}, {proj}) is outside the served model")
-        ends = list(itertools.accumulate(layout.module_size(m) for m in modules.values()))
-        total, offsets = (ends[-1] if ends else 0), [0, *ends[:-1]]  # each module's place in the packed copy
+        offsets, total = layout.module_offsets(modules.values())
         started = time.perf_counter()
         data = torch.empty(max(total, 1), dtype=self.dtype, pin_memory=self.cuda)
         allocated = time.perf_counter()

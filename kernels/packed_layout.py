@@ -11,6 +11,8 @@ DORA_OFFSET == 0 "not DoRA" (a rescale piece always follows A and B, so it never
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from loraplex.runtime.adapters.peft_format import ModuleDelta
@@ -48,6 +50,12 @@ def module_size(m: ModuleDelta) -> int:
     if m.is_dora:
         sizes.append(2 * m.magnitude.numel())
     return sum(aligned(n) for n in sizes)
+
+
+def module_offsets(modules) -> tuple[list[int], int]:
+    """Where each module starts in a packed copy of `modules` (ModuleDeltas, in order), and the copy's size."""
+    ends = list(itertools.accumulate(module_size(m) for m in modules))
+    return [0, *ends[:-1]], (ends[-1] if ends else 0)
 
 
 def write_module(m: ModuleDelta, pool: torch.Tensor, offset: int) -> list[int]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import importlib.machinery
-import importlib.util
 import logging
 import os
 import sys

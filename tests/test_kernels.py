@@ -121,7 +121,7 @@ def test_hybrid_one_and_two_passes(passes):
 
 @needs_interpreter
 def test_mixed_ranks_in_one_launch(monkeypatch):
-    # ranks 20 and 12 / 6: B pieces padded to a multiple of 8 in the pool, the rank loop past one 16-wide tile
+    # ranks 20 and 12 / 6 (not multiples of 8 or of the 16-wide rank tile): the rank loop past one tile
     adapters = {0: make_adapter(r=8, seed=5), 1: make_adapter(r=16, seed=6), 2: make_adapter(r=64, seed=7),
                 3: make_adapter(k=4, r=16, hybrid_r=16, seed=8), 4: make_adapter(r=20, seed=9),
                 5: make_adapter(k=2, r=12, hybrid_r=6, seed=10)}
