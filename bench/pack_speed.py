@@ -5,9 +5,12 @@
 The pack (kernels/ops.py TritonAdapterOps.prepare) turns a parsed upload (fp32 views of the received safetensors
 bytes, as the server holds them) into the pool layout in pinned host memory: most of a hot-load's time after the
 201 (adapter_scale_gpu.json: pack 67-85 ms of 89-108 ms on 8B). Timed here, each on a fresh adapter:
-  prepare      the server's path (threaded module copies), its pinned allocation included (GPU host only)
-  threads=N    the same copies (packed_layout.write_module) on N threads, into a buffer allocated beforehand
+  prepare      the server's path (one torch._foreach_copy_; pinned memory from the spare block pinned in the
+               background after the pack before, or allocated then: the first pack), GPU host only
+  threads=N    a copy_ per piece (packed_layout.write_module) on N threads, into a buffer allocated beforehand (the
+               server's path until 2026-12-06)
   foreach      one torch._foreach_copy_ over every piece (one call; PyTorch parallelises inside each copy)
+  foreach/N    N threads, each one torch._foreach_copy_ over its share of the pieces (an OpenMP team per thread)
   memcpy       a straight fp32 -> bf16 copy of as many elements (no layout, no per-piece work): the floor
 Prints a table and writes JSON (ms per pack, p50 over --repeats).
 """
@@ -48,6 +51,15 @@ def pieces(adapter, data: torch.Tensor) -> tuple[list, list]:
     return dst, src
 
 
+def shares(dst: list, src: list, n: int) -> list[tuple[list, list]]:
+    """The pieces cut into n runs of about equal size."""
+    total, done, cuts = sum(t.numel() for t in src), 0, [[] for _ in range(n)]
+    for i, t in enumerate(src):
+        cuts[min(n - 1, done * n // total)].append(i)
+        done += t.numel()
+    return [([dst[i] for i in cut], [src[i] for i in cut]) for cut in cuts if cut]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="8b", choices=sorted(SHAPES))
@@ -77,6 +89,8 @@ def main() -> None:
     if ops is not None:
         for i in range(args.repeats):
             adapter = fresh_adapter(shape, pool, 100 + i)
+            if ops._spare is not None:
+                ops._spare.result()  # (pinned while the next upload arrives, in the server)
             t = time.perf_counter()
             ops.prepare(adapter)
             rows.setdefault("prepare", []).append(1e3 * (time.perf_counter() - t))
@@ -86,6 +100,10 @@ def main() -> None:
             timed(f"threads={n}", lambda a, d, starts: list(workers.map(
                 lambda m, o: layout.write_module(m, d, o), a.modules.values(), starts)), offsets)
     timed("foreach", lambda a, d, dst, src: torch._foreach_copy_(dst, src), pieces)
+    for n in [int(x) for x in args.threads.split(",") if int(x) > 1]:
+        with ThreadPoolExecutor(n) as workers:
+            timed(f"foreach/{n}", lambda a, d, dst, src: list(workers.map(
+                lambda share: torch._foreach_copy_(*share), shares(dst, src, n))), pieces)
     timed("memcpy", lambda a, d, src: d[:src.numel()].copy_(src),
           lambda a, d: (torch.ones(sum(t.numel() for t in pieces(a, d)[1]), dtype=torch.float32),))
     result = {"benchmark": "pack_speed", "shape": shape.name, "device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -58,19 +58,32 @@ def module_offsets(modules) -> tuple[list[int], int]:
     return [0, *ends[:-1]], (ends[-1] if ends else 0)
 
 
-def write_module(m: ModuleDelta, pool: torch.Tensor, offset: int) -> list[int]:
-    """Copy the module into pool[offset:] (the alignment gaps after its pieces zeroed: the pool may be
-    uninitialised memory); returns its table row (offsets absolute in the pool)."""
+def module_copies(m: ModuleDelta, pool: torch.Tensor, offset: int) -> tuple[list[int], list, list, list]:
+    """What packing the module into pool[offset:] takes: its table row (offsets absolute in the pool), the
+    destination views, the pieces that go there, and the alignment gaps after them, to be zeroed (the pool may be
+    uninitialised memory). The copies are left to the caller: one batched call for a whole adapter."""
     row = [0] * NUM_FIELDS
     row[K], row[RANK] = m.k, m.rank
     row[GENERAL_RANK] = general_rank(m)
+    targets, pieces, gaps = [], [], []
     for field, piece in pool_pieces(m):
         n = piece.numel()
-        pool[offset:offset + n].view(piece.shape).copy_(piece)
+        targets.append(pool[offset:offset + n].view(piece.shape))
+        pieces.append(piece)
         if aligned(n) > n:
-            pool[offset + n:offset + aligned(n)].zero_()
+            gaps.append(pool[offset + n:offset + aligned(n)])
         row[field] = offset
         offset += aligned(n)
+    return row, targets, pieces, gaps
+
+
+def write_module(m: ModuleDelta, pool: torch.Tensor, offset: int) -> list[int]:
+    """Copy the module into pool[offset:]; returns its table row."""
+    row, targets, pieces, gaps = module_copies(m, pool, offset)
+    for target, piece in zip(targets, pieces):
+        target.copy_(piece)
+    for gap in gaps:
+        gap.zero_()
     return row
 
 
