@@ -156,6 +156,7 @@ class TritonAdapterOps(AdapterOps):
         # pinned memory for the next packed copy, allocated in the background (_host_buffer)
         self._spare: Future | None = None
         self._spare_lock = threading.Lock()
+        self._copy_lock = threading.Lock()  # prepare's copies, one adapter at a time
         self._spare_thread = ThreadPoolExecutor(1, thread_name_prefix="loraplex-pinned")
 
     @property
@@ -192,13 +193,16 @@ class TritonAdapterOps(AdapterOps):
             for f in layout.OFFSET_FIELDS:
                 shift[layer][j][f] = 1
             shift[layer][j][layout.DORA_OFFSET] = int(row[layout.DORA_OFFSET] != 0)  # 0: not DoRA, stays 0
-        # One batched copy (fp32 -> pool dtype, A and B transposed): PyTorch splits each piece over its intra-op
-        # threads. A pool of Python threads with a copy_ per piece took twice as long on 2 cores (62 vs 28.5 ms
-        # for an 8B rank-16 adapter, bench/pack_speed.py): per-piece overhead, and every thread's own OpenMP team.
-        if targets:
-            torch._foreach_copy_(targets, pieces)
-        if gaps:
-            torch._foreach_zero_(gaps)
+        # One batched copy (fp32 -> pool dtype, B transposed): PyTorch splits each piece over its intra-op threads.
+        # A pool of Python threads with a copy_ per piece took twice as long on 2 cores (62 vs 28.5 ms for an 8B
+        # rank-16 adapter, bench/pack_speed.py): per-piece overhead, and every thread's own OpenMP team. For the
+        # same reason one pack copies at a time: each already uses every core, and requests packing new adapters
+        # at once (a trace over 1,000 adapters) would otherwise start an OpenMP team per request thread.
+        with self._copy_lock:
+            if targets:
+                torch._foreach_copy_(targets, pieces)
+            if gaps:
+                torch._foreach_zero_(gaps)
         if total < data.numel():
             data[total:].zero_()
         log.info("packed an adapter of %d modules: %.1f MB of %s %s host memory in %.0f ms (allocation %.0f ms)",
