@@ -314,6 +314,7 @@ async def shape_session(args, key: str, shape: ModelShape, url: str, record: dic
         print(f"  [{key}] warm burst (adapters)   {brief(record['warm_burst_adapters'])}", flush=True)
         health = (await s.client.get("/health")).json()
         record["nf4_calibration_us"] = health.get("nf4_calibration_us")
+        record["nf4_dequant_us"] = health.get("nf4_dequant_us")
         record["engine"] = {k: engine_stats(health).get(k) for k in ("max_num_seqs", "prefill_budget", "max_step_seconds",
                                                                      "warm_up_seconds", "merge_policy", "cuda_graphs",
                                                                      "prefill_seconds_per_token", "kv_blocks_total")}

@@ -226,7 +226,7 @@ class Engine:
                 "merged_bytes": self.merger.merged_bytes,
                 "merged_steps": self.merger.merged_steps,
                 "merge_pays_rows": [m for m in MERGE_REPORT_ROWS if self.merger.merge_pays(m)],
-                "nf4_calibration_us": self._nf4_calibration()}
+                "nf4_calibration_us": self._nf4_calibration(), "nf4_dequant_us": self._nf4_dequant()}
 
     def _nf4_calibration(self) -> dict | None:
         """The start-up timing of an NF4 base on CUDA: {"OUTxIN": {rows: [NF4 path us, dense bf16 us]}}."""
@@ -235,6 +235,13 @@ class Engine:
         from .nf4_linear import DENSE_US, NF4_US
         return {f"{o}x{i}": {m: [us, DENSE_US.get((o, i), {}).get(m)] for m, us in rows.items()}
                 for (o, i), rows in NF4_US.items()}
+
+    def _nf4_dequant(self) -> dict | None:
+        """Start-up timing of prefill's whole-weight dequantisation: {"OUTxIN": {"triton": us, "bitsandbytes": us}}."""
+        if self.base.quantization != "nf4" or self.base.device.type != "cuda":
+            return None
+        from .nf4_linear import DEQUANT_US
+        return {f"{o}x{i}": times for (o, i), times in DEQUANT_US.items()}
 
     def prepare_adapter(self, ref: AdapterRef) -> None:
         """Host-side work for loading ref later (packing, pinned memory): call off the engine thread. Each adapter

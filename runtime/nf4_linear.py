@@ -26,6 +26,7 @@ import bitsandbytes.functional as bnbf
 import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
+from loraplex.kernels.nf4_dequant import nf4_dequantize
 from loraplex.kernels.nf4_matmul import NF4Tiles, _num_sms, candidate_tiles, nf4_matmul
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ TILES: dict[tuple[int, int, int], NF4Tiles] = {}
 # (out_features, in_features) -> {rows: microseconds}: the faster NF4 path, and a dense matmul.
 NF4_US: dict[tuple[int, int], dict[int, float]] = {}
 DENSE_US: dict[tuple[int, int], dict[int, float]] = {}
+# (out_features, in_features) -> whether kernels/nf4_dequant.py dequantised that weight faster than bitsandbytes'
+# dequantize_4bit at start-up (prefill's dequantise-then-matmul path); not calibrated: bitsandbytes'
+TRITON_DEQUANT: dict[tuple[int, int], bool] = {}
+DEQUANT_US: dict[tuple[int, int], dict[str, float]] = {}  # (out_features, in_features) -> measure_dequant's times
 # (shape, dtype, device) -> one dequantised weight, rewritten by each layer's prefill matmul in turn (one
 # stream, in order: a captured graph that uses it replays in the same order)
 _DEQUANT_SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -109,7 +114,7 @@ class NF4Linear(bnb.nn.Linear4bit):
         weight = _DEQUANT_SCRATCH.get(key)
         if weight is None:
             weight = _DEQUANT_SCRATCH[key] = torch.empty(state.shape, dtype=state.dtype, device=x.device)
-        bnbf.dequantize_4bit(self.weight.data, state, out=weight)
+        dequantize_into(weight, self.weight.data, state, TRITON_DEQUANT.get((self.out_features, self.in_features), False))
         in_dtype = x.dtype
         dtype = self.compute_dtype or in_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
@@ -151,15 +156,26 @@ class NF4Linear(bnb.nn.Linear4bit):
         return bnbf.dequantize_4bit(data, state)
 
 
+def _nested(state) -> dict:
+    """The kernels' double-quantisation arguments from a QuantState (none without it)."""
+    if not state.nested:
+        return {}
+    return dict(nested_absmax=state.state2.absmax, nested_code=state.state2.code,
+                nested_blocksize=state.state2.blocksize, offset=state.offset)
+
+
 def fused_matmul(x: torch.Tensor, packed: torch.Tensor, state, out_features: int, bias: torch.Tensor | None = None,
                  tiles=None) -> torch.Tensor:
     """x @ W.T (+ bias) by the fused kernel, W given as bitsandbytes' packed data and QuantState."""
-    nested = {}
-    if state.nested:
-        nested = dict(nested_absmax=state.state2.absmax, nested_code=state.state2.code,
-                      nested_blocksize=state.state2.blocksize, offset=state.offset)
     return nf4_matmul(x, packed, state.absmax, state.code, state.blocksize, out_features, bias=bias, tiles=tiles,
-                      **nested)
+                      **_nested(state))
+
+
+def dequantize_into(out: torch.Tensor, packed: torch.Tensor, state, triton_kernel: bool) -> torch.Tensor:
+    """The dense weight into `out` (state.shape, contiguous): kernels/nf4_dequant.py or bitsandbytes'."""
+    if triton_kernel:
+        return nf4_dequantize(packed, state.absmax, state.code, state.blocksize, out, **_nested(state))
+    return bnbf.dequantize_4bit(packed, state, out=out)
 
 
 def median_gpu_us(run: Callable[[], object], calls: int = 8, repeats: int = 5) -> tuple[float, bool]:
@@ -251,6 +267,24 @@ def measure_dense(layer: NF4Linear, rows: Iterable[int]) -> dict[int, float]:
     return times
 
 
+def measure_dequant(layer: NF4Linear, weights) -> dict[str, float]:
+    """GPU time per whole-weight dequantisation of `layer`'s shape (prefill's path), rotating over `weights`
+    (nf4_rotation's): {"triton": kernels/nf4_dequant.py, "bitsandbytes": dequantize_4bit}; inf where one fails."""
+    state = layer.weight.quant_state
+    out = torch.empty(state.shape, dtype=state.dtype, device=layer.weight.device)
+    times = {}
+    for name in ("triton", "bitsandbytes"):
+        def dequantize(triton_kernel=name == "triton"):
+            for w, s in weights:
+                dequantize_into(out, w, s, triton_kernel)
+        try:
+            times[name] = median_gpu_us(dequantize)[0] / len(weights)
+        except Exception as e:  # noqa: BLE001 - a kernel failing here leaves bitsandbytes' path in place
+            log.warning("nf4 whole-weight dequantisation (%s) failed on %s: %s", name, tuple(state.shape), e)
+            times[name] = float("inf")
+    return times
+
+
 @torch.inference_mode()
 def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | None = None,
               rows: Iterable[int] = CALIBRATION_ROWS) -> dict[tuple[int, int], dict]:
@@ -284,6 +318,8 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
                 if t["fused_us"] < fused_us[m]:
                     fused_us[m] = t["fused_us"]
                     TILES[(*shape, m)] = tiles
+        dequant_us = DEQUANT_US[shape] = measure_dequant(layer, rotation)
+        TRITON_DEQUANT[shape] = dequant_us["triton"] < dequant_us["bitsandbytes"]
         fused_rows = frozenset(m for m in fused_us if fused_us[m] < bnb_us[m])
         DISPATCH[shape] = fused_rows
         NF4_US[shape] = {m: min(fused_us[m], bnb_us[m]) for m in fused_us}
@@ -292,10 +328,11 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
         except Exception as e:  # noqa: BLE001
             log.warning("dense matmul timing failed on %s: %s", shape, e)
         results[shape] = {"fused_rows": sorted(fused_rows), "fused_us": fused_us, "bnb_us": bnb_us,
-                          "dense_us": DENSE_US.get(shape, {}),
+                          "dense_us": DENSE_US.get(shape, {}), "dequant_us": dequant_us,
                           "tiles": {m: str(TILES.get((*shape, m))) for m in fused_us}}
-        log.info("nf4 %s: fused kernel at rows %s (fused %s us, bitsandbytes %s us, dense %s us)", shape,
-                 sorted(fused_rows), {m: round(t, 1) for m, t in fused_us.items()},
+        log.info("nf4 %s: fused kernel at rows %s (fused %s us, bitsandbytes %s us, dense %s us); whole-weight "
+                 "dequantisation %s us", shape, sorted(fused_rows), {m: round(t, 1) for m, t in fused_us.items()},
                  {m: round(t, 1) for m, t in bnb_us.items()},
-                 {m: round(t, 1) for m, t in DENSE_US.get(shape, {}).items()})
+                 {m: round(t, 1) for m, t in DENSE_US.get(shape, {}).items()},
+                 {k: round(t, 1) for k, t in dequant_us.items()})
     return results

@@ -109,3 +109,18 @@ def test_fast_path_equals_eager_reference():
     for name, row in report.items():
         print(f"{name:26s} {row}")
     assert not failed, "\n".join(failed)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_whole_weight_dequantisation_is_bitsandbytes(compress):
+    """kernels/nf4_dequant.py (prefill's dequantise-then-matmul path, where calibration finds it faster) writes the
+    weight bitsandbytes' dequantize_4bit writes: bf16 rounded to nearest on the GPU (the CPU interpreter truncates).
+    The double-quantised absmax may differ by a fused multiply-add's last bit: one bf16 step, rarely."""
+    import bitsandbytes.functional as bnbf
+    from loraplex.runtime.nf4_linear import dequantize_into
+    w = (torch.randn(4096, 1024, generator=torch.Generator().manual_seed(0)) * 0.05).to("cuda", torch.bfloat16)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=compress)
+    ours = dequantize_into(torch.empty_like(w), packed, state, triton_kernel=True)
+    theirs = dequantize_into(torch.empty_like(w), packed, state, triton_kernel=False)
+    assert (ours == theirs).float().mean().item() > 0.999
+    assert ((ours.float() - theirs.float()).abs() <= torch.finfo(torch.bfloat16).eps * theirs.float().abs()).all()

@@ -14,6 +14,7 @@ import triton.language as tl
 from conftest import rerun_under_triton_interpreter
 
 from loraplex.kernels import nf4_matmul as nf4_module
+from loraplex.kernels.nf4_dequant import nf4_dequantize
 from loraplex.kernels.nf4_matmul import NF4Tiles, choose_tiles, nf4_matmul
 from loraplex.runtime.nf4_linear import NF4Linear
 
@@ -130,6 +131,34 @@ def test_split_k_is_deterministic():
     args = (x, packed, state.absmax, state.code, BLOCKSIZE, 64)
     first = nf4_matmul(*args, tiles=tiles, **state_kwargs(state))
     assert torch.equal(first, nf4_matmul(*args, tiles=tiles, **state_kwargs(state)))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_is_bitsandbytes(blocksize, compress, dtype):
+    """The whole weight, as bitsandbytes' dequantize_4bit writes it: fp32 and fp16 equal, bf16 within one rounding
+    step (the interpreter truncates to bf16 where the GPU rounds to nearest: tests/test_gpu_fastpath.py checks the
+    GPU's); 72 x 160 weights are 180 blocks of 64, so the last program is partly masked."""
+    g = torch.Generator().manual_seed(blocksize + compress)
+    w = (torch.randn(72, 160 if blocksize == 64 else 256, generator=g) * 0.05).to(torch.bfloat16)
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=compress)
+    out = torch.full(w.shape, float("nan"), dtype=dtype)
+    nf4_dequantize(packed, state.absmax, state.code, blocksize, out, **state_kwargs(state))
+    exact = dequantized(packed, state, torch.float32)
+    if dtype == torch.bfloat16:
+        assert ((out.float() - exact).abs() <= torch.finfo(dtype).eps * exact.abs()).all()
+    else:
+        assert torch.equal(out, dequantized(packed, state, dtype))
+
+
+def test_dequantize_rejects_what_it_cannot_read():
+    packed, state = quantize(64, 128, True, seed=1)
+    with pytest.raises(ValueError):  # an output of another size
+        nf4_dequantize(packed, state.absmax, state.code, BLOCKSIZE, torch.empty(64, 64), **state_kwargs(state))
+    with pytest.raises(ValueError):  # uint8 absmax without its nested statistics
+        nf4_dequantize(packed, state.absmax, state.code, BLOCKSIZE, torch.empty(64, 128))
 
 
 def test_tile_rule_fits_every_shape():
