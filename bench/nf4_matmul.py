@@ -9,6 +9,8 @@ does (bitsandbytes Linear4bit, NF4, double quantisation, blocksize 64, bf16 comp
   floor  (packed bytes + absmax bytes) / device-to-device copy bandwidth (bytes read + written)
 The table shows each path's time over the floor; the JSON has the microseconds and a suggested DISPATCH.
 --sweep also times alternative tile shapes for a few cases (to tune kernels/nf4_matmul.choose_tiles).
+dequant: prefill's whole-weight dequantisation (kernels/nf4_dequant.py vs bitsandbytes' dequantize_4bit, the
+calibration's timing), as a fraction of the copy bandwidth (packed + absmax read, the bf16 weight written).
 
 usage: python bench/nf4_matmul.py [--rows 1 8 16 32 64] [--sweep] [--out bench/results/nf4_matmul.json]
 """
@@ -150,6 +152,15 @@ def main() -> None:
                           "floor_us": floor, "fused_us": t["fused_us"][m], "bnb_us": t["bnb_us"][m],
                           "fused_over_floor": t["fused_us"][m] / floor, "bnb_over_floor": t["bnb_us"][m] / floor,
                           "speedup": t["bnb_us"][m] / t["fused_us"][m], "fused_tiles": t["tiles"][m]})
+    dequant = []
+    for name, layer in layers.items():
+        shape = (layer.out_features, layer.in_features)
+        moved = weight_bytes(layer) + shape[0] * shape[1] * 2
+        times = timings[shape]["dequant_us"]
+        dequant.append({"weight": name, **{f"{k}_us": v for k, v in times.items()},
+                        **{f"{k}_bw_fraction": moved / (v * 1e-6) / bandwidth for k, v in times.items()}})
+        print(f"dequant {name:>17}: triton {times['triton']:7.1f} us ({dequant[-1]['triton_bw_fraction']:.2f} of "
+              f"bandwidth), bitsandbytes {times['bitsandbytes']:7.1f} us ({dequant[-1]['bitsandbytes_bw_fraction']:.2f})")
     worst_err = max(c["fused_rel_err"] for cs in checks.values() for c in cs)
     ok = worst_err < 1e-2
     print(f"correctness: worst fused relative error {worst_err:.2e} ({'ok' if ok else 'FAILED'}, bound 1e-2)")
@@ -163,7 +174,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version(),
         "copy_bandwidth_TBps": bandwidth / 1e12, "rows": args.rows, "correct": ok, "checks": checks,
-        "cases": cases, "suggested_dispatch": dispatch, "sweep": sweep_results,
+        "cases": cases, "suggested_dispatch": dispatch, "sweep": sweep_results, "dequant": dequant,
         "seconds": round(time.time() - started, 1),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
