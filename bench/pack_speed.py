@@ -5,8 +5,8 @@
 The pack (kernels/ops.py TritonAdapterOps.prepare) turns a parsed upload (fp32 views of the received safetensors
 bytes, as the server holds them) into the pool layout in pinned host memory: most of a hot-load's time after the
 201 (adapter_scale_gpu.json: pack 67-85 ms of 89-108 ms on 8B). Timed here, each on a fresh adapter:
-  prepare      the server's path (one torch._foreach_copy_; pinned memory from the spare block pinned in the
-               background after the pack before, or allocated then: the first pack), GPU host only
+  prepare      the server's path (a torch._foreach_copy_ per copy thread; pinned memory from the spare block
+               pinned in the background after the pack before, or allocated then: the first pack), GPU host only
   threads=N    a copy_ per piece (packed_layout.write_module) on N threads, into a buffer allocated beforehand (the
                server's path until 2026-12-06)
   foreach      one torch._foreach_copy_ over every piece (one call; PyTorch parallelises inside each copy)
@@ -49,15 +49,6 @@ def pieces(adapter, data: torch.Tensor) -> tuple[list, list]:
             src.append(piece)
             offset += layout.aligned(piece.numel())
     return dst, src
-
-
-def shares(dst: list, src: list, n: int) -> list[tuple[list, list]]:
-    """The pieces cut into n runs of about equal size."""
-    total, done, cuts = sum(t.numel() for t in src), 0, [[] for _ in range(n)]
-    for i, t in enumerate(src):
-        cuts[min(n - 1, done * n // total)].append(i)
-        done += t.numel()
-    return [([dst[i] for i in cut], [src[i] for i in cut]) for cut in cuts if cut]
 
 
 def main() -> None:
@@ -103,7 +94,7 @@ def main() -> None:
     for n in [int(x) for x in args.threads.split(",") if int(x) > 1]:
         with ThreadPoolExecutor(n) as workers:
             timed(f"foreach/{n}", lambda a, d, dst, src: list(workers.map(
-                lambda share: torch._foreach_copy_(*share), shares(dst, src, n))), pieces)
+                lambda share: torch._foreach_copy_(*share), layout.equal_shares(dst, src, n))), pieces)
     timed("memcpy", lambda a, d, src: d[:src.numel()].copy_(src),
           lambda a, d: (torch.ones(sum(t.numel() for t in pieces(a, d)[1]), dtype=torch.float32),))
     result = {"benchmark": "pack_speed", "shape": shape.name, "device": torch.cuda.get_device_name() if cuda else "cpu",

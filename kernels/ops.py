@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from loraplex.runtime.adapters.buffers import COPY_THREADS, copy_threads
 from loraplex.runtime.adapters.ops import AdapterOps
 from loraplex.runtime.adapters.peft_format import AdapterWeights
 from loraplex.runtime.adapters.segments import Segments, build_segments
@@ -193,14 +194,17 @@ class TritonAdapterOps(AdapterOps):
             for f in layout.OFFSET_FIELDS:
                 shift[layer][j][f] = 1
             shift[layer][j][layout.DORA_OFFSET] = int(row[layout.DORA_OFFSET] != 0)  # 0: not DoRA, stays 0
-        # One batched copy (fp32 -> pool dtype, B transposed): PyTorch splits each piece over its intra-op threads.
-        # A pool of Python threads with a copy_ per piece took twice as long on 2 cores (62 vs 28.5 ms for an 8B
-        # rank-16 adapter, bench/pack_speed.py): per-piece overhead, and every thread's own OpenMP team. For the
-        # same reason one pack copies at a time: each already uses every core, and requests packing new adapters
-        # at once (a trace over 1,000 adapters) would otherwise start an OpenMP team per request thread.
+        # The copies (fp32 -> pool dtype, B transposed) as one torch._foreach_copy_ per copy thread over a run of
+        # pieces of about equal size: 8B rank 16 on the H100 host's 16 cores, 17.6 ms on 8 threads, 28 ms as one
+        # call, 63 ms as a copy_ per piece on 8 threads (bench/pack_speed.py). One adapter at a time: each already
+        # uses the threads (and each of them PyTorch's intra-op threads)
+        inference = torch.is_inference_mode_enabled()  # (thread-local: `data` may be an inference tensor)
+
+        def copy(share: tuple[list, list]) -> None:
+            with torch.inference_mode(inference):
+                torch._foreach_copy_(*share)
         with self._copy_lock:
-            if targets:
-                torch._foreach_copy_(targets, pieces)
+            list(copy_threads().map(copy, layout.equal_shares(targets, pieces, COPY_THREADS)))
             if gaps:
                 torch._foreach_zero_(gaps)
         if total < data.numel():

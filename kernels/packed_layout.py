@@ -77,6 +77,17 @@ def module_copies(m: ModuleDelta, pool: torch.Tensor, offset: int) -> tuple[list
     return row, targets, pieces, gaps
 
 
+def equal_shares(targets: list, pieces: list, n: int) -> list[tuple[list, list]]:
+    """(targets, pieces) cut into at most n runs of about equal size, in order (for one batched copy per thread)."""
+    total, done, runs = sum(p.numel() for p in pieces), 0, [([], []) for _ in range(n)]
+    for target, piece in zip(targets, pieces):
+        run = runs[min(n - 1, done * n // max(total, 1))]
+        run[0].append(target)
+        run[1].append(piece)
+        done += piece.numel()
+    return [run for run in runs if run[0]]
+
+
 def write_module(m: ModuleDelta, pool: torch.Tensor, offset: int) -> list[int]:
     """Copy the module into pool[offset:]; returns its table row."""
     row, targets, pieces, gaps = module_copies(m, pool, offset)
