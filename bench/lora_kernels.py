@@ -10,6 +10,7 @@ bw = adapter bytes (the weights of the n adapters) / kernel time / device-to-dev
 The summary (targets in the JSON) is measured on Llama-3.1-8B with 64 decode tokens.
 
 usage: python bench/lora_kernels.py [--quick] [--sweep] [--no-grid] [--skip-check] [--out bench/results/kernels.json]
+       python bench/lora_kernels.py --prefill-sweep --out OUT.json   (prefill tile variants only)
 """
 from __future__ import annotations
 
@@ -281,6 +282,47 @@ def sweep() -> list[dict]:
     return rows
 
 
+PREFILL_VARIANTS = [  # (block_m, block_k, block_r, block_n, shrink warps, expand warps, stages, splits: None = rule)
+    (64, 64, 32, 128, 4, 4, 2, None),  # the rule's prefill tiles (tile_config.choose_tile_config)
+    (64, 64, 32, 128, 4, 4, 2, 1), (64, 64, 32, 128, 4, 4, 2, 2),
+    (64, 64, 16, 128, 4, 4, 2, None), (64, 64, 32, 256, 4, 8, 2, None), (64, 64, 16, 256, 4, 8, 2, 1),
+    (128, 64, 32, 128, 8, 8, 2, None), (128, 64, 16, 128, 8, 8, 2, 1), (64, 128, 32, 128, 4, 4, 2, None),
+    (32, 128, 16, 128, 4, 4, 2, None), (64, 64, 16, 64, 4, 4, 2, None),
+]
+
+
+def prefill_sweep() -> list[dict]:
+    """A 2,048-token prefill layer (8B, rank 16: one adapter, and 8 of 256 tokens each): the whole layer, the
+    shrinks alone and the expands alone, per tile variant (PREFILL_VARIANTS), to tune the prefill tiles."""
+    import loraplex.kernels.ops as kernel_ops
+    rows = []
+    for adapters in (1, 8):
+        case = LayerCase("llama-3.1-8b", 2048, adapters, 16, "lora", True)
+        for bm, bk, br, bn, shrink_warps, expand_warps, stages, splits in PREFILL_VARIANTS:
+            case.ops.tile_config = TileConfig(bm, bk, br, bn, shrink_warps, expand_warps, stages)
+            case.ops.num_splits = splits
+            case.meta = case.ops.metadata(case.slots)
+            row = {"adapters": adapters, "block_m": bm, "block_k": bk, "block_r": br, "block_n": bn,
+                   "shrink_warps": shrink_warps, "expand_warps": expand_warps, "stages": stages,
+                   "splits": splits or case.ops.splits(case.meta.plan, GROUPS[2])}
+            try:
+                row["layer_us"] = kernel_us(case)
+                for only, other in (("shrink", "expand"), ("expand", "shrink")):
+                    original = getattr(kernel_ops, other)
+                    setattr(kernel_ops, other, lambda *a, **k: None)
+                    try:
+                        row[f"{only}_us"] = kernel_us(case)
+                    finally:
+                        setattr(kernel_ops, other, original)
+            except Exception as e:  # noqa: BLE001 - a variant the compiler refuses is skipped
+                print(f"prefill sweep variant failed: {e!r}"[:300], flush=True)
+                continue
+            rows.append(row)
+            print(f"prefill sweep {row}", flush=True)
+        del case
+    return rows
+
+
 def per_kernel(tile_config: TileConfig | None, pdl: bool) -> list[dict]:
     """Shrinks alone and expands alone (the other patched out) on the r16, 64-adapter decode layer."""
     import loraplex.kernels.ops as kernel_ops
@@ -317,6 +359,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="Llama-3.1-8B only, fewer adapter counts")
     parser.add_argument("--sweep", action="store_true", help="also time tile-shape variants of the summary cases")
+    parser.add_argument("--prefill-sweep", action="store_true", help="only: prefill tile variants (PREFILL_VARIANTS)")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--no-grid", action="store_true", help="summary, per-group and extras only")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.json"))
@@ -337,6 +380,10 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
+    if args.prefill_sweep:
+        result["prefill_sweep"] = prefill_sweep()
+        save()
+        return
     if not args.skip_check:
         result["check"] = check(torch.bfloat16) + check(torch.float16)
     result["summary"] = summary_cases()
