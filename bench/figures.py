@@ -269,6 +269,15 @@ def adapter_scale_gpu(result: dict, fig) -> None:
           + (f" ({ratio:.2f}x)" if ratio is not None else ""))
 
 
+def pack_speed(result: dict, fig) -> None:
+    """bench/pack_speed.py: ms to pack one adapter into the pool layout, per way of copying, beside the memcpy floor."""
+    ms = result["ms_p50"]
+    ax = fig.subplots(1, 1)
+    _bars(ax, list(ms), {"ms p50": list(ms.values())}, "ms (p50)",
+          f"pack of a {result['shape']} rank-16 adapter, {result['device']}, {result['cpu_count']} cores")
+    ax.tick_params(axis="x", labelrotation=30)
+
+
 # file name (stem, or its start) -> (function, figure size)
 DRAWERS = {
     "engine_cpu": (engine, (11, 4)), "engine_gpu": (engine, (7, 4)), "grpc_vs_http": (grpc_vs_http, (7, 4)),
@@ -277,6 +286,7 @@ DRAWERS = {
     "serve_gpu": (serve_gpu, (12, 4.5)), "step_host": (step_host, (9, 4.5)), "train_quality": (train_quality, (14, 4)),
     "train_speed": (train_speed, (11, 4)),
     "training_summary": (training_summary, (7, 4)), "adapter_scale": (adapter_scale, (13, 4)),
+    "pack_speed": (pack_speed, (9, 4)),
 }
 
 

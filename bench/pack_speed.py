@@ -30,6 +30,7 @@ from loraplex.kernels import packed_layout as layout
 from loraplex.kernels.ops import TritonAdapterOps
 from loraplex.runtime.adapters.peft_format import BaseShape, parse_adapter
 
+import figures  # bench/, beside this file: a PNG beside the JSON
 from adapter_scale_gpu import fp32_payload, upload_spec  # bench/, beside this file
 from serve_gpu_models import SHAPES, RandomPool
 
@@ -106,6 +107,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
+    figures.draw_after_run(args.out)
 
 
 if __name__ == "__main__":
