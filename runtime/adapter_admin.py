@@ -55,10 +55,9 @@ class AdapterAdmin:
         self._check_own_id(adapter_id)
         self._stored_upload_id(tenant, adapter_id)
 
-    def open_upload(self, capacity: int | None = None, config_raw: bytes | None = None,
-                    weights_sha256: bool = False) -> IncomingWeights:
+    def open_upload(self, capacity: int | None = None, weights_sha256: bool = False) -> IncomingWeights:
         """Where a streamed upload's weights go as they arrive (a temporary directory of the store)."""
-        return IncomingWeights(self.registry.store, self.registry.max_bytes, capacity, config_raw, weights_sha256)
+        return IncomingWeights(self.registry.store, self.registry.max_bytes, capacity, weights_sha256)
 
     async def refuse_upload(self, incoming: IncomingWeights | None) -> None:
         """A streamed upload refused before upload_received (its body, its form, the client gone): nothing stays."""

@@ -255,7 +255,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                            f"adapter weights are {meta.size_bytes} bytes, above the limit of {limit}")
         if not meta.sha256:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the metadata needs the sha256 of the weights")
-        incoming = self.service.open_upload(meta.size_bytes, meta.config_json, weights_sha256=True)
+        incoming = self.service.open_upload(meta.size_bytes, weights_sha256=True)
         try:
             await receive_weights(messages, incoming, meta.size_bytes, meta.sha256)
         except BaseException:

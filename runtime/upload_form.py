@@ -105,8 +105,7 @@ class UploadForm:
                 raise ServiceError(f"{filename}: pickle formats are refused (loraplex never unpickles); "
                                    "upload adapter_model.safetensors", 400, "adapter_error")
             length = self.request.headers.get("content-length", "")
-            config = bytes(self.values["config"]) if "config" in self.done else None
-            self.incoming = self.service.open_upload(int(length) if length.isdigit() else None, config)
+            self.incoming = self.service.open_upload(int(length) if length.isdigit() else None)
         else:
             self.values[name] = bytearray()
 

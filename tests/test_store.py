@@ -125,3 +125,33 @@ def test_weights_file_read_in_pieces_by_threads_is_the_file(tmp_path, monkeypatc
     small = tmp_path / "small"
     small.write_bytes(b"x" * 10)
     assert bytes(buffers.read_weights_file(small)) == b"x" * 10
+
+
+def test_digest_hashes_pieces_and_older_plain_sha256_digests_still_check(tmp_path):
+    """The digest is a sha256 over the config and the sha256 of each 4 MiB piece of the weights (hashed in
+    parallel); a CURRENT written before it, with a plain sha256 over both files, still reads, and still catches a
+    damaged file."""
+    import hashlib
+
+    from loraplex.runtime.adapters.store import DIGEST_PIECE_BYTES, CorruptAdapter, adapter_digest
+
+    config_raw, weights_raw = b'{"r": 4}', bytes(range(256)) * (DIGEST_PIECE_BYTES // 256 * 2 + 3)  # 2 pieces + 768 B
+    pieces = [weights_raw[i:i + DIGEST_PIECE_BYTES] for i in range(0, len(weights_raw), DIGEST_PIECE_BYTES)]
+    expected = hashlib.sha256(len(config_raw).to_bytes(8, "big") + config_raw
+                              + b"".join(hashlib.sha256(p).digest() for p in pieces)).hexdigest()
+    assert len(pieces) == 3 and adapter_digest(config_raw, weights_raw) == "sha256-4m:" + expected
+
+    reg = AdapterRegistry(AdapterStore(tmp_path), SHAPE)
+    reg.upload("a", *lora_files())
+    current = json.loads((tmp_path / "a" / "CURRENT").read_text())
+    assert current["sha256"].startswith("sha256-4m:")
+    files = [(tmp_path / "a" / "v1" / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")]
+    plain = hashlib.sha256(len(files[0]).to_bytes(8, "big") + files[0] + files[1]).hexdigest()
+    (tmp_path / "a" / "CURRENT").write_text(json.dumps({**current, "sha256": plain}))
+    store = AdapterStore(tmp_path)
+    assert store.read("a", 1)[0] == files[0]
+    damaged = bytearray(files[1])
+    damaged[-1] ^= 1
+    (tmp_path / "a" / "v1" / "adapter_model.safetensors").write_bytes(bytes(damaged))
+    with pytest.raises(CorruptAdapter):
+        store.read("a", 1)

@@ -252,7 +252,7 @@ def test_received_bytes_are_the_parse_buffer_and_only_the_upload_is_kept(tmp_pat
     store = AdapterStore(tmp_path / "store")
 
     async def receive():
-        incoming = IncomingWeights(store, max_bytes=256 << 20, config_raw=config_raw)
+        incoming = IncomingWeights(store, max_bytes=256 << 20)
         for i in range(0, len(weights_raw), 1000):
             await incoming.write(memoryview(weights_raw)[i:i + 1000])
         staged = await incoming.finish(config_raw)
@@ -296,8 +296,7 @@ def test_weights_file_is_written_whole_with_or_without_direct_io(tmp_path, monke
     store = AdapterStore(tmp_path / "store")
 
     async def receive():
-        incoming = incoming_module.IncomingWeights(store, 256 << 20, len(weights_raw) if declared else None,
-                                                   config_raw)
+        incoming = incoming_module.IncomingWeights(store, 256 << 20, len(weights_raw) if declared else None)
         for i in range(0, len(weights_raw), 65536):
             await incoming.write(memoryview(weights_raw)[i:i + 65536])
         return incoming, await incoming.finish(config_raw)

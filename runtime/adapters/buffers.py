@@ -24,13 +24,14 @@ def owned_buffer(size: int) -> mmap.mmap:
 
 
 READ_PIECE_BYTES = 8 << 20  # a large file is read in pieces of this size, several at once
-COPY_THREADS = 8  # threads of host memory copies: file pieces read here, an adapter's modules packed (kernels/ops.py)
+COPY_THREADS = 8  # threads of host memory copies: file pieces read here, an adapter's modules packed (kernels/ops.py),
+                  # the store digest's pieces hashed (store.py)
 _copy_pool: ThreadPoolExecutor | None = None
 _copy_pool_lock = threading.Lock()
 
 
 def copy_threads() -> ThreadPoolExecutor:
-    """The process's pool for host memory copies (each task a copy; none submits another, so none waits on one)."""
+    """The process's pool for host memory copies and digests (no task submits another, so none waits on one)."""
     global _copy_pool
     with _copy_pool_lock:
         if _copy_pool is None:
