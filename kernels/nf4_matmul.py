@@ -108,9 +108,10 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
         # Also 128-feature loop steps and a deeper pipeline: at 96-128 rows the rule's tiles ran at 2x a dense
         # bf16 matmul (28672x4096: 170 vs 88 us, H100), tensor-core bound at ~0.2 of peak
         bm, bk, stages = WIDE_STEP
-        return list(dict.fromkeys([rule, choose_tiles(M, N, K, blocksize, num_sms, STEPS[-1]),
-                                   choose_tiles(M, N, K, blocksize, num_sms, (bm, 2 * bk, stages)),
-                                   choose_tiles(M, N, K, blocksize, num_sms, (bm, bk, stages + 1))]))
+        wide = [rule, choose_tiles(M, N, K, blocksize, num_sms, STEPS[-1]),
+                choose_tiles(M, N, K, blocksize, num_sms, (bm, 2 * bk, stages)),
+                choose_tiles(M, N, K, blocksize, num_sms, (bm, bk, stages + 1))]
+        return list(dict.fromkeys(wide + _unsplit(wide)))
     steps = [step for step in STEPS if step[0] < rule.block_m]
     tiles = [rule] + [choose_tiles(M, N, K, blocksize, num_sms, step) for step in steps]
     for bm, bk, stages in [(rule.block_m, rule.block_k, rule.num_stages)] + steps:
@@ -136,7 +137,13 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
         step = (rule.block_m, rule.block_k, rule.num_stages)
         tiles += [choose_tiles(M, N, K, blocksize, num_sms, step, num_warps=8),
                   choose_tiles(M, N, K, blocksize, num_sms, step, block_n=64)]
-    return list(dict.fromkeys(tiles))
+    return list(dict.fromkeys(tiles + _unsplit([rule])))
+
+
+def _unsplit(tiles: list[NF4Tiles]) -> list[NF4Tiles]:
+    """The split-K tiles of `tiles` without split-K: in the trace's decode steps (96-128 rows, 8B) the sums of the
+    fp32 partials took 0.83 s beside 1.75 s of matmul (bench/results/profile_step_8b.json): tens of MB per call."""
+    return [replace(t, splits=1) for t in tiles if t.splits > 1]
 
 
 @functools.cache

@@ -215,7 +215,8 @@ def test_nf4_linear_on_the_cpu_is_bitsandbytes(training):
 def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetch():
     from loraplex.kernels.nf4_matmul import candidate_tiles
     rule8 = choose_tiles(8, 4096, 4096, BLOCKSIZE, 132)
-    assert candidate_tiles(8, 4096, 4096, BLOCKSIZE, 132) == [rule8, replace(rule8, prefetch=True)]
+    unsplit8 = [replace(rule8, splits=1)] if rule8.splits > 1 else []  # (last: the split-K tiles without it)
+    assert candidate_tiles(8, 4096, 4096, BLOCKSIZE, 132) == [rule8, replace(rule8, prefetch=True)] + unsplit8
     for M, rule_m, others in ((32, 32, [16]), (64, 64, [16, 32])):
         tiles = candidate_tiles(M, 28672, 4096, BLOCKSIZE, 132)
         assert tiles[0] == choose_tiles(M, 28672, 4096, BLOCKSIZE, 132) and tiles[0].block_m == rule_m
@@ -241,8 +242,10 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
     wide = candidate_tiles(128, 28672, 4096, BLOCKSIZE, 132)  # above 64 rows: the rule, 64-row tiles, longer steps,
     rule = wide[0]                                            # a deeper pipeline
     assert rule == choose_tiles(128, 28672, 4096, BLOCKSIZE, 132) and rule.block_m == 128
-    assert {(t.block_m, t.block_k, t.num_stages) for t in wide[1:]} == {
+    assert {(t.block_m, t.block_k, t.num_stages) for t in wide[1:4]} == {
         (64, 64, 3), (128, 2 * rule.block_k, rule.num_stages), (128, rule.block_k, rule.num_stages + 1)}
+    # and each of those four with split-K again without it (its partial sums cost up to half the matmul's time)
+    assert wide[4:] == [replace(t, splits=1) for t in wide[:4] if t.splits > 1] and wide[4:]
 
 
 def test_prefetch_needs_one_absmax_block_per_step():
