@@ -38,7 +38,7 @@ import httpx
 import torch
 from safetensors.torch import save as save_safetensors
 
-from loraplex.runtime.adapters.store import adapter_digest
+from loraplex.runtime.adapters.digest import adapter_digest
 import adapter_scale_gpu  # noqa: E402 - bench/, beside this file: the --gpu part
 import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 

@@ -81,8 +81,8 @@ def main() -> None:
     if ops is not None:
         for i in range(args.repeats):
             adapter = fresh_adapter(shape, pool, 100 + i)
-            if ops._spare is not None:
-                ops._spare.result()  # (pinned while the next upload arrives, in the server)
+            if ops.host_buffers.spare is not None:
+                ops.host_buffers.spare.result()  # (pinned while the next upload arrives, in the server)
             t = time.perf_counter()
             ops.prepare(adapter)
             rows.setdefault("prepare", []).append(1e3 * (time.perf_counter() - t))

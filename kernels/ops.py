@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,6 +30,7 @@ from loraplex.runtime.adapters.segments import Segments, build_segments
 
 from . import packed_layout as layout
 from .dora_rescale import dora_rescale
+from .host_buffers import HostBuffers
 from .segmented_lora import MAX_FUSED, expand, interpreting, shrink
 from .tile_config import TileConfig, choose_splits, choose_tile_config
 from .weight_pool import WeightPool
@@ -154,11 +154,8 @@ class TritonAdapterOps(AdapterOps):
         # metadata (its key, the result) is reused while the slots and residency stay as they were
         self._residency = 0  # bumped by every load and evict
         self._last_graph_meta: tuple[tuple, StepSegments] | None = None
-        # pinned memory for the next packed copy, allocated in the background (_host_buffer)
-        self._spare: Future | None = None
-        self._spare_lock = threading.Lock()
+        self.host_buffers = HostBuffers(dtype, self.cuda)  # packed copies' memory, a spare block pinned ahead
         self._copy_lock = threading.Lock()  # prepare's copies, one adapter at a time
-        self._spare_thread = ThreadPoolExecutor(1, thread_name_prefix="loraplex-pinned")
 
     @property
     def pool_bytes(self) -> int:
@@ -177,7 +174,7 @@ class TritonAdapterOps(AdapterOps):
                 raise ValueError(f"adapter module ({layer}, {proj}) is outside the served model")
         offsets, total = layout.module_offsets(modules.values())
         started = time.perf_counter()
-        data = self._host_buffer(max(total, 1))
+        data = self.host_buffers.take(max(total, 1))
         allocated = time.perf_counter()
         # the module table too (loads only add the slot's region to its offsets: the engine thread's part)
         table = [[[0] * layout.NUM_FIELDS for _ in self.proj_ids] for _ in range(self.num_layers)]
@@ -221,22 +218,6 @@ class TritonAdapterOps(AdapterOps):
             adapter.is_dora)
         adapter.packed = packed
         return packed
-
-    def _host_buffer(self, numel: int) -> torch.Tensor:
-        """Host memory for a packed copy of `numel` elements: pinned on CUDA. Pinning 84 MB took 16-25 ms of an
-        8B adapter's hot-load (adapter_scale_gpu.json), so after each pack a block of the same size is pinned in
-        the background, and the next pack of that size takes it: one base model's adapters mostly share their
-        shapes (a fleet's rank and target modules). At most one such block is held; it is not an adapter's."""
-        data = None
-        with self._spare_lock:
-            spare = self._spare
-            if spare is not None and spare.done():
-                if spare.exception() is None and spare.result().numel() == numel:
-                    data = spare.result()
-                spare = None  # taken, failed or of another size: the next one is of this size
-            if spare is None:
-                self._spare = self._spare_thread.submit(torch.empty, numel, dtype=self.dtype, pin_memory=self.cuda)
-        return torch.empty(numel, dtype=self.dtype, pin_memory=self.cuda) if data is None else data
 
     def host_bytes(self, adapter: AdapterWeights) -> int:
         """The packed copy prepare() keeps in (pinned) host memory: the pool layout, as many bytes as on the device."""

@@ -222,13 +222,13 @@ def test_packs_take_the_spare_block_of_their_size():
     the next adapter of the same size is packed into it, one of another size into fresh memory; both stay right."""
     first, second, other = make_adapter(r=8, seed=80), make_adapter(r=8, seed=81), make_adapter(r=16, seed=82)
     ops = make_ops({0: first})
-    spare = ops._spare.result()
+    spare = ops.host_buffers.spare.result()
     ops.load(1, second)
     assert second.packed.data.data_ptr() == spare.data_ptr()
-    assert ops._spare.result().data_ptr() != spare.data_ptr()  # the next one
+    assert ops.host_buffers.spare.result().data_ptr() != spare.data_ptr()  # the next one
     ops.load(2, other)  # another size: fresh memory; the spare waiting is replaced by one of the new size
-    assert other.packed.data.data_ptr() != ops._spare.result().data_ptr()
-    assert ops._spare.result().numel() == other.packed.data.numel()
+    assert other.packed.data.data_ptr() != ops.host_buffers.spare.result().data_ptr()
+    assert ops.host_buffers.spare.result().numel() == other.packed.data.numel()
     run_and_check(ops, {0: first, 1: second, 2: other}, [0, 1, 2, 2, 1, 0, 3], QKV)
 
 

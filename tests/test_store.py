@@ -133,7 +133,8 @@ def test_digest_hashes_pieces_and_older_plain_sha256_digests_still_check(tmp_pat
     damaged file."""
     import hashlib
 
-    from loraplex.runtime.adapters.store import DIGEST_PIECE_BYTES, CorruptAdapter, adapter_digest
+    from loraplex.runtime.adapters.digest import DIGEST_PIECE_BYTES, adapter_digest
+    from loraplex.runtime.adapters.store import CorruptAdapter
 
     config_raw, weights_raw = b'{"r": 4}', bytes(range(256)) * (DIGEST_PIECE_BYTES // 256 * 2 + 3)  # 2 pieces + 768 B
     pieces = [weights_raw[i:i + DIGEST_PIECE_BYTES] for i in range(0, len(weights_raw), DIGEST_PIECE_BYTES)]

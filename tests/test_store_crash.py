@@ -19,7 +19,8 @@ from safetensors.torch import save
 from conftest import ServerProcess
 from loraplex.runtime.adapters.peft_format import AdapterError, BaseShape
 from loraplex.runtime.adapters.registry import AdapterRegistry
-from loraplex.runtime.adapters.store import AdapterStore, CorruptAdapter, adapter_digest
+from loraplex.runtime.adapters.digest import adapter_digest
+from loraplex.runtime.adapters.store import AdapterStore, CorruptAdapter
 
 SHAPE = BaseShape(2, {"q_proj": (16, 16), "k_proj": (16, 8), "v_proj": (16, 8), "o_proj": (16, 16),
                       "gate_proj": (16, 32), "up_proj": (16, 32), "down_proj": (32, 16)})

@@ -246,7 +246,7 @@ def test_received_bytes_are_the_parse_buffer_and_only_the_upload_is_kept(tmp_pat
     import asyncio
 
     from loraplex.runtime.adapters.incoming import IncomingWeights
-    from loraplex.runtime.adapters.store import adapter_digest
+    from loraplex.runtime.adapters.digest import adapter_digest
 
     config_raw, weights_raw = tiny_lora(rank=4, seed=3)
     store = AdapterStore(tmp_path / "store")
@@ -280,7 +280,7 @@ def test_weights_file_is_written_whole_with_or_without_direct_io(tmp_path, monke
     from safetensors.torch import save
 
     from loraplex.runtime.adapters import incoming as incoming_module
-    from loraplex.runtime.adapters.store import adapter_digest
+    from loraplex.runtime.adapters.digest import adapter_digest
 
     config_raw = json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}).encode()
     weights_raw = save({"w": torch.arange(2_300_001, dtype=torch.float32)})  # 9.2 MB: 2 blocks and a tail

@@ -3,7 +3,7 @@
 The bytes go, block by block on a worker thread while the next bytes arrive, into one buffer of the upload's
 size (its capacity: the Content-Length, a declared size) and the weights file of a temporary directory of the
 store; each 4 MiB piece of the buffer is hashed for the store's digest on the copy threads once its bytes are
-in (store.py: one sha256 stream ran at 958 MB/s on the GPU host, below the wire). When the last byte is in,
+in (digest.py: one sha256 stream ran at 958 MB/s on the GPU host, below the wire). When the last byte is in,
 the file only needs its fsync and the digest its last piece, and the parse keeps
 views of the buffer (no second copy of the weights; reading the file back through a memory map and cloning
 every tensor took longer than receiving it). The file is written from that buffer with O_DIRECT where the
@@ -30,7 +30,8 @@ import numpy as np
 from .peft_format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_safetensors_header, refuse_pickle,
                           safetensors_header_length)
 from .buffers import copy_threads, owned_buffer
-from .store import DIGEST_PIECE_BYTES, AdapterStore, Staged, combine_digests, fsync_dir, piece_digest
+from .digest import DIGEST_PIECE_BYTES, combine_digests, piece_digest
+from .store import AdapterStore, Staged, fsync_dir
 
 BLOCK_BYTES = 4 << 20  # handed to the workers at a time: few thread hops, and the disk works while bytes arrive
 SYNC_BYTES = 32 << 20  # written bytes between two fdatasync calls during an upload (page-cache writes)
@@ -58,7 +59,7 @@ class IncomingWeights:
         self.capacity = max_bytes if capacity is None else min(capacity, max_bytes)
         self.size = 0
         self.opened = time.perf_counter()  # the first byte of the weights
-        self._pieces: list[Future] = []  # digests of the buffer's 4 MiB pieces, in order (store.piece_digest)
+        self._pieces: list[Future] = []  # digests of the buffer's 4 MiB pieces, in order (digest.piece_digest)
         self._hashed = 0  # bytes of the buffer handed to self._pieces
         self._weights_digest = hashlib.sha256() if weights_sha256 else None
         self._head = bytearray()  # the first bytes, up to the end of the safetensors header

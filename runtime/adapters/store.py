@@ -13,14 +13,10 @@ adapter folder is recovered when it is first touched after start (get, list, rea
 returned) are removed; a CURRENT that does not parse or name this folder, or a version whose files are
 missing or of the wrong size, is moved under `<root>/.quarantine/`, logged and listed in `quarantined`.
 The digest is checked on every read (the engine loads nothing else), so a corrupt version is quarantined
-the first time it is asked for and never served. It is a sha256 over the config and the sha256 of each 4 MiB
-piece of the weights (`sha256-4m:<hex>`): the pieces hash on several cores, while an upload arrives and when a
-version is read back (one sha256 stream ran at 958 MB/s on the GPU host, below the upload's target). CURRENT
-files of a plain sha256 over both files (written before 2026-12-06) are still checked as such.
+the first time it is asked for and never served (digest.py says what it is).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .buffers import copy_threads, read_weights_file
+from .buffers import read_weights_file
+from .digest import adapter_digest, digest_matches
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -83,43 +80,6 @@ def check_adapter_id(adapter_id: str) -> None:
                            "starting with a letter or digit", 400)
     if adapter_id in RESERVED_IDS:
         raise AdapterError(f"adapter id {adapter_id!r} is reserved for the base model", 400)
-
-
-DIGEST_PIECE_BYTES = 4 << 20
-DIGEST_PREFIX = "sha256-4m:"
-
-
-def piece_digest(piece) -> bytes:
-    """sha256 of one piece of the weights (hashlib releases the GIL: pieces hash in parallel)."""
-    return hashlib.sha256(piece).digest()
-
-
-def combine_digests(config_raw: bytes, piece_digests) -> str:
-    """The adapter digest from the config and the digests of the weights' pieces, in order; the config's length
-    is hashed first so bytes cannot move between the files."""
-    h = hashlib.sha256(len(config_raw).to_bytes(8, "big"))
-    h.update(config_raw)
-    for digest in piece_digests:
-        h.update(digest)
-    return DIGEST_PREFIX + h.hexdigest()
-
-
-def adapter_digest(config_raw: bytes, weights_raw) -> str:
-    """The digest of a version's two files (the module docstring), its pieces hashed on the copy threads."""
-    view = memoryview(weights_raw).cast("B")
-    pieces = [view[start:start + DIGEST_PIECE_BYTES] for start in range(0, len(view), DIGEST_PIECE_BYTES)]
-    digests = list(copy_threads().map(piece_digest, pieces)) if len(pieces) > 1 else map(piece_digest, pieces)
-    return combine_digests(config_raw, digests)
-
-
-def digest_matches(recorded: str, config_raw: bytes, weights_raw) -> bool:
-    """Whether the files have the digest CURRENT records: this format, or a plain sha256 over both files."""
-    if recorded.startswith(DIGEST_PREFIX):
-        return adapter_digest(config_raw, weights_raw) == recorded
-    h = hashlib.sha256(len(config_raw).to_bytes(8, "big"))
-    h.update(config_raw)
-    h.update(weights_raw)
-    return h.hexdigest() == recorded
 
 
 def _fsync_dir(path: Path) -> None:
