@@ -5,12 +5,14 @@
 The pack (kernels/ops.py TritonAdapterOps.prepare) turns a parsed upload (fp32 views of the received safetensors
 bytes, as the server holds them) into the pool layout in pinned host memory: most of a hot-load's time after the
 201 (adapter_scale_gpu.json: pack 67-85 ms of 89-108 ms on 8B). Timed here, each on a fresh adapter:
-  prepare      the server's path (a torch._foreach_copy_ per copy thread; pinned memory from the spare block
-               pinned in the background after the pack before, or allocated then: the first pack), GPU host only
+  prepare      the server's path (serial/8 below; pinned memory from the spare block pinned in the background
+               after the pack before, or allocated then: the first pack), GPU host only
   threads=N    a copy_ per piece (packed_layout.write_module) on N threads, into a buffer allocated beforehand (the
                server's path until 2026-12-06)
   foreach      one torch._foreach_copy_ over every piece (one call; PyTorch parallelises inside each copy)
   foreach/N    N threads, each one torch._foreach_copy_ over its share of the pieces (an OpenMP team per thread)
+  serial/N     the same over the pieces cut into chunks PyTorch copies on the calling thread (no OpenMP: the server's
+               path since 2026-12-06 evening, packed_layout.copy_shares)
   memcpy       a straight fp32 -> bf16 copy of as many elements (no layout, no per-piece work): the floor
 Prints a table and writes JSON (ms per pack, p50 over --repeats).
 """
@@ -96,6 +98,8 @@ def main() -> None:
         with ThreadPoolExecutor(n) as workers:
             timed(f"foreach/{n}", lambda a, d, dst, src: list(workers.map(
                 lambda share: torch._foreach_copy_(*share), layout.equal_shares(dst, src, n))), pieces)
+            timed(f"serial/{n}", lambda a, d, dst, src: list(workers.map(
+                lambda share: torch._foreach_copy_(*share), layout.copy_shares(dst, src, n))), pieces)
     timed("memcpy", lambda a, d, src: d[:src.numel()].copy_(src),
           lambda a, d: (torch.ones(sum(t.numel() for t in pieces(a, d)[1]), dtype=torch.float32),))
     result = {"benchmark": "pack_speed", "shape": shape.name, "device": torch.cuda.get_device_name() if cuda else "cpu",

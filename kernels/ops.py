@@ -17,7 +17,6 @@ the running batch never waits for a load. With a fixed `pool_bytes` the pool nev
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -155,7 +154,6 @@ class TritonAdapterOps(AdapterOps):
         self._residency = 0  # bumped by every load and evict
         self._last_graph_meta: tuple[tuple, StepSegments] | None = None
         self.host_buffers = HostBuffers(dtype, self.cuda)  # packed copies' memory, a spare block pinned ahead
-        self._copy_lock = threading.Lock()  # prepare's copies, one adapter at a time
 
     @property
     def pool_bytes(self) -> int:
@@ -191,19 +189,18 @@ class TritonAdapterOps(AdapterOps):
             for f in layout.OFFSET_FIELDS:
                 shift[layer][j][f] = 1
             shift[layer][j][layout.DORA_OFFSET] = int(row[layout.DORA_OFFSET] != 0)  # 0: not DoRA, stays 0
-        # The copies (fp32 -> pool dtype, B transposed) as one torch._foreach_copy_ per copy thread over a run of
-        # pieces of about equal size: 8B rank 16 on the H100 host's 16 cores, 17.6 ms on 8 threads, 28 ms as one
-        # call, 63 ms as a copy_ per piece on 8 threads (bench/pack_speed.py). One adapter at a time: each already
-        # uses the threads (and each of them PyTorch's intra-op threads)
+        # The copies (fp32 -> pool dtype, B transposed) on the copy threads, in chunks PyTorch copies on the calling
+        # thread (packed_layout.copy_shares): an 8B rank-16 pack took 63 ms as a copy_ per piece on 8 threads and
+        # 17.6 as a foreach per thread with PyTorch's intra-op threads (H100 host, bench/pack_speed.py), whose
+        # OpenMP teams then made concurrent packs of small adapters wait on one another
         inference = torch.is_inference_mode_enabled()  # (thread-local: `data` may be an inference tensor)
 
         def copy(share: tuple[list, list]) -> None:
             with torch.inference_mode(inference):
                 torch._foreach_copy_(*share)
-        with self._copy_lock:
-            list(copy_threads().map(copy, layout.equal_shares(targets, pieces, COPY_THREADS)))
-            if gaps:
-                torch._foreach_zero_(gaps)
+        list(copy_threads().map(copy, layout.copy_shares(targets, pieces, COPY_THREADS)))
+        if gaps:
+            torch._foreach_zero_(gaps)
         if total < data.numel():
             data[total:].zero_()
         log.info("packed an adapter of %d modules: %.1f MB of %s %s host memory in %.0f ms (allocation %.0f ms)",

@@ -216,6 +216,30 @@ def test_load_evict_reload_reuses_the_pool():
     run_and_check(ops, {0: adapters[0]}, [0, 1, 1, 0], QKV)  # evicted slot: its rows untouched
 
 
+def test_copy_shares_cut_pieces_into_serial_views_that_copy_the_same():
+    """packed_layout.copy_shares: every chunk a view (of the pool and of the piece) of at most SERIAL_ELEMENTS, a
+    transposed piece included, dealt into at most n runs; copying them gives what copying the whole pieces gives."""
+    from loraplex.kernels import packed_layout as layout
+    g = torch.Generator().manual_seed(5)
+    pieces = [torch.randn(16, 4096, generator=g), torch.randn(14336, 16, generator=g).t(),  # B, as PEFT keeps it
+              torch.randn(2, 8, 2048, generator=g), torch.randn(100, generator=g), torch.randn(3, 40000, generator=g)]
+    pool = torch.zeros(sum(p.numel() for p in pieces), dtype=torch.bfloat16)
+    targets, offset = [], 0
+    for p in pieces:
+        targets.append(pool[offset:offset + p.numel()].view(p.shape))
+        offset += p.numel()
+    shares = layout.copy_shares(targets, pieces, 3)
+    assert 1 <= len(shares) <= 3
+    chunks = [(t, p) for ts, ps in shares for t, p in zip(ts, ps)]
+    assert all(t.shape == p.shape and t.numel() <= layout.SERIAL_ELEMENTS for t, p in chunks)
+    assert all(t.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr() for t, _ in chunks)
+    assert sum(t.numel() for t, _ in chunks) == pool.numel()
+    for ts, ps in shares:
+        torch._foreach_copy_(ts, ps)
+    expected = torch.cat([p.reshape(-1) for p in pieces]).to(torch.bfloat16)
+    assert torch.equal(pool, expected)
+
+
 @needs_interpreter
 def test_packs_take_the_spare_block_of_their_size():
     """After a pack, memory for the next packed copy of that size is allocated in the background (pinned on CUDA):
