@@ -130,4 +130,6 @@ def test_pack_speed_bench_runs_on_the_cpu(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["ms_p50"]) == {"threads=1", "threads=2", "foreach", "memcpy"}, result["ms_p50"]
+    assert set(result["ms_p50"]) == {"threads=1", "threads=2", "foreach", "foreach/2", "serial/2", "memcpy"}, \
+        result["ms_p50"]
+    assert out.with_suffix(".png").exists()  # its figure beside it
