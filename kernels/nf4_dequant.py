@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .nf4_matmul import _block_scale
+
 BLOCKS = 32  # absmax blocks per program: 2,048 weights of a 64-weight blocksize
 
 
@@ -27,13 +29,9 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
     q = tl.load(packed_ptr + blocks[:, None] * HALF + tl.arange(0, HALF)[None, :], mask=in_range[:, None], other=0,
                 eviction_policy="evict_first").to(tl.int32)
     a = tl.load(absmax_ptr + blocks, mask=in_range, other=0)
-    if NESTED:
-        if OFFSET_IN_MEMORY:
-            offset = tl.load(offset_ptr).to(tl.float32)
-        scale = (tl.load(nested_code_ptr + a.to(tl.int32))
-                 * tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=in_range, other=0.0) + offset)
-    else:
-        scale = a.to(tl.float32)
+    if NESTED and OFFSET_IN_MEMORY:
+        offset = tl.load(offset_ptr).to(tl.float32)
+    scale = _block_scale(a, blocks, in_range, nested_absmax_ptr, nested_code_ptr, offset, NESTED, NESTED_BLOCKSIZE)
     code = tl.load(code_ptr + tl.arange(0, 16)).to(tl.float32)
     nibbles = tl.reshape(tl.join(q >> 4, q & 15), (BLOCKS * BLOCKSIZE,))  # high nibble first: element 2i
     w = tl.reshape(tl.gather(code, nibbles, 0), (BLOCKS, BLOCKSIZE)) * scale[:, None]

@@ -25,7 +25,7 @@ def owned_buffer(size: int) -> mmap.mmap:
 
 READ_PIECE_BYTES = 8 << 20  # a large file is read in pieces of this size, several at once
 COPY_THREADS = 8  # threads of host memory copies: file pieces read here, an adapter's modules packed (kernels/ops.py),
-                  # the store digest's pieces hashed (store.py)
+                  # the store digest's pieces hashed (digest.py)
 _copy_pool: ThreadPoolExecutor | None = None
 _copy_pool_lock = threading.Lock()
 
