@@ -43,6 +43,12 @@ def choose_tile_config(max_length: int) -> TileConfig:
     return TileConfig(block_m=64, block_k=64, block_r=32, block_n=128, num_stages=2)
 
 
+def prefill_presum(config: TileConfig) -> bool:
+    """Whether the shrink's split-K partial sums are added up once (one extra launch) before the expand rather
+    than by every output tile of the expand: for prefill tiles, where a row tile meets 32-224 output tiles."""
+    return config.block_m >= 64
+
+
 def choose_splits(programs: int, chunk: int, block_k: int, num_sms: int) -> int:
     """How many pieces the shrink cuts each input chunk into (partial sums, added by the expand).
 

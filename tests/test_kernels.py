@@ -149,13 +149,23 @@ def test_few_tokens_per_segment_with_split_inputs(block_m):
 
 
 @needs_interpreter
-def test_prefill_tiles():
+def test_prefill_tiles(monkeypatch):
     adapters = {0: make_adapter(r=64, seed=20), 1: make_adapter(k=2, r=16, hybrid_r=8, seed=21)}
     ops = make_ops(adapters)
     slots = [0] * 70 + [1] * 20 + [-1] * 5
     meta = ops.metadata(slots)
     assert meta.config.block_m == 64 and meta.tiles.shape[0] == 3  # 70 tokens = 2 tiles, 20 = 1
     run_and_check(ops, adapters, slots, ("down_proj",), meta=meta)
+    # split-K partials added up once before the expand (prefill tiles' default) or by every output tile
+    sums = []
+    original = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda t, *a, **kw: (sums.append(t.shape), original(t, *a, **kw))[1])
+    ops.num_splits = 2
+    for presum, sums_expected in ((None, 1), (False, 0), (True, 1)):
+        ops.presum, sums[:] = presum, []
+        run_and_check(ops, adapters, slots, ("down_proj",), meta=meta)
+        run_and_check(ops, adapters, slots, GATE_UP, meta=meta)
+        assert len([s for s in sums if s[0] == 2]) == 2 * sums_expected
 
 
 @needs_interpreter
