@@ -217,6 +217,10 @@ class TritonAdapterOps(AdapterOps):
         adapter.packed = packed
         return packed
 
+    def prepared(self, adapter: AdapterWeights) -> bool:
+        packed = adapter.packed
+        return isinstance(packed, PackedAdapter) and packed.data.dtype == self.dtype
+
     def host_bytes(self, adapter: AdapterWeights) -> int:
         """The packed copy prepare() keeps in (pinned) host memory: the pool layout, as many bytes as on the device."""
         return self.nbytes(adapter)

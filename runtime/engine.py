@@ -251,6 +251,10 @@ class Engine:
         with ref.weights.pack_lock:
             self.ops.prepare(ref.weights)
 
+    def prepared(self, weights) -> bool:
+        """Whether prepare_adapter has nothing left to do for these weights (no packing to wait for)."""
+        return self.ops.prepared(weights)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()

@@ -11,9 +11,13 @@ import time
 import httpx
 import pytest
 
+from loraplex.runtime.service import LOAD_THREADS
 from service_fixtures import LiveServer, make_service
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+BUSY = LOAD_THREADS + 4  # first loads at once: more than the loading threads
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,7 @@ def layout(tiny_adapter, tmp_path_factory):
     source, outside = root / "source", root / "outside"
     source.mkdir()
     shutil.copytree(tiny_adapter, outside)  # a valid adapter: reaching it would serve (200), not refuse
-    for name in ("good", "race", "slow-other"):
+    for name in ("good", "race", "slow-other", *(f"busy-{i}" for i in range(BUSY))):
         shutil.copytree(tiny_adapter, source / name)
     (source / "bad").mkdir()
     (source / "bad" / CONFIG).write_bytes((tiny_adapter / CONFIG).read_bytes())
@@ -149,6 +153,37 @@ def test_racing_requests_load_once_and_others_do_not_wait(live, monkeypatch):
     assert all(results[f"race{i}"][0] == 200 for i in range(racers)), results
     assert registry.source_loads == loads + 1, "racing requests loaded the same adapter more than once"
     assert results["other"][0] == 200 and results["other"][1] < 1.5, results
+
+
+def test_requests_that_load_nothing_never_queue_behind_loads(live, monkeypatch):
+    """More first loads than loading threads are under way: a request for an adapter already in memory and
+    a base request are answered meanwhile (they neither wait for a loading thread nor for their tokens)."""
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        assert complete(client, "good").status_code == 200  # in memory and packed from here on
+    registry = live.service.registry
+    validate = registry.validate
+
+    def slow_validate(config_raw, weights_raw, owned=False):
+        time.sleep(2.5)
+        return validate(config_raw, weights_raw, owned)
+    monkeypatch.setattr(registry, "validate", slow_validate)
+    results: dict[str, tuple[int, float]] = {}
+
+    def request(key: str, model: str):
+        start = time.monotonic()
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            results[key] = (complete(client, model).status_code, time.monotonic() - start)
+    loads = [threading.Thread(target=request, args=(f"busy-{i}", f"busy-{i}")) for i in range(BUSY)]
+    for t in loads:
+        t.start()
+    time.sleep(0.5)  # every loading thread is busy, and more loads wait for one
+    request("ready", "good")
+    request("base", "base")
+    for t in loads:
+        t.join(60)
+    assert all(results[f"busy-{i}"][0] == 200 for i in range(BUSY)), results
+    assert results["ready"][0] == 200 and results["ready"][1] < 1.5, results
+    assert results["base"][0] == 200 and results["base"][1] < 1.5, results
 
 
 def test_paging_validation(live):

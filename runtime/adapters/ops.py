@@ -36,6 +36,10 @@ class AdapterOps:
         """Host-side preparation for a later `load` (any thread); `load` calls it when not done yet."""
         prepare_dora(adapter, self.base_weight)
 
+    def prepared(self, adapter: AdapterWeights) -> bool:
+        """Whether prepare() has nothing left to do for this adapter."""
+        return not any(m.is_dora and m.rescale is None for m in adapter.modules.values())
+
     def host_bytes(self, adapter: AdapterWeights) -> int:
         """Host bytes prepare() adds beside the parsed weights (a load-ready copy); none here."""
         return 0

@@ -229,6 +229,15 @@ class AdapterRegistry:
         with self._lock:
             return [future for (loading_id, _), future in self._loading.items() if loading_id == adapter_id]
 
+    def resolve_source_cached(self, adapter_id: str, source: AdapterSource, ref_id: str | None = None) -> AdapterRef | None:
+        """Like resolve_source when the folder's current version is in memory; None when it would have to be read."""
+        folder = source.folder(adapter_id)
+        if folder is None:
+            return None
+        key = (ref_id or adapter_id, source.version(folder))
+        weights = self._live.get(key)
+        return None if weights is None else self._pin(AdapterRef(key[0], key[1], self._cache(key, weights)))
+
     def resolve_source(self, adapter_id: str, source: AdapterSource, ref_id: str | None = None) -> AdapterRef | None:
         """An on-demand adapter of `source` (None when it has no folder `adapter_id`), validated exactly like an
         upload and cached under the same byte budget. Requests racing for one version load it once: the
