@@ -25,7 +25,7 @@ import torch
 import triton
 
 from loraplex.kernels.ops import TritonAdapterOps
-from loraplex.kernels.tile_config import TileConfig, prefill_presum
+from loraplex.kernels.tile_config import TileConfig
 from loraplex.runtime.adapters.ops import TorchAdapterOps
 from loraplex.runtime.adapters.peft_format import AdapterWeights, ModuleDelta
 
@@ -283,13 +283,16 @@ def sweep() -> list[dict]:
 
 
 PREFILL_VARIANTS = [  # (block_m, block_k, block_r, block_n, shrink warps, expand warps, stages, splits, presum)
-    # splits None: the rule (tile_config.choose_splits); presum None: the rule (tile_config.prefill_presum)
-    (64, 64, 32, 128, 4, 4, 2, None, None),  # the rule's prefill tiles (tile_config.choose_tile_config)
-    (64, 64, 32, 128, 4, 4, 2, None, False), (64, 64, 32, 128, 4, 4, 2, 1, False),
+    # splits None: the rule (tile_config.choose_splits)
+    (32, 128, 16, 128, 4, 4, 2, None, True),  # the rule's prefill tiles (tile_config.choose_tile_config)
+    (64, 64, 32, 128, 4, 4, 2, None, True),  # the rule's tiles before
+    (32, 128, 16, 128, 4, 4, 3, None, True), (32, 64, 16, 128, 4, 4, 2, None, True), (32, 128, 16, 64, 4, 4, 2, None, True),
+    (32, 128, 16, 128, 4, 2, 2, None, True), (16, 128, 16, 128, 4, 4, 2, None, True), (32, 128, 16, 128, 4, 4, 2, None, False),
+    (64, 64, 32, 128, 4, 4, 2, 1, False),
     (64, 64, 32, 128, 4, 4, 2, 2, False), (64, 64, 32, 128, 4, 4, 2, 4, True), (64, 64, 16, 128, 4, 4, 2, None, True),
     (64, 64, 32, 256, 4, 8, 2, None, True), (64, 64, 32, 256, 4, 8, 2, None, False), (64, 64, 16, 256, 4, 8, 2, 1, False),
     (128, 64, 32, 128, 8, 8, 2, None, True), (128, 64, 32, 256, 8, 8, 2, None, True), (128, 64, 16, 128, 8, 8, 2, 1, False),
-    (64, 128, 32, 128, 4, 4, 2, None, True), (32, 128, 16, 128, 4, 4, 2, None, True), (64, 64, 16, 64, 4, 4, 2, None, True),
+    (64, 128, 32, 128, 4, 4, 2, None, True), (64, 64, 16, 64, 4, 4, 2, None, True),
     (64, 64, 32, 128, 4, 4, 3, None, True), (64, 64, 32, 128, 4, 8, 2, None, True),
 ]
 
@@ -308,7 +311,7 @@ def prefill_sweep() -> list[dict]:
             row = {"adapters": adapters, "block_m": bm, "block_k": bk, "block_r": br, "block_n": bn,
                    "shrink_warps": shrink_warps, "expand_warps": expand_warps, "stages": stages,
                    "splits": splits or case.ops.splits(case.meta.plan, GROUPS[2]),
-                   "presum": prefill_presum(config) if presum is None else presum}
+                   "presum": presum}
             try:
                 row["layer_us"] = kernel_us(case)
                 for only, other in (("shrink", "expand"), ("expand", "shrink")):

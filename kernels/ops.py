@@ -31,7 +31,7 @@ from . import packed_layout as layout
 from .dora_rescale import dora_rescale
 from .host_buffers import HostBuffers
 from .segmented_lora import MAX_FUSED, expand, interpreting, shrink
-from .tile_config import TileConfig, choose_splits, choose_tile_config, prefill_presum
+from .tile_config import TileConfig, choose_splits, choose_tile_config
 from .weight_pool import WeightPool
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class TritonAdapterOps(AdapterOps):
         # Knobs for tests and benchmarks; None = chosen from the problem size.
         self.tile_config: TileConfig | None = None
         self.num_splits: int | None = None
-        self.presum: bool | None = None  # sum the split partials once before the expand (None: prefill_presum)
+        self.presum: bool | None = None  # sum the split partials once before the expand (None: the tile config's)
         self.hybrid_passes = 1  # 2: the hybrid general part gets its own expand launch
         # Programmatic dependent launch: each kernel starts while the previous one drains (Hopper+).
         self.pdl = self.cuda and not interpreting() and torch.cuda.get_device_capability(self.device)[0] >= 9
@@ -391,9 +391,7 @@ class TritonAdapterOps(AdapterOps):
         table, scales = self.table[:, layer], self.scales[:, layer]
         shrink(x, token_order, tiles, tile_count, plan.grid_tiles, self.pool.buffer, table, proj_ids, blocks,
                rank_tiles, partials, num_splits, cfg, aligned=self._aligned(plan, [in_features]), pdl=self.pdl)
-        if num_splits > 1 and (self.presum if self.presum is not None else prefill_presum(cfg)):
-            # every output tile of the expand would otherwise add up the splits again: 48-224 tiles per row
-            # tile on the 8B shape, as many bytes (from L2) as the expand's own reads and writes of y
+        if num_splits > 1 and (self.presum if self.presum is not None else cfg.presum):
             partials, num_splits = partials.sum(0, keepdim=True), 1
         common = (y, token_order, tiles, tile_count, plan.grid_tiles, self.pool.buffer, table, scales, proj_ids,
                   out_features, plan.max_k, partials, num_splits, cfg)
