@@ -71,7 +71,10 @@ def grpc_vs_http(result: dict, fig) -> None:
 
 
 def lora_kernels(result: dict, fig) -> None:
-    """bench/lora_kernels.py: fraction of copy bandwidth the segmented kernels reach, per layer case and group."""
+    """bench/lora_kernels.py: fraction of copy bandwidth the segmented kernels reach, per layer case and group;
+    a --prefill-sweep run: the layer's time per tile variant (and the runs on other cards in `other_runs`)."""
+    if "summary" not in result and "prefill_sweep" in result:
+        return prefill_sweep(result, fig)
     left, right = fig.subplots(1, 2)
     rows = result["summary"]["rows"]
     labels = [f"{r['phase']} {r['adapters']}x r{r['rank']} {r['kind']}" for r in rows]
@@ -83,6 +86,22 @@ def lora_kernels(result: dict, fig) -> None:
     for ax in (left, right):
         ax.axhline(0.6, color="grey", lw=0.8, ls="--")
         ax.set_ylim(0, 1)
+
+
+def prefill_sweep(result: dict, fig) -> None:
+    ax = fig.subplots()
+    variant = lambda r: (f"{r['block_m']}x{r['block_k']}x{r['block_r']}x{r['block_n']} w{r['expand_warps']} "
+                         f"s{r['stages']} k{r['splits']}{' sum' if r['presum'] else ''}")
+    runs = [result] + result.get("other_runs", [])
+    labels = list(dict.fromkeys(variant(r) for run in runs for r in run["prefill_sweep"]))
+    series = {}
+    for run in runs:
+        for adapters in sorted({r["adapters"] for r in run["prefill_sweep"]}):
+            times = {variant(r): r["layer_us"] for r in run["prefill_sweep"] if r["adapters"] == adapters}
+            series[f"{_where(run)}, {adapters} adapter(s)"] = [times.get(label) for label in labels]
+    _bars(ax, labels, series, "us per layer (shrink + expand, 4 groups)",
+          "a 2,048-token prefill layer, Llama-3.1-8B shape, rank 16: tiles m x k x r x n, expand warps, stages, "
+          "splits, presummed")
 
 
 def load(result: dict, fig) -> None:
