@@ -113,6 +113,41 @@ def test_scheduler_admits_later_requests_while_an_adapter_loads():
     assert [s for s, _ in sched.schedule()][-1] is cold
 
 
+def test_scheduler_asks_each_loading_adapter_once_a_step_and_unpins_what_it_cannot_start():
+    """Many requests queued behind loading adapters: one event query per adapter and step, no prefix lookups for
+    them; a resident adapter's request that finds no KV room leaves its slot unpinned."""
+    ops = FakeOps(num_slots=64, asynchronous=True)
+    slots = AdapterSlots(ops, capacity_bytes=64 * 100)
+    resident = ref("resident")
+    assert slots.acquire(resident) == LOADING
+    ops.events[slots.slot_of(resident)].done = True
+    slots.acquire(resident)
+    slots.release(resident)
+    blocks = BlockManager(8, 16)
+    sched = Scheduler(blocks, slots, max_num_seqs=64, max_batched_tokens=256)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    cold = [ref(f"cold{i}") for i in range(4)]
+    queued = [Sequence([7] * 20, params, cold[i % 4], lambda out: None) for i in range(40)]
+    warm = Sequence([4, 5], params, resident, lambda out: None)
+    for seq in queued + [warm]:
+        sched.add(seq)
+    queries, lookups = [], []
+    batch = sched.schedule()  # starts the four loads; only warm runs
+    assert [s for s, _ in batch] == [warm] and slots.loads == 5
+    for slot, event in ops.events.items():
+        event.query = lambda _slot=slot: queries.append(_slot) or False
+    original = blocks.cached_prefix
+    blocks.cached_prefix = lambda seq: lookups.append(seq) or original(seq)
+    assert [s for s, _ in sched.schedule()] == [warm]  # the 40 requests wait for 4 loads: 4 queries, no lookups
+    assert len(queries) == 4 and lookups == [] and list(sched.waiting) == queued
+    sched.finish(warm, "stop")
+    # a resident adapter's long prompt that the KV blocks cannot hold: not admitted, its slot left unpinned
+    big = Sequence([9] * 200, params, resident, lambda out: None)
+    sched.waiting.appendleft(big)
+    sched.schedule()
+    assert big in sched.waiting and slots.pinned == 0
+
+
 def test_fixed_pool_never_moves_and_reports_full():
     pool = WeightPool("cpu", torch.float32, capacity=1000)
     address = pool.buffer.data_ptr()
