@@ -26,7 +26,8 @@ from .choices import MAX_N, Choice, Choices
 from .engine import RequestError
 from .openai_schemas import response_format_from_json
 from .sequence import SamplingParams, StepOutput, TokenLogprob
-from .service import MAX_PAGE, Service, error_of
+from .service import MAX_PAGE, Service
+from .service_errors import error_of
 from .tenants import Tenant
 
 SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Completions", "Adapters")]

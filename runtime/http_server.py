@@ -22,7 +22,8 @@ from .adapters.peft_format import AdapterError
 from .choices import Choice, Choices
 from .engine import RequestError
 from .adapter_admin import adapter_json
-from .service import MAX_PAGE, Service, ServiceError, error_of
+from .service import MAX_PAGE, Service
+from .service_errors import ServiceError, error_of
 from .tenants import Tenant
 from .upload_form import UploadForm
 

@@ -108,9 +108,8 @@ class Scheduler:
             seq = self.waiting[0]
             slot = NO_ADAPTER
             if seq.adapter is not None:
-                if seq.adapter.key not in not_ready:
-                    slot = self.slots.acquire(seq.adapter)
-                if seq.adapter.key in not_ready or slot is None or slot == LOADING:
+                slot = None if seq.adapter.key in not_ready else self.slots.acquire(seq.adapter)
+                if slot is None or slot == LOADING:
                     not_ready.add(seq.adapter.key)  # later requests with resident adapters go first
                     skipped.append(self.waiting.popleft())
                     continue

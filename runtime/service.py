@@ -3,8 +3,9 @@
 One admission path for both transports: `Service.open_request` authenticates nothing (the
 transport hands it the caller's Tenant), resolves the `model` name in the tenant's namespace to an
 adapter version, tokenises off the event loop, checks the limits and submits to the engine; the
-check of the in-flight counter and the submit happen together, under one lock. The adapter routes
-(uploads, listing, deletion, the model list) are the AdapterAdmin half it inherits (adapter_admin.py).
+check of the in-flight counter and the submit happen together, under one lock. What `model` names is
+AdapterResolution's (adapter_resolution.py); the adapter routes (uploads, listing, deletion, the model list)
+are AdapterAdmin's (adapter_admin.py); the errors a request ends with are in service_errors.py.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import os
 import sys
 import threading
 import weakref
@@ -21,21 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .adapters.peft_format import AdapterError, BaseShape
-from .adapters.registry import AdapterRef, AdapterRegistry
+from .adapters.peft_format import BaseShape
+from .adapters.registry import AdapterRegistry
 from .adapters.source import AdapterSource
-from .adapters.store import AdapterStore, check_adapter_id
-from .adapter_admin import BASE_MODEL_ID, AdapterAdmin
+from .adapters.store import AdapterStore
+from .adapter_admin import AdapterAdmin
+from .adapter_resolution import LOAD_THREADS, AdapterResolution
 from .base_model import BaseModel, cache_dir, describe
-from .engine import Engine, EngineConfig, EngineDead, RequestError
+from .engine import Engine, EngineConfig, RequestError
 from .metrics import Metrics
 from .outbox import Outbox
 from .sequence import SamplingParams, StepOutput
+from .service_errors import EngineFailure, QueueFull, RequestTimeout, ServiceError, ShuttingDown
 from .tenants import OPEN_TENANT, KeyRing, Tenant, bearer_key
 from .warm_up import warm_up
 
 MAX_PAGE = 1000  # the largest `limit` of a list route
-LOAD_THREADS = max(4, min(16, os.cpu_count() or 1))  # adapter loads at once (each packs on the copy threads too)
 log = logging.getLogger("loraplex.service")
 
 
@@ -63,54 +64,6 @@ class ServiceConfig:
                 "max_waiting": self.max_waiting, "max_upload_bytes": self.max_adapter_bytes,
                 "max_adapters_per_tenant": self.max_adapters_per_tenant,
                 "max_host_adapter_bytes": self.max_host_adapter_bytes, "request_timeout_s": self.request_timeout}
-
-
-class ServiceError(Exception):
-    """A request refused or ended by the service: an HTTP status (mapped to a gRPC code) and a message."""
-    status = 400
-    kind = "invalid_request_error"
-
-    def __init__(self, message: str, status: int | None = None, kind: str | None = None,
-                 retry_after: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status or self.status
-        self.kind = kind or self.kind
-        self.retry_after = retry_after
-
-
-class ModelNotFound(ServiceError):
-    status, kind = 404, "not_found_error"
-
-
-class QueueFull(ServiceError):
-    """Too many requests in flight or waiting for the engine (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
-    status, kind = 429, "rate_limit_error"
-
-
-class ShuttingDown(ServiceError):
-    status, kind = 503, "unavailable_error"
-
-
-class RequestTimeout(ServiceError):
-    status, kind = 504, "timeout_error"
-
-
-class EngineFailure(ServiceError):
-    status, kind = 500, "server_error"
-
-
-def error_of(e: Exception) -> ServiceError | None:
-    """The ServiceError a known exception stands for; None for an unexpected one (a bug: 500)."""
-    if isinstance(e, ServiceError):
-        return e
-    if isinstance(e, AdapterError):
-        return ServiceError(e.message, e.status, "not_found_error" if e.status == 404 else "adapter_error")
-    if isinstance(e, EngineDead):
-        return EngineFailure(str(e), 503, "unavailable_error")
-    if isinstance(e, RequestError):
-        return ServiceError(str(e))
-    return None
 
 
 class Generation:
@@ -175,7 +128,7 @@ class Generation:
         self.close()
 
 
-class Service(AdapterAdmin):
+class Service(AdapterResolution, AdapterAdmin):
     def __init__(self, base: BaseModel, engine_config: EngineConfig | None = None,
                  config: ServiceConfig | None = None, keys: KeyRing | None = None):
         self.base = base
@@ -284,115 +237,6 @@ class Service(AdapterAdmin):
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
-
-    async def _resolve(self, tenant: Tenant, model: str) -> AdapterRef | None:
-        if model in (BASE_MODEL_ID, self.base.name):
-            return None
-        try:
-            if self._has_sources(tenant):  # another request loads it: wait here, not in a worker thread
-                for pending in self.registry.loading(model) + self.registry.loading(tenant.stored_id(model)):
-                    try:  # (it may be another namespace's adapter of that id: its outcome is not ours to report)
-                        await asyncio.wrap_future(pending)
-                    except Exception:  # noqa: BLE001 - resolved again below, in this tenant's namespace
-                        pass
-            ref = await asyncio.to_thread(self._resolve_ready, tenant, model)
-            if ref is not None:
-                return ref
-            return await self._on_loading_threads(self._resolve_and_prepare, tenant, model)
-        except AdapterError as e:
-            if e.status == 404 or (e.status == 400 and not self._has_sources(tenant)):
-                raise ModelNotFound(f"model {model!r} not found: use {BASE_MODEL_ID!r} or an uploaded adapter id")
-            raise
-
-    async def _on_loading_threads(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._loading, functools.partial(fn, *args))
-
-    def _resolve_ready(self, tenant: Tenant, adapter_id: str) -> AdapterRef | None:
-        """The adapter `model` names when its weights are in host memory and packed for loading (nothing to read or
-        pack: no need to queue behind loads), else None (also for an id that is not valid: _resolve_id says why)."""
-        try:
-            check_adapter_id(adapter_id)
-            record = self.registry.store.get(tenant.stored_id(adapter_id))
-            ref = None
-            if record is not None:
-                ref = self.registry.resolve(record.id) if self.registry.cached(record) is not None else None
-            else:  # the first source holding the folder decides, as in _resolve_id
-                for source, ref_id in self._sources_in_order(tenant, adapter_id):
-                    if source.folder(adapter_id) is not None:
-                        ref = self.registry.resolve_source_cached(adapter_id, source, ref_id)
-                        break
-        except AdapterError:
-            return None
-        return ref if ref is not None and self.engine.prepared(ref.weights) else None
-
-    def _resolve_and_prepare(self, tenant: Tenant, adapter_id: str) -> AdapterRef:
-        ref = self._resolve_id(tenant, adapter_id)
-        self.engine.prepare_adapter(ref)  # pack for loading here, not on the engine thread
-        return ref
-
-    def _own_sources(self, tenant: Tenant) -> list[AdapterSource]:
-        """The adapter sources the key file gives this tenant alone."""
-        dirs = self.keys.sources_of(tenant) if self.keys is not None else ()
-        if not dirs:
-            return []
-        found = self._tenant_sources.get(tenant.name)
-        if found is None:
-            found = self._tenant_sources[tenant.name] = [AdapterSource(d) for d in dirs]
-        return found
-
-    def _has_sources(self, tenant: Tenant) -> bool:
-        return bool(self.sources) or bool(self._own_sources(tenant))
-
-    def _sources_in_order(self, tenant: Tenant, adapter_id: str) -> list[tuple[AdapterSource, str]]:
-        """(source, id its adapter is cached under): the tenant's own (key file) first, then --adapter-source ones."""
-        return ([(s, tenant.stored_id(adapter_id)) for s in self._own_sources(tenant)] +
-                [(s, adapter_id) for s in self.sources])
-
-    def _resolve_id(self, tenant: Tenant, adapter_id: str) -> AdapterRef:
-        """The tenant's stored adapter `adapter_id`, else the folder of that name in the first adapter source
-        holding one (the tenant's own from the key file, then the --adapter-source ones), loaded on this first
-        use. AdapterError: 404 when none has it; 400 for an id that could leave a source directory or a
-        source folder that is not a valid adapter (naming it)."""
-        try:
-            check_adapter_id(adapter_id)
-            return self.registry.resolve(tenant.stored_id(adapter_id))
-        except AdapterError as e:
-            if e.status not in (400, 404) or not self._has_sources(tenant):
-                raise
-        # a tenant's own source adapter is cached (and counted in metrics) under its stored-id form
-        for source, ref_id in self._sources_in_order(tenant, adapter_id):
-            ref = self.registry.resolve_source(adapter_id, source, ref_id)
-            if ref is not None:
-                return ref
-        raise AdapterError(f"adapter {adapter_id!r} not found", 404)
-
-    async def _resolve_mix(self, tenant: Tenant, model: str, adapters: list[tuple[str, float]]) -> AdapterRef:
-        """A weighted mix of the tenant's adapters, each resolved in its namespace like a `model`."""
-        if model not in (BASE_MODEL_ID, self.base.name):
-            raise ServiceError(f"with adapters, model must be {BASE_MODEL_ID!r} (the mix is applied to the base "
-                               f"model), got {model!r}")
-        ids = [adapter_id for adapter_id, _ in adapters]
-        if len(set(ids)) != len(ids):
-            raise ServiceError(f"an adapter appears twice in the mix ({', '.join(ids)}): give each id once")
-        for adapter_id in ids:
-            try:
-                check_adapter_id(adapter_id)
-            except AdapterError:
-                raise ModelNotFound(f"adapter {adapter_id!r} of the mix not found") from None
-        return await self._on_loading_threads(self._mix_and_prepare, tenant, adapters)
-
-    def _mix_and_prepare(self, tenant: Tenant, adapters: list[tuple[str, float]]) -> AdapterRef:
-        members = []
-        for adapter_id, weight in adapters:
-            try:
-                members.append((self._resolve_id(tenant, adapter_id), weight))
-            except AdapterError as e:
-                if e.status == 404 or (e.status == 400 and not self._has_sources(tenant)):
-                    raise ModelNotFound(f"adapter {adapter_id!r} of the mix not found") from None
-                raise
-        ref = self.registry.mix(members)
-        self.engine.prepare_adapter(ref)
-        return ref
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):

@@ -16,7 +16,8 @@ from starlette.requests import ClientDisconnect, Request
 
 from .adapters.incoming import IncomingWeights
 from .adapters.peft_format import MAX_CONFIG_BYTES, CONFIG_FILE
-from .service import Service, ServiceError
+from .service import Service
+from .service_errors import ServiceError
 from .tenants import Tenant
 
 FIELDS = ("id", "config", "weights")

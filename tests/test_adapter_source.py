@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from loraplex.runtime.service import LOAD_THREADS
+from loraplex.runtime.adapter_resolution import LOAD_THREADS
 from service_fixtures import LiveServer, make_service
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

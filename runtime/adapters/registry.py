@@ -203,12 +203,15 @@ class AdapterRegistry:
             raise AdapterError(f"adapter {adapter_id!r} not found", 404)
         return record
 
-    def resolve(self, adapter_id: str) -> AdapterRef:
-        """The current version of an adapter, with its weights in host memory (loaded from disk if needed)."""
+    def resolve(self, adapter_id: str, cached_only: bool = False) -> AdapterRef | None:
+        """The current version of an adapter, with its weights in host memory (loaded from disk if needed;
+        `cached_only`: None instead of a read)."""
         for _ in range(3):  # a concurrent replace can remove the version between get and read
             record = self.get(adapter_id)
             key = record_key(record)
             weights = self._live.get(key)  # cached, or held by requests in flight: shared, never copied again
+            if weights is None and cached_only:
+                return None
             if weights is None:
                 try:
                     config_raw, weights_raw = self.store.read(record.id, record.version)
@@ -229,21 +232,14 @@ class AdapterRegistry:
         with self._lock:
             return [future for (loading_id, _), future in self._loading.items() if loading_id == adapter_id]
 
-    def resolve_source_cached(self, adapter_id: str, source: AdapterSource, ref_id: str | None = None) -> AdapterRef | None:
-        """Like resolve_source when the folder's current version is in memory; None when it would have to be read."""
-        folder = source.folder(adapter_id)
-        if folder is None:
-            return None
-        key = (ref_id or adapter_id, source.version(folder))
-        weights = self._live.get(key)
-        return None if weights is None else self._pin(AdapterRef(key[0], key[1], self._cache(key, weights)))
-
-    def resolve_source(self, adapter_id: str, source: AdapterSource, ref_id: str | None = None) -> AdapterRef | None:
+    def resolve_source(self, adapter_id: str, source: AdapterSource, ref_id: str | None = None,
+                       cached_only: bool = False) -> AdapterRef | None:
         """An on-demand adapter of `source` (None when it has no folder `adapter_id`), validated exactly like an
         upload and cached under the same byte budget. Requests racing for one version load it once: the
         first reads and validates, the others wait for that result (its error too); requests for other
         adapters never wait on this load. A bad folder is an AdapterError naming it. `ref_id`: the id the
-        AdapterRef (cache, metrics) carries, when not `adapter_id` (a tenant's own source: its stored-id form)."""
+        AdapterRef (cache, metrics) carries, when not `adapter_id` (a tenant's own source: its stored-id form).
+        `cached_only`: None unless the folder's current version is in memory (nothing read, no load waited for)."""
         folder = source.folder(adapter_id)
         if folder is None:
             return None
@@ -252,6 +248,8 @@ class AdapterRegistry:
         key = (ref_id, version)
         with self._lock:
             weights = self._live.get(key)
+            if weights is None and cached_only:
+                return None
             loading = None if weights is not None else self._loading.get(key)
             owner = weights is None and loading is None
             if owner:
