@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from loraplex.runtime.adapters.digest import adapter_digest
+from loraplex.client.http import upload_form
 import adapter_scale_gpu  # noqa: E402 - bench/, beside this file: the --gpu part
 import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 
@@ -131,11 +132,10 @@ class Server:
             self.proc.kill()
 
     def upload(self, adapter_id: str, config_raw: bytes, weights_raw: bytes) -> None:
-        # the weights as a file object, as a client uploads a file (loraplex's own client does): httpx sends a
-        # bytes object by re-slicing its remainder after every socket write, which alone caps a 2-core host
-        r = self.client.post("/v1/adapters", data={"id": adapter_id}, files={
-            "config": ("adapter_config.json", config_raw),
-            "weights": ("adapter_model.safetensors", io.BytesIO(weights_raw))})
+        # sent as loraplex's own client sends an adapter's folder (runtime/client/http.py: the weights read as
+        # they go out, in 1 MiB pieces)
+        headers, body = upload_form(adapter_id, config_raw, io.BytesIO(weights_raw), len(weights_raw))
+        r = self.client.post("/v1/adapters", headers=headers, content=body)
         assert r.status_code == 201, r.text
 
     def first_token_s(self, model: str, start: float) -> float:

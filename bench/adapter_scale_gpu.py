@@ -54,6 +54,8 @@ from pathlib import Path
 import httpx
 from safetensors.torch import save as save_safetensors
 
+from loraplex.client.http import upload_form
+
 import figures  # bench/, beside this file: a PNG beside the JSON
 from host_floors import host_floors
 from serve_gpu import Server
@@ -118,13 +120,11 @@ def write_source(root: Path, shape: ModelShape, pool: RandomPool, fp32: list[Ada
 
 # -- the measurements --------------------------------------------------------------------------------------
 def post_adapter(client: httpx.Client, adapter_id: str, config: bytes, weights: bytes) -> None:
-    """The CPU part's form, the weights read from a file object in httpx's 64 KB pieces, as loraplex's own
-    client sends an open file: handed one 168 MB bytes object, httpcore re-slices the rest of it after every
-    socket write, and the client alone tops out near 100-150 MB/s (2-core CPU, a do-nothing receiver; ~2 GB/s
-    from a file object)."""
-    files = {"config": ("adapter_config.json", config),
-             "weights": ("adapter_model.safetensors", io.BytesIO(weights))}
-    r = client.post("/v1/adapters", data={"id": adapter_id}, files=files)
+    """The CPU part's form, as loraplex's own client sends an adapter's folder (runtime/client/http.py
+    upload_form: the weights read as they go out, in 1 MiB pieces; httpx's own file parts go in 64 KiB ones,
+    and handed one 168 MB bytes object httpcore re-slices the rest of it after every socket write)."""
+    headers, body = upload_form(adapter_id, config, io.BytesIO(weights), len(weights))
+    r = client.post("/v1/adapters", headers=headers, content=body)
     if r.status_code != 201:
         raise RuntimeError(f"upload of {adapter_id}: HTTP {r.status_code}: {r.text[:300]}")
 

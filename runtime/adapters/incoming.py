@@ -1,9 +1,12 @@
 """An upload's weights file while its bytes arrive (an HTTP multipart part, gRPC chunks).
 
 The bytes go, block by block on a worker thread while the next bytes arrive, into one buffer of the upload's
-size (its capacity: the Content-Length, a declared size) and the weights file of a temporary directory of the
-store; each 4 MiB piece of the buffer is hashed for the store's digest on the copy threads once its bytes are
-in (digest.py: one sha256 stream ran at 958 MB/s on the GPU host, below the wire). When the last byte is in,
+size (its capacity: the Content-Length, a declared size), whose pages the copy threads give ahead of them
+(buffers.prefault); each block, once in the buffer, goes to the weights file of a temporary directory of the
+store on the write threads, several pieces at once, while the next block is copied (copying and writing one
+after the other in one worker capped an upload near the disk's single-stream rate); each 4 MiB piece of the
+buffer is hashed for the store's digest on the copy threads once its bytes are in (digest.py: one sha256
+stream ran at 958 MB/s on the GPU host, below the wire). When the last byte is in,
 the file only needs its fsync and the digest its last piece, and the parse keeps
 views of the buffer (no second copy of the weights; reading the file back through a memory map and cloning
 every tensor took longer than receiving it). The file is written from that buffer with O_DIRECT where the
@@ -22,19 +25,20 @@ import mmap
 import os
 import shutil
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import numpy as np
 
 from .peft_format import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_safetensors_header, refuse_pickle,
                           safetensors_header_length)
-from .buffers import copy_threads, owned_buffer
+from .buffers import PREFAULT_PIECE_BYTES, copy_threads, owned_buffer, prefault, write_threads
 from .digest import DIGEST_PIECE_BYTES, combine_digests, piece_digest
 from .store import AdapterStore, Staged, fsync_dir
 
 BLOCK_BYTES = 4 << 20  # handed to the workers at a time: few thread hops, and the disk works while bytes arrive
 SYNC_BYTES = 32 << 20  # written bytes between two fdatasync calls during an upload (page-cache writes)
+WRITE_PIECE_BYTES = 2 << 20  # one write of the file (a multiple of DIRECT_ALIGN); a block goes as several at once
 DIRECT_ALIGN = 4096  # O_DIRECT: memory address, file offset and length in multiples of the logical block size
 
 
@@ -69,9 +73,15 @@ class IncomingWeights:
         self._pending_bytes = 0
         self._writing: asyncio.Future | None = None  # the block the worker is writing
         self._written = 0  # bytes in the buffer
-        self._flushed = 0  # bytes in the file (with O_DIRECT, a multiple of DIRECT_ALIGN until the seal)
+        self._flushed = 0  # bytes handed to the write threads (with O_DIRECT, a multiple of DIRECT_ALIGN until the seal)
         self._synced_at = 0  # file bytes at the last fdatasync (page-cache writes)
+        self._writes: list[Future] = []  # the file writes handed to the write threads, not yet seen done
         self._buffer = owned_buffer(self.capacity)  # None after release()
+        self._prefaults: list[Future] = []
+        if self.capacity < self.max_bytes:  # a declared size: its pages given ahead of the bytes
+            self._prefaults = [copy_threads().submit(prefault, self._buffer, start,
+                                                     min(start + PREFAULT_PIECE_BYTES, self.capacity))
+                               for start in range(0, self.capacity, PREFAULT_PIECE_BYTES)]
         self.path = store.staging_dir()
         try:
             self._fd, self._direct = open_for_direct_writes(self.path / WEIGHTS_FILE)
@@ -113,10 +123,11 @@ class IncomingWeights:
             self._head = bytearray()
 
     async def _hand_over(self) -> None:
-        """Start writing the pending chunks, after the block before them (one block at a time, in order)."""
+        """Start copying the pending chunks, after the block before them (one block at a time, in order)."""
         if self._writing is not None:
             await self._writing
             self._writing = None
+        self._check_writes()
         if self._pending:
             block, self._pending, self._pending_bytes = self._pending, [], 0
             self._writing = asyncio.ensure_future(self._take_block(block))
@@ -147,30 +158,55 @@ class IncomingWeights:
             np.copyto(target[end:end + len(chunk)], np.frombuffer(chunk, np.uint8))  # loop then waited on it)
             end += len(chunk)
         self._written = end
-        self._write_out(end - end % DIRECT_ALIGN if self._direct else end)  # (os.pwrite releases the GIL)
+        self._write_out(end - end % DIRECT_ALIGN if self._direct else end)
 
     def _write_out(self, end: int) -> None:
-        """Write the buffer's bytes up to `end` into the file."""
+        """Hand the buffer's bytes up to `end` to the write threads, in pieces written at once."""
         view = memoryview(self._buffer)
         while self._flushed < end:
+            stop = min(self._flushed + WRITE_PIECE_BYTES, end)
+            self._writes.append(write_threads().submit(self._write_range, view[self._flushed:stop], self._flushed))
+            self._flushed = stop
+        if not self._direct and self._flushed - self._synced_at >= SYNC_BYTES:
+            self._writes.append(write_threads().submit(os.fdatasync, self._fd))  # the disk works while bytes arrive;
+            self._synced_at = self._flushed                                      # the final fsync only has the tail
+
+    def _write_range(self, data: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(data):
             try:
-                self._flushed += os.pwrite(self._fd, view[self._flushed:end], self._flushed)
+                done += os.pwrite(self._fd, data[done:], offset + done)  # (releases the GIL)
             except OSError as e:
                 if not (self._direct and e.errno == errno.EINVAL):
                     raise
                 self._buffered_from_now()  # the filesystem opened the file O_DIRECT but refuses such writes
-        if not self._direct and self._flushed - self._synced_at >= SYNC_BYTES:
-            os.fdatasync(self._fd)  # the disk works while bytes arrive; the final fsync only has the tail
-            self._synced_at = self._flushed
+
+    def _check_writes(self) -> None:
+        """Raise the error of a write that failed (a full disk ends the upload before its last byte)."""
+        still = []
+        for write in self._writes:
+            if write.done():
+                write.result()
+            else:
+                still.append(write)
+        self._writes = still
+
+    def _wait_writes(self) -> None:
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()
 
     def _buffered_from_now(self) -> None:
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self._direct = False
 
     def _write_tail(self) -> None:
-        """The last bytes: with O_DIRECT, a length short of a block goes out padded, then the file is cut to size."""
+        """The last bytes, after every write before them: with O_DIRECT, a length short of a block goes out padded,
+        then the file is cut to size."""
+        self._wait_writes()
         if not self._direct or self._flushed == self.size:
             self._write_out(self.size)
+            self._wait_writes()
             return
         tail = self.size - self._flushed
         padded = -(-tail // DIRECT_ALIGN) * DIRECT_ALIGN
@@ -184,6 +220,7 @@ class IncomingWeights:
                     raise
                 self._buffered_from_now()
                 self._write_out(self.size)
+                self._wait_writes()
                 return
         finally:
             scratch.close()
@@ -220,6 +257,7 @@ class IncomingWeights:
         self._hash_pieces(self.size)
         digest = combine_digests(config_raw, [piece.result() for piece in self._pieces])
         self._pieces = []  # (their views of the buffer are gone: it may shrink)
+        wait(self._prefaults)
         if len(self._buffer) > max(self.size, 1):  # a capacity above the upload (the form's other fields, or no
             try:                                    # Content-Length: up to the size limit) is not kept with it
                 self._buffer.resize(max(self.size, 1))
@@ -239,17 +277,25 @@ class IncomingWeights:
         return self._weights_digest.hexdigest()
 
     async def discard(self) -> None:
-        """Remove the temporary directory, after the block being written (the upload is refused)."""
+        """Remove the temporary directory, after the block being copied and the writes under way (the upload is
+        refused)."""
         writing, self._writing = self._writing, None
-        if writing is not None:
-            try:
-                await asyncio.shield(writing)
-            except asyncio.CancelledError:  # the refusing task itself is cancelled: remove once the block is out
-                writing.add_done_callback(lambda _: self._remove())
-                raise
-            except Exception:
-                pass
+        finished = asyncio.ensure_future(self._settle(writing))
+        try:
+            await asyncio.shield(finished)
+        except asyncio.CancelledError:  # the refusing task itself is cancelled: remove once the writes are out
+            finished.add_done_callback(lambda _: self._remove())
+            raise
         self._remove()
+
+    async def _settle(self, writing: asyncio.Future | None) -> None:
+        """Until the block being copied and every write it started are over, whatever their outcome."""
+        if writing is not None:
+            await asyncio.gather(writing, return_exceptions=True)
+        for piece in self._prefaults:
+            piece.cancel()
+        writes, self._writes = self._writes, []
+        await asyncio.gather(*(asyncio.wrap_future(w) for w in writes + self._prefaults), return_exceptions=True)
 
     def _remove(self) -> None:
         for piece in self._pieces:  # (a refused upload's pieces not yet hashed: no need)

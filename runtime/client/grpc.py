@@ -19,7 +19,7 @@ from loraplex.protos.loraplex.v1 import serving_pb2_grpc as pb_grpc
 from .http import ClientError, adapter_files
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-UPLOAD_CHUNK_BYTES = 64 << 10
+UPLOAD_CHUNK_BYTES = 1 << 20  # a message per MiB of weights: every message costs both ends a pass through Python
 
 
 class GrpcError(ClientError):
