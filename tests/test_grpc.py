@@ -121,13 +121,13 @@ def test_health_and_reflection(fp32_server, client):
 def test_upload_in_64k_chunks_then_use(fp32_server, peft_adapters, client):
     """Acceptance 2: an adapter uploaded over gRPC in 64 KiB chunks serves like the same adapter uploaded over HTTP."""
     s, directory = fp32_server, peft_adapters["gralora"]
-    requests = list(upload_requests(directory, "grpc-up"))
+    requests = list(upload_requests(directory, "grpc-up", chunk_bytes=64 << 10))
     chunks = [r.chunk for r in requests[1:]]
     assert requests[0].WhichOneof("part") == "metadata" and len(chunks) > 4
     assert all(len(c) == 64 << 10 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 64 << 10
     assert b"".join(chunks) == (directory / "adapter_model.safetensors").read_bytes()
 
-    adapter = client.upload_adapter(directory, "grpc-up")
+    adapter = client.upload_adapter(directory, "grpc-up", chunk_bytes=64 << 10)
     assert (adapter.id, adapter.version, adapter.peft_type, adapter.rank) == ("grpc-up", 1, "GRALORA", 8)
     assert adapter.size_bytes == len(b"".join(chunks))
     assert client.get_adapter("grpc-up") == adapter
