@@ -58,6 +58,7 @@ from loraplex.client.http import upload_form
 
 import figures  # bench/, beside this file: a PNG beside the JSON
 from host_floors import host_floors
+from py_spy import recording
 from serve_gpu import Server
 from serve_gpu_device import in_fresh_process, prepare_device, prompt_ids
 from serve_gpu_models import QV, SHAPES, AdapterSpec, ModelShape, RandomPool, adapter_tensors, write_adapter
@@ -79,6 +80,8 @@ def add_arguments(ap) -> None:
     g.add_argument("--skip-trace", action="store_true", help="upload, hot-load and source only")
     g.add_argument("--server-args", default="", help="extra `loraplex serve` flags (the product is the defaults)")
     g.add_argument("--server-timeout", type=float, default=900, help="seconds to wait for /health")
+    g.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                   help="py-spy the server during the uploads and each trace: DIR/uploads.txt, DIR/trace_<N>.txt")
     add_trace_arguments(g)
 
 
@@ -184,13 +187,14 @@ def trace_summary(trace: list) -> dict:
             "distinct_adapters": len(set(models) - {"base"})}
 
 
-async def trace_runs(url: str, shape: ModelShape, args, result: dict, save) -> None:
+async def trace_runs(server: Server, shape: ModelShape, args, result: dict, save) -> None:
     """The trace over each adapter count in turn, all at once, on one Session (serve_trace.py's client)."""
-    session = Session(url)
+    session = Session(server.url)
     try:
         for count in args.trace_adapters:
             trace = make_trace(args, shape, [s.id for s in trace_specs(count)], prompt_salt=args.seed + count)
-            run = await session.run(schedule(trace, math.inf, len(trace), False, args))
+            with recording(server.proc.pid, args.py_spy and args.py_spy / f"trace_{count}.txt"):
+                run = await session.run(schedule(trace, math.inf, len(trace), False, args))
             run["trace"] = trace_summary(trace)
             result["trace"][str(count)] = run
             used = run["trace"]["distinct_adapters"]
@@ -327,10 +331,11 @@ def main(args, host_cpu: str) -> None:
         # a connection per request, as serve_trace's Session: none is reused just as the server closes it as idle
         with httpx.Client(base_url=server.url, timeout=600, trust_env=False,
                           limits=httpx.Limits(max_keepalive_connections=0)) as client:
-            part("upload_hotload", lambda: measure_uploads(client, shape, pool, args, result, save))
+            with recording(server.proc.pid, args.py_spy and args.py_spy / "uploads.txt"):
+                part("upload_hotload", lambda: measure_uploads(client, shape, pool, args, result, save))
             part("source", lambda: measure_source(client, shape, args, result, save))
         if not args.skip_trace:
-            part("trace", lambda: asyncio.run(trace_runs(server.url, shape, args, result, save)))
+            part("trace", lambda: asyncio.run(trace_runs(server, shape, args, result, save)))
     except Exception as e:
         traceback.print_exc()
         result["errors"]["server"] = f"{type(e).__name__}: {e}"

@@ -12,7 +12,8 @@
 #   trace1b | trace8b   bench/serve_trace.py --shapes 1b / 8b (ARGS_TRACE: extra flags)
 #   scale8b | scale1b   bench/adapter_scale.py --gpu --shape 8b / 1b (issue #20: fp32 upload MB/s, hot-load and
 #              --adapter-source first token, the trace over 1,000 adapters / 64; ARGS_SCALE: extra flags, e.g.
-#              --skip-trace): $OUT/adapter_scale_gpu.json (1b: adapter_scale_gpu_1b.json) + its server log.
+#              --skip-trace): $OUT/adapter_scale_gpu.json (1b: adapter_scale_gpu_1b.json) + its server log, and
+#              py-spy's samples of the server during the uploads and each trace ($OUT/py_spy_scale/, summed).
 #              8b needs ~32 GB of disk under /tmp/serve_gpu/8b (checkpoint + 1,069 adapter folders), ~5 min
 #   trim8b     remove the 8B shape's adapter folders, keep its checkpoint; clean8b: remove it all
 #   host1b | host8b   bench/step_host.py (host vs GPU time of eager steps, cProfile; ARGS_HOST: extra flags)
@@ -37,7 +38,7 @@ export PYTHONUNBUFFERED=1 LORAPLEX_CACHE=/tmp/lpcache LORAPLEX_GGUF=${LORAPLEX_G
 if [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
-export PYTHONPATH=/tmp/site:$PWD/.pth
+export PYTHONPATH=/tmp/site:$PWD/.pth PATH=/tmp/site/bin:$PATH
 if [ ! -d .pth/loraplex ]; then  # the package layout of pyproject.toml, as links (no pip install needed)
   mkdir -p .pth/loraplex && touch .pth/loraplex/__init__.py
   for pair in runtime:runtime kernels:kernels trainer:trainer protos:protos client:runtime/client; do
@@ -67,7 +68,9 @@ for step in "$@"; do
     scale8b|scale1b)  # bench/adapter_scale.py --gpu on one shape (ARGS_SCALE: extra flags); its server log kept
       shape=${step#scale}; name=adapter_scale_gpu$([ "$shape" = 8b ] || echo "_$shape")
       timeout -k 10 ${LIMIT:-36000} python3 bench/adapter_scale.py --gpu --shape $shape --out "$OUT/$name.json" \
-        ${ARGS_SCALE:-} 2>&1 | grep -vE "it/s|tensor/s|layer/s" | tail -40
+        --py-spy "$OUT/py_spy_scale" ${ARGS_SCALE:-} 2>&1 | grep -vE "it/s|tensor/s|layer/s" | tail -40
+      ls "$OUT"/py_spy_scale/*.txt >/dev/null 2>&1 && python3 bench/py_spy.py "$OUT"/py_spy_scale/*.txt --top 25 \
+        > "$OUT/py_spy_scale/top.txt" 2>&1
       log=$(ls -t /tmp/serve_gpu/$shape/server-*.log 2>/dev/null | head -1)
       [ -n "$log" ] && cp "$log" "$OUT/${name}_server.log"
       df -h /tmp | tail -1 ;;
