@@ -174,10 +174,11 @@ class IncomingWeights:
     def _write_range(self, data: memoryview, offset: int) -> None:
         done = 0
         while done < len(data):
+            direct = self._direct  # (another write may turn O_DIRECT off while this one is refused)
             try:
                 done += os.pwrite(self._fd, data[done:], offset + done)  # (releases the GIL)
             except OSError as e:
-                if not (self._direct and e.errno == errno.EINVAL):
+                if not (direct and e.errno == errno.EINVAL):
                     raise
                 self._buffered_from_now()  # the filesystem opened the file O_DIRECT but refuses such writes
 
