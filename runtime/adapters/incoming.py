@@ -203,11 +203,10 @@ class IncomingWeights:
 
     def _write_tail(self) -> None:
         """The last bytes, after every write before them: with O_DIRECT, a length short of a block goes out padded,
-        then the file is cut to size."""
+        then the file is cut to size. The caller waits for the writes this hands over (_wait_writes)."""
         self._wait_writes()
         if not self._direct or self._flushed == self.size:
             self._write_out(self.size)
-            self._wait_writes()
             return
         tail = self.size - self._flushed
         padded = -(-tail // DIRECT_ALIGN) * DIRECT_ALIGN
@@ -221,7 +220,6 @@ class IncomingWeights:
                     raise
                 self._buffered_from_now()
                 self._write_out(self.size)
-                self._wait_writes()
                 return
         finally:
             scratch.close()
@@ -249,6 +247,7 @@ class IncomingWeights:
 
     def _seal(self, config_raw: bytes) -> Staged:
         self._write_tail()
+        self._wait_writes()
         os.fsync(self._fd)
         with open(self.path / CONFIG_FILE, "wb") as f:
             f.write(config_raw)
