@@ -2,6 +2,7 @@
 # One GPU session (device machine: torch + triton + transformers + peft present, no bitsandbytes or
 # serving packages): install the carried wheels (.whl/), then run the named steps; results go to $OUT.
 # Usage there: bash bench/gpu_run.sh STEP [STEP ...]
+#   decodeab   bench/nf4_matmul.py --decode-ab (the NF4 kernel's gather vs permute decode, 8B shapes), ~3 min
 #   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
 #   test       the CUDA-only tests (fast path vs eager reference)
 #   check      the fused layer kernels' start-up self-check on this GPU
@@ -51,6 +52,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case "$step" in
+    decodeab)  # the NF4 kernel's two decodes (table gather, register permutes) on the 8B shapes, beside dense bf16
+      python3 bench/nf4_matmul.py --decode-ab --rows 1 2 16 32 48 64 96 128 --out "$OUT/nf4_decode_ab.json" 2>&1 \
+        | grep -v "it/s" | tail -60 ;;
     micro)
       python3 bench/nf4_matmul.py --out "$OUT/nf4_matmul.json" 2>&1 | tail -40
       python3 bench/paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -30 ;;

@@ -9,6 +9,8 @@ does (bitsandbytes Linear4bit, NF4, double quantisation, blocksize 64, bf16 comp
   floor  (packed bytes + absmax bytes) / device-to-device copy bandwidth (bytes read + written)
 The table shows each path's time over the floor; the JSON has the microseconds and a suggested DISPATCH.
 --sweep also times alternative tile shapes for a few cases (to tune kernels/nf4_matmul.choose_tiles).
+--decode-ab times every candidate tiling with each decode (shared-memory table gather, register byte permutes),
+checks that both give the same product, and sets the best of each beside a dense bf16 matmul.
 dequant: prefill's whole-weight dequantisation (kernels/nf4_dequant.py vs bitsandbytes' dequantize_4bit, the
 calibration's timing), as a fraction of the copy bandwidth (packed + absmax read, the bf16 weight written).
 
@@ -116,10 +118,49 @@ def sweep(layers: dict, bandwidth: float) -> list[dict]:
     return out
 
 
+@torch.inference_mode()
+def decode_ab(layers: dict, rows: list[int]) -> list[dict]:
+    """Per weight and row count: the fastest candidate tiling with the gather decode and with the permute decode,
+    a dense bf16 matmul of the same shape, and whether both decodes give the same product (bitwise)."""
+    from dataclasses import replace
+    from loraplex.kernels.nf4_matmul import _num_sms, candidate_tiles
+    from loraplex.runtime.nf4_linear import fused_matmul, measure, measure_dense, nf4_rotation
+    out = []
+    for name, layer in layers.items():
+        n, k = layer.out_features, layer.in_features
+        rotation = nf4_rotation(layer)
+        dense = measure_dense(layer, rows)
+        state, packed = layer.weight.quant_state, layer.weight.data
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            best = {False: (float("inf"), None), True: (float("inf"), None)}
+            same = True
+            gather_tiles = [t for t in candidate_tiles(m, n, k, BLOCKSIZE, _num_sms(x.device)) if not t.permute]
+            for tiles in gather_tiles:
+                for permute in (False, True):
+                    t = replace(tiles, permute=permute)
+                    try:
+                        us = measure(layer, m, tiles=t, with_bnb=False, weights=rotation)["fused_us"]
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  {name} M={m} {t}: {type(e).__name__}: {str(e)[:160]}")
+                        continue
+                    best[permute] = min(best[permute], (us, str(t)), key=lambda b: b[0])
+                same &= torch.equal(fused_matmul(x, packed, state, n, tiles=tiles),
+                                    fused_matmul(x, packed, state, n, tiles=replace(tiles, permute=True)))
+            row = {"weight": name, "rows": m, "gather_us": best[False][0], "permute_us": best[True][0],
+                   "dense_us": dense[m], "gather_tiles": best[False][1], "permute_tiles": best[True][1], "same": same}
+            print(f"decode {name:>17} M={m:<3} gather {row['gather_us']:6.1f} permute {row['permute_us']:6.1f} "
+                  f"dense {row['dense_us']:6.1f} us  permute/dense {row['permute_us'] / row['dense_us']:.2f} "
+                  f"{'same' if same else 'DIFFERENT'}")
+            out.append(row)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile shapes")
+    parser.add_argument("--decode-ab", action="store_true", help="only the gather-vs-permute decode comparison")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "nf4_matmul.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -133,6 +174,11 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"cells: fused / bitsandbytes time over the 4-bit floor")
     layers = {name: make_layer(n, k, seed=i) for i, (name, (n, k)) in enumerate(WEIGHTS.items())}
+    if args.decode_ab:
+        rows = decode_ab({name: layer for name, layer in layers.items() if name.startswith("8b")}, args.rows)
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "decode_ab": rows}, f, indent=1)
+        return
     checks = {name: [check(layer, rows) for rows in (1, 16, max(args.rows))] for name, layer in layers.items()}
     timings = calibrate(layers.values(), rows=args.rows)
 

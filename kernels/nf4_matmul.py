@@ -51,6 +51,7 @@ class NF4Tiles:
     num_warps: int = 4
     num_stages: int = 2
     prefetch: bool = False  # load the next step's bytes and absmax before this step's math (block_k <= blocksize)
+    permute: bool = False  # decode through byte permutes of the code table held in registers (CUDA only)
 
 
 # (block_m, block_k, num_stages) of the row-count rule below, smallest block_m first
@@ -111,7 +112,7 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
         wide = [rule, choose_tiles(M, N, K, blocksize, num_sms, STEPS[-1]),
                 choose_tiles(M, N, K, blocksize, num_sms, (bm, 2 * bk, stages)),
                 choose_tiles(M, N, K, blocksize, num_sms, (bm, bk, stages + 1))]
-        return list(dict.fromkeys(wide + _unsplit(wide)))
+        return _both_decodes(list(dict.fromkeys(wide + _unsplit(wide))))
     steps = [step for step in STEPS if step[0] < rule.block_m]
     tiles = [rule] + [choose_tiles(M, N, K, blocksize, num_sms, step) for step in steps]
     for bm, bk, stages in [(rule.block_m, rule.block_k, rule.num_stages)] + steps:
@@ -137,7 +138,12 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
         step = (rule.block_m, rule.block_k, rule.num_stages)
         tiles += [choose_tiles(M, N, K, blocksize, num_sms, step, num_warps=8),
                   choose_tiles(M, N, K, blocksize, num_sms, step, block_n=64)]
-    return list(dict.fromkeys(tiles + _unsplit([rule])))
+    return _both_decodes(list(dict.fromkeys(tiles + _unsplit([rule]))))
+
+
+def _both_decodes(tiles: list[NF4Tiles]) -> list[NF4Tiles]:
+    """`tiles` (gather decode), then each again with the byte-permute decode (a CUDA-only variant)."""
+    return tiles + [replace(t, permute=True) for t in tiles]
 
 
 def _unsplit(tiles: list[NF4Tiles]) -> list[NF4Tiles]:
@@ -182,6 +188,72 @@ def _dequant_dot(q, code, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr, FP32_DOT
     return tl.dot(w, xt)
 
 
+# 8 codes from one 32-bit word of packed bytes by byte permutes (prmt) of the 16-entry code table in
+# registers: $9-$12 hold the low bytes of the 16 codes (4 a register), $13-$16 the high bytes. A prmt
+# picks 4 bytes out of 8 by the 4 nibbles in its selector's low half (bit 3 would replicate a sign, so it
+# is masked off: the first prmt pair reads entries 0-7, the second 8-15, and a third picks per byte by
+# bit 3). Then two prmts interleave low and high bytes into the (even, odd) pairs of 16-bit codes.
+# Element 2i is the high nibble of byte i, so the selector nibbles come in the order 1, 0, 3, 2.
+_PERMUTE_DECODE = tl.constexpr("""{
+.reg .b32 i7, s2, a, b, lo, hi, p, q;
+and.b32 i7, $8, 0x77777777;
+shr.u32 s2, $8, 1;
+and.b32 s2, s2, 0x44444444;
+or.b32 s2, s2, 0x32103210;
+prmt.b32 a, $9, $10, i7;
+prmt.b32 b, $11, $12, i7;
+prmt.b32 lo, a, b, s2;
+prmt.b32 a, $13, $14, i7;
+prmt.b32 b, $15, $16, i7;
+prmt.b32 hi, a, b, s2;
+prmt.b32 p, lo, hi, 0x4051;
+prmt.b32 q, lo, hi, 0x6273;
+mov.b32 {$0, $1}, p;
+mov.b32 {$2, $3}, q;
+shr.u32 i7, i7, 16;
+shr.u32 s2, s2, 16;
+prmt.b32 a, $9, $10, i7;
+prmt.b32 b, $11, $12, i7;
+prmt.b32 lo, a, b, s2;
+prmt.b32 a, $13, $14, i7;
+prmt.b32 b, $15, $16, i7;
+prmt.b32 hi, a, b, s2;
+prmt.b32 p, lo, hi, 0x4051;
+prmt.b32 q, lo, hi, 0x6273;
+mov.b32 {$4, $5}, p;
+mov.b32 {$6, $7}, q;
+}""")
+
+
+@triton.jit
+def _table_words(code, keep):
+    """The 16 codes (16-bit floats) as 8 int32 words, 4 of their low bytes, then 4 of their high bytes; each
+    broadcast to `keep`'s shape (a boolean tensor): the word where it is true, else 0."""
+    bits = code.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    i = tl.arange(0, 16)
+    shift = 8 * (i % 4)
+    low, high = (bits & 0xFF) << shift, (bits >> 8) << shift  # disjoint bit fields: their sum is their OR
+    return (_word(low, i, 0, keep), _word(low, i, 1, keep), _word(low, i, 2, keep), _word(low, i, 3, keep),
+            _word(high, i, 0, keep), _word(high, i, 1, keep), _word(high, i, 2, keep), _word(high, i, 3, keep))
+
+
+@triton.jit
+def _word(shifted_bytes, i, word: tl.constexpr, keep):
+    return tl.where(keep, tl.sum(tl.where(i // 4 == word, shifted_bytes, 0)), 0)
+
+
+@triton.jit
+def _permute_dot(words, table, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    """codes(words [BLOCK_N, SUB // 4] int32 of packed bytes) @ xt [2 * SUB, BLOCK_M] in fp32 (unscaled)."""
+    l0, l1, l2, l3, h0, h1, h2, h3 = table
+    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+        _PERMUTE_DECODE, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3],
+        dtype=(xt.dtype,) * 8, is_pure=True, pack=1)
+    # tl.join adds a new minor dimension: the last join sets the lowest bit of the code's index in the word
+    w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    return tl.dot(tl.reshape(w, (BLOCK_N, 2 * SUB)), xt)
+
+
 @triton.jit
 def _nf4_matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, offset_ptr,
@@ -191,7 +263,7 @@ def _nf4_matmul_kernel(
     NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_IN_MEMORY: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, PERMUTE: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile over packed bytes [split, split + 1) * bytes_per_split of each weight row.
 
@@ -206,15 +278,22 @@ def _nf4_matmul_kernel(
     row_mask = rows < N
     m_mask = ms < M
     rows64 = rows.to(tl.int64)
-    packed_rows = packed_ptr + rows64[:, None] * row_bytes + tl.arange(0, SUB)[None, :]  # [BLOCK_N, SUB]
+    if PERMUTE:  # [BLOCK_N, SUB // 4] 32-bit words (row_bytes and the offsets below are multiples of 16)
+        packed_rows = (packed_ptr + rows64[:, None] * row_bytes).to(tl.pointer_type(tl.int32)) \
+            + tl.arange(0, SUB // 4)[None, :]
+    else:
+        packed_rows = packed_ptr + rows64[:, None] * row_bytes + tl.arange(0, SUB)[None, :]  # [BLOCK_N, SUB]
     block_rows = rows64 * (K // BLOCKSIZE)
-    x_cols = x_ptr + ms.to(tl.int64)[None, :] * stride_xm + tl.arange(0, 2 * SUB)[:, None]  # x^T [2 * SUB, BLOCK_M]
+    x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm + tl.arange(0, 2 * SUB)[None, :]  # x [BLOCK_M, 2 * SUB]
     # The 16 code values in the dot's input type. tl.gather reads them from shared memory with a 32-bit
     # address (a global-memory gather costs two more instructions per weight: the kernel is issue-bound).
     if FP32_DOT:  # fp32 inputs, or the interpreter (whose bf16/fp16 tl.dot is wrong)
         code = tl.load(code_ptr + tl.arange(0, 16))
     else:  # bf16(code) @ x, scaled in fp32: the weight rounded once, as dequantize_4bit rounds code * absmax
         code = tl.load(code_ptr + tl.arange(0, 16)).to(x_ptr.dtype.element_ty)
+        if PERMUTE:  # the table words per column of the packed words (one register each), not uniform values:
+            # ptxas would keep those in uniform registers and copy one to a vector register for every other prmt
+            table = _table_words(code, (tl.arange(0, SUB // 4) < row_bytes)[None, :])
     if NESTED:
         if OFFSET_IN_MEMORY:
             offset = tl.load(offset_ptr).to(tl.float32)
@@ -224,7 +303,8 @@ def _nf4_matmul_kernel(
     byte_begin = split * bytes_per_split
     n_steps = tl.minimum(bytes_per_split, row_bytes - byte_begin) // (BLOCK_K // 2)
     if PREFETCH:  # one piece per step (KB == 1): the next step's bytes and absmax load while this one computes
-        q_next = tl.load(packed_rows + byte_begin, mask=row_mask[:, None], other=0, eviction_policy="evict_first")
+        q_next = tl.load(packed_rows + byte_begin // (4 if PERMUTE else 1), mask=row_mask[:, None], other=0,
+                         eviction_policy="evict_first")
         a_next = tl.load(absmax_ptr + block_rows + (2 * byte_begin) // BLOCKSIZE, mask=row_mask, other=0)
     for step in range(n_steps):
         for piece in tl.static_range(KB):
@@ -233,16 +313,21 @@ def _nf4_matmul_kernel(
             if PREFETCH:
                 q, a = q_next, a_next
                 ahead = row_mask & (tl.full(rows.shape, step + 1, tl.int32) < n_steps)
-                q_next = tl.load(packed_rows + b0 + SUB, mask=ahead[:, None], other=0, eviction_policy="evict_first")
+                q_next = tl.load(packed_rows + (b0 + SUB) // (4 if PERMUTE else 1), mask=ahead[:, None], other=0,
+                                 eviction_policy="evict_first")
                 a_next = tl.load(absmax_ptr + block_rows + (2 * (b0 + SUB)) // BLOCKSIZE, mask=ahead, other=0)
             else:
-                q = tl.load(packed_rows + b0, mask=row_mask[:, None], other=0,
+                q = tl.load(packed_rows + b0 // (4 if PERMUTE else 1), mask=row_mask[:, None], other=0,
                             eviction_policy="evict_first")  # read once: leave L2 to x and partials
                 a = tl.load(absmax_ptr + blocks, mask=row_mask, other=0)
             scale = _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
                                  NESTED, NESTED_BLOCKSIZE)
-            xt = tl.load(x_cols + 2 * b0, mask=m_mask[None, :], other=0.0)
-            acc += _dequant_dot(q, code, xt, BLOCK_N, SUB, FP32_DOT) * scale[:, None]
+            # loaded along x's rows (contiguous: 16-byte loads), transposed for the dot
+            xt = tl.trans(tl.load(x_rows + 2 * b0, mask=m_mask[:, None], other=0.0))
+            if PERMUTE:
+                acc += _permute_dot(q, table, xt, BLOCK_N, SUB) * scale[:, None]
+            else:
+                acc += _dequant_dot(q, code, xt, BLOCK_N, SUB, FP32_DOT) * scale[:, None]
 
     result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     mask = m_mask[:, None] & row_mask[None, :]
@@ -329,6 +414,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         HAS_BIAS=bias is not None, SPLIT=splits > 1,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         FP32_DOT=x.dtype == torch.float32 or interpreting(), PDL=pdl, PREFETCH=tiles.prefetch,
+        PERMUTE=tiles.permute and x.dtype != torch.float32 and not interpreting(),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if splits > 1:

@@ -290,8 +290,9 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
               rows: Iterable[int] = CALIBRATION_ROWS) -> dict[tuple[int, int], dict]:
     """Time the fused kernel and bitsandbytes per distinct (out, in) shape among the NF4Linear layers of
     `linears` at each row count, and set DISPATCH[shape] to the counts at which the fused kernel is
-    faster. Returns {shape: {"fused_rows", "fused_us", "bnb_us"}}
-    (times per row count). Does nothing without CUDA."""
+    faster. Each candidate tiling's product is first held against bitsandbytes' (relative error <= 1e-2): one
+    that parts from it (a kernel variant wrong on this GPU) is not used. Returns {shape: {"fused_rows",
+    "fused_us", "bnb_us"}} (times per row count). Does nothing without CUDA."""
     device = torch.device(device) if device is not None else torch.device("cuda")
     if device.type != "cuda" or not torch.cuda.is_available():
         return {}
@@ -307,8 +308,16 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
             fused_us[m], bnb_us[m] = float("inf"), 0.0
             state = layer.weight.quant_state
             candidates = candidate_tiles(m, layer.out_features, layer.in_features, state.blocksize, _num_sms(device))
+            x = torch.randn(m, layer.in_features, device=device, dtype=layer.compute_dtype or torch.bfloat16)
+            reference = layer.bnb_forward(x).float()
             for i, tiles in enumerate(candidates):  # the rule's tiles first: they also time bitsandbytes
                 try:
+                    # a tiling whose product parts from bitsandbytes' (beyond rounding) is not used
+                    product = fused_matmul(x, layer.weight.data, state, layer.out_features, tiles=tiles).float()
+                    if not (product - reference).norm() <= 1e-2 * reference.norm():
+                        log.warning("nf4 fused kernel %s on %s with %d rows parts from bitsandbytes' product: not "
+                                    "used", tiles, shape, m)
+                        continue
                     t = measure(layer, m, tiles=tiles, with_bnb=i == 0, weights=rotation)
                 except Exception as e:  # a kernel failing here must not take the server down: keep bitsandbytes
                     log.warning("nf4 fused kernel failed on %s with %d rows (%s): %s", shape, m, tiles, e)

@@ -124,3 +124,22 @@ def test_whole_weight_dequantisation_is_bitsandbytes(compress):
     theirs = dequantize_into(torch.empty_like(w), packed, state, triton_kernel=False)
     assert (ours == theirs).float().mean().item() > 0.999
     assert ((ours.float() - theirs.float()).abs() <= torch.finfo(torch.bfloat16).eps * theirs.float().abs()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_permute_decode_equals_the_table_gather(dtype):
+    """The fused NF4 kernel's two decodes (the code table gathered from shared memory, or byte-permuted in registers)
+    feed the same 16-bit codes to the same dot: every candidate tiling gives the same product bit for bit."""
+    from dataclasses import replace
+    import bitsandbytes.functional as bnbf
+    from loraplex.kernels.nf4_matmul import _num_sms, candidate_tiles
+    from loraplex.runtime.nf4_linear import fused_matmul
+    w = (torch.randn(1024, 2048, generator=torch.Generator().manual_seed(1)) * 0.05).to("cuda", dtype)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    for rows in (1, 16, 40, 64, 130):
+        x = torch.randn(rows, 2048, device="cuda", dtype=dtype)
+        for tiles in candidate_tiles(rows, 1024, 2048, 64, _num_sms(x.device)):
+            if not tiles.permute:
+                gather = fused_matmul(x, packed, state, 1024, tiles=tiles)
+                permute = fused_matmul(x, packed, state, 1024, tiles=replace(tiles, permute=True))
+                assert torch.equal(gather, permute), (rows, tiles)

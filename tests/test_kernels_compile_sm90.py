@@ -42,11 +42,11 @@ for n, kk in SHAPES:
     for m in CALIBRATION_ROWS:
         for t in k.candidate_tiles(m, n, kk, 64, 132):
             sub = min(t.block_k, 64) // 2
-            for nested in (True, False):
+            for nested in (True, False) if not t.permute else (True,):  # (the decodes read absmax alike)
                 key = dict(BLOCKSIZE=64, SUB=sub, KB=t.block_k // (2 * sub), NESTED=nested, NESTED_BLOCKSIZE=256,
                            OFFSET_IN_MEMORY=True, HAS_BIAS=False, SPLIT=t.splits > 1, BLOCK_M=t.block_m,
                            BLOCK_N=t.block_n, BLOCK_K=t.block_k, FP32_DOT=False, PDL=t.splits > 1,
-                           PREFETCH=t.prefetch)
+                           PREFETCH=t.prefetch, PERMUTE=t.permute)
                 variants[json.dumps(key, sort_keys=True)] = (key, t.num_warps, t.num_stages)
 types = {"x_ptr": "*bf16", "packed_ptr": "*u8", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
          "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",

@@ -212,8 +212,16 @@ def test_nf4_linear_on_the_cpu_is_bitsandbytes(training):
     assert rel < 1e-2
 
 
+def candidate_tiles(*args):
+    """kernels/nf4_matmul.candidate_tiles' gather-decode half (the second half: the same tiles, permute decode)."""
+    from loraplex.kernels.nf4_matmul import candidate_tiles as every
+    tiles = every(*args)
+    half = len(tiles) // 2
+    assert tiles[half:] == [replace(t, permute=True) for t in tiles[:half]] and not any(t.permute for t in tiles[:half])
+    return tiles[:half]
+
+
 def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetch():
-    from loraplex.kernels.nf4_matmul import candidate_tiles
     rule8 = choose_tiles(8, 4096, 4096, BLOCKSIZE, 132)
     unsplit8 = [replace(rule8, splits=1)] if rule8.splits > 1 else []  # (last: the split-K tiles without it)
     assert candidate_tiles(8, 4096, 4096, BLOCKSIZE, 132) == [rule8, replace(rule8, prefetch=True)] + unsplit8
@@ -260,7 +268,6 @@ def test_wide_batches_take_128_or_64_rows_per_program_and_give_the_same_product(
     """Above 64 rows (large decode batches, short prefill chunks) the calibration times the 128-row tile
     against several 64-row m-tiles, longer loop steps and a deeper pipeline; all equal the format, rows past
     the last full tile included."""
-    from loraplex.kernels.nf4_matmul import candidate_tiles
     packed, state = quantize(64, 256, True, seed=11)
     x = torch.randn(130, 256, generator=torch.Generator().manual_seed(12))
     ref = x.double() @ dequantized(packed, state, torch.float32).double().T
@@ -274,7 +281,6 @@ def test_wide_batches_take_128_or_64_rows_per_program_and_give_the_same_product(
 @needs_interpreter
 def test_every_candidate_tiling_gives_the_same_product():
     """Calibration may pick any candidate (several m-tiles for 40 rows included): all equal the format."""
-    from loraplex.kernels.nf4_matmul import candidate_tiles
     packed, state = quantize(64, 256, True, seed=9)
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(10))
     ref = x.double() @ dequantized(packed, state, torch.float32).double().T
@@ -284,3 +290,68 @@ def test_every_candidate_tiling_gives_the_same_product():
     for t in tiles:
         out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
         assert relative_error(out, ref) < 1e-5, t
+
+
+def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
+    """The subset of PTX in kernels/nf4_matmul's permute decode (and, or, shr, prmt, mov into a 16-bit pair),
+    run on Python ints: `operands` maps "$8".. to the inputs; returns every register and output written."""
+    regs = dict(operands)
+    value = lambda tok: regs[tok] if tok in regs else int(tok, 0)  # noqa: E731
+    for line in asm.strip().strip("{}").splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32":  # mov.b32 {$lo, $hi}, p
+            pair, src = rest.rsplit(",", 1)
+            lo, hi = (t.strip() for t in pair.strip(" {}").split(","))
+            regs[lo], regs[hi] = value(src.strip()) & 0xFFFF, value(src.strip()) >> 16
+            continue
+        d, *args = (t.strip() for t in rest.split(","))
+        a = [value(t) for t in args]
+        if op == "and.b32":
+            regs[d] = a[0] & a[1]
+        elif op == "or.b32":
+            regs[d] = a[0] | a[1]
+        elif op == "shr.u32":
+            regs[d] = a[0] >> a[1]
+        elif op == "prmt.b32":  # default mode: bytes of {b, a}; a selector's bit 3 replicates the byte's sign
+            src, out = a[0] | (a[1] << 32), 0
+            for n in range(4):
+                s = (a[2] >> (4 * n)) & 0xF
+                byte = (src >> (8 * (s & 7))) & 0xFF
+                out |= ((0xFF if byte & 0x80 else 0) if s & 8 else byte) << (8 * n)
+            regs[d] = out
+        else:
+            raise AssertionError(f"unexpected PTX {line!r}")
+    return regs
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_permute_decode_gives_each_nibbles_code(dtype):
+    """The CUDA-only decode (kernels/nf4_matmul._PERMUTE_DECODE: 8 codes from a 32-bit word by byte permutes of the
+    code table) run by a PTX emulator on the table words the kernel builds (_table_words, interpreted): every
+    nibble value in every position gives its code's 16 bits, in the format's element order (high nibble first)."""
+    import triton
+
+    @triton.jit
+    def table_kernel(code_ptr, out_ptr):  # (codes given in the 16-bit type: the interpreter's bf16 casts truncate)
+        code = tl.load(code_ptr + tl.arange(0, 16))
+        words = nf4_module._table_words(code, tl.arange(0, 1) < 1)
+        for i in tl.static_range(8):
+            tl.store(out_ptr + i + tl.arange(0, 1), words[i])
+
+    packed, state = quantize(64, 256, True, seed=3)
+    words = torch.zeros(8, dtype=torch.int32)
+    table_kernel[(1,)](state.code.to(dtype), words)
+    table = {f"${9 + i}": w & 0xFFFFFFFF for i, w in enumerate(words.tolist())}
+    bits = state.code.to(dtype).view(torch.int16).int().tolist()
+    samples = [int.from_bytes(bytes([a, b, c, d]), "little") for a in range(0, 256, 17) for b, c, d in
+               ((a ^ 0xFF, (a * 7) & 0xFF, (a * 13 + 5) & 0xFF),)] + [0, 0xFFFFFFFF, 0x88888888, 0x77777777, 0x01234567]
+    generator = torch.Generator().manual_seed(4)
+    samples += torch.randint(0, 2 ** 32, (2000,), generator=generator, dtype=torch.int64).tolist()
+    for word in samples:
+        regs = _run_ptx(nf4_module._PERMUTE_DECODE.value, {"$8": word, **table})
+        nibbles = [n for byte in word.to_bytes(4, "little") for n in (byte >> 4, byte & 15)]
+        assert [regs[f"${i}"] for i in range(8)] == [bits[n] & 0xFFFF for n in nibbles], hex(word)
