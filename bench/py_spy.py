@@ -19,22 +19,28 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def recording(pid: int, out: Path | None, rate: int = 200):
+    """Every thread's stacks while active into `out`; beside it (`*.gil.txt`) only the thread holding the GIL,
+    so that the two together show who runs Python while another thread waits for the GIL."""
     exe = shutil.which("py-spy") if out is not None else None
     if exe is None:
         yield
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    spy = subprocess.Popen([exe, "record", "-p", str(pid), "-r", str(rate), "--threads", "--nonblocking",
-                            "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spies = [subprocess.Popen([exe, "record", "-p", str(pid), "-r", str(rate), "--threads", "--nonblocking",
+                               "-f", "raw", "-o", str(path)] + extra, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+             for path, extra in ((out, []), (out.with_suffix(".gil.txt"), ["--gil"]))]
     time.sleep(0.5)  # attached before the work starts
     try:
         yield
     finally:
-        spy.send_signal(signal.SIGINT)  # (py-spy writes its file on SIGINT, not on SIGTERM)
-        try:
-            spy.wait(30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)  # (py-spy writes its file on SIGINT, not on SIGTERM)
+        for spy in spies:
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
 
 
 def top(path: Path, count: int = 30, depth: int = 3) -> str:

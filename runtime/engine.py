@@ -15,6 +15,7 @@ with that error and `submit` raises EngineDead. The server must treat a dead eng
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -70,6 +71,7 @@ class EngineDead(RuntimeError):
 
 
 MERGE_REPORT_ROWS = (1, 2, 4, 8, 16, 32, 48, 64)  # batch sizes /health reports the merge decision for
+GIL_SWITCH_SECONDS = 0.001  # sys.setswitchinterval while an engine runs (see Engine.start)
 
 
 def _dense_beats_nf4(rows: int) -> bool:
@@ -256,6 +258,10 @@ class Engine:
         return self.ops.prepared(weights)
 
     def start(self) -> None:
+        # Each step gives the GIL up while it waits for the GPU; taking it back waits until a thread running Python
+        # (an adapter being parsed or packed, the HTTP loop) is told to drop it: by default after 5 ms. 1 ms keeps
+        # that wait under the step's own host time.
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_SECONDS))
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
 
