@@ -188,40 +188,37 @@ def _dequant_dot(q, code, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr, FP32_DOT
     return tl.dot(w, xt)
 
 
-# 8 codes from one 32-bit word of packed bytes by byte permutes (prmt) of the 16-entry code table in
-# registers: $9-$12 hold the low bytes of the 16 codes (4 a register), $13-$16 the high bytes. A prmt
+# 8 codes from one 32-bit word of packed bytes ($4) by byte permutes (prmt) of the 16-entry code table in
+# registers: $5-$8 hold the low bytes of the 16 codes (4 a register), $9-$12 the high bytes. A prmt
 # picks 4 bytes out of 8 by the 4 nibbles in its selector's low half (bit 3 would replicate a sign, so it
 # is masked off: the first prmt pair reads entries 0-7, the second 8-15, and a third picks per byte by
-# bit 3). Then two prmts interleave low and high bytes into the (even, odd) pairs of 16-bit codes.
-# Element 2i is the high nibble of byte i, so the selector nibbles come in the order 1, 0, 3, 2.
+# bit 3). Then two prmts interleave low and high bytes into pairs of 16-bit codes: $0-$3 hold codes
+# (0, 1) .. (6, 7), the even one in the low half. Element 2i is the high nibble of byte i, so the
+# selector nibbles come in the order 1, 0, 3, 2.
 _PERMUTE_DECODE = tl.constexpr("""{
-.reg .b32 i7, s2, a, b, lo, hi, p, q;
-and.b32 i7, $8, 0x77777777;
-shr.u32 s2, $8, 1;
+.reg .b32 i7, s2, a, b, lo, hi;
+and.b32 i7, $4, 0x77777777;
+shr.u32 s2, $4, 1;
 and.b32 s2, s2, 0x44444444;
 or.b32 s2, s2, 0x32103210;
+prmt.b32 a, $5, $6, i7;
+prmt.b32 b, $7, $8, i7;
+prmt.b32 lo, a, b, s2;
 prmt.b32 a, $9, $10, i7;
 prmt.b32 b, $11, $12, i7;
-prmt.b32 lo, a, b, s2;
-prmt.b32 a, $13, $14, i7;
-prmt.b32 b, $15, $16, i7;
 prmt.b32 hi, a, b, s2;
-prmt.b32 p, lo, hi, 0x4051;
-prmt.b32 q, lo, hi, 0x6273;
-mov.b32 {$0, $1}, p;
-mov.b32 {$2, $3}, q;
+prmt.b32 $0, lo, hi, 0x4051;
+prmt.b32 $1, lo, hi, 0x6273;
 shr.u32 i7, i7, 16;
 shr.u32 s2, s2, 16;
+prmt.b32 a, $5, $6, i7;
+prmt.b32 b, $7, $8, i7;
+prmt.b32 lo, a, b, s2;
 prmt.b32 a, $9, $10, i7;
 prmt.b32 b, $11, $12, i7;
-prmt.b32 lo, a, b, s2;
-prmt.b32 a, $13, $14, i7;
-prmt.b32 b, $15, $16, i7;
 prmt.b32 hi, a, b, s2;
-prmt.b32 p, lo, hi, 0x4051;
-prmt.b32 q, lo, hi, 0x6273;
-mov.b32 {$4, $5}, p;
-mov.b32 {$6, $7}, q;
+prmt.b32 $2, lo, hi, 0x4051;
+prmt.b32 $3, lo, hi, 0x6273;
 }""")
 
 
@@ -246,11 +243,16 @@ def _word(shifted_bytes, i, word: tl.constexpr, keep):
 def _permute_dot(words, table, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
     """codes(words [BLOCK_N, SUB // 4] int32 of packed bytes) @ xt [2 * SUB, BLOCK_M] in fp32 (unscaled)."""
     l0, l1, l2, l3, h0, h1, h2, h3 = table
-    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-        _PERMUTE_DECODE, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3],
-        dtype=(xt.dtype,) * 8, is_pure=True, pack=1)
+    p0, p1, p2, p3 = tl.inline_asm_elementwise(
+        _PERMUTE_DECODE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3],
+        dtype=(tl.int32,) * 4, is_pure=True, pack=1)
     # tl.join adds a new minor dimension: the last join sets the lowest bit of the code's index in the word
-    w = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    pairs = tl.join(tl.join(p0, p2), tl.join(p1, p3))  # pair 2 * a + b of each word at [..., a, b]
+    # the halves as 16-bit codes: compiled back into the same registers (32-bit outputs let ptxas place each
+    # pair where the shared-memory store wants it; 16-bit ones cost a register move per pair)
+    lo = (pairs & 0xFFFF).to(tl.uint16).to(xt.dtype, bitcast=True)
+    hi = ((pairs >> 16) & 0xFFFF).to(tl.uint16).to(xt.dtype, bitcast=True)
+    w = tl.join(lo, hi)
     return tl.dot(tl.reshape(w, (BLOCK_N, 2 * SUB)), xt)
 
 

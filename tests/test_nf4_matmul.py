@@ -294,7 +294,7 @@ def test_every_candidate_tiling_gives_the_same_product():
 
 def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
     """The subset of PTX in kernels/nf4_matmul's permute decode (and, or, shr, prmt, mov into a 16-bit pair),
-    run on Python ints: `operands` maps "$8".. to the inputs; returns every register and output written."""
+    run on Python ints: `operands` maps "$4".. to the inputs; returns every register and output written."""
     regs = dict(operands)
     value = lambda tok: regs[tok] if tok in regs else int(tok, 0)  # noqa: E731
     for line in asm.strip().strip("{}").splitlines():
@@ -345,13 +345,14 @@ def test_permute_decode_gives_each_nibbles_code(dtype):
     packed, state = quantize(64, 256, True, seed=3)
     words = torch.zeros(8, dtype=torch.int32)
     table_kernel[(1,)](state.code.to(dtype), words)
-    table = {f"${9 + i}": w & 0xFFFFFFFF for i, w in enumerate(words.tolist())}
+    table = {f"${5 + i}": w & 0xFFFFFFFF for i, w in enumerate(words.tolist())}
     bits = state.code.to(dtype).view(torch.int16).int().tolist()
     samples = [int.from_bytes(bytes([a, b, c, d]), "little") for a in range(0, 256, 17) for b, c, d in
                ((a ^ 0xFF, (a * 7) & 0xFF, (a * 13 + 5) & 0xFF),)] + [0, 0xFFFFFFFF, 0x88888888, 0x77777777, 0x01234567]
     generator = torch.Generator().manual_seed(4)
     samples += torch.randint(0, 2 ** 32, (2000,), generator=generator, dtype=torch.int64).tolist()
     for word in samples:
-        regs = _run_ptx(nf4_module._PERMUTE_DECODE.value, {"$8": word, **table})
+        regs = _run_ptx(nf4_module._PERMUTE_DECODE.value, {"$4": word, **table})
         nibbles = [n for byte in word.to_bytes(4, "little") for n in (byte >> 4, byte & 15)]
-        assert [regs[f"${i}"] for i in range(8)] == [bits[n] & 0xFFFF for n in nibbles], hex(word)
+        pairs = [regs[f"${i}"] for i in range(4)]  # codes 2i (low half) and 2i + 1 (high half)
+        assert [half for p in pairs for half in (p & 0xFFFF, p >> 16)] == [bits[n] & 0xFFFF for n in nibbles], hex(word)
