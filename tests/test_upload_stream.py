@@ -7,6 +7,7 @@ import hashlib
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 from pathlib import Path
@@ -345,3 +346,36 @@ def test_a_failed_write_ends_the_upload_and_leaves_nothing(tmp_path, monkeypatch
         return incoming
     incoming = asyncio.run(receive())
     assert not incoming.path.exists() and not list((tmp_path / "store").rglob("adapter_model.safetensors"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mincore through libc")
+def test_prefault_gives_exactly_its_pages_and_keeps_what_they_hold():
+    """buffers.prefault (libc's madvise through ctypes, which lets the GIL go) makes [start, stop) resident and
+    nothing else, keeps bytes already written, and does nothing on a closed buffer."""
+    import ctypes
+    import ctypes.util
+    import mmap
+    from loraplex.runtime.adapters.buffers import MADV_POPULATE_WRITE, prefault
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    buffer = mmap.mmap(-1, 64 * page)
+    buffer.madvise(mmap.MADV_NOHUGEPAGE) if hasattr(mmap, "MADV_NOHUGEPAGE") else None
+    buffer[3 * page:3 * page + 5] = b"hello"
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+    def resident() -> list[int]:
+        flags = (ctypes.c_ubyte * 64)()
+        assert libc.mincore(base, 64 * page, flags) == 0, ctypes.get_errno()
+        return [i for i in range(64) if flags[i] & 1]
+
+    assert resident() == [3]
+    prefault(buffer, 8 * page, 24 * page)
+    if MADV_POPULATE_WRITE is not None and resident() != [3]:  # (a kernel before 5.14 refuses: nothing done)
+        assert resident() == [3] + list(range(8, 24))
+    prefault(buffer, 0, 8 * page)
+    assert bytes(buffer[3 * page:3 * page + 5]) == b"hello"
+    prefault(buffer, 60 * page, 70 * page)  # past the end: nothing
+    del base
+    buffer.close()
+    prefault(buffer, 0, page)  # closed: nothing
