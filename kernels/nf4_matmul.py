@@ -136,8 +136,13 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
     # per program, or twice the programs over 64 output features each (one 64-row wgmma per program)
     if M > STEPS[0][0]:
         step = (rule.block_m, rule.block_k, rule.num_stages)
-        tiles += [choose_tiles(M, N, K, blocksize, num_sms, step, num_warps=8),
-                  choose_tiles(M, N, K, blocksize, num_sms, step, block_n=64)]
+        narrow = choose_tiles(M, N, K, blocksize, num_sms, step, block_n=64)
+        tiles += [choose_tiles(M, N, K, blocksize, num_sms, step, num_warps=8), narrow]
+        # the 64-feature tile won at 48-64 rows on every 8B shape (H100, bench/results/nf4_decode_ab.json): it too
+        # with an even split (48 rows of [4096, 4096]: 5 splits took 17.4 us, 64 rows with 4 took 16.3)
+        even = max((d for d in range(1, narrow.splits) if k_tiles % d == 0), default=None)
+        if even is not None and k_tiles % narrow.splits:
+            tiles.append(replace(narrow, splits=even))
     return _both_decodes(list(dict.fromkeys(tiles + _unsplit([rule]))))
 
 

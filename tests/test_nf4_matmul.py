@@ -244,8 +244,13 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
         rule, tiles = choose_tiles(M, 4096, 4096, BLOCKSIZE, 132), candidate_tiles(M, 4096, 4096, BLOCKSIZE, 132)
         assert replace(rule, num_warps=8) in tiles
         narrow = [t for t in tiles if t.block_n == 64]
-        assert len(narrow) == 1 and narrow[0].block_m == rule.block_m and narrow[0].splits <= rule.splits
+        assert narrow[0].block_m == rule.block_m and narrow[0].splits <= rule.splits
         assert narrow[0].splits * M * 4096 * 4 <= 4096 * 4096 // 4 or narrow[0].splits == 1
+        k_tiles = 4096 // rule.block_k  # and again with an even split where its own cuts the K loop unevenly
+        if k_tiles % narrow[0].splits:
+            assert len(narrow) == 2 and k_tiles % narrow[1].splits == 0 and narrow[1].splits < narrow[0].splits
+        else:
+            assert len(narrow) == 1
     assert all(t.block_n == 128 and t.num_warps == 4 for t in candidate_tiles(16, 4096, 4096, BLOCKSIZE, 132))
     wide = candidate_tiles(128, 28672, 4096, BLOCKSIZE, 132)  # above 64 rows: the rule, 64-row tiles, longer steps,
     rule = wide[0]                                            # a deeper pipeline
