@@ -10,12 +10,12 @@ bitsandbytes' 4-bit format (checked against `bitsandbytes.functional.dequantize_
 
 The kernel streams each weight byte once: program (split, n-tile, m-tile) walks its share of the input
 features, per step KB pieces of [BLOCK_N, SUB] packed bytes that each lie inside one absmax block.
-A piece's nibbles index the 16 code values (tl.gather: a shared-memory table, 32-bit addresses), the
-codes (in the compute dtype) multiply x^T padded to >= 16 columns in tl.dot, and the [BLOCK_N, BLOCK_M]
-product is scaled by the block's absmax in fp32 (per output element and block, not per weight).
-With 4 warps over 128 output rows the codes are the register operand of one 64-row wgmma per warpgroup.
-Decode on Hopper is bound by instruction issue on the decoding (about 6 instructions per weight,
-counted in the sm90 SASS), not by tensor cores, so the cost hardly depends on the row count.
+A piece's nibbles become the 16-bit codes (kernels/nf4_decode.py: a table gather, or byte permutes of the
+table in registers on CUDA), the codes (in the compute dtype) multiply x^T padded to >= 16 columns in tl.dot,
+and the [BLOCK_N, BLOCK_M] product is scaled by the block's absmax in fp32 (per output element and block,
+not per weight). Decode on Hopper is bound by instruction issue on the decoding, not by tensor cores
+(sm90 SASS of the 16-row tile's loop step: 441 warp instructions with the gather, 326 with the permutes, for
+8,192 weights), so the cost hardly depends on the row count up to 32.
 Split-K (so that out=4096 shapes still start a few programs per SM) writes fp32 partial sums
 [splits, M, N] that a second small kernel adds in a fixed order: deterministic, no atomics; on
 Hopper that launch overlaps the first one's tail (programmatic dependent launch).
@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import cuda as tl_cuda
 
+from .nf4_decode import gather_dot, permute_dot, table_words
 from .segmented_lora import interpreting
 
 MAX_SPLITS = 32
@@ -67,8 +68,8 @@ def choose_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int,
     """Tiles for x [M, K] times an NF4 weight [N, K]; step: (block_m, block_k, num_stages) instead of the
     row-count rule, block_n and num_warps instead of 128 and the rule's (for candidate_tiles).
 
-    The kernel is bound by instruction issue on the dequantisation (about 6 per weight on sm90, see
-    the module docstring), nearly independent of M up to 64: one m-tile covers all rows so each weight
+    The kernel is bound by instruction issue on the dequantisation (see the module docstring), nearly
+    independent of M up to 32: one m-tile covers all rows so each weight
     is decoded once. 4 warps over 128 output rows make one 64-row wgmma per warpgroup with the codes
     as the register operand. Split-K until about 4 programs per SM are started, keeping the fp32
     partial sums (written and read once, in L2) under half of the packed weight bytes.
@@ -182,86 +183,6 @@ def _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset
 
 
 @triton.jit
-def _dequant_dot(q, code, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr, FP32_DOT: tl.constexpr):
-    """codes(q [BLOCK_N, SUB] packed bytes) @ xt [2 * SUB, BLOCK_M] in fp32 (unscaled)."""
-    q = q.to(tl.int32)
-    # high nibble = even input feature, low nibble = the next one
-    nibbles = tl.reshape(tl.join(q >> 4, q & 15), (BLOCK_N * 2 * SUB,))
-    w = tl.reshape(tl.gather(code, nibbles, 0), (BLOCK_N, 2 * SUB))
-    if FP32_DOT:
-        return tl.dot(w, xt.to(tl.float32), input_precision="ieee")
-    return tl.dot(w, xt)
-
-
-# 8 codes from one 32-bit word of packed bytes ($4) by byte permutes (prmt) of the 16-entry code table in
-# registers: $5-$8 hold the low bytes of the 16 codes (4 a register), $9-$12 the high bytes. A prmt
-# picks 4 bytes out of 8 by the 4 nibbles in its selector's low half (bit 3 would replicate a sign, so it
-# is masked off: the first prmt pair reads entries 0-7, the second 8-15, and a third picks per byte by
-# bit 3). Then two prmts interleave low and high bytes into pairs of 16-bit codes: $0-$3 hold codes
-# (0, 1) .. (6, 7), the even one in the low half. Element 2i is the high nibble of byte i, so the
-# selector nibbles come in the order 1, 0, 3, 2.
-_PERMUTE_DECODE = tl.constexpr("""{
-.reg .b32 i7, s2, a, b, lo, hi;
-and.b32 i7, $4, 0x77777777;
-shr.u32 s2, $4, 1;
-and.b32 s2, s2, 0x44444444;
-or.b32 s2, s2, 0x32103210;
-prmt.b32 a, $5, $6, i7;
-prmt.b32 b, $7, $8, i7;
-prmt.b32 lo, a, b, s2;
-prmt.b32 a, $9, $10, i7;
-prmt.b32 b, $11, $12, i7;
-prmt.b32 hi, a, b, s2;
-prmt.b32 $0, lo, hi, 0x4051;
-prmt.b32 $1, lo, hi, 0x6273;
-shr.u32 i7, i7, 16;
-shr.u32 s2, s2, 16;
-prmt.b32 a, $5, $6, i7;
-prmt.b32 b, $7, $8, i7;
-prmt.b32 lo, a, b, s2;
-prmt.b32 a, $9, $10, i7;
-prmt.b32 b, $11, $12, i7;
-prmt.b32 hi, a, b, s2;
-prmt.b32 $2, lo, hi, 0x4051;
-prmt.b32 $3, lo, hi, 0x6273;
-}""")
-
-
-@triton.jit
-def _table_words(code, keep):
-    """The 16 codes (16-bit floats) as 8 int32 words, 4 of their low bytes, then 4 of their high bytes; each
-    broadcast to `keep`'s shape (a boolean tensor): the word where it is true, else 0."""
-    bits = code.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    i = tl.arange(0, 16)
-    shift = 8 * (i % 4)
-    low, high = (bits & 0xFF) << shift, (bits >> 8) << shift  # disjoint bit fields: their sum is their OR
-    return (_word(low, i, 0, keep), _word(low, i, 1, keep), _word(low, i, 2, keep), _word(low, i, 3, keep),
-            _word(high, i, 0, keep), _word(high, i, 1, keep), _word(high, i, 2, keep), _word(high, i, 3, keep))
-
-
-@triton.jit
-def _word(shifted_bytes, i, word: tl.constexpr, keep):
-    return tl.where(keep, tl.sum(tl.where(i // 4 == word, shifted_bytes, 0)), 0)
-
-
-@triton.jit
-def _permute_dot(words, table, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
-    """codes(words [BLOCK_N, SUB // 4] int32 of packed bytes) @ xt [2 * SUB, BLOCK_M] in fp32 (unscaled)."""
-    l0, l1, l2, l3, h0, h1, h2, h3 = table
-    p0, p1, p2, p3 = tl.inline_asm_elementwise(
-        _PERMUTE_DECODE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3],
-        dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-    # tl.join adds a new minor dimension: the last join sets the lowest bit of the code's index in the word
-    pairs = tl.join(tl.join(p0, p2), tl.join(p1, p3))  # pair 2 * a + b of each word at [..., a, b]
-    # the halves as 16-bit codes: compiled back into the same registers (32-bit outputs let ptxas place each
-    # pair where the shared-memory store wants it; 16-bit ones cost a register move per pair)
-    lo = (pairs & 0xFFFF).to(tl.uint16).to(xt.dtype, bitcast=True)
-    hi = ((pairs >> 16) & 0xFFFF).to(tl.uint16).to(xt.dtype, bitcast=True)
-    w = tl.join(lo, hi)
-    return tl.dot(tl.reshape(w, (BLOCK_N, 2 * SUB)), xt)
-
-
-@triton.jit
 def _nf4_matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, offset_ptr,
     bias_ptr, out_ptr, partial_ptr,
@@ -300,7 +221,7 @@ def _nf4_matmul_kernel(
         code = tl.load(code_ptr + tl.arange(0, 16)).to(x_ptr.dtype.element_ty)
         if PERMUTE:  # the table words per column of the packed words (one register each), not uniform values:
             # ptxas would keep those in uniform registers and copy one to a vector register for every other prmt
-            table = _table_words(code, (tl.arange(0, SUB // 4) < row_bytes)[None, :])
+            table = table_words(code, (tl.arange(0, SUB // 4) < row_bytes)[None, :])
     if NESTED:
         if OFFSET_IN_MEMORY:
             offset = tl.load(offset_ptr).to(tl.float32)
@@ -332,9 +253,9 @@ def _nf4_matmul_kernel(
             # loaded along x's rows (contiguous: 16-byte loads), transposed for the dot
             xt = tl.trans(tl.load(x_rows + 2 * b0, mask=m_mask[:, None], other=0.0))
             if PERMUTE:
-                acc += _permute_dot(q, table, xt, BLOCK_N, SUB) * scale[:, None]
+                acc += permute_dot(q, table, xt, BLOCK_N, SUB) * scale[:, None]
             else:
-                acc += _dequant_dot(q, code, xt, BLOCK_N, SUB, FP32_DOT) * scale[:, None]
+                acc += gather_dot(q, code, xt, BLOCK_N, SUB, FP32_DOT) * scale[:, None]
 
     result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     mask = m_mask[:, None] & row_mask[None, :]

@@ -13,6 +13,7 @@ import torch
 import triton.language as tl
 from conftest import rerun_under_triton_interpreter
 
+from loraplex.kernels import nf4_decode
 from loraplex.kernels import nf4_matmul as nf4_module
 from loraplex.kernels.nf4_dequant import nf4_dequantize
 from loraplex.kernels.nf4_matmul import NF4Tiles, choose_tiles, nf4_matmul
@@ -335,15 +336,15 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_permute_decode_gives_each_nibbles_code(dtype):
-    """The CUDA-only decode (kernels/nf4_matmul._PERMUTE_DECODE: 8 codes from a 32-bit word by byte permutes of the
-    code table) run by a PTX emulator on the table words the kernel builds (_table_words, interpreted): every
+    """The CUDA-only decode (kernels/nf4_decode.PERMUTE_DECODE: 8 codes from a 32-bit word by byte permutes of the
+    code table) run by a PTX emulator on the table words the kernel builds (table_words, interpreted): every
     nibble value in every position gives its code's 16 bits, in the format's element order (high nibble first)."""
     import triton
 
     @triton.jit
     def table_kernel(code_ptr, out_ptr):  # (codes given in the 16-bit type: the interpreter's bf16 casts truncate)
         code = tl.load(code_ptr + tl.arange(0, 16))
-        words = nf4_module._table_words(code, tl.arange(0, 1) < 1)
+        words = nf4_decode.table_words(code, tl.arange(0, 1) < 1)
         for i in tl.static_range(8):
             tl.store(out_ptr + i + tl.arange(0, 1), words[i])
 
@@ -357,7 +358,7 @@ def test_permute_decode_gives_each_nibbles_code(dtype):
     generator = torch.Generator().manual_seed(4)
     samples += torch.randint(0, 2 ** 32, (2000,), generator=generator, dtype=torch.int64).tolist()
     for word in samples:
-        regs = _run_ptx(nf4_module._PERMUTE_DECODE.value, {"$4": word, **table})
+        regs = _run_ptx(nf4_decode.PERMUTE_DECODE.value, {"$4": word, **table})
         nibbles = [n for byte in word.to_bytes(4, "little") for n in (byte >> 4, byte & 15)]
         pairs = [regs[f"${i}"] for i in range(4)]  # codes 2i (low half) and 2i + 1 (high half)
         assert [half for p in pairs for half in (p & 0xFFFF, p >> 16)] == [bits[n] & 0xFFFF for n in nibbles], hex(word)
