@@ -213,3 +213,20 @@ def test_adapters_pack_each_once_and_never_behind_another(tiny_base, adapters):
     (b0, e0), (b1, e1) = sorted((b, e) for w, b, e in calls if w is slow.weights)
     assert b1 >= e0  # the same adapter: one pack at a time
     assert sum(w is fast.weights for w, _, _ in calls) == 1
+
+
+def test_a_running_engine_takes_the_gil_back_within_a_millisecond(tiny_base):
+    """Each step gives the GIL up while it waits for the device: a started engine sets the interpreter's switch
+    interval to at most GIL_SWITCH_SECONDS, so a thread running Python (an adapter being parsed) hands it back
+    that soon instead of after the default 5 ms."""
+    import sys
+    from loraplex.runtime.engine import GIL_SWITCH_SECONDS
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    engine = Engine(tiny_base, EngineConfig(kv_cache_tokens=256))
+    try:
+        engine.start()
+        assert sys.getswitchinterval() <= GIL_SWITCH_SECONDS <= 0.001
+    finally:
+        engine.stop()
+        sys.setswitchinterval(before)
