@@ -137,6 +137,25 @@ def nf4_matmul(result: dict, fig) -> None:
     ax.legend(fontsize=6, ncol=2)
 
 
+def nf4_decode_ab(result: dict, fig) -> None:
+    """bench/nf4_matmul.py --decode-ab: the fused kernel's time over a dense bf16 matmul against rows, per weight,
+    with the table-gather decode and the byte-permute one."""
+    rows = result["decode_ab"]
+    ax = fig.subplots()
+    for i, w in enumerate(dict.fromkeys(r["weight"] for r in rows)):
+        mine = [r for r in rows if r["weight"] == w]
+        ax.plot([r["rows"] for r in mine], [r["permute_us"] / r["dense_us"] for r in mine], "o-", color=f"C{i}",
+                label=f"{w} permute")
+        ax.plot([r["rows"] for r in mine], [r["gather_us"] / r["dense_us"] for r in mine], "s--", color=f"C{i}",
+                alpha=0.5, label=f"{w} gather")
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rows (tokens)")
+    ax.set_ylabel("fused NF4 time / dense bf16 time")
+    ax.set_title(f"NF4 decode: gather vs byte permutes ({_where(result)})", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+
+
 def paged_attention(result: dict, fig) -> None:
     """bench/paged_attention.py: kernel time over its floor, and kernel vs gather-then-attend, per case."""
     left, right = fig.subplots(1, 2)
@@ -301,6 +320,7 @@ def pack_speed(result: dict, fig) -> None:
 DRAWERS = {
     "engine_cpu": (engine, (11, 4)), "engine_gpu": (engine, (7, 4)), "grpc_vs_http": (grpc_vs_http, (7, 4)),
     "kernels": (lora_kernels, (12, 4.5)), "load": (load, (11, 4)), "nf4_matmul": (nf4_matmul, (8, 5)),
+    "nf4_decode_ab": (nf4_decode_ab, (8, 5)),
     "paged_attention": (paged_attention, (13, 5)), "profile_step": (profile_step, (9, 4.5)),
     "serve_gpu": (serve_gpu, (12, 4.5)), "step_host": (step_host, (9, 4.5)), "train_quality": (train_quality, (14, 4)),
     "train_speed": (train_speed, (11, 4)),

@@ -178,6 +178,7 @@ def main() -> None:
         rows = decode_ab({name: layer for name, layer in layers.items() if name.startswith("8b")}, args.rows)
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "decode_ab": rows}, f, indent=1)
+        figures.draw_after_run(args.out)
         return
     checks = {name: [check(layer, rows) for rows in (1, 16, max(args.rows))] for name, layer in layers.items()}
     timings = calibrate(layers.values(), rows=args.rows)
