@@ -33,31 +33,24 @@ def gather_dot(q, code, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr, FP32_DOT: 
 # bit 3). Then two prmts interleave low and high bytes into pairs of 16-bit codes: $0-$3 hold codes
 # (0, 1) .. (6, 7), the even one in the low half. Element 2i is the high nibble of byte i, so the
 # selector nibbles come in the order 1, 0, 3, 2.
+_HALF = """prmt.b32 a, $5, $6, i7;
+prmt.b32 b, $7, $8, i7;
+prmt.b32 lo, a, b, s2;
+prmt.b32 a, $9, $10, i7;
+prmt.b32 b, $11, $12, i7;
+prmt.b32 hi, a, b, s2;
+prmt.b32 {even}, lo, hi, 0x4051;
+prmt.b32 {odd}, lo, hi, 0x6273;
+"""  # the 4 codes of the selectors' low 16 bits into two output pairs
 PERMUTE_DECODE = tl.constexpr("""{
 .reg .b32 i7, s2, a, b, lo, hi;
 and.b32 i7, $4, 0x77777777;
 shr.u32 s2, $4, 1;
 and.b32 s2, s2, 0x44444444;
 or.b32 s2, s2, 0x32103210;
-prmt.b32 a, $5, $6, i7;
-prmt.b32 b, $7, $8, i7;
-prmt.b32 lo, a, b, s2;
-prmt.b32 a, $9, $10, i7;
-prmt.b32 b, $11, $12, i7;
-prmt.b32 hi, a, b, s2;
-prmt.b32 $0, lo, hi, 0x4051;
-prmt.b32 $1, lo, hi, 0x6273;
-shr.u32 i7, i7, 16;
+""" + _HALF.format(even="$0", odd="$1") + """shr.u32 i7, i7, 16;
 shr.u32 s2, s2, 16;
-prmt.b32 a, $5, $6, i7;
-prmt.b32 b, $7, $8, i7;
-prmt.b32 lo, a, b, s2;
-prmt.b32 a, $9, $10, i7;
-prmt.b32 b, $11, $12, i7;
-prmt.b32 hi, a, b, s2;
-prmt.b32 $2, lo, hi, 0x4051;
-prmt.b32 $3, lo, hi, 0x6273;
-}""")
+""" + _HALF.format(even="$2", odd="$3") + "}")
 
 
 @triton.jit

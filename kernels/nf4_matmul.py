@@ -206,6 +206,7 @@ def _nf4_matmul_kernel(
     row_mask = rows < N
     m_mask = ms < M
     rows64 = rows.to(tl.int64)
+    PACKED_ITEM: tl.constexpr = 4 if PERMUTE else 1  # bytes per loaded element of the packed weight
     if PERMUTE:  # [BLOCK_N, SUB // 4] 32-bit words (row_bytes and the offsets below are multiples of 16)
         packed_rows = (packed_ptr + rows64[:, None] * row_bytes).to(tl.pointer_type(tl.int32)) \
             + tl.arange(0, SUB // 4)[None, :]
@@ -231,7 +232,7 @@ def _nf4_matmul_kernel(
     byte_begin = split * bytes_per_split
     n_steps = tl.minimum(bytes_per_split, row_bytes - byte_begin) // (BLOCK_K // 2)
     if PREFETCH:  # one piece per step (KB == 1): the next step's bytes and absmax load while this one computes
-        q_next = tl.load(packed_rows + byte_begin // (4 if PERMUTE else 1), mask=row_mask[:, None], other=0,
+        q_next = tl.load(packed_rows + byte_begin // PACKED_ITEM, mask=row_mask[:, None], other=0,
                          eviction_policy="evict_first")
         a_next = tl.load(absmax_ptr + block_rows + (2 * byte_begin) // BLOCKSIZE, mask=row_mask, other=0)
     for step in range(n_steps):
@@ -241,11 +242,11 @@ def _nf4_matmul_kernel(
             if PREFETCH:
                 q, a = q_next, a_next
                 ahead = row_mask & (tl.full(rows.shape, step + 1, tl.int32) < n_steps)
-                q_next = tl.load(packed_rows + (b0 + SUB) // (4 if PERMUTE else 1), mask=ahead[:, None], other=0,
+                q_next = tl.load(packed_rows + (b0 + SUB) // PACKED_ITEM, mask=ahead[:, None], other=0,
                                  eviction_policy="evict_first")
                 a_next = tl.load(absmax_ptr + block_rows + (2 * (b0 + SUB)) // BLOCKSIZE, mask=ahead, other=0)
             else:
-                q = tl.load(packed_rows + b0 // (4 if PERMUTE else 1), mask=row_mask[:, None], other=0,
+                q = tl.load(packed_rows + b0 // PACKED_ITEM, mask=row_mask[:, None], other=0,
                             eviction_policy="evict_first")  # read once: leave L2 to x and partials
                 a = tl.load(absmax_ptr + blocks, mask=row_mask, other=0)
             scale = _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
