@@ -7,6 +7,11 @@ inner step; kernels/nf4_matmul.py says how the codes are laid out and scaled).
   inline assembly: CUDA only) turn each 32-bit word of packed bytes into 8 codes, 21 instructions for 8
   weights. Calibration times both (NF4Tiles.permute); on an H100 the permute decode was 7-22% faster on every
   8B shape and row count (bench/results/nf4_decode_ab.json) and gave the same product bit for bit.
+- permute_dot_scaled: the permute decode with each code pair multiplied by its block's absmax (a bf16x2 / f16x2
+  FMA, 4 instructions for 8 weights) before a dot that accumulates in place. Unscaled, every block's product is
+  rescaled into the fp32 accumulator: one FFMA per weight at 64 rows, two at 128, and the dot must finish before
+  it; scaled, the absmax is rounded to the 16-bit type and each weight rounded once more (relative error
+  <= 2^-8 per weight against bitsandbytes' one rounding), and the tensor cores accumulate.
 """
 from __future__ import annotations
 
@@ -42,15 +47,21 @@ prmt.b32 hi, a, b, s2;
 prmt.b32 {even}, lo, hi, 0x4051;
 prmt.b32 {odd}, lo, hi, 0x6273;
 """  # the 4 codes of the selectors' low 16 bits into two output pairs
-PERMUTE_DECODE = tl.constexpr("""{
-.reg .b32 i7, s2, a, b, lo, hi;
+_DECODE = """.reg .b32 i7, s2, a, b, lo, hi;
 and.b32 i7, $4, 0x77777777;
 shr.u32 s2, $4, 1;
 and.b32 s2, s2, 0x44444444;
 or.b32 s2, s2, 0x32103210;
 """ + _HALF.format(even="$0", odd="$1") + """shr.u32 i7, i7, 16;
 shr.u32 s2, s2, 16;
-""" + _HALF.format(even="$2", odd="$3") + "}")
+""" + _HALF.format(even="$2", odd="$3")
+PERMUTE_DECODE = tl.constexpr("{\n" + _DECODE + "}")
+# ... then each pair times $13 (the block's absmax in both halves); + -0.0 keeps the product's sign of zero
+_SCALE = """.reg .b32 z;
+mov.b32 z, 0x80008000;
+""" + "".join(f"fma.rn.{{t}}x2 ${i}, ${i}, $13, z;\n" for i in range(4))
+PERMUTE_DECODE_SCALED_BF16 = tl.constexpr("{\n" + _DECODE + _SCALE.format(t="bf16") + "}")
+PERMUTE_DECODE_SCALED_F16 = tl.constexpr("{\n" + _DECODE + _SCALE.format(t="f16") + "}")
 
 
 @triton.jit
@@ -77,11 +88,34 @@ def permute_dot(words, table, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
     p0, p1, p2, p3 = tl.inline_asm_elementwise(
         PERMUTE_DECODE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3],
         dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    return tl.dot(_code_tile(p0, p1, p2, p3, xt.dtype, BLOCK_N, SUB), xt)
+
+
+@triton.jit
+def permute_dot_scaled(words, table, scale, xt, acc, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    """acc + (codes(words) * scale[:, None]) @ xt, scale [BLOCK_N] fp32 (each row's absmax of this block), the
+    scaled codes rounded to xt's 16-bit type (bf16 or fp16)."""
+    bits = scale.to(xt.dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    pair = (bits | (bits << 16))[:, None]
+    l0, l1, l2, l3, h0, h1, h2, h3 = table
+    if xt.dtype == tl.bfloat16:
+        p0, p1, p2, p3 = tl.inline_asm_elementwise(
+            PERMUTE_DECODE_SCALED_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+            [words, l0, l1, l2, l3, h0, h1, h2, h3, pair], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    else:
+        p0, p1, p2, p3 = tl.inline_asm_elementwise(
+            PERMUTE_DECODE_SCALED_F16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+            [words, l0, l1, l2, l3, h0, h1, h2, h3, pair], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    return tl.dot(_code_tile(p0, p1, p2, p3, xt.dtype, BLOCK_N, SUB), xt, acc)
+
+
+@triton.jit
+def _code_tile(p0, p1, p2, p3, dtype: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    """The [BLOCK_N, 2 * SUB] 16-bit codes from the decode's four pair outputs per word."""
     # tl.join adds a new minor dimension: the last join sets the lowest bit of the code's index in the word
     pairs = tl.join(tl.join(p0, p2), tl.join(p1, p3))  # pair 2 * a + b of each word at [..., a, b]
     # the halves as 16-bit codes: compiled back into the same registers (32-bit outputs let ptxas place each
     # pair where the shared-memory store wants it; 16-bit ones cost a register move per pair)
-    lo = (pairs & 0xFFFF).to(tl.uint16).to(xt.dtype, bitcast=True)
-    hi = ((pairs >> 16) & 0xFFFF).to(tl.uint16).to(xt.dtype, bitcast=True)
-    w = tl.join(lo, hi)
-    return tl.dot(tl.reshape(w, (BLOCK_N, 2 * SUB)), xt)
+    lo = (pairs & 0xFFFF).to(tl.uint16).to(dtype, bitcast=True)
+    hi = ((pairs >> 16) & 0xFFFF).to(tl.uint16).to(dtype, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * SUB))

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import cuda as tl_cuda
 
-from .nf4_decode import gather_dot, permute_dot, table_words
+from .nf4_decode import gather_dot, permute_dot, permute_dot_scaled, table_words
 from .segmented_lora import interpreting
 
 MAX_SPLITS = 32
@@ -53,6 +53,7 @@ class NF4Tiles:
     num_stages: int = 2
     prefetch: bool = False  # load the next step's bytes and absmax before this step's math (block_k <= blocksize)
     permute: bool = False  # decode through byte permutes of the code table held in registers (CUDA only)
+    prescale: bool = False  # (with permute) codes times their absmax in 16-bit pairs, the dot accumulating in place
 
 
 # (block_m, block_k, num_stages) of the row-count rule below, smallest block_m first
@@ -113,7 +114,7 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
         wide = [rule, choose_tiles(M, N, K, blocksize, num_sms, STEPS[-1]),
                 choose_tiles(M, N, K, blocksize, num_sms, (bm, 2 * bk, stages)),
                 choose_tiles(M, N, K, blocksize, num_sms, (bm, bk, stages + 1))]
-        return _both_decodes(list(dict.fromkeys(wide + _unsplit(wide))))
+        return _every_decode(list(dict.fromkeys(wide + _unsplit(wide))), M)
     steps = [step for step in STEPS if step[0] < rule.block_m]
     tiles = [rule] + [choose_tiles(M, N, K, blocksize, num_sms, step) for step in steps]
     for bm, bk, stages in [(rule.block_m, rule.block_k, rule.num_stages)] + steps:
@@ -138,18 +139,27 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
     if M > STEPS[0][0]:
         step = (rule.block_m, rule.block_k, rule.num_stages)
         narrow = choose_tiles(M, N, K, blocksize, num_sms, step, block_n=64)
-        tiles += [choose_tiles(M, N, K, blocksize, num_sms, step, num_warps=8), narrow]
+        narrow_ahead = choose_tiles(M, N, K, blocksize, num_sms, (rule.block_m, min(rule.block_k, blocksize),
+                                                                  rule.num_stages), block_n=64)
+        tiles += [choose_tiles(M, N, K, blocksize, num_sms, step, num_warps=8), narrow,
+                  replace(narrow_ahead, prefetch=True)]
         # the 64-feature tile won at 48-64 rows on every 8B shape (H100, bench/results/nf4_decode_ab.json): it too
         # with an even split (48 rows of [4096, 4096]: 5 splits took 17.4 us, 64 rows with 4 took 16.3)
         even = max((d for d in range(1, narrow.splits) if k_tiles % d == 0), default=None)
         if even is not None and k_tiles % narrow.splits:
             tiles.append(replace(narrow, splits=even))
-    return _both_decodes(list(dict.fromkeys(tiles + _unsplit([rule]))))
+    return _every_decode(list(dict.fromkeys(tiles + _unsplit([rule]))), M)
 
 
-def _both_decodes(tiles: list[NF4Tiles]) -> list[NF4Tiles]:
-    """`tiles` (gather decode), then each again with the byte-permute decode (a CUDA-only variant)."""
-    return tiles + [replace(t, permute=True) for t in tiles]
+PRESCALE_ROWS = 32  # above this many rows the permute tiles are also timed with the codes scaled before the dot
+
+
+def _every_decode(tiles: list[NF4Tiles], M: int) -> list[NF4Tiles]:
+    """`tiles` (gather decode), then each again with the byte-permute decode (a CUDA-only variant), and above
+    PRESCALE_ROWS each permute tile with its codes scaled before the dot: there the fp32 rescale of the accumulator
+    (BLOCK_M / 64 FFMAs per weight, after the dot has finished) costs more than a 16-bit FMA per pair of weights."""
+    permute = [replace(t, permute=True) for t in tiles]
+    return tiles + permute + ([replace(t, prescale=True) for t in permute] if M > PRESCALE_ROWS else [])
 
 
 def _unsplit(tiles: list[NF4Tiles]) -> list[NF4Tiles]:
@@ -191,7 +201,7 @@ def _nf4_matmul_kernel(
     NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_IN_MEMORY: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, PERMUTE: tl.constexpr,
+    PREFETCH: tl.constexpr, PERMUTE: tl.constexpr, PRESCALE: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile over packed bytes [split, split + 1) * bytes_per_split of each weight row.
 
@@ -231,29 +241,41 @@ def _nf4_matmul_kernel(
     # loop in bytes of a weight row: bytes_per_split and SUB are multiples of 16 -> 16-byte loads
     byte_begin = split * bytes_per_split
     n_steps = tl.minimum(bytes_per_split, row_bytes - byte_begin) // (BLOCK_K // 2)
-    if PREFETCH:  # one piece per step (KB == 1): the next step's bytes and absmax load while this one computes
+    if PREFETCH:  # one piece per step (KB == 1): the next step's bytes and absmax scale load while this one
+        # computes, and the stored absmax of the step after it (double quantisation turns it into the scale by two
+        # more loads that depend on it: issued a step ahead, their latency hides behind a step's math too)
         q_next = tl.load(packed_rows + byte_begin // PACKED_ITEM, mask=row_mask[:, None], other=0,
                          eviction_policy="evict_first")
-        a_next = tl.load(absmax_ptr + block_rows + (2 * byte_begin) // BLOCKSIZE, mask=row_mask, other=0)
+        blocks_next = block_rows + (2 * byte_begin) // BLOCKSIZE
+        scale_next = _block_scale(tl.load(absmax_ptr + blocks_next, mask=row_mask, other=0), blocks_next, row_mask,
+                                  nested_absmax_ptr, nested_code_ptr, offset, NESTED, NESTED_BLOCKSIZE)
+        a_after = tl.load(absmax_ptr + block_rows + (2 * (byte_begin + SUB)) // BLOCKSIZE,
+                          mask=row_mask & (tl.full(rows.shape, 1, tl.int32) < n_steps), other=0)
     for step in range(n_steps):
         for piece in tl.static_range(KB):
             b0 = byte_begin + step * (BLOCK_K // 2) + piece * SUB
             blocks = block_rows + (2 * b0) // BLOCKSIZE
             if PREFETCH:
-                q, a = q_next, a_next
+                q, scale = q_next, scale_next
                 ahead = row_mask & (tl.full(rows.shape, step + 1, tl.int32) < n_steps)
                 q_next = tl.load(packed_rows + (b0 + SUB) // PACKED_ITEM, mask=ahead[:, None], other=0,
                                  eviction_policy="evict_first")
-                a_next = tl.load(absmax_ptr + block_rows + (2 * (b0 + SUB)) // BLOCKSIZE, mask=ahead, other=0)
+                blocks_next = block_rows + (2 * (b0 + SUB)) // BLOCKSIZE
+                scale_next = _block_scale(a_after, blocks_next, ahead, nested_absmax_ptr, nested_code_ptr, offset,
+                                          NESTED, NESTED_BLOCKSIZE)
+                two_ahead = row_mask & (tl.full(rows.shape, step + 2, tl.int32) < n_steps)
+                a_after = tl.load(absmax_ptr + block_rows + (2 * (b0 + 2 * SUB)) // BLOCKSIZE, mask=two_ahead, other=0)
             else:
                 q = tl.load(packed_rows + b0 // PACKED_ITEM, mask=row_mask[:, None], other=0,
                             eviction_policy="evict_first")  # read once: leave L2 to x and partials
                 a = tl.load(absmax_ptr + blocks, mask=row_mask, other=0)
-            scale = _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
-                                 NESTED, NESTED_BLOCKSIZE)
+                scale = _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
+                                     NESTED, NESTED_BLOCKSIZE)
             # loaded along x's rows (contiguous: 16-byte loads), transposed for the dot
             xt = tl.trans(tl.load(x_rows + 2 * b0, mask=m_mask[:, None], other=0.0))
-            if PERMUTE:
+            if PRESCALE:
+                acc = permute_dot_scaled(q, table, scale, xt, acc, BLOCK_N, SUB)
+            elif PERMUTE:
                 acc += permute_dot(q, table, xt, BLOCK_N, SUB) * scale[:, None]
             else:
                 acc += gather_dot(q, code, xt, BLOCK_N, SUB, FP32_DOT) * scale[:, None]
@@ -330,6 +352,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     splits = triton.cdiv(K, k_per_split)
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else out
     offset_in_memory = isinstance(offset, torch.Tensor)
+    permute = tiles.permute and x.dtype != torch.float32 and not interpreting()
     pdl = splits > 1 and _pdl(x.device)
     grid = (splits, triton.cdiv(N, tiles.block_n), triton.cdiv(M, tiles.block_m))
     _nf4_matmul_kernel[grid](
@@ -343,7 +366,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         HAS_BIAS=bias is not None, SPLIT=splits > 1,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         FP32_DOT=x.dtype == torch.float32 or interpreting(), PDL=pdl, PREFETCH=tiles.prefetch,
-        PERMUTE=tiles.permute and x.dtype != torch.float32 and not interpreting(),
+        PERMUTE=permute, PRESCALE=permute and tiles.prescale,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if splits > 1:

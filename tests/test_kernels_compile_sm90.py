@@ -4,6 +4,7 @@ device (a returned-type mismatch the interpreter accepted once did). In a fresh 
 modules import Triton in interpreter mode."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -46,13 +47,16 @@ for n, kk in SHAPES:
                 key = dict(BLOCKSIZE=64, SUB=sub, KB=t.block_k // (2 * sub), NESTED=nested, NESTED_BLOCKSIZE=256,
                            OFFSET_IN_MEMORY=True, HAS_BIAS=False, SPLIT=t.splits > 1, BLOCK_M=t.block_m,
                            BLOCK_N=t.block_n, BLOCK_K=t.block_k, FP32_DOT=False, PDL=t.splits > 1,
-                           PREFETCH=t.prefetch, PERMUTE=t.permute)
-                variants[json.dumps(key, sort_keys=True)] = (key, t.num_warps, t.num_stages)
-types = {"x_ptr": "*bf16", "packed_ptr": "*u8", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
-         "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
-         "partial_ptr": "*fp32", "offset": "fp32"}
-compile_all([(k._nf4_matmul_kernel, constexprs, dict(types, absmax_ptr="*u8" if constexprs["NESTED"] else "*fp32"),
-              warps, stages) for constexprs, warps, stages in variants.values()])
+                           PREFETCH=t.prefetch, PERMUTE=t.permute, PRESCALE=t.prescale)
+                # the scaled decode's asm differs by type (bf16x2 / f16x2 FMAs): fp16 inputs too
+                for x in ("*bf16", "*fp16") if t.prescale else ("*bf16",):
+                    variants[json.dumps([key, x], sort_keys=True)] = (key, t.num_warps, t.num_stages, x)
+types = {"packed_ptr": "*u8", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
+         "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "partial_ptr": "*fp32", "offset": "fp32"}
+compile_all([(k._nf4_matmul_kernel, constexprs, dict(types, absmax_ptr="*u8" if constexprs["NESTED"] else "*fp32",
+                                                     x_ptr=x, bias_ptr=x, out_ptr=x),
+              warps, stages) for constexprs, warps, stages, x in variants.values()])
+print(json.dumps({"prescaled": sum(c["PRESCALE"] for c, *_ in variants.values())}), file=sys.stderr)
 """
 
 
@@ -62,6 +66,7 @@ def test_every_candidate_tiling_compiles_for_sm90():
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["compiled"] >= 8 and not result["failures"], "\n".join(result["failures"])
+    assert int(re.search(r'"prescaled": (\d+)', run.stderr).group(1)) >= 4  # the scaled decode is among them
 
 
 LORA_SCRIPT = r"""

@@ -213,13 +213,17 @@ def test_nf4_linear_on_the_cpu_is_bitsandbytes(training):
     assert rel < 1e-2
 
 
-def candidate_tiles(*args):
-    """kernels/nf4_matmul.candidate_tiles' gather-decode half (the second half: the same tiles, permute decode)."""
-    from loraplex.kernels.nf4_matmul import candidate_tiles as every
-    tiles = every(*args)
-    half = len(tiles) // 2
-    assert tiles[half:] == [replace(t, permute=True) for t in tiles[:half]] and not any(t.permute for t in tiles[:half])
-    return tiles[:half]
+def candidate_tiles(M, *args):
+    """kernels/nf4_matmul.candidate_tiles' gather-decode part: then come the same tiles with the permute decode, and
+    above PRESCALE_ROWS rows those again with the codes scaled before the dot."""
+    from loraplex.kernels.nf4_matmul import PRESCALE_ROWS, candidate_tiles as every
+    tiles = every(M, *args)
+    parts = 3 if M > PRESCALE_ROWS else 2
+    n = len(tiles) // parts
+    assert len(tiles) == parts * n and not any(t.permute or t.prescale for t in tiles[:n])
+    assert tiles[n:2 * n] == [replace(t, permute=True) for t in tiles[:n]]
+    assert tiles[2 * n:] == [replace(t, permute=True, prescale=True) for t in tiles[:n]][:len(tiles) - 2 * n]
+    return tiles[:n]
 
 
 def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetch():
@@ -229,7 +233,8 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
     for M, rule_m, others in ((32, 32, [16]), (64, 64, [16, 32])):
         tiles = candidate_tiles(M, 28672, 4096, BLOCKSIZE, 132)
         assert tiles[0] == choose_tiles(M, 28672, 4096, BLOCKSIZE, 132) and tiles[0].block_m == rule_m
-        plain, ahead = tiles[:1 + len(others)], [t for t in tiles[1 + len(others):] if t.prefetch]
+        plain = tiles[:1 + len(others)]
+        ahead = [t for t in tiles[1 + len(others):] if t.prefetch and t.block_n == plain[0].block_n]
         assert [t.block_m for t in plain[1:]] == others and not any(t.prefetch for t in plain)
         assert [t.block_m for t in ahead] == [rule_m] + others  # every step again, one absmax block per step
         assert all(t.prefetch and t.block_k <= BLOCKSIZE for t in ahead)
@@ -244,8 +249,11 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
     for M in (32, 48, 64):
         rule, tiles = choose_tiles(M, 4096, 4096, BLOCKSIZE, 132), candidate_tiles(M, 4096, 4096, BLOCKSIZE, 132)
         assert replace(rule, num_warps=8) in tiles
-        narrow = [t for t in tiles if t.block_n == 64]
+        narrow = [t for t in tiles if t.block_n == 64 and not t.prefetch]
         assert narrow[0].block_m == rule.block_m and narrow[0].splits <= rule.splits
+        # and with one absmax block a step, the next step's loads issued ahead
+        [ahead] = [t for t in tiles if t.block_n == 64 and t.prefetch]
+        assert ahead.block_m == rule.block_m and ahead.block_k == min(rule.block_k, BLOCKSIZE)
         assert narrow[0].splits * M * 4096 * 4 <= 4096 * 4096 // 4 or narrow[0].splits == 1
         k_tiles = 4096 // rule.block_k  # and again with an even split where its own cuts the K loop unevenly
         if k_tiles % narrow[0].splits:
@@ -291,16 +299,16 @@ def test_every_candidate_tiling_gives_the_same_product():
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(10))
     ref = x.double() @ dequantized(packed, state, torch.float32).double().T
     tiles = candidate_tiles(40, 64, 256, BLOCKSIZE, 2)
-    assert len(tiles) == 10 and sum(t.prefetch for t in tiles) == 3 and sum(t.block_n == 64 for t in tiles) == 1
-    assert [t.splits for t in tiles[-4:-2]] == [2, 4] and tiles[-3] == replace(tiles[0], splits=4)  # more split-K
+    assert len(tiles) == 11 and sum(t.prefetch for t in tiles) == 4 and sum(t.block_n == 64 for t in tiles) == 2
+    assert [t.splits for t in tiles[6:8]] == [2, 4] and tiles[7] == replace(tiles[0], splits=4)  # more split-K
     for t in tiles:
         out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
         assert relative_error(out, ref) < 1e-5, t
 
 
 def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
-    """The subset of PTX in kernels/nf4_matmul's permute decode (and, or, shr, prmt, mov into a 16-bit pair),
-    run on Python ints: `operands` maps "$4".. to the inputs; returns every register and output written."""
+    """The subset of PTX in kernels/nf4_decode's permute decodes (and, or, shr, prmt, mov, 16-bit pair FMAs), run
+    on Python ints: `operands` maps "$4".. to the inputs; returns every register and output written."""
     regs = dict(operands)
     value = lambda tok: regs[tok] if tok in regs else int(tok, 0)  # noqa: E731
     for line in asm.strip().strip("{}").splitlines():
@@ -308,6 +316,10 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
         if not line or line.startswith(".reg"):
             continue
         op, rest = line.split(None, 1)
+        if op == "mov.b32" and "{" not in rest:
+            d, src = (t.strip() for t in rest.split(","))
+            regs[d] = value(src)
+            continue
         if op == "mov.b32":  # mov.b32 {$lo, $hi}, p
             pair, src = rest.rsplit(",", 1)
             lo, hi = (t.strip() for t in pair.strip(" {}").split(","))
@@ -328,6 +340,13 @@ def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
                 byte = (src >> (8 * (s & 7))) & 0xFF
                 out |= ((0xFF if byte & 0x80 else 0) if s & 8 else byte) << (8 * n)
             regs[d] = out
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):  # per 16-bit half: a * b + c rounded once, to nearest even
+            dtype = torch.bfloat16 if op == "fma.rn.bf16x2" else torch.float16
+            halves = torch.tensor([[(v >> shift) & 0xFFFF for shift in (0, 16)] for v in a], dtype=torch.int32)
+            f = halves.to(torch.int16).view(dtype).double()  # (the int16 cast wraps: the same 16 bits)
+            exact = f[0] * f[1] + f[2]  # products of two 16-bit floats are exact in float64
+            bits = exact.to(dtype).view(torch.int16).int() & 0xFFFF
+            regs[d] = int(bits[0]) | (int(bits[1]) << 16)
         else:
             raise AssertionError(f"unexpected PTX {line!r}")
     return regs
@@ -362,3 +381,29 @@ def test_permute_decode_gives_each_nibbles_code(dtype):
         nibbles = [n for byte in word.to_bytes(4, "little") for n in (byte >> 4, byte & 15)]
         pairs = [regs[f"${i}"] for i in range(4)]  # codes 2i (low half) and 2i + 1 (high half)
         assert [half for p in pairs for half in (p & 0xFFFF, p >> 16)] == [bits[n] & 0xFFFF for n in nibbles], hex(word)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scaled_permute_decode_gives_each_code_times_the_scale_rounded_once(dtype):
+    """The decode of permute_dot_scaled (kernels/nf4_decode.PERMUTE_DECODE_SCALED_*), run by the PTX emulator: each
+    code times the block's absmax given in both halves of $13, both in the 16-bit type, the product rounded to
+    nearest even once; the sign of a zero product kept (+ -0.0)."""
+    packed, state = quantize(64, 256, True, seed=5)
+    code = state.code.to(dtype)
+    bits = code.view(torch.int16).int() & 0xFFFF
+    table = {}
+    for w in range(4):  # the words table_words builds (its own test checks them): low bytes, then high bytes
+        table[f"${5 + w}"] = sum(int(bits[4 * w + j] & 0xFF) << (8 * j) for j in range(4))
+        table[f"${9 + w}"] = sum(int(bits[4 * w + j] >> 8) << (8 * j) for j in range(4))
+    asm = (nf4_decode.PERMUTE_DECODE_SCALED_BF16 if dtype == torch.bfloat16 else nf4_decode.PERMUTE_DECODE_SCALED_F16).value
+    generator = torch.Generator().manual_seed(6)
+    scales = torch.cat([torch.rand(40, generator=generator) * 0.2, torch.tensor([0.0, -0.0, 1.0, 3e-3])]).to(dtype)
+    words = torch.randint(0, 2 ** 32, (len(scales),), generator=generator, dtype=torch.int64).tolist()
+    for word, scale in zip(words, scales):
+        s16 = int(scale.view(torch.int16)) & 0xFFFF
+        regs = _run_ptx(asm, {"$4": word, "$13": s16 | (s16 << 16), **table})
+        nibbles = [n for byte in word.to_bytes(4, "little") for n in (byte >> 4, byte & 15)]
+        expected = (code[nibbles].double() * scale.double()).to(dtype).view(torch.int16).int() & 0xFFFF
+        got = [half for i in range(4) for half in (regs[f"${i}"] & 0xFFFF, regs[f"${i}"] >> 16)]
+        assert got == expected.tolist(), (hex(word), float(scale))
