@@ -198,6 +198,12 @@ class Engine:
         self._aborts.append(request_id)
         self._wake.set()
 
+    @property
+    def running(self) -> int:
+        """Sequences the engine has started and not finished (stats()["running"], without building the rest: the
+        service asks on every request's admission)."""
+        return len(self.scheduler.running)
+
     def stats(self) -> dict:
         return {"alive": self.alive, "error": self.error, "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,

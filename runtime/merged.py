@@ -27,6 +27,7 @@ per parameter; nf4 reads what the base reads but adds a second quantisation erro
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -139,8 +140,8 @@ class Merger:
         self.builds = 0
         self.merged_steps = 0
 
-    @property
-    def linears(self) -> list[AdaptedLinear]:
+    @functools.cached_property
+    def linears(self) -> list[AdaptedLinear]:  # (the model's modules never change; merging swaps their weights)
         return [m for m in self.model.modules() if isinstance(m, AdaptedLinear)]
 
     @property

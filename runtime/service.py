@@ -225,7 +225,7 @@ class Service(AdapterResolution, AdapterAdmin):
         if in_flight >= self.config.max_concurrent:
             raise QueueFull(f"the server is at its limit of {self.config.max_concurrent} concurrent requests; "
                             "retry later", retry_after=self.config.retry_after)
-        waiting = in_flight - self.engine.stats()["running"]  # admitted here, not started by the engine
+        waiting = in_flight - self.engine.running  # admitted here, not started by the engine
         if waiting >= self.config.max_waiting:
             raise QueueFull(f"the engine queue is full ({waiting} requests waiting); retry later",
                             retry_after=self.config.retry_after)
