@@ -147,3 +147,42 @@ def test_request_timeout_ends_and_aborts(live):
     assert time.time() - started < 4
     wait_idle(service, 3)
     assert service.engine.stats()["kv_blocks_used"] == 0
+
+
+def test_generation_deadline_is_one_timer_that_closing_cancels():
+    """A Generation's deadline is one timer for the request (not a timeout scope per token): outputs queued before
+    it are delivered, the timer ends the wait with RequestTimeout and aborts the engine request, and a request that
+    finishes first cancels its timer."""
+    from types import SimpleNamespace
+    from loraplex.runtime.sequence import StepOutput
+    from loraplex.runtime.service import Generation
+    from loraplex.runtime.service_errors import RequestTimeout
+
+    aborted, released = [], []
+    service = SimpleNamespace(config=SimpleNamespace(request_timeout=0.2), engine=SimpleNamespace(abort=aborted.append),
+                              _release=released.append)
+
+    def output(finished: bool) -> StepOutput:
+        return StepOutput(7, "x", [1], finished, "length" if finished else None, 3, 1)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        slow = Generation(service, loop.time() + 0.2)
+        slow.request_id = 7
+        slow.queue.put_nowait(output(False))
+        assert (await slow.__anext__()).text == "x"
+        timer = slow._deadline_timer
+        assert timer is not None and len([h for h in loop._scheduled if not h.cancelled()]) >= 1
+        with pytest.raises(RequestTimeout, match="timeout of 0.2 s"):
+            await slow.__anext__()
+        assert aborted == [7] and released == [slow] and slow.closed
+
+        quick = Generation(service, loop.time() + 60)
+        quick.request_id = 8
+        quick.queue.put_nowait(output(True))
+        assert (await quick.__anext__()).finished
+        assert quick._deadline_timer.cancelled() and aborted == [7]  # finished: not aborted
+        with pytest.raises(StopAsyncIteration):
+            await quick.__anext__()
+
+    asyncio.run(run())
