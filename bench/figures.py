@@ -317,6 +317,17 @@ def pack_speed(result: dict, fig) -> None:
 
 
 # file name (stem, or its start) -> (function, figure size)
+def loader_contention(result: dict, fig) -> None:
+    """bench/loader_contention.py: a model engine step's time while adapters are parsed and packed beside it."""
+    modes = list(result["runs"])
+    ax1, ax2 = fig.subplots(1, 2)
+    median = lambda mode, key: sorted(r[key] for r in result["runs"][mode])[len(result["runs"][mode]) // 2]  # noqa: E731
+    _bars(ax1, modes, {key: [median(m, f"step_ms_{key}") for m in modes] for key in ("mean", "p50", "p90")},
+          "ms a step", f"step (150 torch calls + 4 ms GPU wait) beside {result['loads']} loads")
+    loaded = [m for m in modes if result["runs"][m][0]["loads_s"] is not None]
+    _bars(ax2, loaded, {"loads": [median(m, "loads_s") for m in loaded]}, "seconds", "the loads' wall time")
+
+
 DRAWERS = {
     "engine_cpu": (engine, (11, 4)), "engine_gpu": (engine, (7, 4)), "grpc_vs_http": (grpc_vs_http, (7, 4)),
     "kernels": (lora_kernels, (12, 4.5)), "load": (load, (11, 4)), "nf4_matmul": (nf4_matmul, (8, 5)),
@@ -325,7 +336,7 @@ DRAWERS = {
     "serve_gpu": (serve_gpu, (12, 4.5)), "step_host": (step_host, (9, 4.5)), "train_quality": (train_quality, (14, 4)),
     "train_speed": (train_speed, (11, 4)),
     "training_summary": (training_summary, (7, 4)), "adapter_scale": (adapter_scale, (13, 4)),
-    "pack_speed": (pack_speed, (9, 4)),
+    "pack_speed": (pack_speed, (9, 4)), "loader_contention": (loader_contention, (11, 4)),
 }
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .adapters.registry import AdapterRef
+from .adapters.registry import ADAPTER_HOST_WORK, AdapterRef
 from .adapters.slots import LOADING, AdapterSlots
 from .base_model import BaseModel
 from .block_manager import BlockManager
@@ -257,7 +257,9 @@ class Engine:
         request whose adapter is packed (or another one) never waits behind another adapter's packing (400
         requests over 156 new source adapters queued behind one lock)."""
         with ref.weights.pack_lock:
-            self.ops.prepare(ref.weights)
+            if not self.ops.prepared(ref.weights):
+                with ADAPTER_HOST_WORK:  # one adapter's Python-heavy host work at a time (adapters/registry.py)
+                    self.ops.prepare(ref.weights)
 
     def prepared(self, weights) -> bool:
         """Whether prepare_adapter has nothing left to do for these weights (no packing to wait for)."""

@@ -180,39 +180,42 @@ def test_a_consumer_failing_in_the_overlap_ends_only_its_request(tiny_base):
     assert engine.blocks.num_used == 0
 
 
-def test_adapters_pack_each_once_and_never_behind_another(tiny_base, adapters):
-    """prepare_adapter locks per adapter: a slow pack of one adapter holds up neither another adapter's pack
-    nor a request for it, and two threads preparing one adapter run one after the other (the second finds it
-    packed, as ops.prepare keeps its result)."""
+def test_adapters_pack_once_one_at_a_time_and_a_packed_one_never_waits(tiny_base, adapters):
+    """prepare_adapter packs each adapter once (two threads preparing one: the second finds it packed), one
+    adapter's host work at a time in the process (ADAPTER_HOST_WORK: another adapter's pack waits for the slow one),
+    and an adapter already packed returns at once, not behind a pack in progress."""
     import threading
     import time
 
     engine = Engine(tiny_base, EngineConfig(kv_cache_tokens=1024))
-    slow, fast = (AdapterRef(ref.id, 1, random_adapter(tiny_base.projection_shapes, tiny_base.num_layers, seed=9 + i))
-                  for i, ref in enumerate(adapters[:2]))
-    calls, started = [], threading.Event()
-    prepare = engine.ops.prepare
+    slow, fast, ready = (AdapterRef(ref.id, 1, random_adapter(tiny_base.projection_shapes, tiny_base.num_layers,
+                                                               seed=9 + i)) for i, ref in enumerate(adapters[:3]))
+    calls, started, packed = [], threading.Event(), {id(ready.weights)}
 
     def timed_prepare(weights):
         begin = time.perf_counter()
         if weights is slow.weights:
             started.set()
             time.sleep(0.5)
-        prepare(weights)
+        packed.add(id(weights))
         calls.append((weights, begin, time.perf_counter()))
     engine.ops.prepare = timed_prepare
+    engine.ops.prepared = lambda weights: id(weights) in packed
     threads = [threading.Thread(target=engine.prepare_adapter, args=(slow,)) for _ in range(2)]
     threads[0].start()
     assert started.wait(10)
     threads[1].start()
     t = time.perf_counter()
+    engine.prepare_adapter(ready)
+    assert time.perf_counter() - t < 0.25  # packed already: not behind the slow pack
     engine.prepare_adapter(fast)
-    assert time.perf_counter() - t < 0.25  # not behind the slow pack
     for thread in threads:
         thread.join()
-    (b0, e0), (b1, e1) = sorted((b, e) for w, b, e in calls if w is slow.weights)
-    assert b1 >= e0  # the same adapter: one pack at a time
-    assert sum(w is fast.weights for w, _, _ in calls) == 1
+    assert sum(w is slow.weights for w, _, _ in calls) == 1  # the second thread found it packed
+    [(_, _, slow_end)] = [c for c in calls if c[0] is slow.weights]
+    [(_, fast_begin, _)] = [c for c in calls if c[0] is fast.weights]
+    assert fast_begin >= slow_end  # one adapter's host work at a time
+    assert not any(w is ready.weights for w, _, _ in calls)
 
 
 def test_a_running_engine_takes_the_gil_back_within_a_millisecond(tiny_base):
