@@ -253,9 +253,9 @@ class Engine:
 
     def prepare_adapter(self, ref: AdapterRef) -> None:
         """Host-side work for loading ref later (packing, pinned memory): call off the engine thread. Each adapter
-        under its own lock: a request and the packing after an upload never pack the same adapter twice, and a
-        request whose adapter is packed (or another one) never waits behind another adapter's packing (400
-        requests over 156 new source adapters queued behind one lock)."""
+        under its own lock: a request and the packing after an upload never pack the same adapter twice. The packing
+        itself runs one adapter at a time in the process (ADAPTER_HOST_WORK: it is mostly Python, which only
+        crowds the engine thread's GIL when several run at once); an adapter already packed returns at once."""
         with ref.weights.pack_lock:
             if not self.ops.prepared(ref.weights):
                 with ADAPTER_HOST_WORK:  # one adapter's Python-heavy host work at a time (adapters/registry.py)
