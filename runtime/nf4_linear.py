@@ -340,8 +340,16 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
                           "dense_us": DENSE_US.get(shape, {}), "dequant_us": dequant_us,
                           "tiles": {m: str(TILES.get((*shape, m))) for m in fused_us}}
         log.info("nf4 %s: fused kernel at rows %s (fused %s us, bitsandbytes %s us, dense %s us); whole-weight "
-                 "dequantisation %s us", shape, sorted(fused_rows), {m: round(t, 1) for m, t in fused_us.items()},
-                 {m: round(t, 1) for m, t in bnb_us.items()},
+                 "dequantisation %s us; fastest tiles %s", shape, sorted(fused_rows),
+                 {m: round(t, 1) for m, t in fused_us.items()}, {m: round(t, 1) for m, t in bnb_us.items()},
                  {m: round(t, 1) for m, t in DENSE_US.get(shape, {}).items()},
-                 {k: round(t, 1) for k, t in dequant_us.items()})
+                 {k: round(t, 1) for k, t in dequant_us.items()},
+                 {m: tile_label(TILES[(*shape, m)]) for m in fused_us if (*shape, m) in TILES})
+
+
+def tile_label(t) -> str:
+    """A candidate tiling in a few characters for the log: rows x features x input step, splits, warps, stages, and
+    + pf (prefetch), + perm (permute decode), + ps (codes scaled before the dot)."""
+    flags = "".join(f" +{name}" for name, on in (("pf", t.prefetch), ("perm", t.permute), ("ps", t.prescale)) if on)
+    return f"{t.block_m}x{t.block_n}x{t.block_k} s{t.splits} w{t.num_warps} st{t.num_stages}{flags}"
     return results

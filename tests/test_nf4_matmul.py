@@ -407,3 +407,10 @@ def test_scaled_permute_decode_gives_each_code_times_the_scale_rounded_once(dtyp
         expected = (code[nibbles].double() * scale.double()).to(dtype).view(torch.int16).int() & 0xFFFF
         got = [half for i in range(4) for half in (regs[f"${i}"] & 0xFFFF, regs[f"${i}"] >> 16)]
         assert got == expected.tolist(), (hex(word), float(scale))
+
+
+def test_tile_label_names_every_field_the_calibration_chooses():
+    from loraplex.runtime.nf4_linear import tile_label
+    assert tile_label(NF4Tiles(64, 64, 64, 4, 4, 3, prefetch=True, permute=True, prescale=True)) == \
+        "64x64x64 s4 w4 st3 +pf +perm +ps"
+    assert tile_label(NF4Tiles(16, 128, 64, 1)) == "16x128x64 s1 w4 st2"
