@@ -139,7 +139,7 @@ def nf4_matmul(result: dict, fig) -> None:
 
 def nf4_decode_ab(result: dict, fig) -> None:
     """bench/nf4_matmul.py --decode-ab: the fused kernel's time over a dense bf16 matmul against rows, per weight,
-    with the table-gather decode and the byte-permute one."""
+    with the table-gather decode, the byte-permute one and (from 33 rows) the permute decode with scaled codes."""
     rows = result["decode_ab"]
     ax = fig.subplots()
     for i, w in enumerate(dict.fromkeys(r["weight"] for r in rows)):
@@ -148,6 +148,10 @@ def nf4_decode_ab(result: dict, fig) -> None:
                 label=f"{w} permute")
         ax.plot([r["rows"] for r in mine], [r["gather_us"] / r["dense_us"] for r in mine], "s--", color=f"C{i}",
                 alpha=0.5, label=f"{w} gather")
+        scaled = [r for r in mine if r.get("prescale_us") is not None]  # (runs before the scaled decode: none)
+        if scaled:
+            ax.plot([r["rows"] for r in scaled], [r["prescale_us"] / r["dense_us"] for r in scaled], "^:",
+                    color=f"C{i}", label=f"{w} prescale")
     ax.axhline(1, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rows (tokens)")

@@ -120,10 +120,11 @@ def sweep(layers: dict, bandwidth: float) -> list[dict]:
 
 @torch.inference_mode()
 def decode_ab(layers: dict, rows: list[int]) -> list[dict]:
-    """Per weight and row count: the fastest candidate tiling with the gather decode and with the permute decode,
-    a dense bf16 matmul of the same shape, and whether both decodes give the same product (bitwise)."""
+    """Per weight and row count: the fastest candidate tiling with the gather decode, with the permute decode and
+    (above PRESCALE_ROWS rows) with the permute decode's codes scaled before the dot, a dense bf16 matmul of the same
+    shape, and whether the two unscaled decodes give the same product (bitwise)."""
     from dataclasses import replace
-    from loraplex.kernels.nf4_matmul import _num_sms, candidate_tiles
+    from loraplex.kernels.nf4_matmul import PRESCALE_ROWS, _num_sms, candidate_tiles
     from loraplex.runtime.nf4_linear import fused_matmul, measure, measure_dense, nf4_rotation
     out = []
     for name, layer in layers.items():
@@ -133,24 +134,30 @@ def decode_ab(layers: dict, rows: list[int]) -> list[dict]:
         state, packed = layer.weight.quant_state, layer.weight.data
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            best = {False: (float("inf"), None), True: (float("inf"), None)}
+            decodes = {"gather": {}, "permute": {"permute": True}}
+            if m > PRESCALE_ROWS:
+                decodes["prescale"] = {"permute": True, "prescale": True}
+            best = {decode: (float("inf"), None) for decode in decodes}
             same = True
             gather_tiles = [t for t in candidate_tiles(m, n, k, BLOCKSIZE, _num_sms(x.device)) if not t.permute]
             for tiles in gather_tiles:
-                for permute in (False, True):
-                    t = replace(tiles, permute=permute)
+                for decode, fields in decodes.items():
+                    t = replace(tiles, **fields)
                     try:
                         us = measure(layer, m, tiles=t, with_bnb=False, weights=rotation)["fused_us"]
                     except Exception as e:  # noqa: BLE001
                         print(f"  {name} M={m} {t}: {type(e).__name__}: {str(e)[:160]}")
                         continue
-                    best[permute] = min(best[permute], (us, str(t)), key=lambda b: b[0])
+                    best[decode] = min(best[decode], (us, str(t)), key=lambda b: b[0])
                 same &= torch.equal(fused_matmul(x, packed, state, n, tiles=tiles),
                                     fused_matmul(x, packed, state, n, tiles=replace(tiles, permute=True)))
-            row = {"weight": name, "rows": m, "gather_us": best[False][0], "permute_us": best[True][0],
-                   "dense_us": dense[m], "gather_tiles": best[False][1], "permute_tiles": best[True][1], "same": same}
+            scaled = best.get("prescale", (None, None))
+            row = {"weight": name, "rows": m, "gather_us": best["gather"][0], "permute_us": best["permute"][0],
+                   "prescale_us": scaled[0], "dense_us": dense[m], "gather_tiles": best["gather"][1],
+                   "permute_tiles": best["permute"][1], "prescale_tiles": scaled[1], "same": same}
             print(f"decode {name:>17} M={m:<3} gather {row['gather_us']:6.1f} permute {row['permute_us']:6.1f} "
-                  f"dense {row['dense_us']:6.1f} us  permute/dense {row['permute_us'] / row['dense_us']:.2f} "
+                  f"prescale {'-' if scaled[0] is None else f'{scaled[0]:6.1f}'} dense {row['dense_us']:6.1f} us  "
+                  f"best/dense {min(t for t in (row['permute_us'], scaled[0]) if t is not None) / row['dense_us']:.2f} "
                   f"{'same' if same else 'DIFFERENT'}")
             out.append(row)
     return out
