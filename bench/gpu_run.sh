@@ -20,7 +20,10 @@
 #   host1b | host8b   bench/step_host.py (host vs GPU time of eager steps, cProfile; ARGS_HOST: extra flags)
 #   profile1b | profile8b   bench/profile_step.py (kernels by GPU time per case; ARGS_PROFILE: extra flags)
 #   background  run BG_STEPS (default "serve8b serve1b") detached (setsid) into /tmp/out, so that one run
-#              can outlast a command; later commands copy /tmp/out to $OUT
+#              can outlast a command; later commands copy /tmp/out to $OUT. Every call copies the working tree
+#              again: make only `wait` calls (same carry) while a background run is going; a serve8b started before
+#              the three gguf chunk calls died importing loraplex and serve_gpu_models (2026-12-07), so carry the
+#              chunks first. Two GPU steps at once (a `test` beside a background serve8b) spoil both's numbers
 #   wait       until the background run ends or WAIT seconds (default 540) passed: progress, then copy
 #   gguf       append the carried chunks .gguf_part/* to /tmp/model.gguf (the default model's 98 MB do not
 #              fit one 64 MiB carry: cut it here with `split -b 33m -d`, the last piece renamed *.last, and carry
