@@ -56,7 +56,7 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"
   case "$step" in
     decodeab)  # the NF4 kernel's two decodes (table gather, register permutes) on the 8B shapes, beside dense bf16
-      python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fastpath.py -k permute 2>&1 | tail -3
+      python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fastpath.py -k permute 2>&1 | tail -3  # (and the scaled decode)
       python3 bench/nf4_matmul.py --decode-ab --rows ${ROWS_AB:-1 2 16 32 48 64 96 128} --out "$OUT/nf4_decode_ab.json" 2>&1 \
         | grep -v "it/s" | tail -60 ;;
     micro)

@@ -146,7 +146,7 @@ def test_permute_decode_equals_the_table_gather(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_prescaled_decode_is_bitsandbytes_within_one_more_rounding(dtype):
+def test_prescaled_permute_decode_is_bitsandbytes_within_one_more_rounding(dtype):
     """The permute decode with the codes scaled before the dot (above 32 rows): each weight rounded twice (the absmax
     to 16 bits, the scaled code once more), so the product stays within a few 16-bit ulps of the unscaled one's
     distance from bitsandbytes' dequantised weight (the calibration's own bound is 1e-2)."""
