@@ -116,7 +116,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each mode, alternating")
     parser.add_argument("--loads", type=int, default=96, help="adapters parsed and packed in a run")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "loader_contention.json")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "loader_contention.json")
     args = parser.parse_args()
     runs = {mode: [] for mode in MODES}
     for repeat in range(args.repeats):
@@ -129,7 +130,8 @@ def main() -> None:
     summary = {f"step_ms_mean_{mode}": round(median(mode, "step_ms_mean"), 2) for mode in MODES}
     summary.update({f"loads_s_{mode}": round(median(mode, "loads_s"), 2) for mode in MODES[1:]})
     summary["gated_step_over_free"] = round(summary["step_ms_mean_gated"] / summary["step_ms_mean_free"], 3)
-    print(f"\nloader_contention ({args.loads} loads on 16 threads, {os.cpu_count()} cores; medians of {args.repeats} runs)")
+    print(f"\nloader_contention ({args.loads} loads on 16 threads, {os.cpu_count()} cores; "
+          f"medians of {args.repeats} runs)")
     print(f"{'mode':6} {'step mean ms':>13} {'p50':>7} {'p90':>7} {'loads s':>8}")
     for mode in MODES:
         loads = median(mode, "loads_s") if mode != "none" else None

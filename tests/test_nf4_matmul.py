@@ -396,7 +396,8 @@ def test_scaled_permute_decode_gives_each_code_times_the_scale_rounded_once(dtyp
     for w in range(4):  # the words table_words builds (its own test checks them): low bytes, then high bytes
         table[f"${5 + w}"] = sum(int(bits[4 * w + j] & 0xFF) << (8 * j) for j in range(4))
         table[f"${9 + w}"] = sum(int(bits[4 * w + j] >> 8) << (8 * j) for j in range(4))
-    asm = (nf4_decode.PERMUTE_DECODE_SCALED_BF16 if dtype == torch.bfloat16 else nf4_decode.PERMUTE_DECODE_SCALED_F16).value
+    scaled = nf4_decode.PERMUTE_DECODE_SCALED_BF16 if dtype == torch.bfloat16 else nf4_decode.PERMUTE_DECODE_SCALED_F16
+    asm = scaled.value
     generator = torch.Generator().manual_seed(6)
     scales = torch.cat([torch.rand(40, generator=generator) * 0.2, torch.tensor([0.0, -0.0, 1.0, 3e-3])]).to(dtype)
     words = torch.randint(0, 2 ** 32, (len(scales),), generator=generator, dtype=torch.int64).tolist()

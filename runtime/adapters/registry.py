@@ -39,9 +39,10 @@ MIN_DEFAULT_HOST_BYTES = 4 << 30
 # the CPU, more under contention), which the GIL runs one thread at a time anyway; but every thread waiting to run
 # Python is one more the engine thread may queue behind for the GIL after each GPU wait and torch call. py-spy of the
 # 1,000-adapter trace (8B, 16 loading threads, 156 first loads) found the loading threads holding the GIL in a third
-# of its samples, and the prefill steps took 2 s more than over 64 adapters. A CPU model of it (bench/loader_contention.py: 96 parses + packs on 16
-# threads beside a step of 150 torch calls and a 4 ms GPU wait): a step took 72.9 ms on average with the loads free,
-# 10.8 with this gate (5.2 without loads), and the 96 loads 3.70 s free, 2.89 gated.
+# of its samples, and the prefill steps took 2 s more than over 64 adapters. A CPU model of it
+# (bench/loader_contention.py: 96 parses + packs on 16 threads beside a step of 150 torch calls and a 4 ms GPU
+# wait): a step took 72.9 ms on average with the loads free, 10.8 with this gate (5.2 without loads), and the 96
+# loads 3.70 s free, 2.89 gated.
 ADAPTER_HOST_WORK = threading.Lock()
 # writes uploads' files to disk while the request thread validates them (file I/O releases the GIL)
 _STAGING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loraplex-stage")
