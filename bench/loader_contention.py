@@ -26,7 +26,7 @@ import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 MODES = ("none", "free", "gated")
 
 CHILD = r"""
-import json, os, sys, threading, time
+import contextlib, json, os, sys, threading, time
 os.environ["TRITON_INTERPRET"] = "1"  # TritonAdapterOps on the CPU
 import torch
 from concurrent.futures import ThreadPoolExecutor
@@ -52,13 +52,7 @@ raw = save(tensors)
 config = json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]}).encode()
 ops = TritonAdapterOps(8, projs, 32, "cpu", torch.bfloat16)
 
-
-class Free:
-    def __enter__(self): return self
-    def __exit__(self, *exc): return False
-
-
-gate = ADAPTER_HOST_WORK if mode == "gated" else Free()
+gate = ADAPTER_HOST_WORK if mode == "gated" else contextlib.nullcontext()
 
 
 def load(_):

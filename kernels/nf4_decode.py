@@ -98,14 +98,10 @@ def permute_dot_scaled(words, table, scale, xt, acc, BLOCK_N: tl.constexpr, SUB:
     bits = scale.to(xt.dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     pair = (bits | (bits << 16))[:, None]
     l0, l1, l2, l3, h0, h1, h2, h3 = table
-    if xt.dtype == tl.bfloat16:
-        p0, p1, p2, p3 = tl.inline_asm_elementwise(
-            PERMUTE_DECODE_SCALED_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
-            [words, l0, l1, l2, l3, h0, h1, h2, h3, pair], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-    else:
-        p0, p1, p2, p3 = tl.inline_asm_elementwise(
-            PERMUTE_DECODE_SCALED_F16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
-            [words, l0, l1, l2, l3, h0, h1, h2, h3, pair], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    asm: tl.constexpr = PERMUTE_DECODE_SCALED_BF16 if xt.dtype == tl.bfloat16 else PERMUTE_DECODE_SCALED_F16
+    p0, p1, p2, p3 = tl.inline_asm_elementwise(
+        asm, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3, pair],
+        dtype=(tl.int32,) * 4, is_pure=True, pack=1)
     return tl.dot(_code_tile(p0, p1, p2, p3, xt.dtype, BLOCK_N, SUB), xt, acc)
 
 

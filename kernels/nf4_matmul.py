@@ -13,7 +13,7 @@ features, per step KB pieces of [BLOCK_N, SUB] packed bytes that each lie inside
 A piece's nibbles become the 16-bit codes (kernels/nf4_decode.py: a table gather, or byte permutes of the
 table in registers on CUDA), the codes (in the compute dtype) multiply x^T padded to >= 16 columns in tl.dot,
 and the [BLOCK_N, BLOCK_M] product is scaled by the block's absmax in fp32 (per output element and block,
-not per weight). Decode on Hopper is bound by instruction issue on the decoding, not by tensor cores
+not per weight; NF4Tiles.prescale scales the codes before the dot instead). Decode on Hopper is bound by instruction issue on the decoding, not by tensor cores
 (sm90 SASS of the 16-row tile's loop step: 441 warp instructions with the gather, 326 with the permutes, for
 8,192 weights), so the cost hardly depends on the row count up to 32.
 Split-K (so that out=4096 shapes still start a few programs per SM) writes fp32 partial sums
@@ -254,7 +254,6 @@ def _nf4_matmul_kernel(
     for step in range(n_steps):
         for piece in tl.static_range(KB):
             b0 = byte_begin + step * (BLOCK_K // 2) + piece * SUB
-            blocks = block_rows + (2 * b0) // BLOCKSIZE
             if PREFETCH:
                 q, scale = q_next, scale_next
                 ahead = row_mask & (tl.full(rows.shape, step + 1, tl.int32) < n_steps)
@@ -268,6 +267,7 @@ def _nf4_matmul_kernel(
             else:
                 q = tl.load(packed_rows + b0 // PACKED_ITEM, mask=row_mask[:, None], other=0,
                             eviction_policy="evict_first")  # read once: leave L2 to x and partials
+                blocks = block_rows + (2 * b0) // BLOCKSIZE
                 a = tl.load(absmax_ptr + blocks, mask=row_mask, other=0)
                 scale = _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
                                      NESTED, NESTED_BLOCKSIZE)

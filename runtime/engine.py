@@ -205,7 +205,7 @@ class Engine:
         return len(self.scheduler.running)
 
     def stats(self) -> dict:
-        return {"alive": self.alive, "error": self.error, "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+        return {"alive": self.alive, "error": self.error, "running": self.running, "waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.num_used,
                 "kv_block_size": self.blocks.block_size, "kv_blocks_cached": self.blocks.num_cached,
                 "prefix_caching": self.blocks.prefix_caching,

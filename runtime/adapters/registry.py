@@ -140,12 +140,15 @@ class AdapterRegistry:
                                    f"{self.max_host_bytes} bytes held by requests in flight); retry later", 429)
             return shared
 
+    def _parse(self, config_raw: bytes, weights_raw, max_rank: int, owned: bool) -> AdapterWeights:
+        with ADAPTER_HOST_WORK:  # one adapter parsed or packed at a time (see its comment)
+            return parse_adapter(config_raw, weights_raw, self.base, max_rank, owned)
+
     def validate(self, config_raw: bytes, weights_raw, owned: bool = False) -> AdapterWeights:
         """The parsed adapter (`owned`: it may keep views of weights_raw, see parse_adapter)."""
         if len(weights_raw) > self.max_bytes:
             raise AdapterError(f"adapter weights are {len(weights_raw)} bytes, above the limit of {self.max_bytes}", 413)
-        with ADAPTER_HOST_WORK:
-            weights = parse_adapter(config_raw, weights_raw, self.base, self.max_rank, owned)
+        weights = self._parse(config_raw, weights_raw, self.max_rank, owned)
         if weights.nbytes > self.max_host_bytes:
             raise AdapterError(f"adapter weights take {weights.nbytes} bytes in host memory, above the server's "
                                f"adapter host memory of {self.max_host_bytes} bytes", 413)
@@ -227,9 +230,7 @@ class AdapterRegistry:
                     config_raw, weights_raw = self.store.read(record.id, record.version)
                 except FileNotFoundError:
                     continue
-                with ADAPTER_HOST_WORK:
-                    weights = parse_adapter(config_raw, weights_raw, self.base, max(self.max_rank, record.rank),
-                                            owned=True)
+                weights = self._parse(config_raw, weights_raw, max(self.max_rank, record.rank), owned=True)
             return self._pin(AdapterRef(record.id, record.version, self._cache(key, weights)))
         raise AdapterError(f"adapter {adapter_id!r} not found", 404)
 
