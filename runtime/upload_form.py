@@ -5,17 +5,19 @@ any other field is refused by name.
 The weights part goes straight into the Service's IncomingWeights (memory, the store's temporary directory
 and the digest, adapters/incoming.py): no spooled copy, and a refusal — the id, a pickle, a bad
 safetensors header, the size limit — comes as soon as the bytes that earn it are in, not after the body.
-Starlette's form parser spooled a file part to a temporary file through one worker-thread hop per chunk,
-then the route read it back whole. Transport only: what the fields must hold is the Service's to check.
+Once their safetensors header is in, the rest of the weights pass the multipart reader unsearched
+(multipart_reader.py). Starlette's form parser spooled a file part to a temporary file through one
+worker-thread hop per chunk, then the route read it back whole. Transport only: what the fields must hold
+is the Service's to check.
 """
 from __future__ import annotations
 
-from python_multipart.multipart import MultipartParser, parse_options_header
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from .adapters.incoming import IncomingWeights
-from .adapters.peft_format import MAX_CONFIG_BYTES, CONFIG_FILE
+from .adapters.peft_format import MAX_CONFIG_BYTES, CONFIG_FILE, WEIGHTS_FILE
+from .multipart_reader import MultipartError, MultipartReader
 from .service import Service
 from .service_errors import ServiceError
 from .tenants import Tenant
@@ -35,10 +37,8 @@ class UploadForm:
         self.values: dict[str, bytearray] = {}  # id and config as they arrive
         self.done: set[str] = set()  # fields whose part has ended
         self.incoming: IncomingWeights | None = None
-        self._events: list[tuple] = []
         self._part: str | None = None  # field of the part being read
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._header_name = self._header_value = b""
+        self._reader: MultipartReader | None = None
 
     async def read(self) -> tuple[str, bytes]:
         """Read the whole body; returns the id and the config (the weights are in `incoming`). Raises ServiceError
@@ -46,19 +46,22 @@ class UploadForm:
         content_type, options = parse_options_header(self.request.headers.get("content-type", ""))
         if content_type != b"multipart/form-data" or not options.get(b"boundary"):
             raise ServiceError("the body must be multipart/form-data with the fields id, config and weights")
-        parser = MultipartParser(options[b"boundary"], {
-            "on_part_begin": self._on_part_begin, "on_header_field": self._on_header_field,
-            "on_header_value": self._on_header_value, "on_header_end": self._on_header_end,
-            "on_headers_finished": lambda: self._events.append(("headers", self._headers)),
-            "on_part_data": lambda data, start, end: self._events.append(("data", data, start, end)),
-            "on_part_end": lambda: self._events.append(("end",))})
         try:
+            self._reader = MultipartReader(options[b"boundary"])
             async for chunk in self.request.stream():
-                parser.write(chunk)
-                await self._handle_events()
-            parser.finalize()
-            await self._handle_events()
-        except MultipartParseError as e:
+                for event in self._reader.feed(chunk):
+                    if event[0] == "data":
+                        await self._part_data(event[1])
+                    elif event[0] == "part":
+                        self._begin_part(event[1])
+                    else:
+                        self._end_part()
+            self._reader.finish()
+        except MultipartError as e:
+            if self._part == "weights" and self._reader.data_ahead:
+                raise ServiceError(f"{WEIGHTS_FILE} is truncated: its safetensors header describes "
+                                   f"{self.incoming.expected_size} bytes, the body ended after {self.incoming.size}",
+                                   400, "adapter_error") from None
             raise ServiceError(f"malformed multipart body: {e}") from None
         except ClientDisconnect:
             raise ServiceError("the client disconnected", 499, "client_closed_request") from None
@@ -67,31 +70,8 @@ class UploadForm:
                 raise ServiceError(f"{name}: Field required")
         return self._text_id(), bytes(self.values["config"])
 
-    def _on_part_begin(self) -> None:
-        self._headers = []  # a new list: events of earlier parts in the same chunk keep theirs
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        self._headers.append((self._header_name.lower(), self._header_value))
-        self._header_name = self._header_value = b""
-
-    async def _handle_events(self) -> None:
-        events, self._events = self._events, []
-        for event in events:
-            if event[0] == "headers":
-                self._begin_part(event[1])
-            elif event[0] == "data":
-                await self._part_data(memoryview(event[1])[event[2]:event[3]])
-            else:
-                self._end_part()
-
-    def _begin_part(self, headers: list[tuple[bytes, bytes]]) -> None:
-        disposition = dict(headers).get(b"content-disposition", b"")
+    def _begin_part(self, headers: dict[bytes, bytes]) -> None:
+        disposition = headers.get(b"content-disposition", b"")
         _, options = parse_options_header(disposition)
         name = options.get(b"name", b"").decode("utf-8", "replace")
         if name not in FIELDS:  # never silently ignored
@@ -113,6 +93,8 @@ class UploadForm:
     async def _part_data(self, data: memoryview) -> None:
         if self._part == "weights":
             await self.incoming.write(data)
+            if not self._reader.data_ahead and self.incoming.expected_size is not None:  # the rest: unsearched
+                self._reader.data_ahead = max(self.incoming.expected_size - self.incoming.size, 0)
         elif self._part is not None:
             value = self.values[self._part]
             value += data

@@ -167,6 +167,24 @@ def test_http_form_in_any_order_and_checked(live):
     assert httpx.delete(f"{live.url}/v1/adapters/late").status_code == 200
 
 
+def test_http_weights_shorter_than_their_header_says(live):
+    """The weights pass the multipart reader unsearched for the length their safetensors header gives: a file
+    cut short is refused by that length, before its bytes (Content-Length), or as truncated when a chunked body
+    ends inside them, having swallowed the closing boundary (or by the parse, when the boundary came in the
+    header's chunk)."""
+    config, _ = tiny_lora()
+    body = part("id", b"short") + part("config", config, "c") + part("weights", weights_head(40960) + b"\0" * 100, "w")
+    body += b"--" + BOUNDARY + b"--\r\n"
+    content_type = {"content-type": f"multipart/form-data; boundary={BOUNDARY.decode()}"}
+    r = httpx.post(f"{live.url}/v1/adapters", content=body, headers=content_type)
+    assert r.status_code == 400 and "header describes 41104 bytes, more than the upload's" in r.text, r.text
+    weights_at = body.index(b"\0" * 100)
+    r = httpx.post(f"{live.url}/v1/adapters", content=iter([body[:weights_at], body[weights_at:]]),
+                   headers=content_type)  # (chunked: no length)
+    assert r.status_code == 400 and "adapter_model.safetensors is truncated" in r.text, r.text
+    assert not list(live.store.glob(".tmp-*"))
+
+
 def test_grpc_upload_refused_mid_body_leaves_nothing(live):
     """A bad safetensors header in the first chunk ends the call while the client still holds the rest back."""
     config, _ = tiny_lora()

@@ -68,6 +68,7 @@ class IncomingWeights:
         self._weights_digest = hashlib.sha256() if weights_sha256 else None
         self._head = bytearray()  # the first bytes, up to the end of the safetensors header
         self._header_end: int | None = None  # 8 + header length, once known
+        self.expected_size: int | None = None  # the file's length its safetensors header describes, once checked
         self._header_checked = False
         self._pending: list = []  # chunks not yet handed to the worker
         self._pending_bytes = 0
@@ -118,7 +119,15 @@ class IncomingWeights:
                 raise AdapterError(f"{WEIGHTS_FILE} is not a safetensors file or is truncated (a header of "
                                    f"{self._header_end - 8} bytes in an upload of at most {self.capacity})", 400)
         if self._header_end is not None and len(self._head) >= self._header_end:
-            read_safetensors_header(self._head, None)
+            header = read_safetensors_header(self._head, None)  # (its tensors tile the data from byte 0)
+            self.expected_size = self._header_end + max((info["data_offsets"][1] for name, info in header.items()
+                                                         if name != "__metadata__"), default=0)
+            if self.expected_size > self.capacity:
+                if self.capacity == self.max_bytes:
+                    raise AdapterError(f"{WEIGHTS_FILE}: its safetensors header describes {self.expected_size} "
+                                       f"bytes, above the limit of {self.max_bytes}", 413)
+                raise AdapterError(f"{WEIGHTS_FILE}: its safetensors header describes {self.expected_size} bytes, "
+                                   f"more than the upload's {self.capacity}", 400)
             self._header_checked = True
             self._head = bytearray()
 
