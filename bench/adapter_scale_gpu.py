@@ -205,8 +205,9 @@ async def trace_runs(server: Server, shape: ModelShape, args, result: dict, save
 
 
 # -- the server's own timings -------------------------------------------------------------------------------
-UPLOAD_LINE = re.compile(r"upload (\S+): ([\d.]+) MB received in (\d+) ms, then synced in (\d+) ms, "
-                         r"validated and committed in (\d+) ms")
+# (since 2026-12-07 the files sync beside the validation: "validated" then counts from the last byte received)
+UPLOAD_LINE = re.compile(r"upload (\S+): ([\d.]+) MB received in (\d+) ms, then synced in (\d+) ms"
+                         r"(?: beside its validation)?, validated and committed in (\d+) ms")
 PACK_LINE = re.compile(r"packed an adapter of (\d+) modules: ([\d.]+) MB of \S+ \S+ host memory in (\d+) ms "
                        r"\(allocation (\d+) ms\)")
 

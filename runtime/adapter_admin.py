@@ -10,6 +10,7 @@ import bisect
 import dataclasses
 import logging
 import time
+from concurrent.futures import Future
 
 from .adapters.incoming import IncomingWeights
 from .adapters.peft_format import AdapterError, refuse_pickle
@@ -44,7 +45,6 @@ class AdapterAdmin:
             self.metrics.uploads.labels("rejected").inc()
             raise
         self.metrics.uploads.labels("ok").inc()
-        self._prepare_soon(record)
         return self._own(tenant, record)
 
     # A streamed upload: open_upload() when its weights start, IncomingWeights.write() as they arrive, then
@@ -67,17 +67,16 @@ class AdapterAdmin:
 
     async def upload_received(self, tenant: Tenant, adapter_id: str, config_raw: bytes,
                               incoming: IncomingWeights) -> StoredAdapter:
-        """Commit a streamed upload whose bytes are all in: its files are synced, then it is validated (off the
-        event loop) and published; refused, its temporary directory is gone before this returns."""
+        """Commit a streamed upload whose bytes are all in: validated (off the event loop) while its files are
+        synced, then published; refused, its temporary directory is gone before this returns."""
         received = time.perf_counter()
         try:
             self._check_own_id(adapter_id)
-            staged = await incoming.finish(config_raw)
-            synced = time.perf_counter()
-            record = await asyncio.to_thread(self._upload, tenant, adapter_id, config_raw, incoming.data, staged, True)
-            log.info("upload %s: %.1f MB received in %.0f ms, then synced in %.0f ms, validated and committed in %.0f ms",
-                     record.id, incoming.size / 1e6, 1e3 * (received - incoming.opened), 1e3 * (synced - received),
-                     1e3 * (time.perf_counter() - synced))
+            sealing = await incoming.seal(config_raw)
+            record = await asyncio.to_thread(self._upload, tenant, adapter_id, config_raw, incoming.data, sealing, True)
+            log.info("upload %s: %.1f MB received in %.0f ms, then synced in %.0f ms beside its validation, validated "
+                     "and committed in %.0f ms", record.id, incoming.size / 1e6, 1e3 * (received - incoming.opened),
+                     incoming.seal_ms, 1e3 * (time.perf_counter() - received))
         except BaseException as e:
             await incoming.discard()
             if isinstance(e, AdapterError):
@@ -86,21 +85,17 @@ class AdapterAdmin:
         finally:
             incoming.release()
         self.metrics.uploads.labels("ok").inc()
-        self._prepare_soon(record)
         return self._own(tenant, record)
 
-    def _prepare_soon(self, record: StoredAdapter) -> None:
-        """Pack a new upload for loading (pinned host memory in the kernels' layout) on a worker thread, after
-        the upload is answered: its first request then pays only the transfer and its prefill (issue #20)."""
-        weights = self.registry.cached(record)
-        if weights is None:  # not cached (host memory full): packed at first use, as before
-            return
-
+    def _pack_soon(self, adapter_id: str, weights) -> None:
+        """Pack a validated upload for loading (pinned host memory in the kernels' layout) on a worker thread,
+        from before its commit: its first request then pays only the transfer and its prefill (issue #20). (An
+        upload refused at the commit, or not cached for want of host memory, drops the packed copy with it.)"""
         def prepare():
             try:
-                self.engine.prepare_adapter(AdapterRef(record.id, record.version, weights))
+                self.engine.prepare_adapter(AdapterRef(adapter_id, 0, weights))
             except Exception as e:  # noqa: BLE001 - the first request packs it again and reports a failure
-                log.warning("packing adapter %s v%d after its upload failed: %s", record.id, record.version, e)
+                log.warning("packing adapter %s after its upload failed: %s", adapter_id, e)
         self._preparing.submit(prepare)
 
     def _stored_upload_id(self, tenant: Tenant, adapter_id: str) -> str:
@@ -118,16 +113,16 @@ class AdapterAdmin:
                                "delete one first", 403)
 
     def _upload(self, tenant: Tenant, adapter_id: str, config_raw: bytes, weights_raw,
-                staged: Staged | None = None, owned: bool = False) -> StoredAdapter:
+                staged: Staged | Future | None = None, owned: bool = False) -> StoredAdapter:
         try:
             stored_id = self._stored_upload_id(tenant, adapter_id)
             with self._upload_lock:
                 if not tenant.admin and self.registry.store.get(stored_id) is None:
                     self._check_adapter_count(tenant)
-                return self.registry.upload(stored_id, config_raw, weights_raw, staged, owned)
+                return self.registry.upload(stored_id, config_raw, weights_raw, staged, owned,
+                                            on_validated=lambda weights: self._pack_soon(stored_id, weights))
         except BaseException:
-            if staged is not None:
-                self.registry.store.discard(staged)
+            self.registry.discard_staged(staged)
             raise
 
     def list_adapters(self, tenant: Tenant) -> list[StoredAdapter]:

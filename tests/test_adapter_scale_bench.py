@@ -114,10 +114,13 @@ def test_server_timings_from_log_lines():
     gpu = bench_module("adapter_scale_gpu")
     log = ("2026-12-06 09:45:40,443 loraplex.service INFO upload up-0: 167.8 MB received in 119 ms, then synced in "
            "51 ms, validated and committed in 27 ms\n"
+           "2026-12-07 09:45:40,443 loraplex.service INFO upload up-1: 167.8 MB received in 120 ms, then synced in "
+           "6 ms beside its validation, validated and committed in 21 ms\n"
            "2026-12-06 09:45:40,500 loraplex.kernels.ops INFO packed an adapter of 224 modules: 83.9 MB of pinned "
            "torch.bfloat16 host memory in 61 ms (allocation 40 ms)\nsomething else\n")
     timings = gpu.server_timings(log)
-    assert timings["uploads"] == [{"id": "up-0", "mb": 167.8, "received_ms": 119, "synced_ms": 51, "validated_ms": 27}]
+    assert timings["uploads"] == [{"id": "up-0", "mb": 167.8, "received_ms": 119, "synced_ms": 51, "validated_ms": 27},
+                                  {"id": "up-1", "mb": 167.8, "received_ms": 120, "synced_ms": 6, "validated_ms": 21}]
     assert timings["packs"] == [{"modules": 224, "mb": 83.9, "ms": 61, "allocation_ms": 40}]
     assert timings["p50_ms"]["pack_allocation"] == 40 and gpu.server_timings("")["p50_ms"]["pack"] is None
 

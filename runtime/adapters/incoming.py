@@ -25,7 +25,7 @@ import mmap
 import os
 import shutil
 import time
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,8 @@ from .buffers import PREFAULT_PIECE_BYTES, copy_threads, owned_buffer, prefault,
 from .digest import DIGEST_PIECE_BYTES, combine_digests, piece_digest
 from .store import AdapterStore, Staged, fsync_dir
 
+_SEAL_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loraplex-seal")  # (waits on the write
+# and copy threads' work: never one of theirs)
 BLOCK_BYTES = 4 << 20  # handed to the workers at a time: few thread hops, and the disk works while bytes arrive
 SYNC_BYTES = 32 << 20  # written bytes between two fdatasync calls during an upload (page-cache writes)
 WRITE_PIECE_BYTES = 2 << 20  # one write of the file (a multiple of DIRECT_ALIGN); a block goes as several at once
@@ -79,6 +81,8 @@ class IncomingWeights:
         self._writes: list[Future] = []  # the file writes handed to the write threads, not yet seen done
         self._buffer = owned_buffer(self.capacity)  # None after release()
         self._prefaults: list[Future] = []
+        self._sealing: Future | None = None  # seal(): the files' last writes and syncs
+        self.seal_ms = 0.0
         if self.capacity < self.max_bytes:  # a declared size: its pages given ahead of the bytes
             self._prefaults = [copy_threads().submit(prefault, self._buffer, start,
                                                      min(start + PREFAULT_PIECE_BYTES, self.capacity))
@@ -242,10 +246,16 @@ class IncomingWeights:
     async def finish(self, config_raw: bytes) -> Staged:
         """Every byte is in: write the rest and the config, sync both files and the directory; the staged version
         commit() publishes. Then `data` holds the weights."""
+        return await asyncio.wrap_future(await self.seal(config_raw))
+
+    async def seal(self, config_raw: bytes) -> Future:
+        """As finish(), but returns once every byte is in the buffer (`data` holds the weights), with a Future of
+        the staged version: the weights can be validated while their file is synced."""
         if len(self._head) < 4 and not self._header_checked:
             refuse_pickle(self._head)
         await self.drain()
-        return await asyncio.to_thread(self._seal, config_raw)
+        self._sealing = _SEAL_THREADS.submit(self._seal, config_raw)
+        return self._sealing
 
     async def drain(self) -> None:
         """Write and hash every byte received so far."""
@@ -255,6 +265,7 @@ class IncomingWeights:
             self._writing = None
 
     def _seal(self, config_raw: bytes) -> Staged:
+        started = time.perf_counter()
         self._write_tail()
         self._wait_writes()
         os.fsync(self._fd)
@@ -272,6 +283,7 @@ class IncomingWeights:
                 self._buffer.resize(max(self.size, 1))
             except (BufferError, OSError, SystemError, ValueError):  # a view of it still open, or no mremap here
                 pass
+        self.seal_ms = 1e3 * (time.perf_counter() - started)
         return Staged(self.path, digest, self.size)
 
     @property
@@ -298,9 +310,11 @@ class IncomingWeights:
         self._remove()
 
     async def _settle(self, writing: asyncio.Future | None) -> None:
-        """Until the block being copied and every write it started are over, whatever their outcome."""
+        """Until the block being copied, the seal and every write they started are over, whatever their outcome."""
         if writing is not None:
             await asyncio.gather(writing, return_exceptions=True)
+        if self._sealing is not None:
+            await asyncio.gather(asyncio.wrap_future(self._sealing), return_exceptions=True)
         for piece in self._prefaults:
             piece.cancel()
         writes, self._writes = self._writes, []

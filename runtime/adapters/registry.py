@@ -154,34 +154,33 @@ class AdapterRegistry:
                                f"adapter host memory of {self.max_host_bytes} bytes", 413)
         return weights
 
-    def upload(self, adapter_id: str, config_raw: bytes, weights_raw, staged: Staged | None = None,
-               owned: bool = False) -> StoredAdapter:
+    def upload(self, adapter_id: str, config_raw: bytes, weights_raw, staged: Staged | Future | None = None,
+               owned: bool = False,
+               on_validated: Callable[[AdapterWeights], None] | None = None) -> StoredAdapter:
         """Validate, then commit to disk; on any error nothing is published and nothing changes.
         `staged`: the files already written and synced in a temporary directory of the store (a streamed upload,
-        adapters/incoming.py), removed here if the upload is refused. Without it the files are written and synced
-        on a worker thread while the weights are validated. `owned`: the cached adapter may keep views of
-        weights_raw (IncomingWeights.data)."""
+        adapters/incoming.py), or a Future of them (still syncing while this validates), removed here if the
+        upload is refused. Without it the files are written and synced on a worker thread while the weights are
+        validated. `owned`: the cached adapter may keep views of weights_raw (IncomingWeights.data).
+        `on_validated(weights)`: called once the weights pass, before the commit (work that may start early)."""
         try:
             self.store.get(adapter_id)  # checks the id before any parsing work
             if len(weights_raw) > self.max_bytes:  # (validate says so too; refuse before writing anything)
                 raise AdapterError(f"adapter weights are {len(weights_raw)} bytes, above the limit of {self.max_bytes}", 413)
         except BaseException:
-            if staged is not None:
-                self.store.discard(staged)
+            self.discard_staged(staged)
             raise
-        staging = None
         if staged is None:
-            staging = _STAGING.submit(self.store.stage, config_raw, weights_raw)
+            staged = _STAGING.submit(self.store.stage, config_raw, weights_raw)
         try:
             weights = self.validate(config_raw, weights_raw, owned)
         except BaseException:
-            if staging is None:
-                self.store.discard(staged)
-            else:
-                staging.add_done_callback(lambda f: f.exception() is None and self.store.discard(f.result()))
+            self.discard_staged(staged)
             raise
+        if on_validated is not None:
+            on_validated(weights)
         record = self.store.commit(adapter_id, config_raw, weights_raw, weights.peft_type, weights.rank,
-                                   staged=staged if staging is None else staging.result())
+                                   staged=staged.result() if isinstance(staged, Future) else staged)
         self._forget_superseded(record.id, record.version)
         try:
             self._cache(record_key(record), weights)
@@ -189,6 +188,13 @@ class AdapterRegistry:
             pass
         freeze_new()  # the server's: the cached weights live until deleted, keep them out of GC scans
         return record
+
+    def discard_staged(self, staged: Staged | Future | None) -> None:
+        """Remove an upload's temporary directory (a Future's once it is written: the files may still be going)."""
+        if isinstance(staged, Future):
+            staged.add_done_callback(lambda f: f.exception() is None and self.store.discard(f.result()))
+        elif staged is not None:
+            self.store.discard(staged)
 
     def delete(self, adapter_id: str) -> StoredAdapter:
         record = self.store.delete(adapter_id)
