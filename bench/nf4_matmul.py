@@ -11,6 +11,9 @@ The table shows each path's time over the floor; the JSON has the microseconds a
 --sweep also times alternative tile shapes for a few cases (to tune kernels/nf4_matmul.choose_tiles).
 --decode-ab times every candidate tiling with each decode (shared-memory table gather, register byte permutes),
 checks that both give the same product, and sets the best of each beside a dense bf16 matmul.
+--grid WEIGHT times a grid of tilings (output features per program, splits, warps, stages, prefetch; the permute
+decode) beyond the calibration's candidates, on one weight at --rows, beside a dense bf16 matmul
+(bench/results/nf4_tile_grid.json: the 8B o_proj at 48 and 64 rows, where no candidate beats dense).
 dequant: prefill's whole-weight dequantisation (kernels/nf4_dequant.py vs bitsandbytes' dequantize_4bit, the
 calibration's timing), as a fraction of the copy bandwidth (packed + absmax read, the bf16 weight written).
 
@@ -119,6 +122,43 @@ def sweep(layers: dict, bandwidth: float) -> list[dict]:
 
 
 @torch.inference_mode()
+def tile_grid(layer, name: str, rows: list[int]) -> dict:
+    """Every tiling of a grid on one weight at the largest of `rows` (then its six fastest at the others), beside a
+    dense bf16 matmul: whether any tiling the calibration does not try would beat dense."""
+    import itertools
+    from loraplex.kernels.nf4_matmul import NF4Tiles, _num_sms, candidate_tiles
+    from loraplex.runtime.nf4_linear import measure, measure_dense, nf4_rotation
+    n, k = layer.out_features, layer.in_features
+    rotation, dense = nf4_rotation(layer), measure_dense(layer, rows)
+    results = []
+
+    def run(m: int, tiles) -> None:
+        try:
+            us = measure(layer, m, tiles=tiles, with_bnb=False, weights=rotation)["fused_us"]
+        except Exception as e:  # noqa: BLE001 - a tiling that does not compile or fit is reported and skipped
+            print(f"  {tiles}: {type(e).__name__}: {str(e)[:120]}")
+            return
+        results.append({"rows": m, "us": us, "over_dense": us / dense[m], "tiles": str(tiles)})
+        print(f"grid {name} M={m:<3} {us:6.2f} us ({us / dense[m]:.2f} of dense)  {tiles}")
+
+    top, others = max(rows), sorted(set(rows) - {max(rows)})
+    candidates = [t for t in candidate_tiles(top, n, k, BLOCKSIZE, _num_sms(torch.device("cuda")))
+                  if t.permute and not t.prescale]
+    grid = [NF4Tiles(64 if top > 32 else 32, bn, 64, splits, warps, stages, prefetch, permute=True)
+            for bn, splits, warps, stages, prefetch in
+            itertools.product((32, 64), (4, 8, 16), (2, 4), (3, 4), (False, True))]
+    for tiles in dict.fromkeys(candidates + grid):
+        run(top, tiles)
+    best = sorted((r for r in results if r["rows"] == top), key=lambda r: r["us"])[:6]
+    for m in others:
+        for r in best:
+            run(m, next(t for t in candidates + grid if str(t) == r["tiles"]))
+    summary = {m: min((r["over_dense"] for r in results if r["rows"] == m), default=None) for m in rows}
+    print(f"grid {name}: best over dense by rows {summary}")
+    return {"weight": name, "dense_us": dense, "best_over_dense": summary, "results": results}
+
+
+@torch.inference_mode()
 def decode_ab(layers: dict, rows: list[int]) -> list[dict]:
     """Per weight and row count: the fastest candidate tiling with the gather decode, with the permute decode and
     (above PRESCALE_ROWS rows) with the permute decode's codes scaled before the dot, a dense bf16 matmul of the same
@@ -168,6 +208,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile shapes")
     parser.add_argument("--decode-ab", action="store_true", help="only the gather-vs-permute decode comparison")
+    parser.add_argument("--grid", choices=list(WEIGHTS), default=None, help="only a grid of tilings on this weight")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "nf4_matmul.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -180,6 +221,12 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"cells: fused / bitsandbytes time over the 4-bit floor")
+    if args.grid:
+        result = tile_grid(make_layer(*WEIGHTS[args.grid], seed=0), args.grid, args.rows)
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "grid": result}, f, indent=1)
+        return
     layers = {name: make_layer(n, k, seed=i) for i, (name, (n, k)) in enumerate(WEIGHTS.items())}
     if args.decode_ab:
         rows = decode_ab({name: layer for name, layer in layers.items() if name.startswith("8b")}, args.rows)
