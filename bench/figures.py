@@ -160,6 +160,20 @@ def nf4_decode_ab(result: dict, fig) -> None:
     ax.legend(fontsize=6, ncol=2)
 
 
+def nf4_tile_grid(result: dict, fig) -> None:
+    """bench/nf4_matmul.py --grid: every tiling's time over a dense bf16 matmul on one weight, per row count, sorted."""
+    grid = result["grid"]
+    ax = fig.subplots()
+    for i, m in enumerate(sorted({r["rows"] for r in grid["results"]})):
+        ratios = sorted(r["over_dense"] for r in grid["results"] if r["rows"] == m)
+        ax.plot(range(1, len(ratios) + 1), ratios, "o-", ms=3, color=f"C{i}", label=f"{m} rows")
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_xlabel("tilings, fastest first")
+    ax.set_ylabel("fused NF4 time / dense bf16 time")
+    ax.set_title(f"{grid['weight']}: every tiling of the grid ({_where(result)})", fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def paged_attention(result: dict, fig) -> None:
     """bench/paged_attention.py: kernel time over its floor, and kernel vs gather-then-attend, per case."""
     left, right = fig.subplots(1, 2)
@@ -335,7 +349,7 @@ def loader_contention(result: dict, fig) -> None:
 DRAWERS = {
     "engine_cpu": (engine, (11, 4)), "engine_gpu": (engine, (7, 4)), "grpc_vs_http": (grpc_vs_http, (7, 4)),
     "kernels": (lora_kernels, (12, 4.5)), "load": (load, (11, 4)), "nf4_matmul": (nf4_matmul, (8, 5)),
-    "nf4_decode_ab": (nf4_decode_ab, (8, 5)),
+    "nf4_decode_ab": (nf4_decode_ab, (8, 5)), "nf4_tile_grid": (nf4_tile_grid, (8, 4.5)),
     "paged_attention": (paged_attention, (13, 5)), "profile_step": (profile_step, (9, 4.5)),
     "serve_gpu": (serve_gpu, (12, 4.5)), "step_host": (step_host, (9, 4.5)), "train_quality": (train_quality, (14, 4)),
     "train_speed": (train_speed, (11, 4)),

@@ -4,6 +4,7 @@
 # Usage there: bash bench/gpu_run.sh STEP [STEP ...]
 #   decodeab   bench/nf4_matmul.py --decode-ab (the NF4 kernel's gather vs permute decode, 8B shapes), ~3 min
 #   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
+#   grid       bench/nf4_matmul.py --grid "8b o_proj" --rows 48 64: a grid of tilings beyond the calibration's, ~40 s
 #   test       the CUDA-only tests (fast path vs eager reference)
 #   check      the fused layer kernels' start-up self-check on this GPU
 #   pack8b | pack1b   bench/pack_speed.py (issue #20: the hot-load's pack by threads, foreach, memcpy floor), ~1 min
@@ -59,6 +60,9 @@ for step in "$@"; do
       python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fastpath.py -k permute 2>&1 | tail -3  # (and the scaled decode)
       python3 bench/nf4_matmul.py --decode-ab --rows ${ROWS_AB:-1 2 16 32 48 64 96 128} --out "$OUT/nf4_decode_ab.json" 2>&1 \
         | grep -v "it/s" | tail -60 ;;
+    grid)
+      python3 bench/nf4_matmul.py --grid "${GRID_WEIGHT:-8b o_proj}" --rows ${ROWS_GRID:-48 64} --out "$OUT/nf4_tile_grid.json" \
+        2>&1 | grep -v "it/s" | tail -20 ;;
     micro)
       python3 bench/nf4_matmul.py --out "$OUT/nf4_matmul.json" 2>&1 | tail -40
       python3 bench/paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -30 ;;

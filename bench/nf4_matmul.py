@@ -226,6 +226,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": triton.__version__, "grid": result}, f, indent=1)
+        figures.draw_after_run(args.out)
         return
     layers = {name: make_layer(n, k, seed=i) for i, (name, (n, k)) in enumerate(WEIGHTS.items())}
     if args.decode_ab:
