@@ -130,8 +130,8 @@ class IncomingWeights:
                 if self.capacity == self.max_bytes:
                     raise AdapterError(f"{WEIGHTS_FILE}: its safetensors header describes {self.expected_size} "
                                        f"bytes, above the limit of {self.max_bytes}", 413)
-                raise AdapterError(f"{WEIGHTS_FILE}: its safetensors header describes {self.expected_size} bytes, "
-                                   f"more than the upload's {self.capacity}", 400)
+                raise AdapterError(f"{WEIGHTS_FILE} is truncated: its safetensors header describes {self.expected_size} "
+                                   f"bytes, more than the {self.capacity} declared for this upload", 400)
             self._header_checked = True
             self._head = bytearray()
 
