@@ -1,13 +1,8 @@
 """The engine with its adapter math forced onto the Triton kernels (interpreted on the CPU) still
 matches PEFT per adapter, on a tiny model, in one mixed batch of LoRA/rsLoRA/GraLoRA/hybrid rows."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` of the process
-
-import pytest
+from triton_interpreter import fresh_process_test, needs_interpreter  # (first: it asks for the interpreter)
 import torch
-import triton.language as tl
-from conftest import rerun_under_triton_interpreter
 
 from loraplex.runtime.adapters.peft_format import BaseShape, parse_adapter
 from loraplex.runtime.adapters.registry import AdapterRef
@@ -15,15 +10,10 @@ from loraplex.runtime.base_model import load_base_model
 from loraplex.runtime.engine import Engine, EngineConfig
 from loraplex.runtime.sequence import SamplingParams
 
-INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
+
+test_in_fresh_process = fresh_process_test(__file__)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the tests below run in this process")
-def test_in_fresh_process():
-    rerun_under_triton_interpreter(__file__)
-
-
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run by test_in_fresh_process")
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

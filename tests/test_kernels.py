@@ -1,14 +1,10 @@
 """The segmented Triton kernels on the CPU (TRITON_INTERPRET=1) against a float64 reference."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` of the process
 
 from dataclasses import replace
 
+from triton_interpreter import fresh_process_test, needs_interpreter  # (first: it asks for the interpreter)
 import pytest
 import torch
-import triton.language as tl
-from conftest import rerun_under_triton_interpreter
 
 from loraplex.kernels import ops as kernel_ops
 from loraplex.kernels.ops import TritonAdapterOps
@@ -18,16 +14,8 @@ from loraplex.runtime.adapters.ops import TorchAdapterOps, module_delta
 from loraplex.runtime.adapters.peft_format import AdapterWeights, ModuleDelta
 from loraplex.runtime.adapters.segments import Segments, build_segments
 
-# triton picks interpreter or compiler when it is imported; if another test module imported it
-# first without TRITON_INTERPRET, run this file again in a fresh process instead.
-INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; "
-                                                              "test_in_fresh_process runs these")
 
-
-@pytest.mark.skipif(INTERPRETED, reason="the tests below run in this process")
-def test_in_fresh_process():
-    rerun_under_triton_interpreter(__file__)
+test_in_fresh_process = fresh_process_test(__file__)
 
 
 SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),

@@ -1,27 +1,18 @@
 """The fused layer kernels (RMSNorm + residual, rotary + K/V cache write, SiLU-mul) on the CPU
 (TRITON_INTERPRET=1) against runtime/model.py's PyTorch reference, and a whole decoder step with them
 on against the reference path."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` of the process
-
+from triton_interpreter import fresh_process_test, needs_interpreter  # (first: it asks for the interpreter)
 import pytest
 import torch
 import torch.nn.functional as F
-import triton.language as tl
-from conftest import rerun_under_triton_interpreter
 
 from loraplex.kernels.layer_ops import rms_norm, rope_and_cache, silu_and_mul
 from loraplex.runtime.model import RMSNorm, rotate
 
-INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run by test_in_fresh_process")
 DTYPES = [torch.float32, torch.bfloat16]
 
-
-@pytest.mark.skipif(INTERPRETED, reason="the tests below run in this process")
-def test_in_fresh_process():
-    rerun_under_triton_interpreter(__file__)
+test_in_fresh_process = fresh_process_test(__file__)
 
 
 def close(got, want, dtype):

@@ -1,25 +1,16 @@
 """The NF4 kernels' CUDA-only decodes (kernels/nf4_decode.py: byte permutes of the code table in inline PTX) on the
 CPU: a PTX emulator runs the asm over the table words the kernel builds (interpreted Triton)."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` of the process
-
+from triton_interpreter import fresh_process_test, needs_interpreter  # (first: it asks for the interpreter)
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
 import triton.language as tl
-from conftest import rerun_under_triton_interpreter
 
 from loraplex.kernels import nf4_decode
 
-INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; "
-                                                              "test_in_fresh_process runs these")
 
-
-@pytest.mark.skipif(INTERPRETED, reason="the tests below run in this process")
-def test_in_fresh_process():
-    rerun_under_triton_interpreter(__file__)
+test_in_fresh_process = fresh_process_test(__file__)
 
 
 def nf4_code() -> torch.Tensor:

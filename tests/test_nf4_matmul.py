@@ -1,32 +1,22 @@
 """The fused NF4 kernel on the CPU (TRITON_INTERPRET=1) against a float64 reference on bitsandbytes'
 own quantisation, and NF4Linear's CPU path against bitsandbytes' Linear4bit."""
 import copy
-import os
 from dataclasses import replace
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` of the process
-
+from triton_interpreter import fresh_process_test, needs_interpreter  # (first: it asks for the interpreter)
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-import triton.language as tl
-from conftest import rerun_under_triton_interpreter
 
 from loraplex.kernels import nf4_matmul as nf4_module
 from loraplex.kernels.nf4_dequant import nf4_dequantize
 from loraplex.kernels.nf4_matmul import NF4Tiles, choose_tiles, nf4_matmul
 from loraplex.runtime.nf4_linear import NF4Linear
 
-INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; "
-                                                              "test_in_fresh_process runs these")
 BLOCKSIZE = 64  # bitsandbytes' CPU dequantise is wrong when in_features is not a multiple of the blocksize
 
-
-@pytest.mark.skipif(INTERPRETED, reason="the tests below run in this process")
-def test_in_fresh_process():
-    rerun_under_triton_interpreter(__file__)
+test_in_fresh_process = fresh_process_test(__file__)
 
 
 class _PoisonedTorch:

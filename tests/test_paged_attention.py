@@ -1,23 +1,14 @@
 """The paged attention kernel on the CPU (TRITON_INTERPRET=1) against a float64 gather reference."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` of the process
-
+from triton_interpreter import fresh_process_test, needs_interpreter  # (first: it asks for the interpreter)
 import pytest
 import torch
-import triton.language as tl
-from conftest import rerun_under_triton_interpreter
 
 from loraplex.kernels.paged_attention import choose_splits, paged_attention
 
-INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run by test_in_fresh_process")
 UNTOUCHED = 7.0  # rows that belong to no sequence must keep it
 
-
-@pytest.mark.skipif(INTERPRETED, reason="the tests below run in this process")
-def test_in_fresh_process():
-    rerun_under_triton_interpreter(__file__)
+test_in_fresh_process = fresh_process_test(__file__)
 
 
 def make_batch(seqs, heads, kv_heads, head_dim, block_size=16, dtype=torch.float32, extra_rows=0, seed=0):
