@@ -345,6 +345,7 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
                  {m: round(t, 1) for m, t in DENSE_US.get(shape, {}).items()},
                  {k: round(t, 1) for k, t in dequant_us.items()},
                  {m: tile_label(TILES[(*shape, m)]) for m in fused_us if (*shape, m) in TILES})
+    return results
 
 
 def tile_label(t) -> str:
@@ -352,4 +353,3 @@ def tile_label(t) -> str:
     + pf (prefetch), + perm (permute decode), + ps (codes scaled before the dot)."""
     flags = "".join(f" +{name}" for name, on in (("pf", t.prefetch), ("perm", t.permute), ("ps", t.prescale)) if on)
     return f"{t.block_m}x{t.block_n}x{t.block_k} s{t.splits} w{t.num_warps} st{t.num_stages}{flags}"
-    return results
