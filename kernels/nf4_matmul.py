@@ -13,7 +13,8 @@ features, per step KB pieces of [BLOCK_N, SUB] packed bytes that each lie inside
 A piece's nibbles become the 16-bit codes (kernels/nf4_decode.py: a table gather, or byte permutes of the
 table in registers on CUDA), the codes (in the compute dtype) multiply x^T padded to >= 16 columns in tl.dot,
 and the [BLOCK_N, BLOCK_M] product is scaled by the block's absmax in fp32 (per output element and block,
-not per weight; NF4Tiles.prescale scales the codes before the dot instead). Decode on Hopper is bound by instruction issue on the decoding, not by tensor cores
+not per weight; NF4Tiles.prescale scales the codes before the dot instead). Decode on Hopper is bound by
+instruction issue on the decoding, not by tensor cores
 (sm90 SASS of the 16-row tile's loop step: 441 warp instructions with the gather, 326 with the permutes, for
 8,192 weights), so the cost hardly depends on the row count up to 32.
 Split-K (so that out=4096 shapes still start a few programs per SM) writes fp32 partial sums
