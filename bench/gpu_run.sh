@@ -4,6 +4,7 @@
 # Usage there: bash bench/gpu_run.sh STEP [STEP ...]
 #   decodeab   bench/nf4_matmul.py --decode-ab (the NF4 kernel's gather vs permute decode, 8B shapes), ~3 min
 #   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
+#   sumab      bench/nf4_matmul.py --sum-ab: split-K partial sums by a second launch vs in the kernel (8B shapes)
 #   grid       bench/nf4_matmul.py --grid "8b o_proj" --rows 48 64: a grid of tilings beyond the calibration's, ~40 s
 #   test       the CUDA-only tests (fast path vs eager reference)
 #   check      the fused layer kernels' start-up self-check on this GPU
@@ -60,6 +61,9 @@ for step in "$@"; do
       python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fastpath.py -k permute 2>&1 | tail -3  # (and the scaled decode)
       python3 bench/nf4_matmul.py --decode-ab --rows ${ROWS_AB:-1 2 16 32 48 64 96 128} --out "$OUT/nf4_decode_ab.json" 2>&1 \
         | grep -v "it/s" | tail -60 ;;
+    sumab)  # split-K sums by a second launch vs in the kernel, the 8B layer's four matmuls beside dense bf16
+      python3 bench/nf4_matmul.py --sum-ab --rows ${ROWS_SUM:-1 16 32 48 64} --out "$OUT/nf4_sum_ab.json" 2>&1 \
+        | tail -60 ;;
     grid)
       python3 bench/nf4_matmul.py --grid "${GRID_WEIGHT:-8b o_proj}" --rows ${ROWS_GRID:-48 64} --out "$OUT/nf4_tile_grid.json" \
         2>&1 | grep -v "it/s" | tail -20 ;;

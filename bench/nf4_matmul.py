@@ -11,6 +11,8 @@ The table shows each path's time over the floor; the JSON has the microseconds a
 --sweep also times alternative tile shapes for a few cases (to tune kernels/nf4_matmul.choose_tiles).
 --decode-ab times every candidate tiling with each decode (shared-memory table gather, register byte permutes),
 checks that both give the same product, and sets the best of each beside a dense bf16 matmul.
+--sum-ab times the split-K candidates with their partial sums added by a second launch and in the kernel (the last
+program of each output tile to finish adds them), on the four matmuls of an 8B layer, beside dense bf16.
 --grid WEIGHT times a grid of tilings (output features per program, splits, warps, stages, prefetch; the permute
 decode) beyond the calibration's candidates, on one weight at --rows, beside a dense bf16 matmul
 (bench/results/nf4_tile_grid.json: the 8B o_proj at 48 and 64 rows, where no candidate beats dense).
@@ -203,11 +205,65 @@ def decode_ab(layers: dict, rows: list[int]) -> list[dict]:
     return out
 
 
+SERVED_8B = ("8b qkv fused", "8b o_proj", "8b gate_up fused", "8b down_proj")  # the four matmuls of an 8B layer
+
+
+@torch.inference_mode()
+def sum_ab(layers: dict, rows: list[int]) -> list[dict]:
+    """Per weight and row count: the fastest split-K candidate tiling (permute decode, scaled or not) with its partial
+    sums added by a second launch and by the tile's last program in the kernel itself, beside the fastest unsplit one
+    and a dense bf16 matmul; and whether both sums give the same product (bitwise: the same additions in order)."""
+    from dataclasses import replace
+    from loraplex.kernels.nf4_matmul import MAX_SPLITS, _num_sms, candidate_tiles
+    from loraplex.runtime.nf4_linear import fused_matmul, measure, measure_dense, nf4_rotation
+    out = []
+    for name, layer in layers.items():
+        n, k = layer.out_features, layer.in_features
+        rotation, dense = nf4_rotation(layer), measure_dense(layer, rows)
+        state, packed = layer.weight.quant_state, layer.weight.data
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            tiles = [t for t in candidate_tiles(m, n, k, BLOCKSIZE, _num_sms(x.device)) if t.permute]
+            # with no second launch, more splits may pay: twice those of each split candidate
+            tiles += [replace(t, splits=min(2 * t.splits, MAX_SPLITS, k // t.block_k)) for t in tiles if t.splits > 1]
+            best = {"unsplit": (float("inf"), None), "second_launch": (float("inf"), None),
+                    "in_kernel": (float("inf"), None)}
+            same = True
+            for t in dict.fromkeys(tiles):
+                modes = {"unsplit": t} if t.splits == 1 else {"second_launch": replace(t, sum_in_kernel=False),
+                                                              "in_kernel": replace(t, sum_in_kernel=True)}
+                for mode, tm in modes.items():
+                    try:
+                        us = measure(layer, m, tiles=tm, with_bnb=False, weights=rotation)["fused_us"]
+                    except Exception as e:  # noqa: BLE001 - reported and skipped
+                        print(f"  {name} M={m} {tm}: {type(e).__name__}: {str(e)[:160]}")
+                        continue
+                    best[mode] = min(best[mode], (us, str(tm)), key=lambda b: b[0])
+                if t.splits > 1:
+                    same &= torch.equal(fused_matmul(x, packed, state, n, tiles=modes["second_launch"]),
+                                        fused_matmul(x, packed, state, n, tiles=modes["in_kernel"]))
+            row = {"weight": name, "rows": m, "dense_us": dense[m], "same": same,
+                   **{f"{mode}_us": b[0] for mode, b in best.items()}, **{f"{mode}_tiles": b[1] for mode, b in best.items()}}
+            before = min(row["unsplit_us"], row["second_launch_us"])
+            after = min(row["unsplit_us"], row["in_kernel_us"])
+            row.update(best_before_over_dense=before / dense[m], best_after_over_dense=after / dense[m])
+            print(f"sum {name:>17} M={m:<3} unsplit {row['unsplit_us']:6.1f} second launch {row['second_launch_us']:6.1f} "
+                  f"in kernel {row['in_kernel_us']:6.1f} dense {dense[m]:6.1f} us  best/dense {before / dense[m]:.3f} -> "
+                  f"{after / dense[m]:.3f} {'same' if same else 'DIFFERENT'}")
+            out.append(row)
+    worst = {key: max(r[key] for r in out) for key in ("best_before_over_dense", "best_after_over_dense")}
+    print(f"sum: worst best/dense over the cases {worst['best_before_over_dense']:.3f} (second launch) -> "
+          f"{worst['best_after_over_dense']:.3f} (in kernel)")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile shapes")
     parser.add_argument("--decode-ab", action="store_true", help="only the gather-vs-permute decode comparison")
+    parser.add_argument("--sum-ab", action="store_true",
+                        help="only split-K sums by a second launch vs in the kernel (the 8B layer's four matmuls)")
     parser.add_argument("--grid", choices=list(WEIGHTS), default=None, help="only a grid of tilings on this weight")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "nf4_matmul.json"))
     args = parser.parse_args()
@@ -229,6 +285,12 @@ def main() -> None:
         figures.draw_after_run(args.out)
         return
     layers = {name: make_layer(n, k, seed=i) for i, (name, (n, k)) in enumerate(WEIGHTS.items())}
+    if args.sum_ab:
+        rows = sum_ab({name: layers[name] for name in SERVED_8B}, args.rows)
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                       "sum_ab": rows}, f, indent=1)
+        return
     if args.decode_ab:
         rows = decode_ab({name: layer for name, layer in layers.items() if name.startswith("8b")}, args.rows)
         with open(args.out, "w") as f:

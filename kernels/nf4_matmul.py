@@ -55,6 +55,7 @@ class NF4Tiles:
     prefetch: bool = False  # load the next step's bytes and absmax before this step's math (block_k <= blocksize)
     permute: bool = False  # decode through byte permutes of the code table held in registers (CUDA only)
     prescale: bool = False  # (with permute) codes times their absmax in 16-bit pairs, the dot accumulating in place
+    sum_in_kernel: bool = True  # split-K: the last program of a tile to finish adds the partial sums (no second launch)
 
 
 # (block_m, block_k, num_stages) of the row-count rule below, smallest block_m first
@@ -181,6 +182,23 @@ def _pdl(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+ARRIVALS = 1 << 16  # split-K tiles one call may have in flight: 28,672 features / 64 per tile x 128 rows / 64
+
+
+@functools.cache
+def _arrival_counters(device: torch.device) -> torch.Tensor:
+    return torch.zeros(ARRIVALS, dtype=torch.int32, device=device)
+
+
+def _arrivals(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per output tile, how many of its split-K programs have stored their partial sums: zero between calls (the last
+    program of each tile resets its count). One buffer per device: the calls on it run one at a time, in one stream
+    (the engine's), each finished before the next starts (no programmatic dependent launch on this path)."""
+    if tiles > ARRIVALS:
+        raise ValueError(f"{tiles} split-K output tiles exceed the {ARRIVALS} arrival counters")
+    return _arrival_counters(device)
+
+
 @triton.jit
 def _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
                  NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
@@ -196,11 +214,11 @@ def _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset
 @triton.jit
 def _nf4_matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, offset_ptr,
-    bias_ptr, out_ptr, partial_ptr,
+    bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
     M, N, K, row_bytes, stride_xm, stride_om, bytes_per_split,
     BLOCKSIZE: tl.constexpr, SUB: tl.constexpr, KB: tl.constexpr,
     NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_IN_MEMORY: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SUM_IN_KERNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr, PDL: tl.constexpr,
     PREFETCH: tl.constexpr, PERMUTE: tl.constexpr, PRESCALE: tl.constexpr,
 ):
@@ -284,7 +302,23 @@ def _nf4_matmul_kernel(
     result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     mask = m_mask[:, None] & row_mask[None, :]
     if SPLIT:
-        tl.store(partial_ptr + (split * M + ms.to(tl.int64))[:, None] * N + rows[None, :], result, mask=mask)
+        tl.store(partial_ptr + (split * M + ms.to(tl.int64))[:, None] * N + rows[None, :], result, mask=mask,
+                 cache_modifier=".cg")
+        if SUM_IN_KERNEL:  # the tile's last program to arrive adds all its partial sums, in split order
+            splits = tl.num_programs(0)
+            tile = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+            tl.debug_barrier()  # every thread's partial stored before the arrival is counted (release, GPU scope)
+            arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == splits - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(splits):  # from L2 (.cg): other SMs wrote them
+                    total += tl.load(partial_ptr + (s * M + ms.to(tl.int64))[:, None] * N + rows[None, :], mask=mask,
+                                     other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_ptr + ms.to(tl.int64)[:, None] * stride_om + rows[None, :],
+                         total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(arrivals_ptr + tile, 0)  # zero again for the next call (graph replays included)
     else:
         if HAS_BIAS:
             result += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
@@ -354,23 +388,25 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else out
     offset_in_memory = isinstance(offset, torch.Tensor)
     permute = tiles.permute and x.dtype != torch.float32 and not interpreting()
-    pdl = splits > 1 and _pdl(x.device)
     grid = (splits, triton.cdiv(N, tiles.block_n), triton.cdiv(M, tiles.block_m))
+    sum_in_kernel = splits > 1 and tiles.sum_in_kernel
+    pdl = splits > 1 and not sum_in_kernel and _pdl(x.device)
+    arrivals = _arrivals(x.device, grid[1] * grid[2]) if sum_in_kernel else partial
     _nf4_matmul_kernel[grid](
         x2, packed, absmax, code,
         nested_absmax if nested else absmax, nested_code if nested else code,
         0.0 if offset_in_memory else float(offset), offset if offset_in_memory else code,
-        bias if bias is not None else code, out, partial,
+        bias if bias is not None else code, out, partial, arrivals,
         M, N, K, K // 2, x2.stride(0), out.stride(0), k_per_split // 2,
         BLOCKSIZE=blocksize, SUB=sub, KB=tiles.block_k // (2 * sub),
         NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, OFFSET_IN_MEMORY=offset_in_memory,
-        HAS_BIAS=bias is not None, SPLIT=splits > 1,
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, SUM_IN_KERNEL=sum_in_kernel,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         FP32_DOT=x.dtype == torch.float32 or interpreting(), PDL=pdl, PREFETCH=tiles.prefetch,
         PERMUTE=permute, PRESCALE=permute and tiles.prescale,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    if splits > 1:
+    if splits > 1 and not sum_in_kernel:
         _sum_splits_kernel[(M, triton.cdiv(N, SUM_BLOCK))](
             partial, bias if bias is not None else partial, out, M, N, out.stride(0), splits,
             HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK, PDL=pdl, num_warps=4,

@@ -169,3 +169,36 @@ def test_prescaled_permute_decode_is_bitsandbytes_within_one_more_rounding(dtype
                 assert error < 5e-3, (rows, tiles, error, ((unscaled - reference).norm() / reference.norm()).item())
                 checked += 1
     assert checked >= 10
+
+
+def test_split_sums_in_kernel_are_the_second_launchs():
+    """Split-K partial sums added by each tile's last program (other SMs' stores seen through an acquire-release
+    count) equal the second launch's bit for bit, over many calls in a row and in CUDA-graph replays (the counts must
+    return to zero after every call), on 8B shapes and every candidate tiling that splits."""
+    from dataclasses import replace
+    import bitsandbytes.functional as bnbf
+    from loraplex.kernels.nf4_matmul import _arrival_counters, _num_sms, candidate_tiles
+    from loraplex.runtime.nf4_linear import fused_matmul
+    checked = 0
+    for n, k in ((4096, 4096), (6144, 4096)):
+        w = (torch.randn(n, k, generator=torch.Generator().manual_seed(n)) * 0.05).to("cuda", torch.bfloat16)
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        for rows in (1, 16, 48, 64):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            for tiles in candidate_tiles(rows, n, k, 64, _num_sms(x.device)):
+                if tiles.splits == 1:
+                    continue
+                separate = fused_matmul(x, packed, state, n, tiles=replace(tiles, sum_in_kernel=False))
+                in_kernel = replace(tiles, sum_in_kernel=True)
+                outs = [fused_matmul(x, packed, state, n, tiles=in_kernel) for _ in range(20)]
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    graphed = fused_matmul(x, packed, state, n, tiles=in_kernel)
+                for _ in range(5):
+                    graph.replay()
+                    outs.append(graphed.clone())
+                assert all(torch.equal(out, separate) for out in outs), (n, k, rows, tiles)
+                checked += 1
+    torch.cuda.synchronize()
+    assert not _arrival_counters(torch.device("cuda", torch.cuda.current_device())).any()
+    assert checked >= 10
