@@ -211,8 +211,9 @@ SERVED_8B = ("8b qkv fused", "8b o_proj", "8b gate_up fused", "8b down_proj")  #
 @torch.inference_mode()
 def sum_ab(layers: dict, rows: list[int]) -> list[dict]:
     """Per weight and row count: the fastest split-K candidate tiling (permute decode, scaled or not) with its partial
-    sums added by a second launch and by the tile's last program in the kernel itself, beside the fastest unsplit one
-    and a dense bf16 matmul; and whether both sums give the same product (bitwise: the same additions in order)."""
+    sums added by a second launch and by the tile's last program in the kernel itself, beside the fastest unsplit one,
+    the fastest with x's rows as the wgmma's M (codes_as_b, from 64 rows) and a dense bf16 matmul; and whether both
+    sums give the same product (bitwise: the same additions in order)."""
     from dataclasses import replace
     from loraplex.kernels.nf4_matmul import MAX_SPLITS, _num_sms, candidate_tiles
     from loraplex.runtime.nf4_linear import fused_matmul, measure, measure_dense, nf4_rotation
@@ -226,12 +227,20 @@ def sum_ab(layers: dict, rows: list[int]) -> list[dict]:
             tiles = [t for t in candidate_tiles(m, n, k, BLOCKSIZE, _num_sms(x.device)) if t.permute]
             # with no second launch, more splits may pay: twice those of each split candidate
             tiles += [replace(t, splits=min(2 * t.splits, MAX_SPLITS, k // t.block_k)) for t in tiles if t.splits > 1]
+            # x rows as the wgmma's M and the codes as its B operand (64 rows and more), also 128 features a program
+            wide = [t for t in tiles if t.block_m >= 64]
+            tiles += [replace(t, codes_as_b=True) for t in wide]
+            tiles += [replace(t, codes_as_b=True, block_n=128, num_warps=w) for t in wide if t.block_n == 64 for w in (4, 8)]
             best = {"unsplit": (float("inf"), None), "second_launch": (float("inf"), None),
-                    "in_kernel": (float("inf"), None)}
+                    "in_kernel": (float("inf"), None), "codes_as_b": (float("inf"), None)}
             same = True
             for t in dict.fromkeys(tiles):
-                modes = {"unsplit": t} if t.splits == 1 else {"second_launch": replace(t, sum_in_kernel=False),
-                                                              "in_kernel": replace(t, sum_in_kernel=True)}
+                if t.codes_as_b:
+                    modes = {"codes_as_b": t}
+                elif t.splits == 1:
+                    modes = {"unsplit": t}
+                else:
+                    modes = {"second_launch": replace(t, sum_in_kernel=False), "in_kernel": t}
                 for mode, tm in modes.items():
                     try:
                         us = measure(layer, m, tiles=tm, with_bnb=False, weights=rotation)["fused_us"]
@@ -239,16 +248,23 @@ def sum_ab(layers: dict, rows: list[int]) -> list[dict]:
                         print(f"  {name} M={m} {tm}: {type(e).__name__}: {str(e)[:160]}")
                         continue
                     best[mode] = min(best[mode], (us, str(tm)), key=lambda b: b[0])
-                if t.splits > 1:
+                if t.codes_as_b:
+                    same_as_a = fused_matmul(x, packed, state, n, tiles=replace(t, codes_as_b=False))
+                    error = ((fused_matmul(x, packed, state, n, tiles=t).float() - same_as_a.float()).norm()
+                             / same_as_a.float().norm()).item()
+                    if error > 1e-2:
+                        print(f"  {name} M={m} {t}: relative difference {error:.2e} from the codes-as-A product")
+                        same = False
+                elif t.splits > 1:
                     same &= torch.equal(fused_matmul(x, packed, state, n, tiles=modes["second_launch"]),
                                         fused_matmul(x, packed, state, n, tiles=modes["in_kernel"]))
             row = {"weight": name, "rows": m, "dense_us": dense[m], "same": same,
                    **{f"{mode}_us": b[0] for mode, b in best.items()}, **{f"{mode}_tiles": b[1] for mode, b in best.items()}}
             before = min(row["unsplit_us"], row["second_launch_us"])
-            after = min(row["unsplit_us"], row["in_kernel_us"])
+            after = min(row["unsplit_us"], row["in_kernel_us"], row["codes_as_b_us"])
             row.update(best_before_over_dense=before / dense[m], best_after_over_dense=after / dense[m])
             print(f"sum {name:>17} M={m:<3} unsplit {row['unsplit_us']:6.1f} second launch {row['second_launch_us']:6.1f} "
-                  f"in kernel {row['in_kernel_us']:6.1f} dense {dense[m]:6.1f} us  best/dense {before / dense[m]:.3f} -> "
+                  f"in kernel {row['in_kernel_us']:6.1f} codes as B {row['codes_as_b_us']:6.1f} dense {dense[m]:6.1f} us  best/dense {before / dense[m]:.3f} -> "
                   f"{after / dense[m]:.3f} {'same' if same else 'DIFFERENT'}")
             out.append(row)
     worst = {key: max(r[key] for r in out) for key in ("best_before_over_dense", "best_after_over_dense")}

@@ -20,12 +20,18 @@ import triton.language as tl
 
 
 @triton.jit
-def gather_dot(q, code, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr, FP32_DOT: tl.constexpr):
-    """codes(q [BLOCK_N, SUB] packed bytes) @ xt [2 * SUB, BLOCK_M] in fp32 (unscaled)."""
+def gather_codes(q, code, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    """The [BLOCK_N, 2 * SUB] codes (code's type) of q [BLOCK_N, SUB] packed bytes, unscaled."""
     q = q.to(tl.int32)
     # high nibble = even input feature, low nibble = the next one
     nibbles = tl.reshape(tl.join(q >> 4, q & 15), (BLOCK_N * 2 * SUB,))
-    w = tl.reshape(tl.gather(code, nibbles, 0), (BLOCK_N, 2 * SUB))
+    return tl.reshape(tl.gather(code, nibbles, 0), (BLOCK_N, 2 * SUB))
+
+
+@triton.jit
+def gather_dot(q, code, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr, FP32_DOT: tl.constexpr):
+    """codes(q [BLOCK_N, SUB] packed bytes) @ xt [2 * SUB, BLOCK_M] in fp32 (unscaled)."""
+    w = gather_codes(q, code, BLOCK_N, SUB)
     if FP32_DOT:
         return tl.dot(w, xt.to(tl.float32), input_precision="ieee")
     return tl.dot(w, xt)
@@ -82,27 +88,39 @@ def _word(shifted_bytes, i, word: tl.constexpr, keep):
 
 
 @triton.jit
-def permute_dot(words, table, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
-    """codes(words [BLOCK_N, SUB // 4] int32 of packed bytes) @ xt [2 * SUB, BLOCK_M] in fp32 (unscaled)."""
+def permute_codes(words, table, dtype: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    """The [BLOCK_N, 2 * SUB] 16-bit codes (dtype) of words [BLOCK_N, SUB // 4] int32 of packed bytes, unscaled."""
     l0, l1, l2, l3, h0, h1, h2, h3 = table
     p0, p1, p2, p3 = tl.inline_asm_elementwise(
         PERMUTE_DECODE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3],
         dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-    return tl.dot(_code_tile(p0, p1, p2, p3, xt.dtype, BLOCK_N, SUB), xt)
+    return _code_tile(p0, p1, p2, p3, dtype, BLOCK_N, SUB)
+
+
+@triton.jit
+def permute_codes_scaled(words, table, scale, dtype: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    """permute_codes times scale[:, None] (scale [BLOCK_N] fp32: each row's absmax of this block), rounded to dtype
+    (bf16 or fp16)."""
+    bits = scale.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    pair = (bits | (bits << 16))[:, None]
+    l0, l1, l2, l3, h0, h1, h2, h3 = table
+    asm: tl.constexpr = PERMUTE_DECODE_SCALED_BF16 if dtype == tl.bfloat16 else PERMUTE_DECODE_SCALED_F16
+    p0, p1, p2, p3 = tl.inline_asm_elementwise(
+        asm, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3, pair],
+        dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    return _code_tile(p0, p1, p2, p3, dtype, BLOCK_N, SUB)
+
+
+@triton.jit
+def permute_dot(words, table, xt, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
+    """codes(words [BLOCK_N, SUB // 4] int32 of packed bytes) @ xt [2 * SUB, BLOCK_M] in fp32 (unscaled)."""
+    return tl.dot(permute_codes(words, table, xt.dtype, BLOCK_N, SUB), xt)
 
 
 @triton.jit
 def permute_dot_scaled(words, table, scale, xt, acc, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
-    """acc + (codes(words) * scale[:, None]) @ xt, scale [BLOCK_N] fp32 (each row's absmax of this block), the
-    scaled codes rounded to xt's 16-bit type (bf16 or fp16)."""
-    bits = scale.to(xt.dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    pair = (bits | (bits << 16))[:, None]
-    l0, l1, l2, l3, h0, h1, h2, h3 = table
-    asm: tl.constexpr = PERMUTE_DECODE_SCALED_BF16 if xt.dtype == tl.bfloat16 else PERMUTE_DECODE_SCALED_F16
-    p0, p1, p2, p3 = tl.inline_asm_elementwise(
-        asm, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [words, l0, l1, l2, l3, h0, h1, h2, h3, pair],
-        dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-    return tl.dot(_code_tile(p0, p1, p2, p3, xt.dtype, BLOCK_N, SUB), xt, acc)
+    """acc + (codes(words) * scale[:, None]) @ xt, the scaled codes rounded to xt's 16-bit type."""
+    return tl.dot(permute_codes_scaled(words, table, scale, xt.dtype, BLOCK_N, SUB), xt, acc)
 
 
 @triton.jit

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import cuda as tl_cuda
 
-from .nf4_decode import gather_dot, permute_dot, permute_dot_scaled, table_words
+from .nf4_decode import gather_codes, gather_dot, permute_codes, permute_codes_scaled, permute_dot, permute_dot_scaled, table_words
 from .segmented_lora import interpreting
 
 MAX_SPLITS = 32
@@ -56,6 +56,7 @@ class NF4Tiles:
     permute: bool = False  # decode through byte permutes of the code table held in registers (CUDA only)
     prescale: bool = False  # (with permute) codes times their absmax in 16-bit pairs, the dot accumulating in place
     sum_in_kernel: bool = True  # split-K: the last program of a tile to finish adds the partial sums (no second launch)
+    codes_as_b: bool = False  # x [BLOCK_M, k] @ codes^T (x rows as the wgmma's M, codes from shared memory; BLOCK_M >= 64)
 
 
 # (block_m, block_k, num_stages) of the row-count rule below, smallest block_m first
@@ -220,7 +221,7 @@ def _nf4_matmul_kernel(
     NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_IN_MEMORY: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SUM_IN_KERNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, PERMUTE: tl.constexpr, PRESCALE: tl.constexpr,
+    PREFETCH: tl.constexpr, PERMUTE: tl.constexpr, PRESCALE: tl.constexpr, CODES_AS_B: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile over packed bytes [split, split + 1) * bytes_per_split of each weight row.
 
@@ -256,7 +257,10 @@ def _nf4_matmul_kernel(
         if OFFSET_IN_MEMORY:
             offset = tl.load(offset_ptr).to(tl.float32)
 
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if CODES_AS_B:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     # loop in bytes of a weight row: bytes_per_split and SUB are multiples of 16 -> 16-byte loads
     byte_begin = split * bytes_per_split
     n_steps = tl.minimum(bytes_per_split, row_bytes - byte_begin) // (BLOCK_K // 2)
@@ -290,16 +294,30 @@ def _nf4_matmul_kernel(
                 a = tl.load(absmax_ptr + blocks, mask=row_mask, other=0)
                 scale = _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
                                      NESTED, NESTED_BLOCKSIZE)
-            # loaded along x's rows (contiguous: 16-byte loads), transposed for the dot
-            xt = tl.trans(tl.load(x_rows + 2 * b0, mask=m_mask[:, None], other=0.0))
-            if PRESCALE:
+            # loaded along x's rows (contiguous: 16-byte loads)
+            xr = tl.load(x_rows + 2 * b0, mask=m_mask[:, None], other=0.0)
+            xt = tl.trans(xr)
+            if CODES_AS_B:  # acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, 2 * SUB] @ codes^T
+                if PRESCALE:
+                    acc = tl.dot(xr, tl.trans(permute_codes_scaled(q, table, scale, xr.dtype, BLOCK_N, SUB)), acc)
+                elif PERMUTE:
+                    acc += tl.dot(xr, tl.trans(permute_codes(q, table, xr.dtype, BLOCK_N, SUB))) * scale[None, :]
+                elif FP32_DOT:
+                    acc += tl.dot(xr.to(tl.float32), tl.trans(gather_codes(q, code, BLOCK_N, SUB)),
+                                  input_precision="ieee") * scale[None, :]
+                else:
+                    acc += tl.dot(xr, tl.trans(gather_codes(q, code, BLOCK_N, SUB))) * scale[None, :]
+            elif PRESCALE:
                 acc = permute_dot_scaled(q, table, scale, xt, acc, BLOCK_N, SUB)
             elif PERMUTE:
                 acc += permute_dot(q, table, xt, BLOCK_N, SUB) * scale[:, None]
             else:
                 acc += gather_dot(q, code, xt, BLOCK_N, SUB, FP32_DOT) * scale[:, None]
 
-    result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    if CODES_AS_B:
+        result = acc
+    else:
+        result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     mask = m_mask[:, None] & row_mask[None, :]
     if SPLIT:
         tl.store(partial_ptr + (split * M + ms.to(tl.int64))[:, None] * N + rows[None, :], result, mask=mask,
@@ -403,7 +421,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         HAS_BIAS=bias is not None, SPLIT=splits > 1, SUM_IN_KERNEL=sum_in_kernel,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         FP32_DOT=x.dtype == torch.float32 or interpreting(), PDL=pdl, PREFETCH=tiles.prefetch,
-        PERMUTE=permute, PRESCALE=permute and tiles.prescale,
+        PERMUTE=permute, PRESCALE=permute and tiles.prescale, CODES_AS_B=tiles.codes_as_b,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if splits > 1 and not sum_in_kernel:

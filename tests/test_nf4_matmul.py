@@ -103,6 +103,8 @@ def test_matches_float64_reference(M, shape, compress, bias):
     NF4Tiles(block_m=128, block_n=64, block_k=128, splits=1, num_warps=8),  # a wide batch's 128-feature steps
     NF4Tiles(block_m=16, block_n=64, block_k=64, splits=2, prefetch=True),  # next step's loads ahead, split-K
     NF4Tiles(block_m=16, block_n=32, block_k=32, splits=1, prefetch=True),  # two steps per absmax block
+    NF4Tiles(block_m=64, block_n=64, block_k=64, splits=2, codes_as_b=True),  # x @ codes^T, split-K
+    NF4Tiles(block_m=64, block_n=32, block_k=128, splits=1, prefetch=False, codes_as_b=True),
 ])
 @pytest.mark.parametrize("compress", [True, False])
 def test_fp32_is_exact_on_the_format(tiles, compress):
