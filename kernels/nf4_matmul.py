@@ -243,7 +243,13 @@ def _nf4_matmul_kernel(
     else:
         packed_rows = packed_ptr + rows64[:, None] * row_bytes + tl.arange(0, SUB)[None, :]  # [BLOCK_N, SUB]
     block_rows = rows64 * (K // BLOCKSIZE)
-    x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm + tl.arange(0, 2 * SUB)[None, :]  # x [BLOCK_M, 2 * SUB]
+    # x's rows past M read row M - 1 instead (their products are never stored): unmasked loads, which the pipeline
+    # turns into asynchronous copies to shared memory
+    x_at = tl.minimum(ms, M - 1).to(tl.int64)
+    if CODES_AS_B:
+        x_rows = x_ptr + x_at[:, None] * stride_xm + tl.arange(0, 2 * SUB)[None, :]  # x [BLOCK_M, 2 * SUB]
+    else:  # x^T [2 * SUB, BLOCK_M] (contiguous along its first dimension: 16-byte loads)
+        x_cols = x_ptr + x_at[None, :] * stride_xm + tl.arange(0, 2 * SUB)[:, None]
     # The 16 code values in the dot's input type. tl.gather reads them from shared memory with a 32-bit
     # address (a global-memory gather costs two more instructions per weight: the kernel is issue-bound).
     if FP32_DOT:  # fp32 inputs, or the interpreter (whose bf16/fp16 tl.dot is wrong)
@@ -294,9 +300,10 @@ def _nf4_matmul_kernel(
                 a = tl.load(absmax_ptr + blocks, mask=row_mask, other=0)
                 scale = _block_scale(a, blocks, row_mask, nested_absmax_ptr, nested_code_ptr, offset,
                                      NESTED, NESTED_BLOCKSIZE)
-            # loaded along x's rows (contiguous: 16-byte loads)
-            xr = tl.load(x_rows + 2 * b0, mask=m_mask[:, None], other=0.0)
-            xt = tl.trans(xr)
+            if CODES_AS_B:
+                xr = tl.load(x_rows + 2 * b0)
+            else:
+                xt = tl.load(x_cols + 2 * b0)
             if CODES_AS_B:  # acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, 2 * SUB] @ codes^T
                 if PRESCALE:
                     acc = tl.dot(xr, tl.trans(permute_codes_scaled(q, table, scale, xr.dtype, BLOCK_N, SUB)), acc)
