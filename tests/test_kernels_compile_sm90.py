@@ -45,14 +45,17 @@ for n, kk in SHAPES:
             sub = min(t.block_k, 64) // 2
             for nested in (True, False) if not t.permute else (True,):  # (the decodes read absmax alike)
                 key = dict(BLOCKSIZE=64, SUB=sub, KB=t.block_k // (2 * sub), NESTED=nested, NESTED_BLOCKSIZE=256,
-                           OFFSET_IN_MEMORY=True, HAS_BIAS=False, SPLIT=t.splits > 1, BLOCK_M=t.block_m,
-                           BLOCK_N=t.block_n, BLOCK_K=t.block_k, FP32_DOT=False, PDL=t.splits > 1,
-                           PREFETCH=t.prefetch, PERMUTE=t.permute, PRESCALE=t.prescale)
+                           OFFSET_IN_MEMORY=True, HAS_BIAS=False, SPLIT=t.splits > 1,
+                           SUM_IN_KERNEL=t.splits > 1 and t.sum_in_kernel, BLOCK_M=t.block_m,
+                           BLOCK_N=t.block_n, BLOCK_K=t.block_k, FP32_DOT=False,
+                           PDL=t.splits > 1 and not t.sum_in_kernel, PREFETCH=t.prefetch, PERMUTE=t.permute,
+                           PRESCALE=t.prescale, CODES_AS_B=t.codes_as_b)
                 # the scaled decode's asm differs by type (bf16x2 / f16x2 FMAs): fp16 inputs too
                 for x in ("*bf16", "*fp16") if t.prescale else ("*bf16",):
                     variants[json.dumps([key, x], sort_keys=True)] = (key, t.num_warps, t.num_stages, x)
 types = {"packed_ptr": "*u8", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
-         "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "partial_ptr": "*fp32", "offset": "fp32"}
+         "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "partial_ptr": "*fp32", "arrivals_ptr": "*i32",
+         "offset": "fp32"}
 compile_all([(k._nf4_matmul_kernel, constexprs, dict(types, absmax_ptr="*u8" if constexprs["NESTED"] else "*fp32",
                                                      x_ptr=x, bias_ptr=x, out_ptr=x),
               warps, stages) for constexprs, warps, stages, x in variants.values()])
