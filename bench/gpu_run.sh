@@ -62,7 +62,7 @@ for step in "$@"; do
       python3 bench/nf4_matmul.py --decode-ab --rows ${ROWS_AB:-1 2 16 32 48 64 96 128} --out "$OUT/nf4_decode_ab.json" 2>&1 \
         | grep -v "it/s" | tail -60 ;;
     sumab)  # split-K sums by a second launch vs in the kernel, the 8B layer's four matmuls beside dense bf16
-      python3 bench/nf4_matmul.py --sum-ab --rows ${ROWS_SUM:-16 32 48 64} --out "$OUT/nf4_sum_ab.json" 2>&1 \
+      python3 bench/nf4_matmul.py --sum-ab --rows ${ROWS_SUM:-16 48 64} --out "$OUT/nf4_sum_ab.json" 2>&1 \
         | tail -60 ;;
     grid)
       python3 bench/nf4_matmul.py --grid "${GRID_WEIGHT:-8b o_proj}" --rows ${ROWS_GRID:-48 64} --out "$OUT/nf4_tile_grid.json" \

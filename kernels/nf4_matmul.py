@@ -116,7 +116,7 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
         bm, bk, stages = WIDE_STEP
         wide = [rule, choose_tiles(M, N, K, blocksize, num_sms, STEPS[-1]),
                 choose_tiles(M, N, K, blocksize, num_sms, (bm, 2 * bk, stages)),
-                choose_tiles(M, N, K, blocksize, num_sms, (bm, bk, stages + 1))]
+                choose_tiles(M, N, K, blocksize, num_sms, (bm, bk, stages + 1)), replace(rule, codes_as_b=True)]
         return _every_decode(list(dict.fromkeys(wide + _unsplit(wide))), M)
     steps = [step for step in STEPS if step[0] < rule.block_m]
     tiles = [rule] + [choose_tiles(M, N, K, blocksize, num_sms, step) for step in steps]
@@ -151,6 +151,10 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
         even = max((d for d in range(1, narrow.splits) if k_tiles % d == 0), default=None)
         if even is not None and k_tiles % narrow.splits:
             tiles.append(replace(narrow, splits=even))
+        if rule.block_m >= 64:  # x's rows as the wgmma's M, the codes its shared-memory operand: fewer instructions a
+            # weight at 128 features a program (sm90 SASS, scaled decode: 344 a loop step for 8,192 weights against 265
+            # for 4,096 with the codes as the register operand)
+            tiles += [replace(rule, codes_as_b=True), replace(narrow, codes_as_b=True)]
     return _every_decode(list(dict.fromkeys(tiles + _unsplit([rule]))), M)
 
 

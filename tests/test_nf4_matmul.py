@@ -274,8 +274,11 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
     for M in (32, 48, 64):
         rule, tiles = choose_tiles(M, 4096, 4096, BLOCKSIZE, 132), candidate_tiles(M, 4096, 4096, BLOCKSIZE, 132)
         assert replace(rule, num_warps=8) in tiles
-        narrow = [t for t in tiles if t.block_n == 64 and not t.prefetch]
+        narrow = [t for t in tiles if t.block_n == 64 and not t.prefetch and not t.codes_as_b]
         assert narrow[0].block_m == rule.block_m and narrow[0].splits <= rule.splits
+        # from 64 rows a program (33 rows on) also x @ codes^T, 128 and 64 features a program
+        codes_as_b = [t for t in tiles if t.codes_as_b]
+        assert codes_as_b == ([replace(rule, codes_as_b=True), replace(narrow[0], codes_as_b=True)] if M > 32 else [])
         # and with one absmax block a step, the next step's loads issued ahead
         [ahead] = [t for t in tiles if t.block_n == 64 and t.prefetch]
         assert ahead.block_m == rule.block_m and ahead.block_k == min(rule.block_k, BLOCKSIZE)
@@ -291,8 +294,9 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
     assert rule == choose_tiles(128, 28672, 4096, BLOCKSIZE, 132) and rule.block_m == 128
     assert {(t.block_m, t.block_k, t.num_stages) for t in wide[1:4]} == {
         (64, 64, 3), (128, 2 * rule.block_k, rule.num_stages), (128, rule.block_k, rule.num_stages + 1)}
-    # and each of those four with split-K again without it (its partial sums cost up to half the matmul's time)
-    assert wide[4:] == [replace(t, splits=1) for t in wide[:4] if t.splits > 1] and wide[4:]
+    assert wide[4] == replace(rule, codes_as_b=True)  # x's 128 rows as the wgmma's M
+    # and each of those five with split-K again without it (its partial sums cost up to half the matmul's time)
+    assert wide[5:] == [replace(t, splits=1) for t in wide[:5] if t.splits > 1] and wide[5:]
 
 
 def test_prefetch_needs_one_absmax_block_per_step():
@@ -311,7 +315,8 @@ def test_wide_batches_take_128_or_64_rows_per_program_and_give_the_same_product(
     x = torch.randn(130, 256, generator=torch.Generator().manual_seed(12))
     ref = x.double() @ dequantized(packed, state, torch.float32).double().T
     tiles = candidate_tiles(130, 64, 256, BLOCKSIZE, 2)
-    assert [(t.block_m, t.num_warps) for t in tiles] == [(128, 8), (64, 4), (128, 8), (128, 8)]
+    assert [(t.block_m, t.num_warps, t.codes_as_b) for t in tiles] == [
+        (128, 8, False), (64, 4, False), (128, 8, False), (128, 8, False), (128, 8, True)]
     for t in tiles:
         out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
         assert relative_error(out, ref) < 1e-5, t
@@ -324,7 +329,8 @@ def test_every_candidate_tiling_gives_the_same_product():
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(10))
     ref = x.double() @ dequantized(packed, state, torch.float32).double().T
     tiles = candidate_tiles(40, 64, 256, BLOCKSIZE, 2)
-    assert len(tiles) == 11 and sum(t.prefetch for t in tiles) == 4 and sum(t.block_n == 64 for t in tiles) == 2
+    assert len(tiles) == 13 and sum(t.prefetch for t in tiles) == 4 and sum(t.block_n == 64 for t in tiles) == 3
+    assert [t.codes_as_b for t in tiles].count(True) == 2
     assert [t.splits for t in tiles[6:8]] == [2, 4] and tiles[7] == replace(tiles[0], splits=4)  # more split-K
     for t in tiles:
         out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
@@ -336,3 +342,4 @@ def test_tile_label_names_every_field_the_calibration_chooses():
     assert tile_label(NF4Tiles(64, 64, 64, 4, 4, 3, prefetch=True, permute=True, prescale=True)) == \
         "64x64x64 s4 w4 st3 +pf +perm +ps"
     assert tile_label(NF4Tiles(16, 128, 64, 1)) == "16x128x64 s1 w4 st2"
+    assert tile_label(NF4Tiles(64, 128, 64, 2, codes_as_b=True, sum_in_kernel=False)) == "64x128x64 s2 w4 st2 +xb -sum2"
