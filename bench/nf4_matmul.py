@@ -240,7 +240,7 @@ def sum_ab(layers: dict, rows: list[int]) -> list[dict]:
                 elif t.splits == 1:
                     modes = {"unsplit": t}
                 else:
-                    modes = {"second_launch": replace(t, sum_in_kernel=False), "in_kernel": t}
+                    modes = {"second_launch": replace(t, sum_in_kernel=False), "in_kernel": replace(t, sum_in_kernel=True)}
                 for mode, tm in modes.items():
                     try:
                         us = measure(layer, m, tiles=tm, with_bnb=False, weights=rotation)["fused_us"]

@@ -19,7 +19,12 @@ instruction issue on the decoding, not by tensor cores
 8,192 weights), so the cost hardly depends on the row count up to 32.
 Split-K (so that out=4096 shapes still start a few programs per SM) writes fp32 partial sums
 [splits, M, N] that a second small kernel adds in a fixed order: deterministic, no atomics; on
-Hopper that launch overlaps the first one's tail (programmatic dependent launch).
+Hopper that launch overlaps the first one's tail (programmatic dependent launch). With
+NF4Tiles.sum_in_kernel the last program of each output tile to store its partial (an acquire-release
+count per tile, reset by that program) adds them instead, in the same order: the same bits, one launch.
+NF4Tiles.codes_as_b swaps the dot's operands, x [BLOCK_M, k] @ codes^T: x's rows become the wgmma's M
+(64 a warpgroup) and the codes its shared-memory operand, so 128 features a program take fewer
+instructions a weight than with the codes as the register operand (sm90 SASS of the loop step).
 Tile sizes come from `choose_tiles` (an explicit rule; @triton.autotune needs a GPU at import);
 `candidate_tiles` adds other row steps and a prefetching variant (the next step's bytes and absmax are
 loaded before this step's math, against load latency) for the start-up calibration to time.
@@ -55,7 +60,9 @@ class NF4Tiles:
     prefetch: bool = False  # load the next step's bytes and absmax before this step's math (block_k <= blocksize)
     permute: bool = False  # decode through byte permutes of the code table held in registers (CUDA only)
     prescale: bool = False  # (with permute) codes times their absmax in 16-bit pairs, the dot accumulating in place
-    sum_in_kernel: bool = True  # split-K: the last program of a tile to finish adds the partial sums (no second launch)
+    # split-K: the last program of each output tile to finish adds the partial sums (no second launch). Off until a GPU
+    # run checks it (tests/test_gpu_fastpath.py) and times it (bench/nf4_matmul.py --sum-ab): not yet run on one
+    sum_in_kernel: bool = False
     codes_as_b: bool = False  # x [BLOCK_M, k] @ codes^T (x rows as the wgmma's M, codes from shared memory; BLOCK_M >= 64)
 
 

@@ -350,9 +350,8 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
 
 def tile_label(t) -> str:
     """A candidate tiling in a few characters for the log: rows x features x input step, splits, warps, stages, and
-    + pf (prefetch), + perm (permute decode), + ps (codes scaled before the dot), + xb (x @ codes^T), - sum2 (split-K
-    partial sums added by a second launch)."""
+    + pf (prefetch), + perm (permute decode), + ps (codes scaled before the dot), + xb (x @ codes^T), + sk (split-K
+    partial sums added in the kernel)."""
     flags = "".join(f" +{name}" for name, on in (("pf", t.prefetch), ("perm", t.permute), ("ps", t.prescale),
-                                                 ("xb", t.codes_as_b)) if on)
-    flags += " -sum2" if t.splits > 1 and not t.sum_in_kernel else ""
+                                                 ("xb", t.codes_as_b), ("sk", t.splits > 1 and t.sum_in_kernel)) if on)
     return f"{t.block_m}x{t.block_n}x{t.block_k} s{t.splits} w{t.num_warps} st{t.num_stages}{flags}"

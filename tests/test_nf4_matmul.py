@@ -104,6 +104,7 @@ def test_matches_float64_reference(M, shape, compress, bias):
     NF4Tiles(block_m=16, block_n=64, block_k=64, splits=2, prefetch=True),  # next step's loads ahead, split-K
     NF4Tiles(block_m=16, block_n=32, block_k=32, splits=1, prefetch=True),  # two steps per absmax block
     NF4Tiles(block_m=64, block_n=64, block_k=64, splits=2, codes_as_b=True),  # x @ codes^T, split-K
+    NF4Tiles(block_m=32, block_n=32, block_k=64, splits=4, sum_in_kernel=True),  # the split sums in the kernel
     NF4Tiles(block_m=64, block_n=32, block_k=128, splits=1, prefetch=False, codes_as_b=True),
 ])
 @pytest.mark.parametrize("compress", [True, False])
@@ -149,7 +150,7 @@ def test_split_sums_in_kernel_are_the_second_launchs(bias):
     packed, state = quantize(96, 512, True, seed=9)
     x = torch.randn(20, 512, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
     b = torch.randn(96).to(torch.bfloat16) if bias else None
-    tiles = NF4Tiles(block_m=16, block_n=32, block_k=64, splits=4)  # 3 x 2 tiles of 4 splits
+    tiles = NF4Tiles(block_m=16, block_n=32, block_k=64, splits=4, sum_in_kernel=True)  # 3 x 2 tiles of 4 splits
     args = (x, packed, state.absmax, state.code, BLOCKSIZE, 96)
     separate = nf4_matmul(*args, bias=b, tiles=replace(tiles, sum_in_kernel=False), **state_kwargs(state))
     for _ in range(2):
@@ -342,4 +343,4 @@ def test_tile_label_names_every_field_the_calibration_chooses():
     assert tile_label(NF4Tiles(64, 64, 64, 4, 4, 3, prefetch=True, permute=True, prescale=True)) == \
         "64x64x64 s4 w4 st3 +pf +perm +ps"
     assert tile_label(NF4Tiles(16, 128, 64, 1)) == "16x128x64 s1 w4 st2"
-    assert tile_label(NF4Tiles(64, 128, 64, 2, codes_as_b=True, sum_in_kernel=False)) == "64x128x64 s2 w4 st2 +xb -sum2"
+    assert tile_label(NF4Tiles(64, 128, 64, 2, codes_as_b=True, sum_in_kernel=True)) == "64x128x64 s2 w4 st2 +xb +sk"
