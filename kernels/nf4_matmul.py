@@ -254,13 +254,10 @@ def _nf4_matmul_kernel(
     else:
         packed_rows = packed_ptr + rows64[:, None] * row_bytes + tl.arange(0, SUB)[None, :]  # [BLOCK_N, SUB]
     block_rows = rows64 * (K // BLOCKSIZE)
-    # x's rows past M read row M - 1 instead (their products are never stored): unmasked loads, which the pipeline
-    # turns into asynchronous copies to shared memory
-    x_at = tl.minimum(ms, M - 1).to(tl.int64)
-    if CODES_AS_B:
-        x_rows = x_ptr + x_at[:, None] * stride_xm + tl.arange(0, 2 * SUB)[None, :]  # x [BLOCK_M, 2 * SUB]
-    else:  # x^T [2 * SUB, BLOCK_M] (contiguous along its first dimension: 16-byte loads)
-        x_cols = x_ptr + x_at[None, :] * stride_xm + tl.arange(0, 2 * SUB)[:, None]
+    if CODES_AS_B:  # x's rows past M read row M - 1 (their products are never stored): unmasked loads
+        x_rows = x_ptr + tl.minimum(ms, M - 1).to(tl.int64)[:, None] * stride_xm + tl.arange(0, 2 * SUB)[None, :]
+    else:
+        x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm + tl.arange(0, 2 * SUB)[None, :]  # x [BLOCK_M, 2 * SUB]
     # The 16 code values in the dot's input type. tl.gather reads them from shared memory with a 32-bit
     # address (a global-memory gather costs two more instructions per weight: the kernel is issue-bound).
     if FP32_DOT:  # fp32 inputs, or the interpreter (whose bf16/fp16 tl.dot is wrong)
@@ -313,8 +310,8 @@ def _nf4_matmul_kernel(
                                      NESTED, NESTED_BLOCKSIZE)
             if CODES_AS_B:
                 xr = tl.load(x_rows + 2 * b0)
-            else:
-                xt = tl.load(x_cols + 2 * b0)
+            else:  # loaded along x's rows (contiguous: 16-byte loads), transposed for the dot
+                xt = tl.trans(tl.load(x_rows + 2 * b0, mask=m_mask[:, None], other=0.0))
             if CODES_AS_B:  # acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, 2 * SUB] @ codes^T
                 if PRESCALE:
                     acc = tl.dot(xr, tl.trans(permute_codes_scaled(q, table, scale, xr.dtype, BLOCK_N, SUB)), acc)
@@ -338,9 +335,11 @@ def _nf4_matmul_kernel(
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     mask = m_mask[:, None] & row_mask[None, :]
     if SPLIT:
-        tl.store(partial_ptr + (split * M + ms.to(tl.int64))[:, None] * N + rows[None, :], result, mask=mask,
-                 cache_modifier=".cg")
-        if SUM_IN_KERNEL:  # the tile's last program to arrive adds all its partial sums, in split order
+        partials = partial_ptr + (split * M + ms.to(tl.int64))[:, None] * N + rows[None, :]
+        if not SUM_IN_KERNEL:
+            tl.store(partials, result, mask=mask)
+        else:  # the tile's last program to arrive adds all its partial sums, in split order
+            tl.store(partials, result, mask=mask, cache_modifier=".cg")
             splits = tl.num_programs(0)
             tile = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
             tl.debug_barrier()  # every thread's partial stored before the arrival is counted (release, GPU scope)
