@@ -174,6 +174,29 @@ def nf4_tile_grid(result: dict, fig) -> None:
     ax.legend(fontsize=7)
 
 
+def nf4_sum_ab(result: dict, fig) -> None:
+    """bench/nf4_matmul.py --sum-ab: per weight and row count, the best tiling's time over dense bf16 with split-K sums
+    by a second launch, in the kernel, and with the codes as the dot's B operand."""
+    rows = result["sum_ab"]
+    labels = [f"{r['weight']} M={r['rows']}" for r in rows]
+    over = lambda key: [None if r[key] == float("inf") else r[key] / r["dense_us"] for r in rows]  # noqa: E731
+    ax = fig.subplots()
+    _bars(ax, labels, {"second launch": over("second_launch_us"), "in kernel": over("in_kernel_us"),
+                       "codes as B": over("codes_as_b_us"), "unsplit": over("unsplit_us")},
+          "fused NF4 time / dense bf16 time", f"NF4 split-K sums and operand order ({_where(result)})")
+    ax.axhline(1, color="grey", lw=0.8)
+
+
+def nf4_sass(result: dict, fig) -> None:
+    """bench/nf4_sass.py: the NF4 kernel's sm90 loop, warp instructions a weight per tiling (no GPU)."""
+    rows = result["tilings"]
+    flags = lambda t: "".join(f" +{n}" for n, k in (("ps", "prescale"), ("xb", "codes_as_b"), ("sk", "sum_in_kernel"))  # noqa: E731
+                              if t[k])
+    labels = [f"{r['tiles']['block_m']}x{r['tiles']['block_n']} w{r['tiles']['num_warps']}{flags(r['tiles'])}" for r in rows]
+    _bars(fig.subplots(), labels, {"warp instructions / weight": [r["warp_instructions_per_weight"] for r in rows]},
+          "warp instructions a weight", f"NF4 kernel loop, {result['target']}")
+
+
 def paged_attention(result: dict, fig) -> None:
     """bench/paged_attention.py: kernel time over its floor, and kernel vs gather-then-attend, per case."""
     left, right = fig.subplots(1, 2)
@@ -350,6 +373,7 @@ DRAWERS = {
     "engine_cpu": (engine, (11, 4)), "engine_gpu": (engine, (7, 4)), "grpc_vs_http": (grpc_vs_http, (7, 4)),
     "kernels": (lora_kernels, (12, 4.5)), "load": (load, (11, 4)), "nf4_matmul": (nf4_matmul, (8, 5)),
     "nf4_decode_ab": (nf4_decode_ab, (8, 5)), "nf4_tile_grid": (nf4_tile_grid, (8, 4.5)),
+    "nf4_sum_ab": (nf4_sum_ab, (11, 4.5)), "nf4_sass": (nf4_sass, (10, 4.5)),
     "paged_attention": (paged_attention, (13, 5)), "profile_step": (profile_step, (9, 4.5)),
     "serve_gpu": (serve_gpu, (12, 4.5)), "step_host": (step_host, (9, 4.5)), "train_quality": (train_quality, (14, 4)),
     "train_speed": (train_speed, (11, 4)),

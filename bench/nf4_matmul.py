@@ -306,6 +306,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                        "sum_ab": rows}, f, indent=1)
+        figures.draw_after_run(args.out)
         return
     if args.decode_ab:
         rows = decode_ab({name: layer for name, layer in layers.items() if name.startswith("8b")}, args.rows)
