@@ -190,9 +190,10 @@ def nf4_sum_ab(result: dict, fig) -> None:
 def nf4_sass(result: dict, fig) -> None:
     """bench/nf4_sass.py: the NF4 kernel's sm90 loop, warp instructions a weight per tiling (no GPU)."""
     rows = result["tilings"]
-    flags = lambda t: "".join(f" +{n}" for n, k in (("ps", "prescale"), ("xb", "codes_as_b"), ("sk", "sum_in_kernel"))  # noqa: E731
-                              if t[k])
-    labels = [f"{r['tiles']['block_m']}x{r['tiles']['block_n']} w{r['tiles']['num_warps']}{flags(r['tiles'])}" for r in rows]
+    def label(t: dict) -> str:
+        flags = "".join(f" +{n}" for n, k in (("ps", "prescale"), ("xb", "codes_as_b"), ("sk", "sum_in_kernel")) if t[k])
+        return f"{t['block_m']}x{t['block_n']} w{t['num_warps']}{flags}"
+    labels = [label(r["tiles"]) for r in rows]
     _bars(fig.subplots(), labels, {"warp instructions / weight": [r["warp_instructions_per_weight"] for r in rows]},
           "warp instructions a weight", f"NF4 kernel loop, {result['target']}")
 

@@ -8,7 +8,7 @@ does (bitsandbytes Linear4bit, NF4, double quantisation, blocksize 64, bf16 comp
          this is runtime/nf4_linear.calibrate's measurement, so its DISPATCH thresholds come out too
   floor  (packed bytes + absmax bytes) / device-to-device copy bandwidth (bytes read + written)
 The table shows each path's time over the floor; the JSON has the microseconds and a suggested DISPATCH.
---sweep also times alternative tile shapes for a few cases (to tune kernels/nf4_matmul.choose_tiles).
+--sweep also times alternative tile shapes for a few cases (to tune kernels/nf4_tiles.choose_tiles).
 --decode-ab times every candidate tiling with each decode (shared-memory table gather, register byte permutes),
 checks that both give the same product, and sets the best of each beside a dense bf16 matmul.
 --sum-ab times the split-K candidates with their partial sums added by a second launch and in the kernel (the last
@@ -91,13 +91,13 @@ def check(layer, rows: int) -> dict:
 
 
 def sweep(layers: dict, bandwidth: float) -> list[dict]:
-    from loraplex.kernels.nf4_matmul import NF4Tiles, _num_sms, choose_tiles
+    from loraplex.kernels.nf4_tiles import NF4Tiles, choose_tiles, sm_count
     from loraplex.runtime.nf4_linear import measure
     out = []
     for name, rows in SWEEP_CASES:
         layer = layers[name]
         n, k = layer.out_features, layer.in_features
-        rule = choose_tiles(rows, n, k, BLOCKSIZE, _num_sms(torch.device("cuda")))
+        rule = choose_tiles(rows, n, k, BLOCKSIZE, sm_count(torch.device("cuda")))
         floor = weight_bytes(layer) / bandwidth * 1e6
         candidates = {rule}
         for bn, bk, warps in ((128, 128, 4), (128, 64, 4), (256, 128, 8), (128, 256, 4)):
@@ -128,7 +128,7 @@ def tile_grid(layer, name: str, rows: list[int]) -> dict:
     """Every tiling of a grid on one weight at the largest of `rows` (then its six fastest at the others), beside a
     dense bf16 matmul: whether any tiling the calibration does not try would beat dense."""
     import itertools
-    from loraplex.kernels.nf4_matmul import NF4Tiles, _num_sms, candidate_tiles
+    from loraplex.kernels.nf4_tiles import NF4Tiles, candidate_tiles, sm_count
     from loraplex.runtime.nf4_linear import measure, measure_dense, nf4_rotation
     n, k = layer.out_features, layer.in_features
     rotation, dense = nf4_rotation(layer), measure_dense(layer, rows)
@@ -144,7 +144,7 @@ def tile_grid(layer, name: str, rows: list[int]) -> dict:
         print(f"grid {name} M={m:<3} {us:6.2f} us ({us / dense[m]:.2f} of dense)  {tiles}")
 
     top, others = max(rows), sorted(set(rows) - {max(rows)})
-    candidates = [t for t in candidate_tiles(top, n, k, BLOCKSIZE, _num_sms(torch.device("cuda")))
+    candidates = [t for t in candidate_tiles(top, n, k, BLOCKSIZE, sm_count(torch.device("cuda")))
                   if t.permute and not t.prescale]
     grid = [NF4Tiles(64 if top > 32 else 32, bn, 64, splits, warps, stages, prefetch, permute=True)
             for bn, splits, warps, stages, prefetch in
@@ -166,7 +166,7 @@ def decode_ab(layers: dict, rows: list[int]) -> list[dict]:
     (above PRESCALE_ROWS rows) with the permute decode's codes scaled before the dot, a dense bf16 matmul of the same
     shape, and whether the two unscaled decodes give the same product (bitwise)."""
     from dataclasses import replace
-    from loraplex.kernels.nf4_matmul import PRESCALE_ROWS, _num_sms, candidate_tiles
+    from loraplex.kernels.nf4_tiles import PRESCALE_ROWS, candidate_tiles, sm_count
     from loraplex.runtime.nf4_linear import fused_matmul, measure, measure_dense, nf4_rotation
     out = []
     for name, layer in layers.items():
@@ -181,7 +181,7 @@ def decode_ab(layers: dict, rows: list[int]) -> list[dict]:
                 decodes["prescale"] = {"permute": True, "prescale": True}
             best = {decode: (float("inf"), None) for decode in decodes}
             same = True
-            gather_tiles = [t for t in candidate_tiles(m, n, k, BLOCKSIZE, _num_sms(x.device)) if not t.permute]
+            gather_tiles = [t for t in candidate_tiles(m, n, k, BLOCKSIZE, sm_count(x.device)) if not t.permute]
             for tiles in gather_tiles:
                 for decode, fields in decodes.items():
                     t = replace(tiles, **fields)
@@ -215,7 +215,7 @@ def sum_ab(layers: dict, rows: list[int]) -> list[dict]:
     the fastest with x's rows as the wgmma's M (codes_as_b, from 64 rows) and a dense bf16 matmul; and whether both
     sums give the same product (bitwise: the same additions in order)."""
     from dataclasses import replace
-    from loraplex.kernels.nf4_matmul import MAX_SPLITS, _num_sms, candidate_tiles
+    from loraplex.kernels.nf4_tiles import MAX_SPLITS, candidate_tiles, sm_count
     from loraplex.runtime.nf4_linear import fused_matmul, measure, measure_dense, nf4_rotation
     out = []
     for name, layer in layers.items():
@@ -224,13 +224,14 @@ def sum_ab(layers: dict, rows: list[int]) -> list[dict]:
         state, packed = layer.weight.quant_state, layer.weight.data
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            tiles = [t for t in candidate_tiles(m, n, k, BLOCKSIZE, _num_sms(x.device)) if t.permute]
+            tiles = [t for t in candidate_tiles(m, n, k, BLOCKSIZE, sm_count(x.device)) if t.permute]
             # with no second launch, more splits may pay: twice those of each split candidate
             tiles += [replace(t, splits=min(2 * t.splits, MAX_SPLITS, k // t.block_k)) for t in tiles if t.splits > 1]
             # x rows as the wgmma's M and the codes as its B operand (64 rows and more), also 128 features a program
             wide = [t for t in tiles if t.block_m >= 64]
             tiles += [replace(t, codes_as_b=True) for t in wide]
-            tiles += [replace(t, codes_as_b=True, block_n=128, num_warps=w) for t in wide if t.block_n == 64 for w in (4, 8)]
+            tiles += [replace(t, codes_as_b=True, block_n=128, num_warps=w)
+                      for t in wide if t.block_n == 64 for w in (4, 8)]
             best = {"unsplit": (float("inf"), None), "second_launch": (float("inf"), None),
                     "in_kernel": (float("inf"), None), "codes_as_b": (float("inf"), None)}
             same = True
@@ -240,7 +241,8 @@ def sum_ab(layers: dict, rows: list[int]) -> list[dict]:
                 elif t.splits == 1:
                     modes = {"unsplit": t}
                 else:
-                    modes = {"second_launch": replace(t, sum_in_kernel=False), "in_kernel": replace(t, sum_in_kernel=True)}
+                    modes = {"second_launch": replace(t, sum_in_kernel=False),
+                             "in_kernel": replace(t, sum_in_kernel=True)}
                 for mode, tm in modes.items():
                     try:
                         us = measure(layer, m, tiles=tm, with_bnb=False, weights=rotation)["fused_us"]
@@ -259,12 +261,14 @@ def sum_ab(layers: dict, rows: list[int]) -> list[dict]:
                     same &= torch.equal(fused_matmul(x, packed, state, n, tiles=modes["second_launch"]),
                                         fused_matmul(x, packed, state, n, tiles=modes["in_kernel"]))
             row = {"weight": name, "rows": m, "dense_us": dense[m], "same": same,
-                   **{f"{mode}_us": b[0] for mode, b in best.items()}, **{f"{mode}_tiles": b[1] for mode, b in best.items()}}
+                   **{f"{mode}_us": b[0] for mode, b in best.items()},
+                   **{f"{mode}_tiles": b[1] for mode, b in best.items()}}
             before = min(row["unsplit_us"], row["second_launch_us"])
             after = min(row["unsplit_us"], row["in_kernel_us"], row["codes_as_b_us"])
             row.update(best_before_over_dense=before / dense[m], best_after_over_dense=after / dense[m])
-            print(f"sum {name:>17} M={m:<3} unsplit {row['unsplit_us']:6.1f} second launch {row['second_launch_us']:6.1f} "
-                  f"in kernel {row['in_kernel_us']:6.1f} codes as B {row['codes_as_b_us']:6.1f} dense {dense[m]:6.1f} us  best/dense {before / dense[m]:.3f} -> "
+            print(f"sum {name:>17} M={m:<3} unsplit {row['unsplit_us']:6.1f} second launch "
+                  f"{row['second_launch_us']:6.1f} in kernel {row['in_kernel_us']:6.1f} codes as B "
+                  f"{row['codes_as_b_us']:6.1f} dense {dense[m]:6.1f} us  best/dense {before / dense[m]:.3f} -> "
                   f"{after / dense[m]:.3f} {'same' if same else 'DIFFERENT'}")
             out.append(row)
     worst = {key: max(r[key] for r in out) for key in ("best_before_over_dense", "best_after_over_dense")}

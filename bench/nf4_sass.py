@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from loraplex.kernels import nf4_matmul as nf4  # noqa: E402
-from loraplex.kernels.nf4_matmul import NF4Tiles  # noqa: E402
+from loraplex.kernels.nf4_tiles import NF4Tiles  # noqa: E402
 
 TILINGS = [  # the calibration's usual winners at 16 / 32 / 48-64 / 128 rows, then this session's options
     NF4Tiles(16, 128, 64, 4, 4, 3, permute=True),

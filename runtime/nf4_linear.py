@@ -9,7 +9,7 @@ and whenever a gradient is needed, it is exactly bitsandbytes' Linear4bit.
 
 `calibrate(linears)` measures both paths per distinct weight shape at start-up (CUDA events over
 CUDA-graph replays, the way decode steps run), the fused kernel in each of its candidate tilings
-(kernels/nf4_matmul.candidate_tiles; the fastest goes to TILES), and sets DISPATCH to the row counts
+(kernels/nf4_tiles.candidate_tiles; the fastest goes to TILES), and sets DISPATCH to the row counts
 at which the fused kernel wins; without it the committed defaults below apply. It also times a dense matmul of the same
 shape in the compute dtype (DENSE_US): `dense_faster(rows)` says whether a bf16 merged copy of the
 layers would beat the NF4 path at that batch size (runtime/merged.py's `auto` asks it).
@@ -27,7 +27,8 @@ import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
 from loraplex.kernels.nf4_dequant import nf4_dequantize
-from loraplex.kernels.nf4_matmul import NF4Tiles, _num_sms, candidate_tiles, nf4_matmul
+from loraplex.kernels.nf4_matmul import nf4_matmul
+from loraplex.kernels.nf4_tiles import NF4Tiles, candidate_tiles, sm_count
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
         for m in sorted(rows):
             fused_us[m], bnb_us[m] = float("inf"), 0.0
             state = layer.weight.quant_state
-            candidates = candidate_tiles(m, layer.out_features, layer.in_features, state.blocksize, _num_sms(device))
+            candidates = candidate_tiles(m, layer.out_features, layer.in_features, state.blocksize, sm_count(device))
             x = torch.randn(m, layer.in_features, device=device, dtype=layer.compute_dtype or torch.bfloat16)
             reference = layer.bnb_forward(x).float()
             for i, tiles in enumerate(candidates):  # the rule's tiles first: they also time bitsandbytes

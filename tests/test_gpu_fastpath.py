@@ -132,13 +132,13 @@ def test_permute_decode_equals_the_table_gather(dtype):
     feed the same 16-bit codes to the same dot: every candidate tiling gives the same product bit for bit."""
     from dataclasses import replace
     import bitsandbytes.functional as bnbf
-    from loraplex.kernels.nf4_matmul import _num_sms, candidate_tiles
+    from loraplex.kernels.nf4_tiles import candidate_tiles, sm_count
     from loraplex.runtime.nf4_linear import fused_matmul
     w = (torch.randn(1024, 2048, generator=torch.Generator().manual_seed(1)) * 0.05).to("cuda", dtype)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     for rows in (1, 16, 40, 64, 130):
         x = torch.randn(rows, 2048, device="cuda", dtype=dtype)
-        for tiles in candidate_tiles(rows, 1024, 2048, 64, _num_sms(x.device)):
+        for tiles in candidate_tiles(rows, 1024, 2048, 64, sm_count(x.device)):
             if not tiles.permute:
                 gather = fused_matmul(x, packed, state, 1024, tiles=tiles)
                 permute = fused_matmul(x, packed, state, 1024, tiles=replace(tiles, permute=True))
@@ -152,7 +152,7 @@ def test_prescaled_permute_decode_is_bitsandbytes_within_one_more_rounding(dtype
     distance from bitsandbytes' dequantised weight (the calibration's own bound is 1e-2)."""
     from dataclasses import replace
     import bitsandbytes.functional as bnbf
-    from loraplex.kernels.nf4_matmul import _num_sms, candidate_tiles
+    from loraplex.kernels.nf4_tiles import candidate_tiles, sm_count
     from loraplex.runtime.nf4_linear import fused_matmul
     w = (torch.randn(1024, 2048, generator=torch.Generator().manual_seed(2)) * 0.05).to("cuda", dtype)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -161,7 +161,7 @@ def test_prescaled_permute_decode_is_bitsandbytes_within_one_more_rounding(dtype
     for rows in (40, 64, 130):
         x = torch.randn(rows, 2048, device="cuda", dtype=dtype)
         reference = x.float() @ weight.T
-        for tiles in candidate_tiles(rows, 1024, 2048, 64, _num_sms(x.device)):
+        for tiles in candidate_tiles(rows, 1024, 2048, 64, sm_count(x.device)):
             if tiles.prescale:
                 scaled = fused_matmul(x, packed, state, 1024, tiles=tiles).float()
                 unscaled = fused_matmul(x, packed, state, 1024, tiles=replace(tiles, prescale=False)).float()
@@ -177,7 +177,8 @@ def test_split_sums_in_kernel_are_the_second_launchs():
     return to zero after every call), on 8B shapes and every candidate tiling that splits."""
     from dataclasses import replace
     import bitsandbytes.functional as bnbf
-    from loraplex.kernels.nf4_matmul import _arrival_counters, _num_sms, candidate_tiles
+    from loraplex.kernels.nf4_matmul import _arrival_counters
+    from loraplex.kernels.nf4_tiles import candidate_tiles, sm_count
     from loraplex.runtime.nf4_linear import fused_matmul
     checked = 0
     for n, k in ((4096, 4096), (6144, 4096)):
@@ -185,7 +186,7 @@ def test_split_sums_in_kernel_are_the_second_launchs():
         packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         for rows in (1, 16, 48, 64):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            for tiles in candidate_tiles(rows, n, k, 64, _num_sms(x.device)):
+            for tiles in candidate_tiles(rows, n, k, 64, sm_count(x.device)):
                 if tiles.splits == 1:
                     continue
                 separate = fused_matmul(x, packed, state, n, tiles=replace(tiles, sum_in_kernel=False))

@@ -35,16 +35,17 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from loraplex.kernels import nf4_matmul as k
+from loraplex.kernels.nf4_tiles import candidate_tiles
 from loraplex.runtime.nf4_linear import CALIBRATION_ROWS
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (3072, 2048), (2048, 8192)]  # 8B, 1B
 variants = {}
 from dataclasses import replace
-def with_sums_in_kernel(m, n, kk):  # not a candidate yet (NF4Tiles.sum_in_kernel), but bench/nf4_matmul.py --sum-ab times it
-    return [replace(t, sum_in_kernel=True) for t in k.candidate_tiles(m, n, kk, 64, 132) if t.splits > 1]
+def with_sums_in_kernel(m, n, kk):  # not a candidate yet (NF4Tiles.sum_in_kernel); bench/nf4_matmul.py --sum-ab times it
+    return [replace(t, sum_in_kernel=True) for t in candidate_tiles(m, n, kk, 64, 132) if t.splits > 1]
 for n, kk in SHAPES:
     for m in CALIBRATION_ROWS:
-        for t in k.candidate_tiles(m, n, kk, 64, 132) + (with_sums_in_kernel(m, n, kk) if (n, kk, m) in (
+        for t in candidate_tiles(m, n, kk, 64, 132) + (with_sums_in_kernel(m, n, kk) if (n, kk, m) in (
                 (4096, 4096, 16), (4096, 4096, 64)) else []):
             sub = min(t.block_k, 64) // 2
             for nested in (True, False) if not t.permute else (True,):  # (the decodes read absmax alike)

@@ -11,7 +11,8 @@ import torch
 
 from loraplex.kernels import nf4_matmul as nf4_module
 from loraplex.kernels.nf4_dequant import nf4_dequantize
-from loraplex.kernels.nf4_matmul import NF4Tiles, choose_tiles, nf4_matmul
+from loraplex.kernels.nf4_matmul import nf4_matmul
+from loraplex.kernels.nf4_tiles import NF4Tiles, choose_tiles
 from loraplex.runtime.nf4_linear import NF4Linear
 
 BLOCKSIZE = 64  # bitsandbytes' CPU dequantise is wrong when in_features is not a multiple of the blocksize
@@ -240,9 +241,9 @@ def test_nf4_linear_on_the_cpu_is_bitsandbytes(training):
 
 
 def candidate_tiles(M, *args):
-    """kernels/nf4_matmul.candidate_tiles' gather-decode part: then come the same tiles with the permute decode, and
+    """kernels/nf4_tiles.candidate_tiles' gather-decode part: then come the same tiles with the permute decode, and
     above PRESCALE_ROWS rows those again with the codes scaled before the dot."""
-    from loraplex.kernels.nf4_matmul import PRESCALE_ROWS, candidate_tiles as every
+    from loraplex.kernels.nf4_tiles import PRESCALE_ROWS, candidate_tiles as every
     tiles = every(M, *args)
     parts = 3 if M > PRESCALE_ROWS else 2
     n = len(tiles) // parts
