@@ -366,6 +366,43 @@ def test_a_failed_write_ends_the_upload_and_leaves_nothing(tmp_path, monkeypatch
     assert not incoming.path.exists() and not list((tmp_path / "store").rglob("adapter_model.safetensors"))
 
 
+def test_a_cancelled_upload_is_removed_only_after_its_block_is_written(tmp_path, monkeypatch):
+    """A client gone mid-upload cancels the task that waits on a block being copied: the block goes on in its
+    thread, and discard() closes the file and removes the directory only once it is done (the thread never writes
+    to a closed, perhaps reused, file descriptor; nothing stays behind)."""
+    import asyncio
+
+    from loraplex.runtime.adapters import incoming as incoming_module
+
+    store = AdapterStore(tmp_path / "store")
+    seen = []
+    real_copy = incoming_module.IncomingWeights._copy_and_write
+
+    def slow_copy(self, block):
+        time.sleep(0.3)
+        real_copy(self, block)
+        seen.append((self._fd is not None, self.path.exists()))
+    monkeypatch.setattr(incoming_module.IncomingWeights, "_copy_and_write", slow_copy)
+    chunk = bytes(incoming_module.BLOCK_BYTES)
+
+    async def receive():
+        incoming = incoming_module.IncomingWeights(store, 256 << 20, 64 << 20)
+        await incoming.write(b'\x02\x00\x00\x00\x00\x00\x00\x00{}' + chunk)  # a first block, being copied
+
+        async def client():
+            await incoming.write(chunk)  # waits on the first block
+        task = asyncio.ensure_future(client())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await incoming.discard()
+        return incoming
+    incoming = asyncio.run(receive())
+    assert seen and all(open_ and there for open_, there in seen), seen
+    assert not incoming.path.exists() and not list((tmp_path / "store").rglob("adapter_model.safetensors"))
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="mincore through libc")
 def test_prefault_gives_exactly_its_pages_and_keeps_what_they_hold():
     """buffers.prefault (libc's madvise through ctypes, which lets the GIL go) makes [start, stop) resident and

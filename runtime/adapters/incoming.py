@@ -138,7 +138,9 @@ class IncomingWeights:
     async def _hand_over(self) -> None:
         """Start copying the pending chunks, after the block before them (one block at a time, in order)."""
         if self._writing is not None:
-            await self._writing
+            # shielded: a cancelled caller (a client gone) must not cancel the block, whose copy goes on in its
+            # threads; discard() waits for it before it closes the file and removes the directory
+            await asyncio.shield(self._writing)
             self._writing = None
         self._check_writes()
         if self._pending:
@@ -261,7 +263,7 @@ class IncomingWeights:
         """Write and hash every byte received so far."""
         await self._hand_over()
         if self._writing is not None:
-            await self._writing
+            await asyncio.shield(self._writing)  # (as in _hand_over)
             self._writing = None
 
     def _seal(self, config_raw: bytes) -> Staged:
