@@ -207,8 +207,8 @@ def _nf4_matmul_kernel(
             if arrived == splits - 1:
                 total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for s in range(splits):  # from L2 (.cg): other SMs wrote them
-                    total += tl.load(partial_ptr + (s * M + ms.to(tl.int64))[:, None] * N + rows[None, :], mask=mask,
-                                     other=0.0, cache_modifier=".cg")
+                    total += tl.load(partials + (s - split).to(tl.int64) * M * N, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
                 tl.store(out_ptr + ms.to(tl.int64)[:, None] * stride_om + rows[None, :],
