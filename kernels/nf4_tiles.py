@@ -23,8 +23,8 @@ class NF4Tiles:
     prefetch: bool = False  # load the next step's bytes and absmax before this step's math (block_k <= blocksize)
     permute: bool = False  # decode through byte permutes of the code table held in registers (CUDA only)
     prescale: bool = False  # (with permute) codes times their absmax in 16-bit pairs, the dot accumulating in place
-    # split-K: the last program of each output tile to finish adds the partial sums (no second launch). Off until a GPU
-    # run checks it (tests/test_gpu_fastpath.py) and times it (bench/nf4_matmul.py --sum-ab): not yet run on one
+    # split-K: the last program of each output tile to finish adds the partial sums (no second launch). Off in the
+    # rule; the start-up calibration (runtime/nf4_linear.calibrate) times its fastest split-K tiling with it on too
     sum_in_kernel: bool = False
     codes_as_b: bool = False  # x [BLOCK_M, k] @ codes^T (x rows as the wgmma's M, codes from shared memory; BLOCK_M >= 64)
 
