@@ -23,8 +23,9 @@ class NF4Tiles:
     prefetch: bool = False  # load the next step's bytes and absmax before this step's math (block_k <= blocksize)
     permute: bool = False  # decode through byte permutes of the code table held in registers (CUDA only)
     prescale: bool = False  # (with permute) codes times their absmax in 16-bit pairs, the dot accumulating in place
-    # split-K: the last program of each output tile to finish adds the partial sums (no second launch). Off in the
-    # rule; the start-up calibration (runtime/nf4_linear.calibrate) times its fastest split-K tiling with it on too
+    # split-K: the last program of each output tile to finish adds the partial sums (no second launch). Same bits, but
+    # 7-15% slower than the second launch on every 8B matmul at 16-64 rows (H100, bench/results/nf4_sum_ab.json): not
+    # a calibration candidate; bench/nf4_matmul.py --sum-ab times it
     sum_in_kernel: bool = False
     codes_as_b: bool = False  # x [BLOCK_M, k] @ codes^T (x rows as the wgmma's M, codes from shared memory; BLOCK_M >= 64)
 
@@ -77,8 +78,9 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
     32-row one at 4.4x, bench/results/nf4_matmul.json), then each step with one absmax block per loop step
     and the next step's loads issued ahead (prefetch), then the rule's tiles with 2x and 4x its splits where
     the partial-sum cap held them down (from 32 rows a [4096, 4096] weight got 4 splits, 128 programs for 132
-    SMs: one 4-warp program per SM; H100, bench/results/serve_trace.json): the start-up calibration times
-    them all and keeps the fastest."""
+    SMs: one 4-warp program per SM; H100, bench/results/serve_trace.json); the rule's tiles in the gather decode, all
+    of them in the permute decode (and scaled, see _every_decode), and from 33 to 64 rows the codes-as-B tiles
+    (_codes_as_b): the start-up calibration times them all and keeps the fastest."""
     rule = choose_tiles(M, N, K, blocksize, num_sms)
     if M > WIDE_ROWS:  # wide batches: 128 or 64 rows per program; smaller steps decode each weight too often.
         # Also 128-feature loop steps and a deeper pipeline: at 96-128 rows the rule's tiles ran at 2x a dense
@@ -121,22 +123,42 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
         even = max((d for d in range(1, narrow.splits) if k_tiles % d == 0), default=None)
         if even is not None and k_tiles % narrow.splits:
             tiles.append(replace(narrow, splits=even))
-        if rule.block_m >= 64:  # x's rows as the wgmma's M, the codes its shared-memory operand: fewer instructions a
-            # weight at 128 features a program (sm90 SASS, scaled decode: 344 a loop step for 8,192 weights against 265
-            # for 4,096 with the codes as the register operand)
-            tiles += [replace(rule, codes_as_b=True), replace(narrow, codes_as_b=True)]
-    return _every_decode(list(dict.fromkeys(tiles + _unsplit([rule]))), M)
+    tiles = _every_decode(list(dict.fromkeys(tiles + _unsplit([rule]))), M)
+    if rule.block_m >= 64:
+        tiles += [t for t in _codes_as_b(M, K, rule, blocksize) if t not in tiles]
+    return tiles
+
+
+def _codes_as_b(M: int, K: int, rule: NF4Tiles, blocksize: int) -> list[NF4Tiles]:
+    """33-64 rows: x's rows as the wgmma's M and the codes its shared-memory operand (fewer instructions a weight:
+    sm90 SASS, scaled decode, 344 a loop step for 8,192 weights against 265 for 4,096 with the codes as the register
+    operand), permute decode, codes scaled before the dot: 128 and 64 features a program, with and without the next
+    step's loads issued ahead, split-K by powers of two while the fp32 partial sums stay under the packed weight bytes.
+    Every tiling that won at 48-64 rows on the four 8B matmuls was one of these (H100, bench/results/nf4_sum_ab.json:
+    o_proj at 48 rows 14.4 us with 128 features and 8 splits, where the calibration's best without them took 15.8)."""
+    k_most = min(MAX_SPLITS, max(1, K // (8 * min(M, WIDE_ROWS))))
+    tiles = []
+    for block_n in (128, 64):
+        for prefetch in (False, True):
+            block_k = min(rule.block_k, blocksize) if prefetch else rule.block_k
+            for splits in (1, 2, 4, 8, 16, 32):
+                if splits <= min(k_most, K // block_k):
+                    tiles.append(NF4Tiles(rule.block_m, block_n, block_k, splits, 4, rule.num_stages, prefetch=prefetch,
+                                          permute=True, prescale=True, codes_as_b=True))
+    return tiles
 
 
 PRESCALE_ROWS = 32  # above this many rows the permute tiles are also timed with the codes scaled before the dot
 
 
 def _every_decode(tiles: list[NF4Tiles], M: int) -> list[NF4Tiles]:
-    """`tiles` (gather decode), then each again with the byte-permute decode (a CUDA-only variant), and above
-    PRESCALE_ROWS each permute tile with its codes scaled before the dot: there the fp32 rescale of the accumulator
-    (BLOCK_M / 64 FFMAs per weight, after the dot has finished) costs more than a 16-bit FMA per pair of weights."""
+    """The rule's tiles (tiles[0]) in the gather decode, then all of `tiles` with the byte-permute decode (a CUDA-only
+    variant, faster on every 8B matmul and row count by 5-25%: H100, bench/results/nf4_decode_ab.json; the gather
+    tiling stays as the fallback where a permute kernel fails its check), and above PRESCALE_ROWS each permute tile
+    with its codes scaled before the dot: there the fp32 rescale of the accumulator (BLOCK_M / 64 FFMAs per weight,
+    after the dot has finished) costs more than a 16-bit FMA per pair of weights."""
     permute = [replace(t, permute=True) for t in tiles]
-    return tiles + permute + ([replace(t, prescale=True) for t in permute] if M > PRESCALE_ROWS else [])
+    return tiles[:1] + permute + ([replace(t, prescale=True) for t in permute] if M > PRESCALE_ROWS else [])
 
 
 def _unsplit(tiles: list[NF4Tiles]) -> list[NF4Tiles]:

@@ -20,7 +20,6 @@ import copy
 import logging
 import statistics
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -299,8 +298,10 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
     if device.type != "cuda" or not torch.cuda.is_available():
         return {}
     layers: dict[tuple[int, int], NF4Linear] = {}
-    for layer in linears:
-        if isinstance(layer, NF4Linear) and layer.weight.device.type == "cuda":
+    for layer in linears:  # 16-bit compute only: an fp32 model on a GPU (a test's reference) keeps the defaults,
+        # where timing every candidate would compile each again for fp32 (minutes on a fresh machine)
+        if (isinstance(layer, NF4Linear) and layer.weight.device.type == "cuda"
+                and layer.compute_dtype in (torch.bfloat16, torch.float16, None)):
             layers.setdefault((layer.out_features, layer.in_features), layer)
     results = {}
     for shape, layer in layers.items():
@@ -321,13 +322,6 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
                     bnb_us[m] = t["bnb_us"]
                 if t["fused_us"] < fused_us[m]:
                     fused_us[m], fastest = t["fused_us"], tiles
-            # the fastest split-K tiling once more with its partial sums added by its own last program (no second
-            # launch, no wait between the two): one more compile per row count, not one per candidate
-            if fastest is not None and fastest.splits > 1 and not fastest.sum_in_kernel:
-                summing = replace(fastest, sum_in_kernel=True)
-                t = _checked_time(layer, x, reference, summing, rotation, with_bnb=False)
-                if t is not None and t["fused_us"] < fused_us[m]:
-                    fused_us[m], fastest = t["fused_us"], summing
             if fastest is not None:
                 TILES[(*shape, m)] = fastest
         dequant_us = DEQUANT_US[shape] = measure_dequant(layer, rotation)

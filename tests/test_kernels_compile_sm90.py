@@ -41,7 +41,7 @@ from loraplex.runtime.nf4_linear import CALIBRATION_ROWS
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (3072, 2048), (2048, 8192)]  # 8B, 1B
 variants = {}
 from dataclasses import replace
-def with_sums_in_kernel(m, n, kk):  # not a candidate yet (NF4Tiles.sum_in_kernel); bench/nf4_matmul.py --sum-ab times it
+def with_sums_in_kernel(m, n, kk):  # not a candidate (NF4Tiles.sum_in_kernel: slower); bench/nf4_matmul.py --sum-ab times it
     return [replace(t, sum_in_kernel=True) for t in candidate_tiles(m, n, kk, 64, 132) if t.splits > 1]
 for n, kk in SHAPES:
     for m in CALIBRATION_ROWS:

@@ -241,16 +241,20 @@ def test_nf4_linear_on_the_cpu_is_bitsandbytes(training):
 
 
 def candidate_tiles(M, *args):
-    """kernels/nf4_tiles.candidate_tiles' gather-decode part: then come the same tiles with the permute decode, and
-    above PRESCALE_ROWS rows those again with the codes scaled before the dot."""
+    """kernels/nf4_tiles.candidate_tiles' tilings in the gather decode, then its codes-as-B tiles (33-64 rows). It
+    gives the rule's tiles in the gather decode, then every tiling with the permute decode, above PRESCALE_ROWS rows
+    those again with the codes scaled before the dot, then the codes-as-B tiles (permute decode, scaled)."""
     from loraplex.kernels.nf4_tiles import PRESCALE_ROWS, candidate_tiles as every
     tiles = every(M, *args)
-    parts = 3 if M > PRESCALE_ROWS else 2
-    n = len(tiles) // parts
-    assert len(tiles) == parts * n and not any(t.permute or t.prescale for t in tiles[:n])
-    assert tiles[n:2 * n] == [replace(t, permute=True) for t in tiles[:n]]
-    assert tiles[2 * n:] == [replace(t, permute=True, prescale=True) for t in tiles[:n]][:len(tiles) - 2 * n]
-    return tiles[:n]
+    assert not tiles[0].permute and not tiles[0].prescale
+    permute = [t for t in tiles[1:] if t.permute and not t.prescale]
+    n = len(permute)
+    assert tiles[1:1 + n] == permute and replace(tiles[0], permute=True) == permute[0]
+    scaled = [replace(t, prescale=True) for t in permute] if M > PRESCALE_ROWS else []
+    assert tiles[1 + n:1 + n + len(scaled)] == scaled
+    extras = tiles[1 + n + len(scaled):]
+    assert all(t.codes_as_b and t.permute and t.prescale for t in extras) and (not extras or 32 < M <= 64)
+    return [replace(t, permute=False) for t in permute] + extras
 
 
 def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetch():
@@ -261,11 +265,14 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
         tiles = candidate_tiles(M, 28672, 4096, BLOCKSIZE, 132)
         assert tiles[0] == choose_tiles(M, 28672, 4096, BLOCKSIZE, 132) and tiles[0].block_m == rule_m
         plain = tiles[:1 + len(others)]
-        ahead = [t for t in tiles[1 + len(others):] if t.prefetch and t.block_n == plain[0].block_n]
+        ahead = [t for t in tiles[1 + len(others):] if t.prefetch and t.block_n == plain[0].block_n and not t.codes_as_b]
         assert [t.block_m for t in plain[1:]] == others and not any(t.prefetch for t in plain)
         assert [t.block_m for t in ahead] == [rule_m] + others  # every step again, one absmax block per step
         assert all(t.prefetch and t.block_k <= BLOCKSIZE for t in ahead)
-        for t in tiles:  # the partial sums stay under a quarter of the packed weight bytes
+        for t in tiles:  # the partial sums stay under a quarter of the packed weight bytes (codes-as-B: a half)
+            if t.codes_as_b:
+                assert t.splits * M * 28672 * 4 <= 28672 * 4096 // 2
+                continue
             assert t.splits * M * 28672 * 4 <= 28672 * 4096 // 4 or t.splits == 1
     # a rule whose splits cut the K loop unevenly (48 rows: 5 splits of 64 steps) is timed against the largest
     # even split under it
@@ -278,11 +285,20 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
         assert replace(rule, num_warps=8) in tiles
         narrow = [t for t in tiles if t.block_n == 64 and not t.prefetch and not t.codes_as_b]
         assert narrow[0].block_m == rule.block_m and narrow[0].splits <= rule.splits
-        # from 64 rows a program (33 rows on) also x @ codes^T, 128 and 64 features a program
+        # from 64 rows a program (33 rows on) also x @ codes^T: 128 and 64 features a program, loads ahead or not,
+        # split-K by powers of two with the partial sums under the packed weight's bytes
         codes_as_b = [t for t in tiles if t.codes_as_b]
-        assert codes_as_b == ([replace(rule, codes_as_b=True), replace(narrow[0], codes_as_b=True)] if M > 32 else [])
+        if M <= 32:
+            assert codes_as_b == []
+        else:
+            assert {(t.block_n, t.prefetch) for t in codes_as_b} == {(128, False), (128, True), (64, False), (64, True)}
+            assert all(t.block_m == 64 and t.permute and t.prescale and t.splits & (t.splits - 1) == 0
+                       and t.splits * M * 4096 * 4 <= 4096 * 4096 // 2 for t in codes_as_b)
+            # the fastest at 48 and 64 rows of o_proj (H100, bench/results/nf4_sum_ab.json)
+            assert NF4Tiles(64, 128 if M == 48 else 64, 64, 8, 4, 3, prefetch=M == 64, permute=True, prescale=True,
+                            codes_as_b=True) in codes_as_b
         # and with one absmax block a step, the next step's loads issued ahead
-        [ahead] = [t for t in tiles if t.block_n == 64 and t.prefetch]
+        [ahead] = [t for t in tiles if t.block_n == 64 and t.prefetch and not t.codes_as_b]
         assert ahead.block_m == rule.block_m and ahead.block_k == min(rule.block_k, BLOCKSIZE)
         assert narrow[0].splits * M * 4096 * 4 <= 4096 * 4096 // 4 or narrow[0].splits == 1
         k_tiles = 4096 // rule.block_k  # and again with an even split where its own cuts the K loop unevenly
@@ -331,8 +347,8 @@ def test_every_candidate_tiling_gives_the_same_product():
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(10))
     ref = x.double() @ dequantized(packed, state, torch.float32).double().T
     tiles = candidate_tiles(40, 64, 256, BLOCKSIZE, 2)
-    assert len(tiles) == 13 and sum(t.prefetch for t in tiles) == 4 and sum(t.block_n == 64 for t in tiles) == 3
-    assert [t.codes_as_b for t in tiles].count(True) == 2
+    assert len(tiles) == 15 and sum(t.prefetch for t in tiles) == 6 and sum(t.block_n == 64 for t in tiles) == 4
+    assert [t.codes_as_b for t in tiles].count(True) == 4  # (1 split: the partial sums would outweigh the weight)
     assert [t.splits for t in tiles[6:8]] == [2, 4] and tiles[7] == replace(tiles[0], splits=4)  # more split-K
     for t in tiles:
         out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
