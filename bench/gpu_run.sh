@@ -28,7 +28,8 @@
 #              chunks first. Two GPU steps at once (a `test` beside a background serve8b) spoil both's numbers
 #   wait       until the background run ends or WAIT seconds (default 540) passed: progress, then copy
 #   gguf       append the carried chunks .gguf_part/* to /tmp/model.gguf (the default model's 98 MB do not
-#              fit one 64 MiB carry: cut it here with `split -b 33m -d`, the last piece renamed *.last, and carry
+#              fit one 64 MiB carry: cut it here into part-00 (the first 29,000,000 bytes, small enough to go
+#              beside .whl's 32 MB and the tree's 5 MB), part-01 and part-02.last (halves of the rest), and carry
 #              one chunk per command: [".whl", ".gguf_part/part-00"], then [".gguf_part/part-01"], then
 #              [".gguf_part/part-02.last"]; .whl fits beside a chunk once bitsandbytes' wheel keeps only its
 #              cpu/cuda130/cuda132 libraries: 43 -> 7 MB, see ../shared/NOTES.md)
