@@ -24,7 +24,7 @@ class NF4Tiles:
     permute: bool = False  # decode through byte permutes of the code table held in registers (CUDA only)
     prescale: bool = False  # (with permute) codes times their absmax in 16-bit pairs, the dot accumulating in place
     # split-K: the last program of each output tile to finish adds the partial sums (no second launch). Same bits, but
-    # 7-15% slower than the second launch on every 8B matmul at 16-64 rows (H100, bench/results/nf4_sum_ab.json): not
+    # 1-18% slower than the second launch on every 8B matmul at 16-64 rows (H100, bench/results/nf4_sum_ab.json): not
     # a calibration candidate; bench/nf4_matmul.py --sum-ab times it
     sum_in_kernel: bool = False
     codes_as_b: bool = False  # x [BLOCK_M, k] @ codes^T (x rows as the wgmma's M, codes from shared memory; BLOCK_M >= 64)
