@@ -242,14 +242,15 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
                blocksize: int, out_features: int, *, nested_absmax: torch.Tensor | None = None,
                nested_code: torch.Tensor | None = None, nested_blocksize: int = 256,
                offset: float | torch.Tensor = 0.0, bias: torch.Tensor | None = None,
-               tiles: NF4Tiles | None = None) -> torch.Tensor:
+               tiles: NF4Tiles | None = None, compile_only: bool = False) -> torch.Tensor:
     """x [..., in] @ W.T (+ bias) -> [..., out_features] in x's dtype, W the 4-bit [out, in] weight.
 
     packed: bitsandbytes' storage of W (any shape/storage dtype, out*in/2 bytes); absmax: fp32 per
     block, or uint8 with nested_absmax (fp32 per nested block), nested_code (256 fp32) and offset
     (float or a 0-d tensor: the QuantState's, no host sync) when double-quantised; code: the 16
     fp32 values of the 4-bit type (QuantState.code). in must be a multiple of blocksize.
-    tiles: override the tile rule (benchmark sweeps).
+    tiles: override the tile rule (benchmark sweeps). compile_only: compile the kernel this call would launch (Triton's
+    warmup: under its AsyncCompileMode, in the mode's threads) and return `out` uncomputed.
     """
     in_features = x.shape[-1]
     M, N, K = x.numel() // max(in_features, 1), out_features, in_features
@@ -280,14 +281,18 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     k_tiles = K // tiles.block_k
     k_per_split = triton.cdiv(k_tiles, tiles.splits) * tiles.block_k
     splits = triton.cdiv(K, k_per_split)
-    partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else out
+    partial_shape = (1,) if compile_only else (splits, M, N)  # (compiling: only its type and alignment count)
+    partial = out if splits == 1 else torch.empty(*partial_shape, dtype=torch.float32, device=x.device)
     offset_in_memory = isinstance(offset, torch.Tensor)
     permute = tiles.permute and x.dtype != torch.float32 and not interpreting()
     grid = (splits, triton.cdiv(N, tiles.block_n), triton.cdiv(M, tiles.block_m))
     sum_in_kernel = splits > 1 and tiles.sum_in_kernel
     pdl = splits > 1 and not sum_in_kernel and _pdl(x.device)
     arrivals = _arrivals(x.device, grid[1] * grid[2]) if sum_in_kernel else partial
-    _nf4_matmul_kernel[grid](
+    if compile_only and interpreting():
+        return out.reshape(*x.shape[:-1], N)
+    launch = _nf4_matmul_kernel[grid] if not compile_only else functools.partial(_nf4_matmul_kernel.warmup, grid=grid)
+    launch(
         x2, packed, absmax, code,
         nested_absmax if nested else absmax, nested_code if nested else code,
         0.0 if offset_in_memory else float(offset), offset if offset_in_memory else code,
@@ -301,7 +306,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         PERMUTE=permute, PRESCALE=permute and tiles.prescale, CODES_AS_B=tiles.codes_as_b,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    if splits > 1 and not sum_in_kernel:
+    if splits > 1 and not sum_in_kernel and not compile_only:
         _sum_splits_kernel[(M, triton.cdiv(N, SUM_BLOCK))](
             partial, bias if bias is not None else partial, out, M, N, out.stride(0), splits,
             HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK, PDL=pdl, num_warps=4,

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import statistics
+import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
+import triton
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
 from loraplex.kernels.nf4_dequant import nf4_dequantize
@@ -166,10 +170,10 @@ def _nested(state) -> dict:
 
 
 def fused_matmul(x: torch.Tensor, packed: torch.Tensor, state, out_features: int, bias: torch.Tensor | None = None,
-                 tiles=None) -> torch.Tensor:
+                 tiles=None, compile_only: bool = False) -> torch.Tensor:
     """x @ W.T (+ bias) by the fused kernel, W given as bitsandbytes' packed data and QuantState."""
     return nf4_matmul(x, packed, state.absmax, state.code, state.blocksize, out_features, bias=bias, tiles=tiles,
-                      **_nested(state))
+                      compile_only=compile_only, **_nested(state))
 
 
 def dequantize_into(out: torch.Tensor, packed: torch.Tensor, state, triton_kernel: bool) -> torch.Tensor:
@@ -303,15 +307,19 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
         if (isinstance(layer, NF4Linear) and layer.weight.device.type == "cuda"
                 and layer.compute_dtype in (torch.bfloat16, torch.float16, None)):
             layers.setdefault((layer.out_features, layer.in_features), layer)
+    plans = {}  # (shape, rows) -> (x, candidate tilings)
+    for shape, layer in layers.items():
+        for m in sorted(rows):
+            x = torch.randn(m, layer.in_features, device=device, dtype=layer.compute_dtype or torch.bfloat16)
+            plans[shape, m] = x, candidate_tiles(m, *shape, layer.weight.quant_state.blocksize, sm_count(device))
+    _compile_candidates((layers[shape], x, tiles) for (shape, _), (x, candidates) in plans.items() for tiles in candidates)
     results = {}
     for shape, layer in layers.items():
         fused_us, bnb_us = {}, {}
         rotation = nf4_rotation(layer)
         for m in sorted(rows):
             fused_us[m], bnb_us[m] = float("inf"), 0.0
-            state = layer.weight.quant_state
-            candidates = candidate_tiles(m, layer.out_features, layer.in_features, state.blocksize, sm_count(device))
-            x = torch.randn(m, layer.in_features, device=device, dtype=layer.compute_dtype or torch.bfloat16)
+            x, candidates = plans[shape, m]
             reference = layer.bnb_forward(x).float()
             fastest = None
             for i, tiles in enumerate(candidates):  # the rule's tiles first: they also time bitsandbytes
@@ -343,6 +351,34 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
                  {k: round(t, 1) for k, t in dequant_us.items()},
                  {m: tile_label(TILES[(*shape, m)]) for m in fused_us if (*shape, m) in TILES})
     return results
+
+
+def _compile_candidates(jobs: Iterable[tuple[NF4Linear, torch.Tensor, NF4Tiles]]) -> None:
+    """Compile the fused kernel of every (layer, x, tiles) before any is timed, on a thread a core: Triton's compiler
+    releases the GIL for most of a compile (56 sm90 kernels of the 8B candidates in 17 s on 2 threads against 37 s on
+    one, the same cubins: bench/nf4_sass.py's set-up), where one by one a fresh machine spent minutes at start-up.
+    Through Triton's AsyncCompileMode (the compiled kernels land in its per-function cache, as a launch's would);
+    without it (an older Triton), or if anything here fails, each kernel compiles when first timed."""
+    AsyncCompileMode = getattr(triton, "AsyncCompileMode", None)  # (Triton 3.4 on)
+    if AsyncCompileMode is None:
+        return
+    started, jobs = time.perf_counter(), list(jobs)
+    workers = max(1, min(16, len(os.sched_getaffinity(0))))
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="nf4-compile") as pool, AsyncCompileMode(pool):
+            for layer, x, tiles in jobs:  # (with the bias that measure() passes)
+                bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+                try:
+                    fused_matmul(x, layer.weight.data, layer.weight.quant_state, layer.out_features, bias, tiles,
+                                 compile_only=True)
+                except ValueError:  # tiles this call refuses: refused again, and skipped, when timed
+                    continue
+    except Exception as e:  # noqa: BLE001 - a kernel that failed to compile fails again (and is skipped) when timed
+        log.warning("nf4 kernels: compiling the calibration's candidates in threads failed (%s); the rest compile "
+                    "when first timed", e)
+        return
+    log.info("nf4 kernels: %d calibration candidates compiled on %d threads in %.1f s", len(jobs), workers,
+             time.perf_counter() - started)
 
 
 def _checked_time(layer: NF4Linear, x: torch.Tensor, reference: torch.Tensor, tiles: NF4Tiles, weights,

@@ -186,9 +186,8 @@ def test_split_sums_in_kernel_are_the_second_launchs():
         packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         for rows in (1, 16, 48, 64):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            for tiles in candidate_tiles(rows, n, k, 64, sm_count(x.device)):
-                if tiles.splits == 1:
-                    continue
+            # (not a calibration candidate: a few split tilings of each row count, each one more kernel to compile)
+            for tiles in [t for t in candidate_tiles(rows, n, k, 64, sm_count(x.device)) if t.splits > 1][:3]:
                 separate = fused_matmul(x, packed, state, n, tiles=replace(tiles, sum_in_kernel=False))
                 in_kernel = replace(tiles, sum_in_kernel=True)
                 outs = [fused_matmul(x, packed, state, n, tiles=in_kernel) for _ in range(20)]
@@ -203,3 +202,27 @@ def test_split_sums_in_kernel_are_the_second_launchs():
     torch.cuda.synchronize()
     assert not _arrival_counters(torch.device("cuda", torch.cuda.current_device())).any()
     assert checked >= 10
+
+
+def test_calibration_candidates_compile_in_threads_before_they_are_timed(monkeypatch, tmp_path):
+    """_compile_candidates fills the fused kernel's JIT cache with every candidate's kernel (Triton's
+    AsyncCompileMode, a thread a core), so that the calibration's launches compile nothing; and those kernels give
+    the same products as kernels compiled at their first launch."""
+    from loraplex.kernels.nf4_matmul import _nf4_matmul_kernel
+    from loraplex.kernels.nf4_tiles import candidate_tiles, sm_count
+    from loraplex.runtime.base_model import nf4_linear
+    from loraplex.runtime.nf4_linear import _compile_candidates, fused_matmul
+    w = (torch.randn(1536, 2048, generator=torch.Generator().manual_seed(3)) * 0.05).to("cuda", torch.bfloat16)
+    layer = nf4_linear(w, None, torch.bfloat16, torch.device("cuda"))
+    state, packed = layer.weight.quant_state, layer.weight.data
+    jobs = [(layer, x, t) for x in (torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16) for m in (16, 48, 64))
+            for t in candidate_tiles(x.shape[0], 1536, 2048, 64, sm_count(x.device))]
+    expected = [fused_matmul(x, packed, state, 1536, tiles=t) for _, x, t in jobs]  # compiled at launch
+    kernels = _nf4_matmul_kernel.device_caches[torch.cuda.current_device()][0]
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a fresh Triton cache: the jobs compile again, in threads
+    kernels.clear()
+    _compile_candidates(jobs)
+    compiled = len(kernels)
+    got = [fused_matmul(x, packed, state, 1536, tiles=t) for _, x, t in jobs]
+    assert compiled >= 10 and len(kernels) == compiled  # every launch found its kernel compiled
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
