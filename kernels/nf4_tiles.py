@@ -132,15 +132,19 @@ def candidate_tiles(M: int, N: int, K: int, blocksize: int, num_sms: int) -> lis
 def _codes_as_b(M: int, K: int, rule: NF4Tiles, blocksize: int) -> list[NF4Tiles]:
     """33-64 rows: x's rows as the wgmma's M and the codes its shared-memory operand (fewer instructions a weight:
     sm90 SASS, scaled decode, 344 a loop step for 8,192 weights against 265 for 4,096 with the codes as the register
-    operand), permute decode, codes scaled before the dot: 128 and 64 features a program, with and without the next
-    step's loads issued ahead, split-K by powers of two while the fp32 partial sums stay under the packed weight bytes.
+    operand), permute decode, codes scaled before the dot: 128 and 64 features a program, the rule's input step with
+    and without the next step's loads issued ahead, and twice that step (half the loop's barriers and waits a weight:
+    0.152 warp instructions a weight against 0.168 at 128 features, 0.200 against 0.230 at 64, in sm90 SASS), split-K
+    by powers of two while the fp32 partial sums stay under the packed weight bytes.
     Every tiling that won at 48-64 rows on the four 8B matmuls was one of these (H100, bench/results/nf4_sum_ab.json:
     o_proj at 48 rows 14.4 us with 128 features and 8 splits, where the calibration's best without them took 15.8)."""
     k_most = min(MAX_SPLITS, max(1, K // (8 * min(M, WIDE_ROWS))))
     tiles = []
+    steps = ((rule.block_k, False), (min(rule.block_k, blocksize), True), (2 * rule.block_k, False))
     for block_n in (128, 64):
-        for prefetch in (False, True):
-            block_k = min(rule.block_k, blocksize) if prefetch else rule.block_k
+        for block_k, prefetch in steps:
+            if K % block_k:
+                continue
             for splits in (1, 2, 4, 8, 16, 32):
                 if splits <= min(k_most, K // block_k):
                     tiles.append(NF4Tiles(rule.block_m, block_n, block_k, splits, 4, rule.num_stages, prefetch=prefetch,

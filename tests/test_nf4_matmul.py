@@ -291,7 +291,8 @@ def test_candidate_tiles_start_with_the_rule_then_smaller_row_steps_then_prefetc
         if M <= 32:
             assert codes_as_b == []
         else:
-            assert {(t.block_n, t.prefetch) for t in codes_as_b} == {(128, False), (128, True), (64, False), (64, True)}
+            assert {(t.block_n, t.block_k, t.prefetch) for t in codes_as_b} == {
+                (128, 64, False), (128, 64, True), (128, 128, False), (64, 64, False), (64, 64, True), (64, 128, False)}
             assert all(t.block_m == 64 and t.permute and t.prescale and t.splits & (t.splits - 1) == 0
                        and t.splits * M * 4096 * 4 <= 4096 * 4096 // 2 for t in codes_as_b)
             # the fastest at 48 and 64 rows of o_proj (H100, bench/results/nf4_sum_ab.json)
@@ -347,8 +348,9 @@ def test_every_candidate_tiling_gives_the_same_product():
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(10))
     ref = x.double() @ dequantized(packed, state, torch.float32).double().T
     tiles = candidate_tiles(40, 64, 256, BLOCKSIZE, 2)
-    assert len(tiles) == 15 and sum(t.prefetch for t in tiles) == 6 and sum(t.block_n == 64 for t in tiles) == 4
-    assert [t.codes_as_b for t in tiles].count(True) == 4  # (1 split: the partial sums would outweigh the weight)
+    assert len(tiles) == 17 and sum(t.prefetch for t in tiles) == 6 and sum(t.block_n == 64 for t in tiles) == 5
+    assert [t.codes_as_b for t in tiles].count(True) == 6  # (1 split: the partial sums would outweigh the weight)
+    assert sum(t.codes_as_b and t.block_k == 128 for t in tiles) == 2  # (twice the rule's input step)
     assert [t.splits for t in tiles[6:8]] == [2, 4] and tiles[7] == replace(tiles[0], splits=4)  # more split-K
     for t in tiles:
         out = nf4_matmul(x, packed, state.absmax, state.code, BLOCKSIZE, 64, tiles=t, **state_kwargs(state))
