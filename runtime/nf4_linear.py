@@ -366,7 +366,7 @@ def _compile_candidates(jobs: Iterable[tuple[NF4Linear, torch.Tensor, NF4Tiles]]
     workers = max(1, min(16, len(os.sched_getaffinity(0))))
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="nf4-compile") as pool, AsyncCompileMode(pool):
-            for layer, x, tiles in jobs:  # (with the bias that measure() passes)
+            for layer, x, tiles in jobs:  # (with the bias that _checked_time() and measure() pass)
                 bias = layer.bias.to(x.dtype) if layer.bias is not None else None
                 try:
                     fused_matmul(x, layer.weight.data, layer.weight.quant_state, layer.out_features, bias, tiles,
@@ -386,8 +386,9 @@ def _checked_time(layer: NF4Linear, x: torch.Tensor, reference: torch.Tensor, ti
     """measure()'s times for `tiles` on x, or None where its product parts from `reference` (bitsandbytes', beyond
     rounding: a kernel variant wrong on this GPU) or it fails (then bitsandbytes is kept and the server runs)."""
     state, rows = layer.weight.quant_state, x.shape[0]
+    bias = layer.bias.to(x.dtype) if layer.bias is not None else None  # (bitsandbytes' product adds it too)
     try:
-        product = fused_matmul(x, layer.weight.data, state, layer.out_features, tiles=tiles).float()
+        product = fused_matmul(x, layer.weight.data, state, layer.out_features, bias, tiles).float()
         if not (product - reference).norm() <= 1e-2 * reference.norm():
             log.warning("nf4 fused kernel %s on %s with %d rows parts from bitsandbytes' product: not used",
                         tiles, (layer.out_features, layer.in_features), rows)

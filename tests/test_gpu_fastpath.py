@@ -226,3 +226,18 @@ def test_calibration_candidates_compile_in_threads_before_they_are_timed(monkeyp
     got = [fused_matmul(x, packed, state, 1536, tiles=t) for _, x, t in jobs]
     assert compiled >= 10 and len(kernels) == compiled  # every launch found its kernel compiled
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_calibration_keeps_the_fused_kernel_for_a_layer_with_a_bias():
+    """A layer with a bias (Qwen2's qkv) is calibrated like one without: each candidate's product is held against
+    bitsandbytes' with the bias in both (before, the candidates' lacked it, and every one was refused)."""
+    from loraplex.runtime.base_model import nf4_linear
+    from loraplex.runtime.nf4_linear import calibrate
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(1280, 2048, generator=g) * 0.05, torch.randn(1280, generator=g)
+    layer = nf4_linear(w.to("cuda", torch.bfloat16), b.to("cuda", torch.bfloat16), torch.bfloat16, torch.device("cuda"))
+    result = calibrate([layer], rows=(16, 64))[(1280, 2048)]
+    assert result["fused_rows"] == [16, 64], result  # (the fused kernel beats bitsandbytes' dequantise + matmul)
+    x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)
+    fused, reference = layer(x).float(), layer.bnb_forward(x).float()
+    assert (fused - reference).norm() <= 1e-2 * reference.norm()
