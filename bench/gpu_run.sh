@@ -12,7 +12,7 @@
 #   kernels    bench/lora_kernels.py (ARGS_KERNELS)    kernelsab: the same before and after a patch (AB_PATCH)
 #   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS, ARGS1B, ARGS8B: extra flags;
 #              LIMIT: seconds before it is stopped, its JSON kept as far as it got)
-#   trace1b | trace8b   bench/serve_trace.py --shapes 1b / 8b (ARGS_TRACE: extra flags)
+#   trace1b | trace8b   bench/serve_trace.py --shapes 1b / 8b (ARGS_TRACE: extra flags, e.g. "--rates inf,4": a comma list)
 #   scale8b | scale1b   bench/adapter_scale.py --gpu --shape 8b / 1b (issue #20: fp32 upload MB/s, hot-load and
 #              --adapter-source first token, the trace over 1,000 adapters / 64; ARGS_SCALE: extra flags, e.g.
 #              --skip-trace): $OUT/adapter_scale_gpu.json (1b: adapter_scale_gpu_1b.json) + its server log, and
