@@ -5,7 +5,7 @@ does (bitsandbytes Linear4bit, NF4, double quantisation, blocksize 64, bf16 comp
   check  relative error (vs float64 x @ dequantize_4bit(W).T) of the fused kernel and of bitsandbytes
   time   median GPU time per call of each path for M rows, from CUDA-graph replays that rotate over
          copies of the weight (together > 2x L2: decode reads every layer's weights from HBM);
-         this is runtime/nf4_linear.calibrate's measurement, so its DISPATCH thresholds come out too
+         this is runtime/nf4_calibration.calibrate's measurement, so its DISPATCH thresholds come out too
   floor  (packed bytes + absmax bytes) / device-to-device copy bandwidth (bytes read + written)
 The table shows each path's time over the floor; the JSON has the microseconds and a suggested DISPATCH.
 --sweep also times alternative tile shapes for a few cases (to tune kernels/nf4_tiles.choose_tiles).
@@ -50,7 +50,7 @@ BLOCKSIZE = 64
 
 def copy_bandwidth() -> float:
     """Bytes read + written per second of a 1 GiB device-to-device copy (median of CUDA-event timings)."""
-    from loraplex.runtime.nf4_linear import median_gpu_us
+    from loraplex.runtime.nf4_calibration import median_gpu_us
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     us, _ = median_gpu_us(lambda: dst.copy_(src), calls=5, repeats=7)
@@ -92,7 +92,7 @@ def check(layer, rows: int) -> dict:
 
 def sweep(layers: dict, bandwidth: float) -> list[dict]:
     from loraplex.kernels.nf4_tiles import NF4Tiles, choose_tiles, sm_count
-    from loraplex.runtime.nf4_linear import measure
+    from loraplex.runtime.nf4_calibration import measure
     out = []
     for name, rows in SWEEP_CASES:
         layer = layers[name]
@@ -129,7 +129,7 @@ def tile_grid(layer, name: str, rows: list[int]) -> dict:
     dense bf16 matmul: whether any tiling the calibration does not try would beat dense."""
     import itertools
     from loraplex.kernels.nf4_tiles import NF4Tiles, candidate_tiles, sm_count
-    from loraplex.runtime.nf4_linear import measure, measure_dense, nf4_rotation
+    from loraplex.runtime.nf4_calibration import measure, measure_dense, nf4_rotation
     n, k = layer.out_features, layer.in_features
     rotation, dense = nf4_rotation(layer), measure_dense(layer, rows)
     results = []
@@ -167,7 +167,8 @@ def decode_ab(layers: dict, rows: list[int]) -> list[dict]:
     shape, and whether the two unscaled decodes give the same product (bitwise)."""
     from dataclasses import replace
     from loraplex.kernels.nf4_tiles import PRESCALE_ROWS, candidate_tiles, sm_count
-    from loraplex.runtime.nf4_linear import fused_matmul, measure, measure_dense, nf4_rotation
+    from loraplex.runtime.nf4_calibration import measure, measure_dense, nf4_rotation
+    from loraplex.runtime.nf4_linear import fused_matmul
     out = []
     for name, layer in layers.items():
         n, k = layer.out_features, layer.in_features
@@ -216,7 +217,8 @@ def sum_ab(layers: dict, rows: list[int]) -> list[dict]:
     sums give the same product (bitwise: the same additions in order)."""
     from dataclasses import replace
     from loraplex.kernels.nf4_tiles import MAX_SPLITS, candidate_tiles, sm_count
-    from loraplex.runtime.nf4_linear import fused_matmul, measure, measure_dense, nf4_rotation
+    from loraplex.runtime.nf4_calibration import measure, measure_dense, nf4_rotation
+    from loraplex.runtime.nf4_linear import fused_matmul
     out = []
     for name, layer in layers.items():
         n, k = layer.out_features, layer.in_features
@@ -291,7 +293,7 @@ def main() -> None:
         raise SystemExit("bench/nf4_matmul.py needs a CUDA GPU")
     import bitsandbytes
     import triton
-    from loraplex.runtime.nf4_linear import calibrate
+    from loraplex.runtime.nf4_calibration import calibrate
 
     started = time.time()
     bandwidth = copy_bandwidth()

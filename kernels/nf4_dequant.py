@@ -6,7 +6,7 @@ values (tl.gather, as the fused matmul does), times the block's absmax (double q
 times nested absmax plus offset), rounded once to the output dtype: w = dtype(code * absmax), exactly as
 bitsandbytes' dequantize_4bit computes it. Bound by writing the dense weight (4x the packed bytes):
 bitsandbytes' kDequantizeBlockwise ran at 0.44 of an H200's bandwidth in a 1B prefill step
-(bench/results/profile_step_prefill_1b.json); runtime/nf4_linear.py's calibration keeps the faster one.
+(bench/results/profile_step_prefill_1b.json); runtime/nf4_calibration.py keeps the faster one.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Tilings of the fused NF4 matmul (kernels/nf4_matmul.py): NF4Tiles, the row-count rule (choose_tiles) and the
-candidates the start-up calibration times (candidate_tiles, runtime/nf4_linear.py keeps the fastest per shape and
+candidates the start-up calibration times (candidate_tiles, runtime/nf4_calibration.py keeps the fastest per shape and
 row count)."""
 from __future__ import annotations
 

@@ -258,7 +258,8 @@ def quantize_nf4(model: CausalLM, device: torch.device, compute_dtype: torch.dty
             dense = owner.base
             owner.base = nf4_linear(dense.weight.data.to(device), dense.bias, compute_dtype, device)
     if torch.device(device).type == "cuda":
-        from .nf4_linear import NF4Linear, calibrate
+        from .nf4_calibration import calibrate
+        from .nf4_linear import NF4Linear
         calibrate([m for m in model.modules() if isinstance(m, NF4Linear)], torch.device(device))
 
 

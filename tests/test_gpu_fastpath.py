@@ -211,7 +211,8 @@ def test_calibration_candidates_compile_in_threads_before_they_are_timed(monkeyp
     from loraplex.kernels.nf4_matmul import _nf4_matmul_kernel
     from loraplex.kernels.nf4_tiles import candidate_tiles, sm_count
     from loraplex.runtime.base_model import nf4_linear
-    from loraplex.runtime.nf4_linear import _compile_candidates, fused_matmul
+    from loraplex.runtime.nf4_calibration import _compile_candidates
+    from loraplex.runtime.nf4_linear import fused_matmul
     w = (torch.randn(1536, 2048, generator=torch.Generator().manual_seed(3)) * 0.05).to("cuda", torch.bfloat16)
     layer = nf4_linear(w, None, torch.bfloat16, torch.device("cuda"))
     state, packed = layer.weight.quant_state, layer.weight.data
@@ -232,7 +233,7 @@ def test_calibration_keeps_the_fused_kernel_for_a_layer_with_a_bias():
     """A layer with a bias (Qwen2's qkv) is calibrated like one without: each candidate's product is held against
     bitsandbytes' with the bias in both (before, the candidates' lacked it, and every one was refused)."""
     from loraplex.runtime.base_model import nf4_linear
-    from loraplex.runtime.nf4_linear import calibrate
+    from loraplex.runtime.nf4_calibration import calibrate
     g = torch.Generator().manual_seed(5)
     w, b = torch.randn(1280, 2048, generator=g) * 0.05, torch.randn(1280, generator=g)
     layer = nf4_linear(w.to("cuda", torch.bfloat16), b.to("cuda", torch.bfloat16), torch.bfloat16, torch.device("cuda"))

@@ -358,7 +358,7 @@ def test_every_candidate_tiling_gives_the_same_product():
 
 
 def test_tile_label_names_every_field_the_calibration_chooses():
-    from loraplex.runtime.nf4_linear import tile_label
+    from loraplex.runtime.nf4_calibration import tile_label
     assert tile_label(NF4Tiles(64, 64, 64, 4, 4, 3, prefetch=True, permute=True, prescale=True)) == \
         "64x64x64 s4 w4 st3 +pf +perm +ps"
     assert tile_label(NF4Tiles(16, 128, 64, 1)) == "16x128x64 s1 w4 st2"
