@@ -138,7 +138,7 @@ def _codes_as_b(M: int, K: int, rule: NF4Tiles, blocksize: int) -> list[NF4Tiles
     by powers of two while the fp32 partial sums stay under the packed weight bytes.
     Every tiling that won at 48-64 rows on the four 8B matmuls was one of these (H100, bench/results/nf4_sum_ab.json:
     o_proj at 48 rows 14.4 us with 128 features and 8 splits, where the calibration's best without them took 15.8)."""
-    k_most = min(MAX_SPLITS, max(1, K // (8 * min(M, WIDE_ROWS))))
+    k_most = min(MAX_SPLITS, max(1, K // (8 * M)))  # (M <= 64 here)
     tiles = []
     steps = ((rule.block_k, False), (min(rule.block_k, blocksize), True), (2 * rule.block_k, False))
     for block_n in (128, 64):
