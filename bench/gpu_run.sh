@@ -6,7 +6,7 @@
 #   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
 #   sumab      bench/nf4_matmul.py --sum-ab: split-K partial sums by a second launch vs in the kernel (8B shapes)
 #   grid       bench/nf4_matmul.py --grid "8b o_proj" --rows 48 64: a grid of tilings beyond the calibration's, ~40 s
-#   test       the CUDA-only tests (fast path vs eager reference)
+#   test       the CUDA-only tests (fast path vs eager reference; LIMIT_TEST: seconds before they are stopped)
 #   check      the fused layer kernels' start-up self-check on this GPU
 #   pack8b | pack1b   bench/pack_speed.py (issue #20: the hot-load's pack by threads, foreach, memcpy floor), ~1 min
 #   kernels    bench/lora_kernels.py (ARGS_KERNELS)    kernelsab: the same before and after a patch (AB_PATCH)
@@ -72,7 +72,8 @@ for step in "$@"; do
       python3 bench/nf4_matmul.py --out "$OUT/nf4_matmul.json" 2>&1 | tail -40
       python3 bench/paged_attention.py --out "$OUT/paged_attention.json" 2>&1 | tail -30 ;;
     test)
-      python3 -m pytest -q -x -s -p no:cacheprovider tests/test_gpu_fastpath.py > "$OUT/test_gpu_fastpath.log" 2>&1
+      timeout -k 10 ${LIMIT_TEST:-36000} python3 -m pytest -q -x -s -p no:cacheprovider tests/test_gpu_fastpath.py \
+        > "$OUT/test_gpu_fastpath.log" 2>&1
       tr '\r' '\n' < "$OUT/test_gpu_fastpath.log" | grep -vE "it/s|s/it|step/s|layer/s|tensor/s" | tail -40 ;;
     serve1b)
       timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 1b --out "$OUT/serve_gpu.json" ${ARGS1B:-${ARGS:-}} 2>&1 | tail -60 ;;
