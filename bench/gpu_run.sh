@@ -66,7 +66,7 @@ for step in "$@"; do
       python3 bench/nf4_matmul.py --sum-ab --rows ${ROWS_SUM:-16 48 64} --out "$OUT/nf4_sum_ab.json" 2>&1 \
         | tail -60 ;;
     grid)
-      python3 bench/nf4_matmul.py --grid "${GRID_WEIGHT:-8b o_proj}" --rows ${ROWS_GRID:-48 64} --out "$OUT/nf4_tile_grid.json" \
+      python3 bench/nf4_matmul.py --grid "${GRID_WEIGHT:-8b o_proj}" --rows ${ROWS_GRID:-48 64} --out "$OUT/nf4_tile_grid.json" ${ARGS_GRID:-} \
         2>&1 | grep -v "it/s" | tail -20 ;;
     micro)
       python3 bench/nf4_matmul.py --out "$OUT/nf4_matmul.json" 2>&1 | tail -40

@@ -15,7 +15,8 @@ checks that both give the same product, and sets the best of each beside a dense
 program of each output tile to finish adds them), on the four matmuls of an 8B layer, beside dense bf16.
 --grid WEIGHT times a grid of tilings (output features per program, splits, warps, stages, prefetch; the permute
 decode) beyond the calibration's candidates, on one weight at --rows, beside a dense bf16 matmul
-(bench/results/nf4_tile_grid.json: the 8B o_proj at 48 and 64 rows, where no candidate beats dense).
+(bench/results/nf4_tile_grid.json: the 8B o_proj at 48 and 64 rows, where no candidate beats dense);
+--grid-codes-as-b makes that grid one of codes-as-B tiles (up to 256 features a program, 8 warps, input steps of 128).
 dequant: prefill's whole-weight dequantisation (kernels/nf4_dequant.py vs bitsandbytes' dequantize_4bit, the
 calibration's timing), as a fraction of the copy bandwidth (packed + absmax read, the bf16 weight written).
 
@@ -124,12 +125,14 @@ def sweep(layers: dict, bandwidth: float) -> list[dict]:
 
 
 @torch.inference_mode()
-def tile_grid(layer, name: str, rows: list[int]) -> dict:
+def tile_grid(layer, name: str, rows: list[int], codes_as_b: bool = False) -> dict:
     """Every tiling of a grid on one weight at the largest of `rows` (then its six fastest at the others), beside a
-    dense bf16 matmul: whether any tiling the calibration does not try would beat dense."""
+    dense bf16 matmul: whether any tiling the calibration does not try would beat dense. codes_as_b: a grid of
+    codes-as-B tiles instead (output features a program up to 256, 4 or 8 warps, deeper pipelines, input steps of
+    64 and 128), beside the calibration's own codes-as-B candidates; all compiled in threads before any is timed."""
     import itertools
     from loraplex.kernels.nf4_tiles import NF4Tiles, candidate_tiles, sm_count
-    from loraplex.runtime.nf4_calibration import measure, measure_dense, nf4_rotation
+    from loraplex.runtime.nf4_calibration import _compile_candidates, measure, measure_dense, nf4_rotation
     n, k = layer.out_features, layer.in_features
     rotation, dense = nf4_rotation(layer), measure_dense(layer, rows)
     results = []
@@ -145,10 +148,17 @@ def tile_grid(layer, name: str, rows: list[int]) -> dict:
 
     top, others = max(rows), sorted(set(rows) - {max(rows)})
     candidates = [t for t in candidate_tiles(top, n, k, BLOCKSIZE, sm_count(torch.device("cuda")))
-                  if t.permute and not t.prescale]
-    grid = [NF4Tiles(64 if top > 32 else 32, bn, 64, splits, warps, stages, prefetch, permute=True)
-            for bn, splits, warps, stages, prefetch in
-            itertools.product((32, 64), (4, 8, 16), (2, 4), (3, 4), (False, True))]
+                  if (t.codes_as_b if codes_as_b else t.permute and not t.prescale)]
+    if codes_as_b:
+        grid = [NF4Tiles(64, bn, bk, splits, warps, stages, permute=True, prescale=True, codes_as_b=True)
+                for bn, bk, splits, warps, stages in
+                itertools.product((128, 256), (64, 128), (8, 16), (4, 8), (3, 4))]
+    else:
+        grid = [NF4Tiles(64 if top > 32 else 32, bn, 64, splits, warps, stages, prefetch, permute=True)
+                for bn, splits, warps, stages, prefetch in
+                itertools.product((32, 64), (4, 8, 16), (2, 4), (3, 4), (False, True))]
+    x = torch.randn(top, k, device=layer.weight.device, dtype=torch.bfloat16)
+    _compile_candidates((layer, x, tiles) for tiles in dict.fromkeys(candidates + grid))
     for tiles in dict.fromkeys(candidates + grid):
         run(top, tiles)
     best = sorted((r for r in results if r["rows"] == top), key=lambda r: r["us"])[:6]
@@ -287,6 +297,7 @@ def main() -> None:
     parser.add_argument("--sum-ab", action="store_true",
                         help="only split-K sums by a second launch vs in the kernel (the 8B layer's four matmuls)")
     parser.add_argument("--grid", choices=list(WEIGHTS), default=None, help="only a grid of tilings on this weight")
+    parser.add_argument("--grid-codes-as-b", action="store_true", help="with --grid: a grid of codes-as-B tilings")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "nf4_matmul.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -300,7 +311,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"cells: fused / bitsandbytes time over the 4-bit floor")
     if args.grid:
-        result = tile_grid(make_layer(*WEIGHTS[args.grid], seed=0), args.grid, args.rows)
+        result = tile_grid(make_layer(*WEIGHTS[args.grid], seed=0), args.grid, args.rows, args.grid_codes_as_b)
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": triton.__version__, "grid": result}, f, indent=1)
