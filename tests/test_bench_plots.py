@@ -33,9 +33,8 @@ def test_each_json_has_a_drawer_or_its_script_draws_it():
     assert undrawn and all(name.startswith("serve_trace") for name in undrawn), undrawn  # serve_trace.py: plot()
 
 
-def test_nf4_sum_ab_is_drawn_before_its_first_device_run(tmp_path):
-    """bench/nf4_matmul.py --sum-ab has not run on a GPU yet (no bench/results JSON): its drawer on a made-up result,
-    a tiling that never ran (inf) left out."""
+def test_nf4_sum_ab_leaves_out_a_tiling_that_never_ran(tmp_path):
+    """bench/nf4_matmul.py --sum-ab's drawer on a made-up result where one tiling never ran (inf): left out."""
     import json
     rows = [{"weight": "8b o_proj", "rows": m, "dense_us": 14.5, "unsplit_us": 40.0, "second_launch_us": 16.2,
              "in_kernel_us": 15.1, "codes_as_b_us": float("inf") if m == 16 else 15.6} for m in (16, 48, 64)]
