@@ -6,7 +6,8 @@
 #   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
 #   sumab      bench/nf4_matmul.py --sum-ab: split-K partial sums by a second launch vs in the kernel (8B shapes)
 #   grid       bench/nf4_matmul.py --grid "8b o_proj" --rows 48 64: a grid of tilings beyond the calibration's, ~40 s
-#   test       the CUDA-only tests (fast path vs eager reference; LIMIT_TEST: seconds before they are stopped)
+#   test       the CUDA-only tests (fast path vs eager reference; LIMIT_TEST: seconds before they are stopped), ~6 min
+#              on a fresh H100 (10 tests, 2026-12-07: the calibration compiles its candidates on 16 threads)
 #   check      the fused layer kernels' start-up self-check on this GPU
 #   pack8b | pack1b   bench/pack_speed.py (issue #20: the hot-load's pack by threads, foreach, memcpy floor), ~1 min
 #   kernels    bench/lora_kernels.py (ARGS_KERNELS)    kernelsab: the same before and after a patch (AB_PATCH)
