@@ -132,7 +132,7 @@ def tile_grid(layer, name: str, rows: list[int], codes_as_b: bool = False) -> di
     64 and 128), beside the calibration's own codes-as-B candidates; all compiled in threads before any is timed."""
     import itertools
     from loraplex.kernels.nf4_tiles import NF4Tiles, candidate_tiles, sm_count
-    from loraplex.runtime.nf4_calibration import _compile_candidates, measure, measure_dense, nf4_rotation
+    from loraplex.runtime.nf4_calibration import compile_candidates, measure, measure_dense, nf4_rotation
     n, k = layer.out_features, layer.in_features
     rotation, dense = nf4_rotation(layer), measure_dense(layer, rows)
     results = []
@@ -157,14 +157,15 @@ def tile_grid(layer, name: str, rows: list[int], codes_as_b: bool = False) -> di
         grid = [NF4Tiles(64 if top > 32 else 32, bn, 64, splits, warps, stages, prefetch, permute=True)
                 for bn, splits, warps, stages, prefetch in
                 itertools.product((32, 64), (4, 8, 16), (2, 4), (3, 4), (False, True))]
+    tilings = list(dict.fromkeys(candidates + grid))
     x = torch.randn(top, k, device=layer.weight.device, dtype=torch.bfloat16)
-    _compile_candidates((layer, x, tiles) for tiles in dict.fromkeys(candidates + grid))
-    for tiles in dict.fromkeys(candidates + grid):
+    compile_candidates((layer, x, tiles) for tiles in tilings)
+    for tiles in tilings:
         run(top, tiles)
     best = sorted((r for r in results if r["rows"] == top), key=lambda r: r["us"])[:6]
     for m in others:
         for r in best:
-            run(m, next(t for t in candidates + grid if str(t) == r["tiles"]))
+            run(m, next(t for t in tilings if str(t) == r["tiles"]))
     summary = {m: min((r["over_dense"] for r in results if r["rows"] == m), default=None) for m in rows}
     print(f"grid {name}: best over dense by rows {summary}")
     return {"weight": name, "dense_us": dense, "best_over_dense": summary, "results": results}

@@ -162,7 +162,7 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
         for m in sorted(rows):
             x = torch.randn(m, layer.in_features, device=device, dtype=layer.compute_dtype or torch.bfloat16)
             plans[shape, m] = x, candidate_tiles(m, *shape, layer.weight.quant_state.blocksize, sm_count(device))
-    _compile_candidates((layers[shape], x, tiles) for (shape, _), (x, candidates) in plans.items() for tiles in candidates)
+    compile_candidates((layers[shape], x, tiles) for (shape, _), (x, candidates) in plans.items() for tiles in candidates)
     results = {}
     for shape, layer in layers.items():
         fused_us, bnb_us = {}, {}
@@ -203,7 +203,7 @@ def calibrate(linears: Iterable[torch.nn.Module], device: str | torch.device | N
     return results
 
 
-def _compile_candidates(jobs: Iterable[tuple[NF4Linear, torch.Tensor, NF4Tiles]]) -> None:
+def compile_candidates(jobs: Iterable[tuple[NF4Linear, torch.Tensor, NF4Tiles]]) -> None:
     """Compile the fused kernel of every (layer, x, tiles) before any is timed, on a thread a core: Triton's compiler
     releases the GIL for most of a compile (56 sm90 kernels of the 8B candidates in 17 s on 2 threads against 37 s on
     one, the same cubins: bench/nf4_sass.py's set-up), where one by one a fresh machine spent minutes at start-up.

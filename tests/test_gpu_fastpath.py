@@ -205,13 +205,13 @@ def test_split_sums_in_kernel_are_the_second_launchs():
 
 
 def test_calibration_candidates_compile_in_threads_before_they_are_timed(monkeypatch, tmp_path):
-    """_compile_candidates fills the fused kernel's JIT cache with every candidate's kernel (Triton's
+    """compile_candidates fills the fused kernel's JIT cache with every candidate's kernel (Triton's
     AsyncCompileMode, a thread a core), so that the calibration's launches compile nothing; and those kernels give
     the same products as kernels compiled at their first launch."""
     from loraplex.kernels.nf4_matmul import _nf4_matmul_kernel
     from loraplex.kernels.nf4_tiles import candidate_tiles, sm_count
     from loraplex.runtime.base_model import nf4_linear
-    from loraplex.runtime.nf4_calibration import _compile_candidates
+    from loraplex.runtime.nf4_calibration import compile_candidates
     from loraplex.runtime.nf4_linear import fused_matmul
     w = (torch.randn(1536, 2048, generator=torch.Generator().manual_seed(3)) * 0.05).to("cuda", torch.bfloat16)
     layer = nf4_linear(w, None, torch.bfloat16, torch.device("cuda"))
@@ -222,7 +222,7 @@ def test_calibration_candidates_compile_in_threads_before_they_are_timed(monkeyp
     kernels = _nf4_matmul_kernel.device_caches[torch.cuda.current_device()][0]
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a fresh Triton cache: the jobs compile again, in threads
     kernels.clear()
-    _compile_candidates(jobs)
+    compile_candidates(jobs)
     compiled = len(kernels)
     got = [fused_matmul(x, packed, state, 1536, tiles=t) for _, x, t in jobs]
     assert compiled >= 10 and len(kernels) == compiled  # every launch found its kernel compiled
