@@ -187,6 +187,19 @@ def nf4_sum_ab(result: dict, fig) -> None:
     ax.axhline(1, color="grey", lw=0.8)
 
 
+def nf4_early_launch(result: dict, fig) -> None:
+    """bench/nf4_early_launch.py: per weight and row count, the best tiling's time over dense bf16, launched after the
+    previous kernel or early, back to back and after an elementwise kernel."""
+    rows = result["early_ab"]
+    labels = [f"{r['weight']} M={r['rows']}" for r in rows]
+    series = {"late": "late_over_dense", "early": "early_over_dense", "late, after a kernel": "after_kernel_late_over_dense",
+              "early, after a kernel": "after_kernel_early_over_dense"}
+    ax = fig.subplots()
+    _bars(ax, labels, {name: [r[key] for r in rows] for name, key in series.items()}, "fused NF4 time / dense bf16 time",
+          f"NF4 kernel launched early (PDL) or late ({_where(result)})")
+    ax.axhline(1, color="grey", lw=0.8)
+
+
 def nf4_sass(result: dict, fig) -> None:
     """bench/nf4_sass.py: the NF4 kernel's sm90 loop, warp instructions a weight per tiling (no GPU)."""
     rows = result["tilings"]
@@ -375,6 +388,7 @@ DRAWERS = {
     "kernels": (lora_kernels, (12, 4.5)), "load": (load, (11, 4)), "nf4_matmul": (nf4_matmul, (8, 5)),
     "nf4_decode_ab": (nf4_decode_ab, (8, 5)), "nf4_tile_grid": (nf4_tile_grid, (8, 4.5)),
     "nf4_sum_ab": (nf4_sum_ab, (11, 4.5)), "nf4_sass": (nf4_sass, (10, 4.5)),
+    "nf4_early_launch": (nf4_early_launch, (12, 4.5)),
     "paged_attention": (paged_attention, (13, 5)), "profile_step": (profile_step, (9, 4.5)),
     "serve_gpu": (serve_gpu, (12, 4.5)), "step_host": (step_host, (9, 4.5)), "train_quality": (train_quality, (14, 4)),
     "train_speed": (train_speed, (11, 4)),

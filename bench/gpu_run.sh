@@ -5,6 +5,7 @@
 #   decodeab   bench/nf4_matmul.py --decode-ab (the NF4 kernel's gather vs permute decode, 8B shapes), ~3 min
 #   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
 #   sumab      bench/nf4_matmul.py --sum-ab: split-K partial sums by a second launch vs in the kernel (8B shapes)
+#   early      bench/nf4_early_launch.py: the NF4 kernel launched early (PDL) vs after the previous kernel (8B shapes)
 #   grid       bench/nf4_matmul.py --grid "8b o_proj" --rows 48 64: a grid of tilings beyond the calibration's, ~40 s
 #   test       the CUDA-only tests (fast path vs eager reference; LIMIT_TEST: seconds before they are stopped), ~6 min
 #              on a fresh H100 (10 tests, 2026-12-07: the calibration compiles its candidates on 16 threads)
@@ -66,6 +67,10 @@ for step in "$@"; do
     sumab)  # split-K sums by a second launch vs in the kernel, the 8B layer's four matmuls beside dense bf16
       python3 bench/nf4_matmul.py --sum-ab --rows ${ROWS_SUM:-16 48 64} --out "$OUT/nf4_sum_ab.json" 2>&1 \
         | tail -60 ;;
+    early)  # the NF4 kernel launched early (programmatic dependent launch) vs late, beside dense bf16
+      python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fastpath.py -k early_launched 2>&1 | tail -3
+      python3 bench/nf4_early_launch.py --rows ${ROWS_EARLY:-1 16 32 48 64} --out "$OUT/nf4_early_launch.json" 2>&1 \
+        | grep -v "it/s" | tail -30 ;;
     grid)
       python3 bench/nf4_matmul.py --grid "${GRID_WEIGHT:-8b o_proj}" --rows ${ROWS_GRID:-48 64} --out "$OUT/nf4_tile_grid.json" ${ARGS_GRID:-} \
         2>&1 | grep -v "it/s" | tail -20 ;;

@@ -59,7 +59,7 @@ def compile_tiles(t: NF4Tiles):
                       OFFSET_IN_MEMORY=True, HAS_BIAS=False, SPLIT=split, SUM_IN_KERNEL=split and t.sum_in_kernel,
                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, FP32_DOT=False,
                       PDL=split and not t.sum_in_kernel, PREFETCH=t.prefetch, PERMUTE=t.permute, PRESCALE=t.prescale,
-                      CODES_AS_B=t.codes_as_b)
+                      CODES_AS_B=t.codes_as_b, EARLY=True)
     signature = {a: "constexpr" if a in constexprs else POINTERS.get(a, "fp32" if a == "offset" else "i32")
                  for a in fn.arg_names}
     # what a launch on 16-byte aligned tensors with dimensions divisible by 16 specialises

@@ -28,6 +28,8 @@ instructions a weight than with the codes as the register operand (sm90 SASS of 
 Tile sizes come from kernels/nf4_tiles.py: `choose_tiles` (an explicit rule; @triton.autotune needs a GPU at import);
 `candidate_tiles` adds other row steps and a prefetching variant (the next step's bytes and absmax are
 loaded before this step's math, against load latency) for the start-up calibration to time.
+On Hopper the kernel itself is launched early too (EARLY_LAUNCH): its programs start while the stream's previous
+kernel drains and wait for it (griddepcontrol.wait) only before the first read of x.
 No host syncs, outputs from torch.empty: CUDA-graph capturable.
 Rounding: w = bf16(code) * absmax (fp32) instead of bnb's bf16(code * absmax): the same one rounding
 of each weight, at a different place; fp32 inputs use fp32 codes and an fp32 dot (exact weights).
@@ -53,6 +55,11 @@ SUM_BLOCK = 512  # output columns per program of the split-sum kernel
 def _pdl(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
+
+# Hopper: the kernel is launched as a programmatic dependent of the stream's previous kernel, so that its programs
+# start, build their code tables and issue their first weight loads while that kernel drains; they wait for it
+# (griddepcontrol.wait) before reading x. bench/nf4_matmul.py --pdl-ab turns it off to time the difference.
+EARLY_LAUNCH = True
 
 ARRIVALS = 1 << 16  # split-K tiles one call may have in flight: 28,672 features / 64 per tile x 128 rows / 64
 
@@ -93,6 +100,7 @@ def _nf4_matmul_kernel(
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SUM_IN_KERNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr, PDL: tl.constexpr,
     PREFETCH: tl.constexpr, PERMUTE: tl.constexpr, PRESCALE: tl.constexpr, CODES_AS_B: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] output tile over packed bytes [split, split + 1) * bytes_per_split of each weight row.
 
@@ -148,6 +156,9 @@ def _nf4_matmul_kernel(
                                   nested_absmax_ptr, nested_code_ptr, offset, NESTED, NESTED_BLOCKSIZE)
         a_after = tl.load(absmax_ptr + block_rows + (2 * (byte_begin + SUB)) // BLOCKSIZE,
                           mask=row_mask & (tl.full(rows.shape, 1, tl.int32) < n_steps), other=0)
+    if EARLY:  # launched before the stream's previous kernel finished: everything above reads only the weight and
+        # its constants; x (and the buffers stored below) may still be that kernel's, so wait for it here
+        tl_cuda.gdc_wait()
     for step in range(n_steps):
         for piece in tl.static_range(KB):
             b0 = byte_begin + step * (BLOCK_K // 2) + piece * SUB
@@ -289,6 +300,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     sum_in_kernel = splits > 1 and tiles.sum_in_kernel
     pdl = splits > 1 and not sum_in_kernel and _pdl(x.device)
     arrivals = _arrivals(x.device, grid[1] * grid[2]) if sum_in_kernel else partial
+    early = EARLY_LAUNCH and _pdl(x.device)
     if compile_only and interpreting():
         return out.reshape(*x.shape[:-1], N)
     launch = _nf4_matmul_kernel[grid] if not compile_only else functools.partial(_nf4_matmul_kernel.warmup, grid=grid)
@@ -303,8 +315,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
         HAS_BIAS=bias is not None, SPLIT=splits > 1, SUM_IN_KERNEL=sum_in_kernel,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         FP32_DOT=x.dtype == torch.float32 or interpreting(), PDL=pdl, PREFETCH=tiles.prefetch,
-        PERMUTE=permute, PRESCALE=permute and tiles.prescale, CODES_AS_B=tiles.codes_as_b,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        PERMUTE=permute, PRESCALE=permute and tiles.prescale, CODES_AS_B=tiles.codes_as_b, EARLY=early,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **({"launch_pdl": True} if early else {}),
     )
     if splits > 1 and not sum_in_kernel and not compile_only:
         _sum_splits_kernel[(M, triton.cdiv(N, SUM_BLOCK))](

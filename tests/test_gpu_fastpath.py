@@ -242,3 +242,69 @@ def test_calibration_keeps_the_fused_kernel_for_a_layer_with_a_bias():
     x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)
     fused, reference = layer(x).float(), layer.bnb_forward(x).float()
     assert (fused - reference).norm() <= 1e-2 * reference.norm()
+
+
+def test_early_launched_nf4_kernel_waits_for_the_kernel_that_writes_x():
+    """kernels/nf4_matmul.py EARLY_LAUNCH: the fused kernel starts while the previous kernel still runs and must read x
+    only after it. The previous kernel here lets dependents start at once (as the LoRA kernels do), then spins before
+    it writes x: a control reader launched the same way without waiting sees the old x, the NF4 kernel (every
+    candidate tiling's decode and operand order, split or not) the new one, in eager launches and in graph replays."""
+    import bitsandbytes.functional as bnbf
+    import triton
+    import triton.language as tl
+    from triton.language.extra import cuda as tl_cuda
+    from loraplex.kernels import nf4_matmul
+    from loraplex.kernels.nf4_tiles import candidate_tiles, sm_count
+    from loraplex.runtime.nf4_linear import fused_matmul
+
+    @triton.jit
+    def late_writer(src_ptr, dst_ptr, n, spin, BLOCK: tl.constexpr):
+        tl_cuda.gdc_launch_dependents()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(src_ptr + offs, mask=offs < n, other=0.0)
+        t = tl.full((BLOCK,), 0.5, tl.float32)
+        for _ in range(spin):  # ~100 us of dependent FMAs before the store
+            t = t * 1.0001 + 1e-7
+        tl.store(dst_ptr + offs, tl.where(t == -1.0, 0.0, v), mask=offs < n)
+
+    @triton.jit
+    def unwaiting_reader(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n, other=0.0), mask=offs < n)
+
+    assert nf4_matmul.EARLY_LAUNCH and nf4_matmul._pdl(torch.device("cuda")), "needs Hopper (sm90) or newer"
+    n, k = 4096, 4096
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 0.05).to("cuda", torch.bfloat16)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    checked = 0
+    for rows in (1, 16, 64):
+        x = torch.zeros(rows, k, device="cuda", dtype=torch.bfloat16)
+        fresh = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        grid = (triton.cdiv(x.numel(), 1024),)
+
+        def write_late():
+            late_writer[grid](fresh, x, x.numel(), 50_000, BLOCK=1024)
+
+        seen = torch.empty_like(x)
+        write_late()
+        unwaiting_reader[grid](x, seen, x.numel(), BLOCK=1024, launch_pdl=True)
+        torch.cuda.synchronize()
+        assert (seen == 0).float().mean().item() > 0.5, "the control reader waited: the test cannot see a race"
+        tilings = [t for t in candidate_tiles(rows, n, k, 64, sm_count(x.device)) if t.permute]
+        picked = {(t.splits > 1, t.prefetch, t.prescale, t.codes_as_b): t for t in tilings}  # one of each kind
+        for tiles in picked.values():
+            expected = fused_matmul(fresh, packed, state, n, tiles=tiles)
+            x.zero_()
+            write_late()
+            eager = fused_matmul(x, packed, state, n, tiles=tiles)
+            graph = torch.cuda.CUDAGraph()
+            x.zero_()
+            with torch.cuda.graph(graph):
+                write_late()
+                graphed = fused_matmul(x, packed, state, n, tiles=tiles)
+            x.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(eager, expected) and torch.equal(graphed, expected), (rows, tiles)
+            checked += 1
+    assert checked >= 8

@@ -54,7 +54,7 @@ for n, kk in SHAPES:
                            SUM_IN_KERNEL=t.splits > 1 and t.sum_in_kernel, BLOCK_M=t.block_m,
                            BLOCK_N=t.block_n, BLOCK_K=t.block_k, FP32_DOT=False,
                            PDL=t.splits > 1 and not t.sum_in_kernel, PREFETCH=t.prefetch, PERMUTE=t.permute,
-                           PRESCALE=t.prescale, CODES_AS_B=t.codes_as_b)
+                           PRESCALE=t.prescale, CODES_AS_B=t.codes_as_b, EARLY=True)
                 # the scaled decode's asm differs by type (bf16x2 / f16x2 FMAs): fp16 inputs too
                 for x in ("*bf16", "*fp16") if t.prescale else ("*bf16",):
                     variants[json.dumps([key, x], sort_keys=True)] = (key, t.num_warps, t.num_stages, x)
