@@ -283,9 +283,13 @@ def test_early_launched_nf4_kernel_waits_for_the_kernel_that_writes_x():
         grid = (triton.cdiv(x.numel(), 1024),)
 
         def write_late():
-            late_writer[grid](fresh, x, x.numel(), 50_000, BLOCK=1024)
+            late_writer[grid](fresh, x, x.numel(), 200_000, BLOCK=1024)  # ~0.4 ms
 
         seen = torch.empty_like(x)
+        write_late()  # both compiled first: a compile between the launches would outlast the writer
+        unwaiting_reader[grid](x, seen, x.numel(), BLOCK=1024, launch_pdl=True)
+        torch.cuda.synchronize()
+        x.zero_()
         write_late()
         unwaiting_reader[grid](x, seen, x.numel(), BLOCK=1024, launch_pdl=True)
         torch.cuda.synchronize()
