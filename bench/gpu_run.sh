@@ -27,7 +27,9 @@
 #              can outlast a command; later commands copy /tmp/out to $OUT. Every call copies the working tree
 #              again: make only `wait` calls (same carry) while a background run is going; a serve8b started before
 #              the three gguf chunk calls died importing loraplex and serve_gpu_models (2026-12-07), so carry the
-#              chunks first. Two GPU steps at once (a `test` beside a background serve8b) spoil both's numbers
+#              chunks first; and a `test` step started as the first background step died importing loraplex.kernels when a `wait`
+#              call re-copied the tree a few seconds later (2026-12-07 19:07): put `test` after a long step, or leave a
+#              minute before the first `wait`. Two GPU steps at once (a `test` beside a background serve8b) spoil both's numbers
 #   wait       until the background run ends or WAIT seconds (default 540) passed: progress, then copy
 #   gguf       append the carried chunks .gguf_part/* to /tmp/model.gguf (the default model's 98 MB do not
 #              fit one 64 MiB carry: cut it here into part-00 (the first 29,000,000 bytes, small enough to go
