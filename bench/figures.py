@@ -200,6 +200,19 @@ def nf4_early_launch(result: dict, fig) -> None:
     ax.axhline(1, color="grey", lw=0.8)
 
 
+def nf4_kernel_times(result: dict, fig) -> None:
+    """bench/nf4_kernel_times.py: per weight and row count, a fused NF4 call's kernel time, its split-K sum's tail and
+    the gap to the next call, beside a dense bf16 matmul's kernel and gap (profiler records)."""
+    rows = result["kernel_times"]
+    labels = [f"{r['weight']} M={r['rows']}" for r in rows]
+    ax = fig.subplots()
+    _bars(ax, labels, {"NF4 kernel": [r["nf4_first_us"] for r in rows],
+                       "NF4 sum tail": [r.get("nf4_tail_us") for r in rows],
+                       "NF4 gap": [r["nf4_gap_us"] for r in rows], "dense kernel": [r["dense_first_us"] for r in rows],
+                       "dense gap": [r["dense_gap_us"] for r in rows]},
+          "µs a call", f"NF4 call by kernel against dense bf16 ({_where(result)})")
+
+
 def nf4_sass(result: dict, fig) -> None:
     """bench/nf4_sass.py: the NF4 kernel's sm90 loop, warp instructions a weight per tiling (no GPU)."""
     rows = result["tilings"]
@@ -388,7 +401,7 @@ DRAWERS = {
     "kernels": (lora_kernels, (12, 4.5)), "load": (load, (11, 4)), "nf4_matmul": (nf4_matmul, (8, 5)),
     "nf4_decode_ab": (nf4_decode_ab, (8, 5)), "nf4_tile_grid": (nf4_tile_grid, (8, 4.5)),
     "nf4_sum_ab": (nf4_sum_ab, (11, 4.5)), "nf4_sass": (nf4_sass, (10, 4.5)),
-    "nf4_early_launch": (nf4_early_launch, (12, 4.5)),
+    "nf4_early_launch": (nf4_early_launch, (12, 4.5)), "nf4_kernel_times": (nf4_kernel_times, (12, 4.5)),
     "paged_attention": (paged_attention, (13, 5)), "profile_step": (profile_step, (9, 4.5)),
     "serve_gpu": (serve_gpu, (12, 4.5)), "step_host": (step_host, (9, 4.5)), "train_quality": (train_quality, (14, 4)),
     "train_speed": (train_speed, (11, 4)),

@@ -6,6 +6,7 @@
 #   micro      bench/nf4_matmul.py and bench/paged_attention.py (kernel speed and correctness)
 #   sumab      bench/nf4_matmul.py --sum-ab: split-K partial sums by a second launch vs in the kernel (8B shapes)
 #   early      bench/nf4_early_launch.py: the NF4 kernel launched early (PDL) vs after the previous kernel (8B shapes)
+#   ktimes     bench/nf4_kernel_times.py: an NF4 call's kernel, split-K sum tail and launch gap against dense (8B), ~2 min
 #   grid       bench/nf4_matmul.py --grid "8b o_proj" --rows 48 64: a grid of tilings beyond the calibration's, ~40 s
 #   test       the CUDA-only tests (fast path vs eager reference; LIMIT_TEST: seconds before they are stopped), ~6 min
 #              on a fresh H100 (10 tests, 2026-12-07: the calibration compiles its candidates on 16 threads)
@@ -73,6 +74,9 @@ for step in "$@"; do
       python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fastpath.py -k early_launched 2>&1 | tail -3
       python3 bench/nf4_early_launch.py --rows ${ROWS_EARLY:-1 16 32 48 64} --out "$OUT/nf4_early_launch.json" 2>&1 \
         | grep -v "it/s" | tail -30 ;;
+    ktimes)  # where an NF4 call's time goes, by kernel (profiler records), beside dense bf16
+      python3 bench/nf4_kernel_times.py --rows ${ROWS_KTIMES:-16 48 64} --out "$OUT/nf4_kernel_times.json" 2>&1 \
+        | grep -v "it/s" | tail -20 ;;
     grid)
       python3 bench/nf4_matmul.py --grid "${GRID_WEIGHT:-8b o_proj}" --rows ${ROWS_GRID:-48 64} --out "$OUT/nf4_tile_grid.json" ${ARGS_GRID:-} \
         2>&1 | grep -v "it/s" | tail -20 ;;
