@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,10 +25,30 @@ import figures
 from nf4_matmul import BLOCKSIZE, SERVED_8B, WEIGHTS, make_layer
 
 
-def copies_of_dense(layer) -> list[torch.Tensor]:
-    from loraplex.runtime.nf4_calibration import _copies
-    n, k = layer.out_features, layer.in_features
-    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(_copies(torch.device("cuda"), 2 * n * k, 8))]
+@dataclass
+class Case:
+    """One matmul of an 8B layer at one row count, with what both NF4 benchmarks time it against."""
+    name: str
+    layer: object  # NF4Linear
+    rotation: list  # nf4_rotation(layer): weight copies that exceed L2
+    dense_weights: list[torch.Tensor]  # bf16 copies of the same shape, as many as measure_dense rotates over
+    dense_us: float  # measure_dense at these rows
+    rows: int
+    x: torch.Tensor  # [rows, in] bf16
+
+
+def served_cases(rows: list[int]):
+    """A Case per matmul of an 8B layer (SERVED_8B) and row count, weight by weight."""
+    from loraplex.runtime.nf4_calibration import _copies, measure_dense, nf4_rotation
+    for i, name in enumerate(SERVED_8B):
+        layer = make_layer(*WEIGHTS[name], seed=i)
+        n, k = layer.out_features, layer.in_features
+        copies = _copies(torch.device("cuda"), 2 * n * k, 8)
+        dense_weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        rotation, dense = nf4_rotation(layer), measure_dense(layer, rows)
+        for m in rows:
+            yield Case(name, layer, rotation, dense_weights, dense[m], m,
+                       torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
 
 
 def fastest(layer, m: int, rotation) -> tuple[float, object]:
@@ -75,39 +96,35 @@ def after_a_kernel_us(m: int, k: int, matmuls: list) -> float:
 @torch.inference_mode()
 def early_ab(rows: list[int]) -> list[dict]:
     from loraplex.kernels import nf4_matmul
-    from loraplex.runtime.nf4_calibration import measure_dense, nf4_rotation
     from loraplex.runtime.nf4_linear import fused_matmul
     out = []
-    for i, name in enumerate(SERVED_8B):
-        layer = make_layer(*WEIGHTS[name], seed=i)
-        n, k = layer.out_features, layer.in_features
-        rotation, dense_weights, dense = nf4_rotation(layer), copies_of_dense(layer), measure_dense(layer, rows)
-        for m in rows:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row, products = {"weight": name, "rows": m, "dense_us": dense[m]}, {}
-            for key, early in (("late", False), ("early", True)):
-                nf4_matmul.EARLY_LAUNCH = early
-                us, tiles = fastest(layer, m, rotation)
-                products[key] = (tiles, fused_matmul(x, *rotation[0], n, tiles=tiles))
-                row[f"{key}_us"], row[f"{key}_tiles"] = us, str(tiles)
-                row[f"after_kernel_{key}_us"] = after_a_kernel_us(
-                    m, k, [lambda x, w=w, s=s, t=tiles: fused_matmul(x, w, s, n, tiles=t) for w, s in rotation])
-            nf4_matmul.EARLY_LAUNCH = False  # each tiling launched the other way: the same bits
-            row["same"] = all(torch.equal(fused_matmul(x, *rotation[0], n, tiles=tiles), product)
-                              for tiles, product in products.values())
-            nf4_matmul.EARLY_LAUNCH = True
-            row["after_kernel_dense_us"] = after_a_kernel_us(
-                m, k, [lambda x, w=w: torch.nn.functional.linear(x, w) for w in dense_weights])
-            for key in ("late", "early"):
-                row[f"{key}_over_dense"] = row[f"{key}_us"] / row["dense_us"]
-                row[f"after_kernel_{key}_over_dense"] = row[f"after_kernel_{key}_us"] / row["after_kernel_dense_us"]
-            print(f"{name:>17} M={m:<3} back to back: late {row['late_us']:6.2f} early {row['early_us']:6.2f} "
-                  f"dense {row['dense_us']:6.2f} us ({row['late_over_dense']:.3f} -> {row['early_over_dense']:.3f} "
-                  f"of dense) | after a kernel: late {row['after_kernel_late_us']:6.2f} early "
-                  f"{row['after_kernel_early_us']:6.2f} dense {row['after_kernel_dense_us']:6.2f} "
-                  f"({row['after_kernel_late_over_dense']:.3f} -> {row['after_kernel_early_over_dense']:.3f}) "
-                  f"{'same' if row['same'] else 'DIFFERENT'}")
-            out.append(row)
+    for case in served_cases(rows):
+        name, m, x, rotation = case.name, case.rows, case.x, case.rotation
+        n, k = case.layer.out_features, case.layer.in_features
+        row, products = {"weight": name, "rows": m, "dense_us": case.dense_us}, {}
+        for key, early in (("late", False), ("early", True)):
+            nf4_matmul.EARLY_LAUNCH = early
+            us, tiles = fastest(case.layer, m, rotation)
+            products[key] = (tiles, fused_matmul(x, *rotation[0], n, tiles=tiles))
+            row[f"{key}_us"], row[f"{key}_tiles"] = us, str(tiles)
+            row[f"after_kernel_{key}_us"] = after_a_kernel_us(
+                m, k, [lambda x, w=w, s=s, t=tiles: fused_matmul(x, w, s, n, tiles=t) for w, s in rotation])
+        nf4_matmul.EARLY_LAUNCH = False  # each tiling launched the other way: the same bits
+        row["same"] = all(torch.equal(fused_matmul(x, *rotation[0], n, tiles=tiles), product)
+                          for tiles, product in products.values())
+        nf4_matmul.EARLY_LAUNCH = True
+        row["after_kernel_dense_us"] = after_a_kernel_us(
+            m, k, [lambda x, w=w: torch.nn.functional.linear(x, w) for w in case.dense_weights])
+        for key in ("late", "early"):
+            row[f"{key}_over_dense"] = row[f"{key}_us"] / row["dense_us"]
+            row[f"after_kernel_{key}_over_dense"] = row[f"after_kernel_{key}_us"] / row["after_kernel_dense_us"]
+        print(f"{name:>17} M={m:<3} back to back: late {row['late_us']:6.2f} early {row['early_us']:6.2f} "
+              f"dense {row['dense_us']:6.2f} us ({row['late_over_dense']:.3f} -> {row['early_over_dense']:.3f} "
+              f"of dense) | after a kernel: late {row['after_kernel_late_us']:6.2f} early "
+              f"{row['after_kernel_early_us']:6.2f} dense {row['after_kernel_dense_us']:6.2f} "
+              f"({row['after_kernel_late_over_dense']:.3f} -> {row['after_kernel_early_over_dense']:.3f}) "
+              f"{'same' if row['same'] else 'DIFFERENT'}")
+        out.append(row)
     return out
 
 

@@ -18,8 +18,7 @@ import statistics
 import torch
 
 import figures
-from nf4_early_launch import copies_of_dense, fastest
-from nf4_matmul import SERVED_8B, WEIGHTS, make_layer
+from nf4_early_launch import fastest, served_cases
 
 CALLS = 48
 
@@ -64,40 +63,36 @@ def per_call(records, first: str, last: str | None) -> dict:
 
 @torch.inference_mode()
 def kernel_times(rows: list[int]) -> list[dict]:
-    from loraplex.runtime.nf4_calibration import measure_dense, nf4_rotation
     from loraplex.runtime.nf4_linear import fused_matmul
     out = []
-    for i, name in enumerate(SERVED_8B):
-        layer = make_layer(*WEIGHTS[name], seed=i)
-        n, k = layer.out_features, layer.in_features
-        rotation, dense_weights, dense = nf4_rotation(layer), copies_of_dense(layer), measure_dense(layer, rows)
-        for m in rows:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            graph_us, tiles = fastest(layer, m, rotation)
+    for case in served_cases(rows):
+        name, m, x, rotation, dense_weights = case.name, case.rows, case.x, case.rotation, case.dense_weights
+        n = case.layer.out_features
+        graph_us, tiles = fastest(case.layer, m, rotation)
 
-            def nf4_calls():
-                for c in range(CALLS):
-                    w, s = rotation[c % len(rotation)]
-                    fused_matmul(x, w, s, n, tiles=tiles)
+        def nf4_calls():
+            for c in range(CALLS):
+                w, s = rotation[c % len(rotation)]
+                fused_matmul(x, w, s, n, tiles=tiles)
 
-            def dense_calls():
-                for c in range(CALLS):
-                    torch.nn.functional.linear(x, dense_weights[c % len(dense_weights)])
+        def dense_calls():
+            for c in range(CALLS):
+                torch.nn.functional.linear(x, dense_weights[c % len(dense_weights)])
 
-            records, nf4_graphed = kernel_records(nf4_calls)
-            nf4 = per_call(records, "_nf4_matmul_kernel", "_sum_splits_kernel" if tiles.splits > 1 else None)
-            records, dense_graphed = kernel_records(dense_calls)
-            gemm = per_call(records, records[0][0], None)
-            names = sorted({r[0] for r in records})
-            row = {"weight": name, "rows": m, "tiles": str(tiles), "calibration_us": graph_us, "dense_graph_us": dense[m],
-                   "from_graph_replays": nf4_graphed and dense_graphed, **{f"nf4_{key}": v for key, v in nf4.items()},
-                   "dense_kernels": {kernel[:80]: sum(r[0] == kernel for r in records) // CALLS for kernel in names},
-                   **{f"dense_{key}": v for key, v in gemm.items()}}
-            print(f"{name:>17} M={m:<3} NF4 kernel {nf4['first_us']:6.2f} span {nf4['span_us']:6.2f} "
-                  f"(sum tail {nf4.get('tail_us') or 0:5.2f}) gap {nf4['gap_us'] or 0:5.2f} | dense kernel "
-                  f"{gemm['first_us']:6.2f} gap {gemm['gap_us'] or 0:5.2f} | graphed: NF4 {graph_us:6.2f} dense "
-                  f"{dense[m]:6.2f} us")
-            out.append(row)
+        records, nf4_graphed = kernel_records(nf4_calls)
+        nf4 = per_call(records, "_nf4_matmul_kernel", "_sum_splits_kernel" if tiles.splits > 1 else None)
+        records, dense_graphed = kernel_records(dense_calls)
+        gemm = per_call(records, records[0][0], None)
+        names = sorted({r[0] for r in records})
+        row = {"weight": name, "rows": m, "tiles": str(tiles), "calibration_us": graph_us, "dense_graph_us": case.dense_us,
+               "from_graph_replays": nf4_graphed and dense_graphed, **{f"nf4_{key}": v for key, v in nf4.items()},
+               "dense_kernels": {kernel[:80]: sum(r[0] == kernel for r in records) // CALLS for kernel in names},
+               **{f"dense_{key}": v for key, v in gemm.items()}}
+        print(f"{name:>17} M={m:<3} NF4 kernel {nf4['first_us']:6.2f} span {nf4['span_us']:6.2f} "
+              f"(sum tail {nf4.get('tail_us') or 0:5.2f}) gap {nf4['gap_us'] or 0:5.2f} | dense kernel "
+              f"{gemm['first_us']:6.2f} gap {gemm['gap_us'] or 0:5.2f} | graphed: NF4 {graph_us:6.2f} dense "
+              f"{case.dense_us:6.2f} us")
+        out.append(row)
     return out
 
 
