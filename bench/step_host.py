@@ -134,6 +134,14 @@ def measure(engine: Engine, batch, repeats: int) -> dict:
             "rows": len(batch), "profile_tottime": text.getvalue(), "profile_cumulative": tot.getvalue()}
 
 
+def measure_gpu(engine: Engine, batch, repeats: int) -> float:
+    """The step's median GPU time only (after warm-up runs)."""
+    computed = [seq.num_computed for seq, _ in batch]
+    for _ in range(3):
+        run_once(engine, batch, computed)
+    return statistics.median(run_once(engine, batch, computed)[1] for _ in range(repeats))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
@@ -142,6 +150,8 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-warm-up", action="store_true")
+    ap.add_argument("--fold-ab", action="store_true",
+                    help="time the adapter cases again with nothing folded into the prefill matmuls (kernels/lora_fold.py)")
     ap.add_argument("--max-gpu-adapters", type=int, default=None,
                     help="adapter slots (default: the server's, which sizes a mixed graph's tile list)")
     args = ap.parse_args()
@@ -158,6 +168,14 @@ def main() -> None:
         decode_rows, chunks, kind = CASES[name]
         batch = build(engine, refs, decode_rows, chunks, kind, seed=i)
         r = result["cases"][name] = measure(engine, batch, args.repeats)
+        if args.fold_ab and kind == "distinct":
+            r["fold_blocks"] = engine.ops.fold_blocks
+            r["folded_plans"] = sum(1 for _, plan in engine.runner.mixed_graphs if plan is not None and plan.fold)
+            engine.ops.fold_blocks, folding = 0, engine.ops.fold_blocks
+            try:
+                r["gpu_ms_unfolded"] = measure_gpu(engine, batch, args.repeats)
+            finally:
+                engine.ops.fold_blocks = folding
         for seq, _ in batch:
             engine.blocks.free(seq)
             if seq.adapter is not None:
@@ -173,6 +191,16 @@ def main() -> None:
         print(f"{name:28s} {r['tokens']:7d} {r['host_ms']:8.1f} {r['gpu_ms']:8.1f} {r['wall_ms']:8.1f} "
               f"{r['wall_ms'] / r['gpu_ms']:8.2f} {(r['graph_vs_eager_rel_err'] or (0, 0))[0]:14.2e} "
               f"{(r['graph_vs_eager_rel_err'] or (0, 0))[1]:14.2e}")
+    folds = {name: r for name, r in result["cases"].items() if "gpu_ms_unfolded" in r}
+    if folds:  # the adapter's cost over the base step, folded and not (base case: the name without "_adapter...")
+        print(f"\n{'case':28s} {'GPU ms folded':>14s} {'unfolded':>9s} {'ratio':>6s} {'over base: folded':>18s} "
+              f"{'unfolded':>9s}")
+        for name, r in folds.items():
+            base = result["cases"].get(name.split("_adapter")[0], {}).get("gpu_ms")
+            r["folded_over_unfolded"] = r["gpu_ms"] / r["gpu_ms_unfolded"]
+            over = (f"{r['gpu_ms'] / base:18.3f} {r['gpu_ms_unfolded'] / base:9.3f}" if base else "")
+            print(f"{name:28s} {r['gpu_ms']:14.2f} {r['gpu_ms_unfolded']:9.2f} {r['folded_over_unfolded']:6.3f} {over}")
+        args.out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

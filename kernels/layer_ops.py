@@ -36,11 +36,15 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, N, eps,
     tl.store(out_ptr + row * stride_o + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight * rmsnorm(s), s) with s = x (+ residual); x, residual: [T, N]."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rmsnorm(s), s) with s = x (+ residual); x, residual: [T, N]; out: where to write the first ([T, N],
+    rows of any stride)."""
     T, N = x.shape
-    out = torch.empty(T, N, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    dtype = torch.promote_types(weight.dtype, x.dtype)
+    if out is None:
+        out = torch.empty(T, N, dtype=dtype, device=x.device)
+    assert out.shape == (T, N) and out.dtype == dtype and out.stride(1) == 1
     total = torch.empty_like(x) if residual is not None else x
     if T:
         block = triton.next_power_of_2(N)
@@ -139,11 +143,13 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, N, stride_in, stride_out, BLOCK: 
     tl.store(out_ptr + row * stride_out + cols, (silu * up).to(dt), mask=mask)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up [T, 2N] = (gate, up) side by side -> [T, N]."""
+def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up for gate_up [T, 2N] = (gate, up) side by side -> [T, N] (into out: rows of any stride)."""
     T, N = gate_up.shape[0], gate_up.shape[1] // 2
     assert gate_up.stride(1) == 1
-    out = torch.empty(T, N, dtype=gate_up.dtype, device=gate_up.device)
+    if out is None:
+        out = torch.empty(T, N, dtype=gate_up.dtype, device=gate_up.device)
+    assert out.shape == (T, N) and out.dtype == gate_up.dtype and out.stride(1) == 1
     if T:
         block = min(1024, triton.next_power_of_2(N))
         _silu_and_mul_kernel[(T, triton.cdiv(N, block))](gate_up, out, N, gate_up.stride(0), out.stride(0),

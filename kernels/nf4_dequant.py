@@ -21,7 +21,8 @@ BLOCKS = 32  # absmax blocks per program: 2,048 weights of a 64-weight blocksize
 
 @triton.jit
 def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, offset_ptr,
-                        out_ptr, n_blocks, BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr, NESTED: tl.constexpr,
+                        out_ptr, out_row_stride, blocks_per_row, n_blocks, BLOCKSIZE: tl.constexpr,
+                        BLOCKS: tl.constexpr, NESTED: tl.constexpr,
                         NESTED_BLOCKSIZE: tl.constexpr, OFFSET_IN_MEMORY: tl.constexpr):
     HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per absmax block
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
@@ -35,7 +36,8 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nes
     code = tl.load(code_ptr + tl.arange(0, 16)).to(tl.float32)
     nibbles = tl.reshape(tl.join(q >> 4, q & 15), (BLOCKS * BLOCKSIZE,))  # high nibble first: element 2i
     w = tl.reshape(tl.gather(code, nibbles, 0), (BLOCKS, BLOCKSIZE)) * scale[:, None]
-    tl.store(out_ptr + blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :],
+    starts = blocks // blocks_per_row * out_row_stride + blocks % blocks_per_row * BLOCKSIZE  # a block is in one row
+    tl.store(out_ptr + starts[:, None] + tl.arange(0, BLOCKSIZE)[None, :],
              w.to(out_ptr.dtype.element_ty), mask=in_range[:, None])
 
 
@@ -44,12 +46,17 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
                    nested_code: torch.Tensor | None = None, nested_blocksize: int = 256,
                    offset: float | torch.Tensor = 0.0) -> torch.Tensor:
     """Write the 4-bit weight held by `packed` (bitsandbytes' storage, out.numel() / 2 bytes) into `out`
-    (contiguous, bf16 / fp16 / fp32). absmax, code, nested_* and offset as for nf4_matmul. No host sync."""
+    (bf16 / fp16 / fp32): contiguous, or [rows, cols] rows of a wider buffer (stride(1) == 1, cols a multiple of
+    the blocksize: lora_fold.py's weight with extension columns). absmax, code, nested_* and offset as for
+    nf4_matmul. No host sync."""
     packed = packed.view(torch.uint8)
     n = out.numel()
-    if not out.is_contiguous() or n % blocksize or packed.numel() * 2 != n or absmax.numel() * blocksize != n:
+    strided = out.dim() == 2 and out.stride(1) == 1 and out.shape[1] % blocksize == 0
+    if not (out.is_contiguous() or strided) or n % blocksize or packed.numel() * 2 != n \
+            or absmax.numel() * blocksize != n:
         raise ValueError(f"packed ({packed.numel()} bytes) / absmax ({absmax.numel()}) do not hold the {n} weights "
-                         f"of a contiguous output in blocks of {blocksize}")
+                         f"of a contiguous output (or rows of a wider one) in blocks of {blocksize}")
+    row, row_stride = (n, n) if out.is_contiguous() else (out.shape[1], out.stride(0))
     if blocksize & (blocksize - 1) or blocksize < 32:
         raise ValueError(f"blocksize {blocksize} must be a power of two >= 32")
     nested = nested_absmax is not None
@@ -60,7 +67,8 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     offset_in_memory = isinstance(offset, torch.Tensor)
     _nf4_dequant_kernel[(triton.cdiv(n_blocks, blocks),)](
         packed, absmax, code, nested_absmax if nested else absmax, nested_code if nested else code,
-        0.0 if offset_in_memory else float(offset), offset if offset_in_memory else code, out, n_blocks,
+        0.0 if offset_in_memory else float(offset), offset if offset_in_memory else code, out, row_stride,
+        max(row // blocksize, 1), n_blocks,
         BLOCKSIZE=blocksize, BLOCKS=blocks, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
         OFFSET_IN_MEMORY=offset_in_memory, num_warps=4)
     return out

@@ -30,6 +30,8 @@ from loraplex.runtime.adapters.segments import Segments, build_segments
 from . import packed_layout as layout
 from .dora_rescale import dora_rescale
 from .host_buffers import HostBuffers
+from .lora_fold import FOLD_BLOCKS, FOLD_MAX_RANK, fold_columns, fold_inputs, fold_weights
+from .lora_fold import self_check as fold_self_check
 from .segmented_lora import MAX_FUSED, expand, interpreting, shrink
 from .tile_config import TileConfig, choose_splits, choose_tile_config
 from .weight_pool import WeightPool
@@ -43,6 +45,13 @@ GRAPH_DECODE_CONFIG = choose_tile_config(1)
 MIXED_GRAPH_CONFIG = choose_tile_config(64)
 SHORT_SEGMENT = 2  # segments of at most this many tokens take one-row tiles in a mixed graph
 SHORT_GRID = 64  # programs over a mixed graph's one-row tiles (each loops over more when a step has more)
+# A mixed step folds an adapter into the base matmul (kernels/lora_fold.py) when the step has at least this many
+# tokens (smaller ones run the fused NF4 kernel, which has no dense weight to extend) and the adapter has at least
+# 1/FOLD_SHARE of them and FOLD_MIN_TOKENS: its K columns cost every token of the step, the expand it saves only
+# its own tokens (break-even near 1/15 of the step for qkv at rank 16, H100 matmul peak against its bandwidth)
+FOLD_MIN_STEP_TOKENS = 128
+FOLD_SHARE = 8
+FOLD_MIN_TOKENS = 64
 
 
 def plan_size(n: int) -> int:
@@ -69,6 +78,8 @@ class LaunchPlan:
     # tiles of which a step fills ~16-30; a program per listed tile cost every launch ~250 idle programs per
     # output tile, and split-K sized by the padded count streamed 4,096-14,336 input features serially
     busy_tiles: int | None = None
+    fold: int = 0  # adapter blocks the step folds into its base matmuls (kernels/lora_fold.py), 0: none
+    fold_rank: int = 0  # their width (a power of two >= 16)
 
     @property
     def max_k(self) -> int:
@@ -90,6 +101,15 @@ class StepSegments(Segments):
     short_tiles: torch.Tensor | None = None
     short_count: torch.Tensor | None = None
     short_plan: LaunchPlan | None = None
+    # mixed CUDA-graph steps that fold (plan.fold > 0): the folded slots' segments, which take the shrink only
+    # (their deltas come out of the base matmul), each token's fold block (-1: none) and row in token_order,
+    # and the slot of each fold block (the null slot when unused)
+    fold_tiles: torch.Tensor | None = None
+    fold_count: torch.Tensor | None = None
+    fold_plan: LaunchPlan | None = None
+    token_block: torch.Tensor | None = None
+    token_row: torch.Tensor | None = None
+    fold_slots: torch.Tensor | None = None
 
     @property
     def config(self) -> TileConfig:
@@ -155,6 +175,12 @@ class TritonAdapterOps(AdapterOps):
         self._residency = 0  # bumped by every load and evict
         self._last_graph_meta: tuple[tuple, StepSegments] | None = None
         self.host_buffers = HostBuffers(dtype, self.cuda)  # packed copies' memory, a spare block pinned ahead
+        self.fold_blocks = FOLD_BLOCKS  # adapters a mixed graph step may fold into its base matmuls (0: never)
+        if self.cuda:
+            problem = fold_self_check(self.device, dtype)
+            if problem:
+                log.warning("adapter deltas are not folded into prefill matmuls: %s", problem)
+                self.fold_blocks = 0
 
     @property
     def pool_bytes(self) -> int:
@@ -275,9 +301,10 @@ class TritonAdapterOps(AdapterOps):
         self._residency += 1
 
     # -- per step ----------------------------------------------------------------------------
-    def plan(self, seg: Segments, num_tiles: int, config: TileConfig) -> LaunchPlan:
-        """The launch parameters of `num_tiles` tiles over the adapters that seg's segments use."""
-        used = [self.resident[slot].packed for _, _, slot in seg.host if self.resident[slot] is not None]
+    def plan(self, seg: Segments | list[tuple[int, int, int]], num_tiles: int, config: TileConfig) -> LaunchPlan:
+        """The launch parameters of `num_tiles` tiles over the adapters that seg's segments (or these) use."""
+        host = seg.host if isinstance(seg, Segments) else seg
+        used = [self.resident[slot].packed for _, _, slot in host if self.resident[slot] is not None]
         return LaunchPlan(
             config=config,
             ks=frozenset().union(*(p.ks for p in used)) or frozenset({1}),
@@ -299,11 +326,12 @@ class TritonAdapterOps(AdapterOps):
         does not depend on which adapters decode and which prefill."""
         if pad_to is None:
             return self.extend(build_segments(token_slots, self.device))
-        key = (tuple(token_slots), pad_to, mixed, self._residency, self.tile_config)
+        key = (tuple(token_slots), pad_to, mixed, self._residency, self.tile_config, self.fold_blocks)
         if self._last_graph_meta is not None and self._last_graph_meta[0] == key:
             return self._last_graph_meta[1]  # the fixed buffers hold this step's values already
         seg = build_segments(token_slots, "cpu")
         segments = min(self.graph_rows, self.num_slots)
+        fold_host: list[tuple[int, int, int]] = []
         if mixed:
             config = self.tile_config or MIXED_GRAPH_CONFIG
             short_config = self.tile_config or GRAPH_DECODE_CONFIG
@@ -311,16 +339,23 @@ class TritonAdapterOps(AdapterOps):
             num_short = min(pad_to, SHORT_SEGMENT * segments)
             long_host = [h for h in seg.host if h[1] > SHORT_SEGMENT]
             short_host = [h for h in seg.host if h[1] <= SHORT_SEGMENT]
+            folded = self._fold_slots(long_host, pad_to)
+            fold_host = [h for h in long_host if h[2] in folded]
+            long_host = [h for h in long_host if h[2] not in folded]
             tiles = self._tiles(long_host, config.block_m)
             short = self._tiles(short_host, short_config.block_m)
-            assert len(short) <= num_short
-            counts = (len(tiles), len(short), 0)
+            fold_tiles = self._tiles(fold_host, config.block_m)
+            num_fold = -(-pad_to // config.block_m) + FOLD_BLOCKS if fold_host else 0
+            assert len(short) <= num_short and len(fold_tiles) <= num_fold
+            counts = (len(tiles), len(short), len(fold_tiles))
             short += [(self.null_slot, 0, 0)] * (num_short - len(short))
+            fold_tiles += [(self.null_slot, 0, 0)] * (num_fold - len(fold_tiles))
             most_tokens = max(self.graph_tokens, pad_to)
-            capacity = (most_tokens, 1 + -(-most_tokens // config.block_m) + segments + SHORT_SEGMENT * segments)
+            capacity = (most_tokens, 1 + -(-most_tokens // config.block_m) + segments + SHORT_SEGMENT * segments
+                        + -(-most_tokens // config.block_m) + FOLD_BLOCKS)
         else:
             config = self.tile_config or GRAPH_DECODE_CONFIG
-            num_tiles, num_short, short = pad_to, 0, []
+            num_tiles, num_short, short, num_fold, fold_tiles = pad_to, 0, [], 0, []
             tiles = self._tiles(seg.host, config.block_m)
             counts = (len(tiles), 0, 0)
             capacity = (max(pad_to, self.graph_rows), 1 + max(pad_to, self.graph_rows))
@@ -332,26 +367,70 @@ class TritonAdapterOps(AdapterOps):
             # allocated once at the largest size: captured graphs keep reading these addresses
             buffers = self._graph_buffers[mixed] = (
                 torch.zeros(capacity[0], dtype=torch.int64, device=self.device),
-                torch.zeros(capacity[1], 3, dtype=torch.int32, device=self.device))
-        graph_order, graph_tiles = buffers
+                torch.zeros(capacity[1], 3, dtype=torch.int32, device=self.device),
+                torch.zeros(2 * capacity[0] + FOLD_BLOCKS, dtype=torch.int32, device=self.device))
+        graph_order, graph_tiles, graph_fold = buffers
         host_order = torch.tensor(order, dtype=torch.int64, pin_memory=self.cuda)
-        # row 0: the working-tile counts of the two lists; then the prefill tiles, then the one-row tiles
-        host_tiles = torch.tensor([counts] + tiles + short, dtype=torch.int32, pin_memory=self.cuda)
+        # row 0: the working-tile counts of the three lists; then the prefill tiles, the one-row tiles, the folded
+        host_tiles = torch.tensor([counts] + tiles + short + fold_tiles, dtype=torch.int32, pin_memory=self.cuda)
         graph_order[:pad_to].copy_(host_order, non_blocking=True)
-        graph_tiles[:1 + num_tiles + num_short].copy_(host_tiles, non_blocking=True)
+        graph_tiles[:1 + num_tiles + num_short + num_fold].copy_(host_tiles, non_blocking=True)
         fields = {**vars(seg), "token_order": graph_order[:pad_to]}
         plan = self.plan(seg, num_tiles, config)
         if mixed:  # a step of this bucket fills pad_to / block_m prefill tiles, plus one per segment boundary: a few
             # decode rows of one adapter are a long segment too (>= 3 rows), so small buckets get room for 16 of them
             full = -(-pad_to // config.block_m)
             plan = replace(plan, busy_tiles=full + min(segments, max(full, 16)))
+        if fold_host:
+            fold_plan = replace(self.plan(fold_host, num_fold, config), busy_tiles=num_fold)
+            plan = replace(plan, fold=FOLD_BLOCKS, fold_rank=fold_plan.block_rank)
         meta = StepSegments(**fields, tiles=graph_tiles[1:1 + num_tiles], tile_count=graph_tiles[0, 0:1], plan=plan)
         if mixed:
             meta.short_tiles = graph_tiles[1 + num_tiles:1 + num_tiles + num_short]
             meta.short_count = graph_tiles[0, 1:2]
             meta.short_plan = replace(self.plan(seg, num_short, short_config), busy_tiles=min(num_short, SHORT_GRID))
+        if fold_host:
+            first = 1 + num_tiles + num_short
+            meta.fold_tiles, meta.fold_count = graph_tiles[first:first + num_fold], graph_tiles[0, 2:3]
+            meta.fold_plan = fold_plan
+            cap = graph_order.shape[0]
+            graph_fold[:2 * cap + FOLD_BLOCKS].copy_(self._fold_rows(fold_host, order, cap), non_blocking=True)
+            meta.token_block, meta.token_row = graph_fold[:pad_to], graph_fold[cap:cap + pad_to]
+            meta.fold_slots = graph_fold[2 * cap:2 * cap + FOLD_BLOCKS]
         self._last_graph_meta = (key, meta)
         return meta
+
+    def _fold_slots(self, long_host: list[tuple[int, int, int]], tokens: int) -> set[int]:
+        """The slots (at most fold_blocks) whose segments a mixed step of `tokens` tokens folds into its base matmuls:
+        the longest plain-LoRA ones with a large enough share of the step (see FOLD_SHARE)."""
+        assert self.fold_blocks <= FOLD_BLOCKS
+        if self.fold_blocks <= 0 or tokens < FOLD_MIN_STEP_TOKENS:
+            return set()
+        candidates = []
+        for _, length, slot in long_host:
+            resident = self.resident[slot]
+            if resident is None or length < FOLD_MIN_TOKENS or length * FOLD_SHARE < tokens:
+                continue
+            packed = resident.packed
+            if packed.ks == {1} and not packed.has_general and not packed.has_dora and \
+                    plan_size(packed.block_rank) <= FOLD_MAX_RANK:
+                candidates.append((length, slot))
+        return {slot for _, slot in sorted(candidates, reverse=True)[:self.fold_blocks]}
+
+    def _fold_rows(self, fold_host: list[tuple[int, int, int]], order: list[int], capacity: int) -> torch.Tensor:
+        """[2 capacity + FOLD_BLOCKS] int32: each token's fold block (-1: none), its row in token_order, then the
+        slot of each fold block (the null slot when unused)."""
+        rows = torch.full((2 * capacity + FOLD_BLOCKS,), -1, dtype=torch.int32)
+        rows[capacity:2 * capacity] = 0
+        slots = sorted({slot for _, _, slot in fold_host})
+        rows[2 * capacity:] = self.null_slot
+        for b, slot in enumerate(slots):
+            rows[2 * capacity + b] = slot
+        for start, length, slot in fold_host:
+            tokens = torch.tensor(order[start:start + length], dtype=torch.int64)
+            rows[tokens] = slots.index(slot)
+            rows[capacity + tokens] = torch.arange(start, start + length, dtype=torch.int32)
+        return rows.pin_memory() if self.cuda else rows
 
     @staticmethod
     def _tiles(host: list[tuple[int, int, int]], block_m: int) -> list[tuple[int, int, int]]:
@@ -366,7 +445,8 @@ class TritonAdapterOps(AdapterOps):
         return StepSegments(**vars(seg), tiles=rows[1:], tile_count=rows[0, 0:1],
                             plan=self.plan(seg, len(tiles), config))
 
-    def apply(self, layer, projections, x, y, meta: Segments) -> None:
+    def apply(self, layer, projections, x, y, meta: Segments, folded: bool = False) -> None:
+        """folded: the base matmul that computed y folded the step's fold segments in already (see folded)."""
         if meta.empty:
             return
         if not isinstance(meta, StepSegments):
@@ -376,23 +456,64 @@ class TritonAdapterOps(AdapterOps):
         if meta.short_tiles is not None:
             self._launch(layer, projections, x, y, meta.token_order, meta.short_tiles, meta.short_count,
                          meta.short_plan)
+        if meta.fold_tiles is not None and not folded:
+            self._launch(layer, projections, x, y, meta.token_order, meta.fold_tiles, meta.fold_count, meta.fold_plan)
 
-    def _launch(self, layer, projections, x, y, token_order, tiles, tile_count, plan: LaunchPlan) -> None:
-        """Shrink and expand (and the DoRA rescale) of one tile list."""
+    def fold_width(self, projections: tuple[str, ...], meta: Segments | None) -> int:
+        """Columns a base matmul of these projections gets beyond its input features when it folds this step."""
+        if not isinstance(meta, StepSegments) or meta.fold_tiles is None:
+            return 0
+        return fold_columns(meta.plan.fold, len(projections), meta.plan.fold_rank)
+
+    def folded(self, layer, projections, x, base, meta: Segments) -> torch.Tensor | None:
+        """base(x) plus the deltas of the step's fold segments computed by one matmul (kernels/lora_fold.py), or None
+        when this step or this base does not fold. x may be the first columns of a wider input whose other columns
+        this fills (AdaptedLinear.input_buffer); apply(..., folded=True) then adds the other segments' deltas."""
+        width = self.fold_width(projections, meta)
+        can_fold = getattr(base, "can_fold", None)
+        if not width or can_fold is None or not can_fold(x.shape[0], x.device, x.dtype):
+            return None
+        T, in_features = x.shape
+        columns = in_features + width
+        wide = x._base
+        if wide is not None and wide.shape == (T, columns) and wide.is_contiguous() and x.data_ptr() == wide.data_ptr():
+            xw = wide  # the producer wrote x into AdaptedLinear.input_buffer
+        else:  # the producer wrote x elsewhere: a copy
+            xw = torch.empty(T, columns, dtype=x.dtype, device=x.device)
+            xw[:, :in_features].copy_(x)
+        plan, proj_ids = meta.fold_plan, [self.proj_ids[p] for p in projections]
+        partials, num_splits = self._shrink(layer, projections, x, meta.token_order, meta.fold_tiles, meta.fold_count,
+                                            plan)
+        table, scales = self.table[:, layer], self.scales[:, layer]
+        fold_inputs(xw, in_features, meta.token_block, meta.token_row, partials, num_splits, table, meta.fold_slots,
+                    proj_ids, meta.plan.fold_rank)
+        out_features = [self.projection_shapes[p][1] for p in projections]
+        return base.folded_forward(xw, lambda w: fold_weights(
+            w, 0, self.pool.buffer, table, scales, meta.fold_slots, proj_ids, out_features, meta.plan.fold_rank))
+
+    def _shrink(self, layer, projections, x, token_order, tiles, tile_count, plan: LaunchPlan):
+        """The shrink of one tile list: (partial sums, how many splits they hold)."""
         cfg = plan.config
         proj_ids = [self.proj_ids[p] for p in projections]
         in_features = self.projection_shapes[projections[0]][0]
-        out_features = [self.projection_shapes[p][1] for p in projections]
         blocks = plan.max_k + int(plan.has_general)
         rank_tiles = -(-plan.block_rank // cfg.block_r)
         num_splits = self.splits(plan, projections)
         partials = torch.empty(num_splits, token_order.shape[0], MAX_FUSED, plan.width,
                                dtype=torch.float32, device=x.device)
-        table, scales = self.table[:, layer], self.scales[:, layer]
-        shrink(x, token_order, tiles, tile_count, plan.grid_tiles, self.pool.buffer, table, proj_ids, blocks,
-               rank_tiles, partials, num_splits, cfg, aligned=self._aligned(plan, [in_features]), pdl=self.pdl)
+        shrink(x, token_order, tiles, tile_count, plan.grid_tiles, self.pool.buffer, self.table[:, layer], proj_ids,
+               blocks, rank_tiles, partials, num_splits, cfg, aligned=self._aligned(plan, [in_features]), pdl=self.pdl)
         if num_splits > 1 and (self.presum if self.presum is not None else cfg.presum):
             partials, num_splits = partials.sum(0, keepdim=True), 1
+        return partials, num_splits
+
+    def _launch(self, layer, projections, x, y, token_order, tiles, tile_count, plan: LaunchPlan) -> None:
+        """Shrink and expand (and the DoRA rescale) of one tile list."""
+        cfg = plan.config
+        partials, num_splits = self._shrink(layer, projections, x, token_order, tiles, tile_count, plan)
+        proj_ids = [self.proj_ids[p] for p in projections]
+        out_features = [self.projection_shapes[p][1] for p in projections]
+        table, scales = self.table[:, layer], self.scales[:, layer]
         common = (y, token_order, tiles, tile_count, plan.grid_tiles, self.pool.buffer, table, scales, proj_ids,
                   out_features, plan.max_k, partials, num_splits, cfg)
         aligned = self._aligned(plan, out_features)

@@ -102,12 +102,29 @@ class AdaptedLinear(nn.Module):
         merged = self.merged if ctx.merged_rows is not None else None
         if merged is not None and ctx.all_merged:
             return merged(x)
+        y = None
+        if ctx.lora is not None and merged is None:  # some deltas inside the base matmul (kernels/lora_fold.py)
+            y = ctx.lora.folded(self.layer_idx, self.projections, x, self.base, ctx.lora_meta)
+        if y is not None:
+            ctx.lora.apply(self.layer_idx, self.projections, x, y, ctx.lora_meta, folded=True)
+            return y
         y = self.base(x)
         if ctx.lora is not None:
             ctx.lora.apply(self.layer_idx, self.projections, x, y, ctx.lora_meta)
         if merged is not None:
             y = torch.where(ctx.merged_rows.unsqueeze(1), merged(x), y)
         return y
+
+    def input_buffer(self, rows: int, dtype: torch.dtype, device: torch.device, ctx: StepContext) -> torch.Tensor | None:
+        """Where a producer may write this layer's input so that a folding step needs no copy of it: the first
+        in_features columns of a wider buffer (see TritonAdapterOps.folded); None when this step does not fold here."""
+        if ctx.lora is None or ctx.merged_rows is not None:
+            return None
+        width = ctx.lora.fold_width(self.projections, ctx.lora_meta)
+        can_fold = getattr(self.base, "can_fold", None)
+        if not width or can_fold is None or not can_fold(rows, device, dtype):
+            return None
+        return torch.empty(rows, self.base.in_features + width, dtype=dtype, device=device)[:, :self.base.in_features]
 
 
 class RMSNorm(nn.Module):
@@ -122,10 +139,14 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
-    def fused(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(forward(s), s) with s = x (+ residual), in one kernel."""
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+              into: AdaptedLinear | None = None, ctx: StepContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(s), s) with s = x (+ residual), in one kernel; forward(s) written where `into` takes its input."""
         from loraplex.kernels.layer_ops import rms_norm
-        return rms_norm(x, self.weight, self.eps, residual)
+        out = None
+        if into is not None:
+            out = into.input_buffer(x.shape[0], torch.promote_types(self.weight.dtype, x.dtype), x.device, ctx)
+        return rms_norm(x, self.weight, self.eps, residual, out=out)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -215,7 +236,8 @@ class MLP(nn.Module):
         gate_up = self.gate_up_proj(x, ctx)
         if ctx.fused_layer_ops:
             from loraplex.kernels.layer_ops import silu_and_mul
-            return self.down_proj(silu_and_mul(gate_up), ctx)
+            out = self.down_proj.input_buffer(gate_up.shape[0], gate_up.dtype, gate_up.device, ctx)
+            return self.down_proj(silu_and_mul(gate_up, out=out), ctx)
         gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up, ctx)
 
@@ -230,8 +252,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
         if ctx.fused_layer_ops:
-            h, _ = self.input_layernorm.fused(x)
-            h, x = self.post_attention_layernorm.fused(self.self_attn(h, cos, sin, ctx), residual=x)
+            h, _ = self.input_layernorm.fused(x, into=self.self_attn.qkv_proj, ctx=ctx)
+            h, x = self.post_attention_layernorm.fused(self.self_attn(h, cos, sin, ctx), residual=x,
+                                                       into=self.mlp.gate_up_proj, ctx=ctx)
             return x + self.mlp(h, ctx)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x), ctx)

@@ -22,6 +22,7 @@ import bitsandbytes.functional as bnbf
 import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
+from loraplex.kernels.lora_fold import MAX_FOLD_COLUMNS
 from loraplex.kernels.nf4_dequant import nf4_dequantize
 from loraplex.kernels.nf4_matmul import nf4_matmul
 from loraplex.kernels.nf4_tiles import NF4Tiles
@@ -44,9 +45,20 @@ DENSE_US: dict[tuple[int, int], dict[int, float]] = {}
 # dequantize_4bit at start-up (prefill's dequantise-then-matmul path); not calibrated: bitsandbytes'
 TRITON_DEQUANT: dict[tuple[int, int], bool] = {}
 DEQUANT_US: dict[tuple[int, int], dict[str, float]] = {}  # (out_features, in_features) -> measure_dequant's times
-# (shape, dtype, device) -> one dequantised weight, rewritten by each layer's prefill matmul in turn (one
-# stream, in order: a captured graph that uses it replays in the same order)
+# (shape, dtype, device) -> room for one dequantised weight and its folded adapter columns (kernels/lora_fold.py),
+# flat, rewritten by each layer's prefill matmul in turn (one stream, in order: a captured graph that uses it
+# replays in the same order). Allocated once at its largest: captured graphs keep its address.
 _DEQUANT_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch_weight(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, columns: int) -> torch.Tensor:
+    """The shared scratch as a contiguous [out, columns] weight (columns: in, or in + folded columns)."""
+    key = (shape, dtype, device)
+    flat = _DEQUANT_SCRATCH.get(key)
+    if flat is None:
+        flat = _DEQUANT_SCRATCH[key] = torch.empty(shape[0] * (shape[1] + MAX_FOLD_COLUMNS), dtype=dtype,
+                                                   device=device)
+    return flat[:shape[0] * columns].view(shape[0], columns)
 
 
 def dense_faster(rows: int) -> bool | None:
@@ -105,15 +117,39 @@ class NF4Linear(bnb.nn.Linear4bit):
             self.set_compute_type(x)
             self.compute_type_is_set = True
         state = self.weight.quant_state
-        key = (tuple(state.shape), state.dtype, x.device)
-        weight = _DEQUANT_SCRATCH.get(key)
-        if weight is None:
-            weight = _DEQUANT_SCRATCH[key] = torch.empty(state.shape, dtype=state.dtype, device=x.device)
+        weight = _scratch_weight(tuple(state.shape), state.dtype, x.device, self.in_features)
         dequantize_into(weight, self.weight.data, state, TRITON_DEQUANT.get((self.out_features, self.in_features), False))
         in_dtype = x.dtype
         dtype = self.compute_dtype or in_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), bias).to(in_dtype)
+
+    def can_fold(self, rows: int, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether folded_forward serves `rows` input rows: the prefill path (dequantise, then a dense matmul),
+        on a weight stored in the compute dtype's scratch (kernels/lora_fold.py)."""
+        state = getattr(self.weight, "quant_state", None)
+        if state is None:
+            state = self.quant_state
+        return (device.type == "cuda" and rows > DEQUANT_ROWS and not self.use_fused(rows) and state is not None
+                and len(state.shape) == 2 and not getattr(state, "packing_format_for_cpu", False)
+                and self.in_features % state.blocksize == 0 and state.dtype == dtype
+                and (self.compute_dtype is None or self.compute_dtype == dtype)
+                and not (torch.is_grad_enabled() and self.weight.requires_grad))
+
+    def folded_forward(self, xw: torch.Tensor, write_columns) -> torch.Tensor:
+        """[x | s] @ [W | E]^T (+ bias) for xw [T, in + c]: W dequantised into the scratch's first in columns,
+        `write_columns(view)` fills the other c (the folded adapters' B columns). See can_fold."""
+        fix_4bit_weight_quant_state_from_module(self)
+        state = self.weight.quant_state
+        columns = xw.shape[1]
+        if not self.in_features < columns <= self.in_features + MAX_FOLD_COLUMNS:
+            raise ValueError(f"{columns - self.in_features} folded columns (at most {MAX_FOLD_COLUMNS})")
+        weight = _scratch_weight(tuple(state.shape), state.dtype, xw.device, columns)
+        nf4_dequantize(self.weight.data, state.absmax, state.code, state.blocksize, weight[:, :self.in_features],
+                       **_nested(state))
+        write_columns(weight[:, self.in_features:])
+        bias = None if self.bias is None else self.bias.to(xw.dtype)
+        return torch.nn.functional.linear(xw, weight, bias)
 
     def _fusable(self, x: torch.Tensor) -> bool:
         state = getattr(self.weight, "quant_state", None)

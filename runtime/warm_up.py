@@ -11,7 +11,9 @@ and layer kernels at new row counts, and the capture of each batch size's decode
    of the paged-attention prefill, and the NF4 and layer kernels at those row counts. (Kernels that take
    the step's sequence count or table width leave them unspecialised, so no step compiles anew.) With
    the adapter also one prefill per mixed-step token bucket: the mixed graphs of the rank-16 launch plan
-   (the base-only ones are captured when the engine starts).
+   (the base-only ones are captured when the engine starts), each twice: with the adapter's delta folded
+   into the prefill matmuls (kernels/lora_fold.py), as a step whose chunk has the adapter, and not, as a
+   step whose adapters' rows are too few to fold.
 2. A decode step at every CUDA-graph batch size with that adapter: the decode graph of the rank-16
    launch plan per batch size (the base-only graphs are captured when the engine starts). Adapters of
    other ranks or kinds share the compiled kernels; their graphs are captured at first use.
@@ -74,6 +76,14 @@ def warm_up(engine) -> float:
             for adapter in (None, ref):
                 for n in sorted(set(PREFILL_LENGTHS + (longest,) + (buckets if adapter is not None else ()))):
                     engine.generate([(prompt(n), once, adapter)])
+            folding = getattr(engine.ops, "fold_blocks", 0)
+            if folding:  # the same buckets' graphs that fold nothing
+                engine.ops.fold_blocks = 0
+                try:
+                    for n in buckets:
+                        engine.generate([(prompt(n), once, ref)])
+                finally:
+                    engine.ops.fold_blocks = folding
             for bucket in engine.runner.buckets if engine.runner.use_graphs else ():
                 engine.generate([(prompt(4), twice, ref) for _ in range(bucket)])
             engine.slots.drop(ref)

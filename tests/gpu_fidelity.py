@@ -12,10 +12,11 @@ from loraplex.runtime.engine import Engine, EngineConfig
 
 def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast: bool, merge_policy: str = "off",
                   paged: bool | None = None, graphs: bool | None = None, fused: bool | None = None,
-                  triton: bool | None = None, merge_format: str = "auto", layer_ops: bool | None = None):
+                  triton: bool | None = None, merge_format: str = "auto", layer_ops: bool | None = None,
+                  fold_blocks: int | None = None):
     """{(prompt, step): logits row} and the tokens fed, running requests twice in one engine (the
     first pass builds merged weights and captures graphs). forced: {prompt: tokens} to feed; None =
-    greedy (the tokens chosen are returned for the other runs)."""
+    greedy (the tokens chosen are returned for the other runs). fold_blocks: the Triton ops' (kernels/lora_fold.py)."""
     paged, graphs = fast if paged is None else paged, fast if graphs is None else graphs
     fused, triton = fast if fused is None else fused, fast if triton is None else triton
     layer_ops = fast if layer_ops is None else layer_ops
@@ -28,6 +29,8 @@ def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast
                                        adapter_ops="triton" if triton else "torch", merge_policy=merge_policy,
                                        merge_format=merge_format))
     engine.runner.paged = paged
+    if fold_blocks is not None:
+        engine.ops.fold_blocks = fold_blocks
     engine.runner.fused_layer_ops = layer_ops
     engine.runner.drop_graphs()  # the start-up captures used the default layer kernels
     engine.merger.patience, engine.merger.min_rows, engine.merger.dwell_seconds = 1, 1, 0.0

@@ -136,3 +136,32 @@ def test_paged_attention_compiles_for_sm90():
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["compiled"] == 10 and not result["failures"], "\n".join(result["failures"])
+
+
+FOLD_SCRIPT = r"""
+from loraplex.kernels import lora_fold as k
+from loraplex.kernels import nf4_dequant as d
+
+common = {"xw_ptr": "*bf16", "w_ptr": "*bf16", "pool_ptr": "*bf16", "table_ptr": "*i64", "token_block_ptr": "*i32",
+          "token_row_ptr": "*i32", "partial_ptr": "*fp32", "fold_slots_ptr": "*i32", "scale_ptr": "*fp32"}
+jobs = []
+for projections in (1, 2, 3):
+    for rank in (16, 32, 64):
+        jobs.append((k._fold_inputs_kernel, dict(P=projections, RB=rank, BLOCK_T=32), common, 4, 3))
+        jobs.append((k._fold_weights_kernel, dict(P=projections, RB=rank, BLOCK_N=64), common, 4, 3))
+dequant = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
+           "nested_code_ptr": "*fp32", "offset": "fp32", "offset_ptr": "*fp32", "out_ptr": "*bf16"}
+jobs.append((d._nf4_dequant_kernel, dict(BLOCKSIZE=64, BLOCKS=32, NESTED=True, NESTED_BLOCKSIZE=256,
+                                         OFFSET_IN_MEMORY=True), dequant, 4, 3))
+compile_all(jobs)
+"""
+
+
+def test_fold_kernels_and_row_strided_dequant_compile_for_sm90():
+    """kernels/lora_fold.py in the widths a folding step uses, and the dequantisation into rows of the wider weight."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE + FOLD_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["compiled"] == 19 and not result["failures"], "\n".join(result["failures"])

@@ -39,6 +39,10 @@ def test_rms_norm_with_and_without_residual(dtype, hidden):
     close(out, norm(residual + x).detach(), dtype)
     empty, _ = rms_norm(x[:0], norm.weight.detach(), norm.eps)
     assert empty.shape == (0, hidden)
+    wide = torch.full((5, hidden + 32), 9.0, dtype=dtype)  # rows of a wider buffer (a folding matmul's input)
+    into, _ = rms_norm(x, norm.weight.detach(), norm.eps, residual=residual, out=wide[:, :hidden])
+    assert into.data_ptr() == wide.data_ptr() and (wide[:, hidden:] == 9).all()
+    close(wide[:, :hidden], norm(residual + x).detach(), dtype)
 
 
 @needs_interpreter
@@ -72,6 +76,10 @@ def test_silu_and_mul(dtype):
     gate_up = (torch.randn(4, 2 * 80, generator=g) * 3).to(dtype)
     gate, up = gate_up.split(80, dim=-1)
     close(silu_and_mul(gate_up), F.silu(gate) * up, dtype)
+    wide = torch.full((4, 80 + 16), 9.0, dtype=dtype)
+    silu_and_mul(gate_up, out=wide[:, :80])
+    close(wide[:, :80], F.silu(gate) * up, dtype)
+    assert (wide[:, 80:] == 9).all()
 
 
 @needs_interpreter

@@ -181,6 +181,21 @@ def test_dequantize_is_bitsandbytes(blocksize, compress, dtype):
         assert torch.equal(out, dequantized(packed, state, dtype))
 
 
+@needs_interpreter
+def test_dequantize_into_rows_of_a_wider_buffer():
+    """The folded prefill matmul's weight (kernels/lora_fold.py): the same values into the first columns of each row,
+    the extension columns untouched."""
+    packed, state = quantize(72, 192, True, seed=4)
+    wide = torch.full((72, 192 + 48), 7.0, dtype=torch.bfloat16)
+    nf4_dequantize(packed, state.absmax, state.code, BLOCKSIZE, wide[:, :192], **state_kwargs(state))
+    alone = torch.empty(72, 192, dtype=torch.bfloat16)
+    nf4_dequantize(packed, state.absmax, state.code, BLOCKSIZE, alone, **state_kwargs(state))
+    assert torch.equal(wide[:, :192], alone) and (wide[:, 192:] == 7).all()
+    with pytest.raises(ValueError):  # rows that split an absmax block
+        nf4_dequantize(packed, state.absmax, state.code, BLOCKSIZE, torch.empty(144, 120)[:, :96],
+                       **state_kwargs(state))
+
+
 def test_dequantize_rejects_what_it_cannot_read():
     packed, state = quantize(64, 128, True, seed=1)
     with pytest.raises(ValueError):  # an output of another size

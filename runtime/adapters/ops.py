@@ -59,8 +59,18 @@ class AdapterOps:
         return build_segments(token_slots, self.device)
 
     def apply(self, layer: int, projections: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
-              meta: Segments) -> None:
+              meta: Segments, folded: bool = False) -> None:
+        """Add each token's delta to y. folded: `folded` computed y, with some segments' deltas in it already."""
         raise NotImplementedError
+
+    def fold_width(self, projections: tuple[str, ...], meta: Segments | None) -> int:
+        """Input columns beyond in_features that `folded` would use for these projections this step (0: none)."""
+        return 0
+
+    def folded(self, layer: int, projections: tuple[str, ...], x: torch.Tensor, base, meta: Segments):
+        """base(x) with some of the step's deltas computed inside the base matmul (kernels/lora_fold.py), or None
+        when these ops or this base do not fold."""
+        return None
 
 
 def module_delta(x: torch.Tensor, w: ModuleDelta) -> torch.Tensor:
@@ -104,7 +114,7 @@ class TorchAdapterOps(AdapterOps):
     def evict(self, slot: int) -> None:
         self.slots[slot] = None
 
-    def apply(self, layer, projections, x, y, meta: Segments) -> None:
+    def apply(self, layer, projections, x, y, meta: Segments, folded: bool = False) -> None:
         for start, length, slot in meta.host:
             weights = self.slots[slot]
             idx = meta.token_order[start:start + length]
