@@ -77,10 +77,12 @@ def _fold_inputs_kernel(
 def _fold_weights_kernel(
     w_ptr, w_row_stride, ext_col0,
     pool_ptr, table_ptr, table_slot_stride, scale_ptr, scale_slot_stride, fold_slots_ptr,
-    proj0, proj1, proj2, out0, out1, out2,
+    proj0, proj1, proj2, out0, out1, out2, largest,
     P: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """w[o, ext_col0 + (b P + p) RB + i] = scale * B[i, o - start of p] of fold block b's module p, 0 elsewhere."""
+    """w[o, ext_col0 + (b P + p) RB + i] = scale * B[i, o - start of p] of fold block b's module p, 0 elsewhere;
+    clamped to +-largest (the weight dtype's largest finite value): every other token multiplies these columns by
+    zero, and zero times an overflowed inf would be NaN in another request's output."""
     b = tl.program_id(1) // P
     p = tl.program_id(1) % P
     proj = _pick(p, proj0, proj1, proj2)
@@ -96,6 +98,7 @@ def _fold_weights_kernel(
     take = ((local >= 0) & (local < width))[:, None] & (i < rank)[None, :]
     b_ptr = pool_ptr + tl.load(entry + _B_OFFSET)  # B [rank, width]: output features contiguous
     v = tl.load(b_ptr + i[None, :] * width + local[:, None], mask=take, other=0.0).to(tl.float32) * scale
+    v = tl.minimum(tl.maximum(v, -largest), largest)
     dst = w_ptr + rows.to(tl.int64)[:, None] * w_row_stride + ext_col0 + tl.program_id(1) * RB + i[None, :]
     tl.store(dst, v.to(w_ptr.dtype.element_ty), mask=(rows < total)[:, None])
 
@@ -141,7 +144,7 @@ def fold_weights(w: torch.Tensor, in_features: int, pool: torch.Tensor, table: t
     o0, o1, o2 = _padded(out_features, 0)
     _fold_weights_kernel[(triton.cdiv(w.shape[0], block_n), blocks * P)](
         w, w.stride(0), in_features, pool, table, table.stride(0), scales, scales.stride(0), fold_slots,
-        p0, p1, p2, o0, o1, o2, P=P, RB=block_rank, BLOCK_N=block_n, num_warps=4)
+        p0, p1, p2, o0, o1, o2, torch.finfo(w.dtype).max, P=P, RB=block_rank, BLOCK_N=block_n, num_warps=4)
 
 
 def self_check(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -143,7 +143,8 @@ from loraplex.kernels import lora_fold as k
 from loraplex.kernels import nf4_dequant as d
 
 common = {"xw_ptr": "*bf16", "w_ptr": "*bf16", "pool_ptr": "*bf16", "table_ptr": "*i64", "token_block_ptr": "*i32",
-          "token_row_ptr": "*i32", "partial_ptr": "*fp32", "fold_slots_ptr": "*i32", "scale_ptr": "*fp32"}
+          "token_row_ptr": "*i32", "partial_ptr": "*fp32", "fold_slots_ptr": "*i32", "scale_ptr": "*fp32",
+          "largest": "fp32"}
 jobs = []
 for projections in (1, 2, 3):
     for rank in (16, 32, 64):

@@ -167,3 +167,28 @@ def test_start_up_self_check_passes_and_sees_a_wrong_kernel(dtype, monkeypatch):
     assert lora_fold.self_check(torch.device("cpu"), dtype) is None
     monkeypatch.setattr(lora_fold, "fold_weights", lambda w, *args: w.zero_())
     assert "fold_weights differs" in lora_fold.self_check(torch.device("cpu"), dtype)
+
+
+@needs_interpreter
+def test_an_overflowing_adapter_cannot_turn_another_requests_output_into_nan():
+    """scale * B past the weight dtype's range would be inf in the folded columns, and every other token multiplies
+    them by zero: NaN in other requests' outputs. The columns are clamped to the largest finite value instead."""
+    adapters, slots = mixed_step()
+    huge = adapters[1]
+    for m in huge.modules.values():
+        m.B.fill_(3e38)  # finite in fp32; times the scale past fp32's largest
+        m.scale = 4.0
+    ops = make_ops(adapters)
+    ops.graph_rows, ops.graph_tokens = 16, 256
+    meta = ops.metadata(slots, pad_to=256, mixed=True)
+    assert meta.fold_slots.tolist() == [0, 1]
+    base = base_for(QKV)
+    x = torch.randn(len(slots), base.in_features, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        y = ops.folded(0, QKV, x, base, meta)
+        ops.apply(0, QKV, x, y, meta, folded=True)
+        others = [t for t, s in enumerate(slots) if s != 1]
+        assert torch.isfinite(y[others]).all()
+        want, _ = reference({k: v for k, v in adapters.items() if k != 1}, [s if s != 1 else -1 for s in slots], 0,
+                            QKV, x, base(x))
+        assert torch.allclose(y[others].double(), want[others], rtol=1e-4, atol=1e-4)
