@@ -27,6 +27,14 @@ FOLD_BLOCKS = 2  # adapters one prefill step folds (its CUDA graph's extension i
 FOLD_MAX_RANK = 64  # the widest block (a launch plan's block rank) that folds
 MAX_FOLD_COLUMNS = FOLD_BLOCKS * MAX_FUSED * FOLD_MAX_RANK  # the most columns a weight's scratch gets beyond in
 
+# A mixed step folds an adapter when the step has at least FOLD_MIN_STEP_TOKENS tokens (smaller ones run the fused NF4
+# kernel, which has no dense weight to extend) and the adapter's segment at least FOLD_MIN_TOKENS and 1/FOLD_SHARE of
+# them: its columns cost every token of the step, the expand it saves only its own tokens (break-even near 1/15 of
+# the step for qkv at rank 16, an H100's matmul peak against its bandwidth)
+FOLD_MIN_STEP_TOKENS = 128
+FOLD_SHARE = 8
+FOLD_MIN_TOKENS = 64
+
 _K = tl.constexpr(layout.K)
 _RANK = tl.constexpr(layout.RANK)
 _B_OFFSET = tl.constexpr(layout.B_OFFSET)
@@ -35,6 +43,37 @@ _NUM_FIELDS = tl.constexpr(layout.NUM_FIELDS)
 
 def fold_columns(blocks: int, projections: int, block_rank: int) -> int:
     return blocks * projections * block_rank
+
+
+def choose_fold_slots(segments: list[tuple[int, int, int]], tokens: int, packed: dict, blocks: int) -> set[int]:
+    """Of a step's (start, length, slot) segments, the slots to fold: at most `blocks`, the longest plain-LoRA ones
+    (packed: slot -> its PackedAdapter) with a large enough share of the step's `tokens`."""
+    if blocks <= 0 or tokens < FOLD_MIN_STEP_TOKENS:
+        return set()
+    candidates = []
+    for _, length, slot in segments:
+        p = packed.get(slot)
+        if p is None or length < FOLD_MIN_TOKENS or length * FOLD_SHARE < tokens:
+            continue
+        # (a rank up to the power of two FOLD_MAX_RANK gets a launch plan width up to it)
+        if p.ks == {1} and not p.has_general and not p.has_dora and p.block_rank <= FOLD_MAX_RANK:
+            candidates.append((length, slot))
+    return {slot for _, slot in sorted(candidates, reverse=True)[:blocks]}
+
+
+def fold_rows(segments: list[tuple[int, int, int]], order: list[int], capacity: int, null_slot: int) -> torch.Tensor:
+    """The folded segments' per-token metadata, [2 capacity + FOLD_BLOCKS] int32: each token's fold block (-1: none),
+    its row in the step's token order, then the slot of each fold block (null_slot when unused)."""
+    rows = torch.full((2 * capacity + FOLD_BLOCKS,), -1, dtype=torch.int32)
+    rows[capacity:2 * capacity] = 0
+    slots = sorted({slot for _, _, slot in segments})
+    rows[2 * capacity:] = null_slot
+    rows[2 * capacity:2 * capacity + len(slots)] = torch.tensor(slots, dtype=torch.int32)
+    for start, length, slot in segments:
+        tokens = torch.tensor(order[start:start + length], dtype=torch.int64)
+        rows[tokens] = slots.index(slot)
+        rows[capacity + tokens] = torch.arange(start, start + length, dtype=torch.int32)
+    return rows
 
 
 @triton.jit

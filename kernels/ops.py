@@ -30,7 +30,7 @@ from loraplex.runtime.adapters.segments import Segments, build_segments
 from . import packed_layout as layout
 from .dora_rescale import dora_rescale
 from .host_buffers import HostBuffers
-from .lora_fold import FOLD_BLOCKS, FOLD_MAX_RANK, fold_columns, fold_inputs, fold_weights
+from .lora_fold import FOLD_BLOCKS, choose_fold_slots, fold_columns, fold_inputs, fold_rows, fold_weights
 from .lora_fold import self_check as fold_self_check
 from .segmented_lora import MAX_FUSED, expand, interpreting, shrink
 from .tile_config import TileConfig, choose_splits, choose_tile_config
@@ -45,13 +45,6 @@ GRAPH_DECODE_CONFIG = choose_tile_config(1)
 MIXED_GRAPH_CONFIG = choose_tile_config(64)
 SHORT_SEGMENT = 2  # segments of at most this many tokens take one-row tiles in a mixed graph
 SHORT_GRID = 64  # programs over a mixed graph's one-row tiles (each loops over more when a step has more)
-# A mixed step folds an adapter into the base matmul (kernels/lora_fold.py) when the step has at least this many
-# tokens (smaller ones run the fused NF4 kernel, which has no dense weight to extend) and the adapter has at least
-# 1/FOLD_SHARE of them and FOLD_MIN_TOKENS: its K columns cost every token of the step, the expand it saves only
-# its own tokens (break-even near 1/15 of the step for qkv at rank 16, H100 matmul peak against its bandwidth)
-FOLD_MIN_STEP_TOKENS = 128
-FOLD_SHARE = 8
-FOLD_MIN_TOKENS = 64
 
 
 def plan_size(n: int) -> int:
@@ -394,43 +387,18 @@ class TritonAdapterOps(AdapterOps):
             meta.fold_tiles, meta.fold_count = graph_tiles[first:first + num_fold], graph_tiles[0, 2:3]
             meta.fold_plan = fold_plan
             cap = graph_order.shape[0]
-            graph_fold[:2 * cap + FOLD_BLOCKS].copy_(self._fold_rows(fold_host, order, cap), non_blocking=True)
+            rows = fold_rows(fold_host, order, cap, self.null_slot)
+            graph_fold[:2 * cap + FOLD_BLOCKS].copy_(rows.pin_memory() if self.cuda else rows, non_blocking=True)
             meta.token_block, meta.token_row = graph_fold[:pad_to], graph_fold[cap:cap + pad_to]
             meta.fold_slots = graph_fold[2 * cap:2 * cap + FOLD_BLOCKS]
         self._last_graph_meta = (key, meta)
         return meta
 
     def _fold_slots(self, long_host: list[tuple[int, int, int]], tokens: int) -> set[int]:
-        """The slots (at most fold_blocks) whose segments a mixed step of `tokens` tokens folds into its base matmuls:
-        the longest plain-LoRA ones with a large enough share of the step (see FOLD_SHARE)."""
+        """The slots whose segments a mixed step of `tokens` tokens folds into its base matmuls (lora_fold.py)."""
         assert self.fold_blocks <= FOLD_BLOCKS
-        if self.fold_blocks <= 0 or tokens < FOLD_MIN_STEP_TOKENS:
-            return set()
-        candidates = []
-        for _, length, slot in long_host:
-            resident = self.resident[slot]
-            if resident is None or length < FOLD_MIN_TOKENS or length * FOLD_SHARE < tokens:
-                continue
-            packed = resident.packed
-            if packed.ks == {1} and not packed.has_general and not packed.has_dora and \
-                    plan_size(packed.block_rank) <= FOLD_MAX_RANK:
-                candidates.append((length, slot))
-        return {slot for _, slot in sorted(candidates, reverse=True)[:self.fold_blocks]}
-
-    def _fold_rows(self, fold_host: list[tuple[int, int, int]], order: list[int], capacity: int) -> torch.Tensor:
-        """[2 capacity + FOLD_BLOCKS] int32: each token's fold block (-1: none), its row in token_order, then the
-        slot of each fold block (the null slot when unused)."""
-        rows = torch.full((2 * capacity + FOLD_BLOCKS,), -1, dtype=torch.int32)
-        rows[capacity:2 * capacity] = 0
-        slots = sorted({slot for _, _, slot in fold_host})
-        rows[2 * capacity:] = self.null_slot
-        for b, slot in enumerate(slots):
-            rows[2 * capacity + b] = slot
-        for start, length, slot in fold_host:
-            tokens = torch.tensor(order[start:start + length], dtype=torch.int64)
-            rows[tokens] = slots.index(slot)
-            rows[capacity + tokens] = torch.arange(start, start + length, dtype=torch.int32)
-        return rows.pin_memory() if self.cuda else rows
+        packed = {slot: self.resident[slot].packed for _, _, slot in long_host if self.resident[slot] is not None}
+        return choose_fold_slots(long_host, tokens, packed, self.fold_blocks)
 
     @staticmethod
     def _tiles(host: list[tuple[int, int, int]], block_m: int) -> list[tuple[int, int, int]]:

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraplex.kernels import ops as kernel_ops
 from loraplex.kernels.lora_fold import FOLD_BLOCKS, fold_inputs, fold_weights
 from loraplex.runtime.model import AdaptedLinear, StepContext
 from test_kernels import GROUPS, QKV, SHAPES, make_adapter, make_ops, reference
