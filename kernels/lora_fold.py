@@ -16,6 +16,7 @@ launch's null row (no module: k == 0) folds to zeros.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -64,16 +65,16 @@ def choose_fold_slots(segments: list[tuple[int, int, int]], tokens: int, packed:
 def fold_rows(segments: list[tuple[int, int, int]], order: list[int], capacity: int, null_slot: int) -> torch.Tensor:
     """The folded segments' per-token metadata, [2 capacity + FOLD_BLOCKS] int32: each token's fold block (-1: none),
     its row in the step's token order, then the slot of each fold block (null_slot when unused)."""
-    rows = torch.full((2 * capacity + FOLD_BLOCKS,), -1, dtype=torch.int32)
+    rows = np.full(2 * capacity + FOLD_BLOCKS, -1, dtype=np.int32)  # (numpy: host work of every mixed step)
     rows[capacity:2 * capacity] = 0
     slots = sorted({slot for _, _, slot in segments})
     rows[2 * capacity:] = null_slot
-    rows[2 * capacity:2 * capacity + len(slots)] = torch.tensor(slots, dtype=torch.int32)
+    rows[2 * capacity:2 * capacity + len(slots)] = slots
     for start, length, slot in segments:
-        tokens = torch.tensor(order[start:start + length], dtype=torch.int64)
+        tokens = np.asarray(order[start:start + length], dtype=np.int64)
         rows[tokens] = slots.index(slot)
-        rows[capacity + tokens] = torch.arange(start, start + length, dtype=torch.int32)
-    return rows
+        rows[capacity + tokens] = np.arange(start, start + length, dtype=np.int32)
+    return torch.from_numpy(rows)
 
 
 @triton.jit
