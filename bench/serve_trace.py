@@ -71,7 +71,7 @@ BEFORE_8B = {"trace_inf_base_over_floor": 5.7, "trace_inf_adapters_over_base": 0
              "nf4_over_dense_max": 1.62}
 COUNTERS = ("decode_steps", "decode_seconds", "decode_rows", "prefill_steps", "prefill_seconds", "steps",
             "graph_steps", "bookkeeping_seconds", "idle_seconds", "device_wait_seconds", "tokens_generated",
-            "adapter_loads", "merged_steps", "graph_gpu_seconds", "mixed_gpu_seconds")
+            "adapter_loads", "merged_steps", "graph_gpu_seconds", "mixed_gpu_seconds", "folded_steps")
 
 
 # -- the trace ---------------------------------------------------------------------------------------------

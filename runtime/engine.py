@@ -154,6 +154,7 @@ class Engine:
         # is the bottleneck and the GPU waits for it; most of the step: the GPU is)
         self.device_wait_seconds = 0.0
         self.runner.graph_steps, self.runner.graph_gpu_seconds, self.runner.mixed_gpu_seconds = 0, 0.0, 0.0
+        self.runner.folded_steps = 0
         self.slots.loads = self.slots.evictions = 0
 
     # -- called from any thread -------------------------------------------------------------
@@ -222,6 +223,7 @@ class Engine:
                 "decode_rows": self.decode_rows, "decode_context_tokens": self.decode_context_tokens,
                 "prefill_steps": self.prefill_steps, "graph_steps": self.runner.graph_steps,
                 "graph_gpu_seconds": self.runner.graph_gpu_seconds, "mixed_gpu_seconds": self.runner.mixed_gpu_seconds,
+                "folded_steps": self.runner.folded_steps, "fold_blocks": getattr(self.ops, "fold_blocks", 0),
                 "prefill_seconds": self.prefill_seconds,
                 "bookkeeping_seconds": self.bookkeeping_seconds, "idle_seconds": self.idle_seconds,
                 "device_wait_seconds": self.device_wait_seconds,

@@ -118,6 +118,7 @@ class ModelRunner:
         # engine's wall time per decode step it says how much of a step the host takes
         self.graph_gpu_seconds = 0.0
         self.mixed_gpu_seconds = 0.0  # the same for mixed-step replays (beside the engine's prefill_seconds)
+        self.folded_steps = 0  # mixed-step replays with adapter deltas folded into the prefill matmuls (lora_fold.py)
         self._replay_events: tuple[torch.cuda.Event, torch.cuda.Event, bool] | None = None
 
     def _layer_ops_work(self) -> bool:
@@ -359,6 +360,7 @@ class ModelRunner:
         if entry is None:
             return None
         self._timed_replay(entry.graph, mixed=True)
+        self.folded_steps += plan is not None and plan.fold > 0
         return entry.logits[:num_logits]
 
     def _mixed_context(self, bucket: int, lora_meta) -> StepContext:
