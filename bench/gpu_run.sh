@@ -8,7 +8,8 @@
 #   early      bench/nf4_early_launch.py: the NF4 kernel launched early (PDL) vs after the previous kernel (8B shapes)
 #   ktimes     bench/nf4_kernel_times.py: an NF4 call's kernel, split-K sum tail and launch gap against dense (8B), ~2 min
 #   fold       the folded-prefill GPU test, then bench/step_host.py --shape 8b --fold-ab: prefill and mixed steps with
-#              adapters, their deltas folded into the NF4 prefill matmuls (kernels/lora_fold.py) vs expanded, ~4 min
+#              adapters, their deltas folded into the NF4 prefill matmuls (kernels/lora_fold.py) vs expanded, ~4 min;
+#              foldab: the benchmark only (no default model needed: it may run before the gguf chunks are in)
 #   grid       bench/nf4_matmul.py --grid "8b o_proj" --rows 48 64: a grid of tilings beyond the calibration's, ~40 s
 #   test       the CUDA-only tests (fast path vs eager reference; LIMIT_TEST: seconds before they are stopped), ~6 min
 #              on a fresh H100 (10 tests, 2026-12-07: the calibration compiles its candidates on 16 threads)
@@ -79,8 +80,9 @@ for step in "$@"; do
     ktimes)  # where an NF4 call's time goes, by kernel (profiler records), beside dense bf16
       python3 bench/nf4_kernel_times.py --rows ${ROWS_KTIMES:-16 48 64} --out "$OUT/nf4_kernel_times.json" 2>&1 \
         | grep -v "it/s" | tail -20 ;;
-    fold)  # adapter deltas folded into the prefill matmuls vs the expand kernels: equal logits, then GPU time per step
-      python3 -m pytest -q -x -s -p no:cacheprovider tests/test_gpu_fastpath.py -k folded_prefill 2>&1 | tail -4
+    fold|foldab)  # adapter deltas folded into the prefill matmuls vs the expand kernels: equal logits, GPU time per step
+      [ "$step" = fold ] && python3 -m pytest -q -x -s -p no:cacheprovider tests/test_gpu_fastpath.py -k folded_prefill \
+        2>&1 | tail -4
       python3 bench/step_host.py --shape ${FOLD_SHAPE:-8b} --fold-ab --repeats 5 --out "$OUT/step_host_fold_${FOLD_SHAPE:-8b}.json" \
         ${ARGS_FOLD:-} 2>&1 | tail -14 ;;
     grid)
