@@ -70,11 +70,13 @@ def set_fused(base, on: bool, saved: dict):
                 nf4_linear.DISPATCH[(m.out_features, m.in_features)] = frozenset()
 
 
-def profile(base, reqs, saved, kv_cache_tokens: int = 32768) -> dict:
+def profile(base, reqs, saved, kv_cache_tokens: int = 32768, fold_blocks: int = 0) -> dict:
     """Kernels by GPU time over one generate() of `reqs` (after a warm-up run of the same requests),
-    with the engine's decode step time and the wall time of the prefill steps."""
+    with the engine's decode step time and the wall time of the prefill steps. fold_blocks: adapters folded into
+    the prefill matmuls (kernels/lora_fold.py)."""
     set_fused(base, True, saved)
-    engine = Engine(base, EngineConfig(kv_cache_tokens=kv_cache_tokens, prefix_caching=False))
+    engine = Engine(base, EngineConfig(kv_cache_tokens=kv_cache_tokens, prefix_caching=False,
+                                       fold_prefill_adapters=fold_blocks))
     t = time.perf_counter()
     engine.generate(reqs)  # captures graphs, loads adapters, compiles kernels
     first_s = time.perf_counter() - t
@@ -115,6 +117,8 @@ def main() -> None:
                     help="profiled cases (comma separated): %(default)s, or base_prefill_b32, distinct_prefill_b32, "
                          "base_prefill_2048, adapter_prefill_2048, four_prefill_512, trace_128, trace_128_adapters")
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--fold-blocks", type=int, default=0,
+                    help="adapters a prefill step folds into its NF4 matmuls (kernels/lora_fold.py; default 0: off)")
     args = ap.parse_args()
     shape = serve_gpu_models.SHAPES[args.shape]
     model_dir = serve_gpu_models.write_checkpoint(shape, args.work / args.shape / "model", "cuda")
@@ -142,9 +146,11 @@ def main() -> None:
             owners = cases[name]
             new_tokens = 1 if "prefill" in name else args.new_tokens
             if name.startswith("trace"):  # room for every sequence at once: no preemption
-                r = profile(base, trace_requests(base, owners), saved, kv_cache_tokens=len(owners) * 1280)
+                r = profile(base, trace_requests(base, owners), saved, kv_cache_tokens=len(owners) * 1280,
+                            fold_blocks=args.fold_blocks)
             else:
-                r = profile(base, requests(base, owners, new_tokens, prompt_lens.get(name, 128)), saved)
+                r = profile(base, requests(base, owners, new_tokens, prompt_lens.get(name, 128)), saved,
+                            fold_blocks=args.fold_blocks)
             result[name] = r
             print(f"== {name}: decode step {r['decode_step_ms']:.2f} ms over {r['decode_steps']} steps "
                   f"(graph steps so far {r['graph_steps']}); {r['prefill_steps']} prefill steps; "

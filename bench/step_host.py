@@ -30,6 +30,7 @@ import figures  # noqa: E402 - bench/, beside this file: a PNG beside the JSON
 import serve_gpu_models  # noqa: E402
 from profile_step import adapter  # noqa: E402
 
+from loraplex.kernels.lora_fold import FOLD_ALIGN, FOLD_BLOCKS  # noqa: E402
 from loraplex.runtime.adapters.registry import AdapterRef  # noqa: E402
 from loraplex.runtime.adapters.slots import LOADING  # noqa: E402
 from loraplex.runtime.base_model import load_base_model  # noqa: E402
@@ -134,9 +135,8 @@ def measure(engine: Engine, batch, repeats: int) -> dict:
             "rows": len(batch), "profile_tottime": text.getvalue(), "profile_cumulative": tot.getvalue()}
 
 
-def measure_gpu(engine: Engine, batch, repeats: int) -> float:
-    """The step's median GPU time only (after warm-up runs)."""
-    computed = [seq.num_computed for seq, _ in batch]
+def measure_gpu(engine: Engine, batch, computed: list[int], repeats: int) -> float:
+    """The step's median GPU time only (after warm-up runs), each run from `computed` tokens per sequence."""
     for _ in range(3):
         run_once(engine, batch, computed)
     return statistics.median(run_once(engine, batch, computed)[1] for _ in range(repeats))
@@ -151,7 +151,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-warm-up", action="store_true")
     ap.add_argument("--fold-ab", action="store_true",
-                    help="time the adapter cases again with nothing folded into the prefill matmuls (kernels/lora_fold.py)")
+                    help="time the adapter cases again with their prefill deltas folded into the NF4 matmuls "
+                         "(kernels/lora_fold.py; off by default)")
     ap.add_argument("--max-gpu-adapters", type=int, default=None,
                     help="adapter slots (default: the server's, which sizes a mixed graph's tile list)")
     args = ap.parse_args()
@@ -167,15 +168,20 @@ def main() -> None:
     for i, name in enumerate(args.cases.split(",")):
         decode_rows, chunks, kind = CASES[name]
         batch = build(engine, refs, decode_rows, chunks, kind, seed=i)
+        computed = [seq.num_computed for seq, _ in batch]
         r = result["cases"][name] = measure(engine, batch, args.repeats)
         if args.fold_ab and kind == "distinct":
-            r["fold_blocks"] = engine.ops.fold_blocks
-            r["folded_plans"] = sum(1 for _, plan in engine.runner.mixed_graphs if plan is not None and plan.fold)
-            engine.ops.fold_blocks, folding = 0, engine.ops.fold_blocks
+            before = engine.runner.folded_steps
             try:
-                r["gpu_ms_unfolded"] = measure_gpu(engine, batch, args.repeats)
+                r["fold_blocks"] = engine.ops.set_fold_blocks(FOLD_BLOCKS)
+                for align in (FOLD_ALIGN, 1):  # the extension padded to aligned K, and not
+                    engine.ops.fold_align = align
+                    r[f"gpu_ms_folded_align{align}"] = measure_gpu(engine, batch, computed, args.repeats)
             finally:
-                engine.ops.fold_blocks = folding
+                engine.ops.set_fold_blocks(0)
+                engine.ops.fold_align = FOLD_ALIGN
+            r["gpu_ms_folded"] = r[f"gpu_ms_folded_align{FOLD_ALIGN}"]
+            r["folded_steps"] = engine.runner.folded_steps - before  # 0: the step did not fold (too small a share)
         for seq, _ in batch:
             engine.blocks.free(seq)
             if seq.adapter is not None:
@@ -191,15 +197,16 @@ def main() -> None:
         print(f"{name:28s} {r['tokens']:7d} {r['host_ms']:8.1f} {r['gpu_ms']:8.1f} {r['wall_ms']:8.1f} "
               f"{r['wall_ms'] / r['gpu_ms']:8.2f} {(r['graph_vs_eager_rel_err'] or (0, 0))[0]:14.2e} "
               f"{(r['graph_vs_eager_rel_err'] or (0, 0))[1]:14.2e}")
-    folds = {name: r for name, r in result["cases"].items() if "gpu_ms_unfolded" in r}
+    folds = {name: r for name, r in result["cases"].items() if "gpu_ms_folded" in r}
     if folds:  # the adapter's cost over the base step, folded and not (base case: the name without "_adapter...")
-        print(f"\n{'case':28s} {'GPU ms folded':>14s} {'unfolded':>9s} {'ratio':>6s} {'over base: folded':>18s} "
-              f"{'unfolded':>9s}")
+        print(f"\n{'case':28s} {'GPU ms folded':>14s} {'K unaligned':>12s} {'unfolded':>9s} {'ratio':>6s} "
+              f"{'over base: folded':>18s} {'unfolded':>9s} {'folded steps':>12s}")
         for name, r in folds.items():
             base = result["cases"].get(name.split("_adapter")[0], {}).get("gpu_ms")
-            r["folded_over_unfolded"] = r["gpu_ms"] / r["gpu_ms_unfolded"]
-            over = (f"{r['gpu_ms'] / base:18.3f} {r['gpu_ms_unfolded'] / base:9.3f}" if base else "")
-            print(f"{name:28s} {r['gpu_ms']:14.2f} {r['gpu_ms_unfolded']:9.2f} {r['folded_over_unfolded']:6.3f} {over}")
+            r["folded_over_unfolded"] = r["gpu_ms_folded"] / r["gpu_ms"]
+            over = (f"{r['gpu_ms_folded'] / base:18.3f} {r['gpu_ms'] / base:9.3f}" if base else f"{'':28s}")
+            print(f"{name:28s} {r['gpu_ms_folded']:14.2f} {r['gpu_ms_folded_align1']:12.2f} {r['gpu_ms']:9.2f} "
+                  f"{r['folded_over_unfolded']:6.3f} {over} {r['folded_steps']:12d}")
         args.out.write_text(json.dumps(result, indent=1))
 
 

@@ -26,7 +26,12 @@ from .segmented_lora import MAX_FUSED, _pick
 
 FOLD_BLOCKS = 2  # adapters one prefill step folds (its CUDA graph's extension is this many blocks wide)
 FOLD_MAX_RANK = 64  # the widest block (a launch plan's block rank) that folds
-MAX_FOLD_COLUMNS = FOLD_BLOCKS * MAX_FUSED * FOLD_MAX_RANK  # the most columns a weight's scratch gets beyond in
+# the extension's columns are padded to a multiple of this (zeros): K = in_features + 128 keeps cuBLAS's K a multiple
+# of its tiles. Unmeasured guess: the first folded trace (K = 4,096 + 96 / 64 / 32) ran slower than expected
+# (bench/step_host.py --fold-ab times FOLD_ALIGN 1 against it)
+FOLD_ALIGN = 128
+# the most columns a weight's scratch gets beyond in_features, with any alignment up to FOLD_ALIGN
+MAX_FOLD_COLUMNS = -(-FOLD_BLOCKS * MAX_FUSED * FOLD_MAX_RANK // FOLD_ALIGN) * FOLD_ALIGN
 
 # A mixed step folds an adapter when the step has at least FOLD_MIN_STEP_TOKENS tokens (smaller ones run the fused NF4
 # kernel, which has no dense weight to extend) and the adapter's segment at least FOLD_MIN_TOKENS and 1/FOLD_SHARE of
@@ -42,8 +47,10 @@ _B_OFFSET = tl.constexpr(layout.B_OFFSET)
 _NUM_FIELDS = tl.constexpr(layout.NUM_FIELDS)
 
 
-def fold_columns(blocks: int, projections: int, block_rank: int) -> int:
-    return blocks * projections * block_rank
+def fold_columns(blocks: int, projections: int, block_rank: int, align: int = 1) -> int:
+    """Extension columns of a matmul of `projections` folding `blocks` adapters of width block_rank, rounded up to a
+    multiple of `align` (zero columns: an aligned K may keep the matmul on its fastest kernels)."""
+    return -(-blocks * projections * block_rank // align) * align
 
 
 def choose_fold_slots(segments: list[tuple[int, int, int]], tokens: int, packed: dict, blocks: int) -> set[int]:
@@ -91,13 +98,14 @@ def _fold_inputs_kernel(
     xw_ptr, xw_row_stride, ext_col0, num_tokens,
     token_block_ptr, token_row_ptr,
     partial_ptr, partial_split_stride, partial_row_stride, partial_proj_stride, num_splits,
-    table_ptr, table_slot_stride, fold_slots_ptr, proj0, proj1, proj2,
+    table_ptr, table_slot_stride, fold_slots_ptr, num_blocks, proj0, proj1, proj2,
     P: tl.constexpr, RB: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """xw[t, ext_col0 + (b P + p) RB + i] = s of token t through module p of fold block b, or 0 (not its block)."""
+    """xw[t, ext_col0 + (b P + p) RB + i] = s of token t through module p of fold block b, or 0 (not its block, or
+    b >= num_blocks: padding columns)."""
     b = tl.program_id(1) // P
     p = tl.program_id(1) % P
-    slot = tl.load(fold_slots_ptr + b)
+    slot = tl.load(fold_slots_ptr + b, mask=b < num_blocks, other=0)  # (no token is in a padding block)
     rank, _ = _plain_rank(table_ptr, table_slot_stride, slot, _pick(p, proj0, proj1, proj2))
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < num_tokens
@@ -116,21 +124,23 @@ def _fold_inputs_kernel(
 @triton.jit
 def _fold_weights_kernel(
     w_ptr, w_row_stride, ext_col0,
-    pool_ptr, table_ptr, table_slot_stride, scale_ptr, scale_slot_stride, fold_slots_ptr,
+    pool_ptr, table_ptr, table_slot_stride, scale_ptr, scale_slot_stride, fold_slots_ptr, num_blocks,
     proj0, proj1, proj2, out0, out1, out2, largest,
     P: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """w[o, ext_col0 + (b P + p) RB + i] = scale * B[i, o - start of p] of fold block b's module p, 0 elsewhere;
     clamped to +-largest (the weight dtype's largest finite value): every other token multiplies these columns by
-    zero, and zero times an overflowed inf would be NaN in another request's output."""
+    zero, and zero times an overflowed inf would be NaN in another request's output. Blocks b >= num_blocks: padding,
+    zeros."""
     b = tl.program_id(1) // P
     p = tl.program_id(1) % P
     proj = _pick(p, proj0, proj1, proj2)
     start = _pick(p, 0, out0, out0 + out1)
     width = _pick(p, out0, out1, out2)
     total = out0 + out1 + out2  # (absent projections: 0)
-    slot = tl.load(fold_slots_ptr + b)
+    slot = tl.load(fold_slots_ptr + b, mask=b < num_blocks, other=0)
     rank, entry = _plain_rank(table_ptr, table_slot_stride, slot, proj)
+    rank = tl.where(b < num_blocks, rank, 0)
     scale = tl.load(scale_ptr + slot.to(tl.int64) * scale_slot_stride + proj)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     local = rows - start
@@ -150,40 +160,42 @@ def _padded(values: list[int], fill: int) -> list[int]:
 def fold_inputs(xw: torch.Tensor, in_features: int, token_block: torch.Tensor, token_row: torch.Tensor,
                 partials: torch.Tensor, num_splits: int, table: torch.Tensor, fold_slots: torch.Tensor,
                 proj_ids: list[int], block_rank: int) -> None:
-    """Write the extension columns of xw [T, in_features + NB P RB] (xw[:, :in_features] is the input).
+    """Write the extension columns of xw [T, in_features + c], c >= NB P RB a multiple of RB (past NB P RB: zeros);
+    xw[:, :in_features] is the input.
 
     token_block [>= T] int32: each token's fold block or -1; token_row [>= T]: its row in the partial sums
     (its place in the step's token order); partials [>= num_splits, rows, MAX_FUSED, >= RB] fp32, the shrink's;
     table: one layer's module table [slots, projections, NUM_FIELDS]; fold_slots [NB] int32 (null slot: unused).
     """
     T, P = xw.shape[0], len(proj_ids)
-    blocks = fold_slots.shape[0]
-    assert xw.stride(1) == 1 and xw.shape[1] == in_features + fold_columns(blocks, P, block_rank)
+    blocks, columns = fold_slots.shape[0], xw.shape[1] - in_features
+    assert xw.stride(1) == 1 and columns >= fold_columns(blocks, P, block_rank) and columns % block_rank == 0
     assert partials.stride(3) == 1 and table.stride(1) == layout.NUM_FIELDS
     if T == 0:
         return
     block_t = 32
     p0, p1, p2 = _padded(proj_ids, 0)
-    _fold_inputs_kernel[(triton.cdiv(T, block_t), blocks * P)](
+    _fold_inputs_kernel[(triton.cdiv(T, block_t), columns // block_rank)](
         xw, xw.stride(0), in_features, T, token_block, token_row,
         partials, partials.stride(0), partials.stride(1), partials.stride(2), num_splits,
-        table, table.stride(0), fold_slots, p0, p1, p2,
+        table, table.stride(0), fold_slots, blocks, p0, p1, p2,
         P=P, RB=block_rank, BLOCK_T=block_t, num_warps=4)
 
 
 def fold_weights(w: torch.Tensor, in_features: int, pool: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
                  fold_slots: torch.Tensor, proj_ids: list[int], out_features: list[int], block_rank: int) -> None:
-    """Write the extension columns of the scratch weight w [sum(out_features), in_features + NB P RB].
+    """Write the extension columns of the scratch weight w [sum(out_features), in_features + c] (c as for fold_inputs).
 
     scales: one layer's [slots, projections] fp32; the rest as for fold_inputs."""
-    P, blocks = len(proj_ids), fold_slots.shape[0]
-    assert w.stride(1) == 1 and w.shape == (sum(out_features), in_features + fold_columns(blocks, P, block_rank))
+    P, blocks, columns = len(proj_ids), fold_slots.shape[0], w.shape[1] - in_features
+    assert w.stride(1) == 1 and w.shape[0] == sum(out_features) and columns % block_rank == 0
+    assert columns >= fold_columns(blocks, P, block_rank)
     assert scales.stride(1) == 1 and table.stride(1) == layout.NUM_FIELDS
     block_n = 64
     p0, p1, p2 = _padded(proj_ids, 0)
     o0, o1, o2 = _padded(out_features, 0)
-    _fold_weights_kernel[(triton.cdiv(w.shape[0], block_n), blocks * P)](
-        w, w.stride(0), in_features, pool, table, table.stride(0), scales, scales.stride(0), fold_slots,
+    _fold_weights_kernel[(triton.cdiv(w.shape[0], block_n), columns // block_rank)](
+        w, w.stride(0), in_features, pool, table, table.stride(0), scales, scales.stride(0), fold_slots, blocks,
         p0, p1, p2, o0, o1, o2, torch.finfo(w.dtype).max, P=P, RB=block_rank, BLOCK_N=block_n, num_warps=4)
 
 

@@ -30,7 +30,7 @@ from loraplex.runtime.adapters.segments import Segments, build_segments
 from . import packed_layout as layout
 from .dora_rescale import dora_rescale
 from .host_buffers import HostBuffers
-from .lora_fold import FOLD_BLOCKS, choose_fold_slots, fold_columns, fold_inputs, fold_rows, fold_weights
+from .lora_fold import FOLD_ALIGN, FOLD_BLOCKS, choose_fold_slots, fold_columns, fold_inputs, fold_rows, fold_weights
 from .lora_fold import self_check as fold_self_check
 from .segmented_lora import MAX_FUSED, expand, interpreting, shrink
 from .tile_config import TileConfig, choose_splits, choose_tile_config
@@ -73,6 +73,7 @@ class LaunchPlan:
     busy_tiles: int | None = None
     fold: int = 0  # adapter blocks the step folds into its base matmuls (kernels/lora_fold.py), 0: none
     fold_rank: int = 0  # their width (a power of two >= 16)
+    fold_align: int = 1  # the extension's columns, padded to a multiple of this (lora_fold.FOLD_ALIGN)
 
     @property
     def max_k(self) -> int:
@@ -168,12 +169,24 @@ class TritonAdapterOps(AdapterOps):
         self._residency = 0  # bumped by every load and evict
         self._last_graph_meta: tuple[tuple, StepSegments] | None = None
         self.host_buffers = HostBuffers(dtype, self.cuda)  # packed copies' memory, a spare block pinned ahead
-        self.fold_blocks = FOLD_BLOCKS  # adapters a mixed graph step may fold into its base matmuls (0: never)
-        if self.cuda:
-            problem = fold_self_check(self.device, dtype)
+        # adapters a mixed graph step may fold into its base matmuls (lora_fold.py), at most FOLD_BLOCKS; 0: never.
+        # Off: with FOLD_BLOCKS the 8B trace (H100, 2026-12-07) ran slower, adapters / base 0.816 against 0.845-0.872
+        # (bench/step_host.py --fold-ab and bench/profile_step.py --fold-blocks time it)
+        self.fold_blocks = 0
+        self.fold_align = FOLD_ALIGN
+        self._fold_checked = not self.cuda  # set_fold_blocks runs the kernels' self-check once on a GPU
+
+    def set_fold_blocks(self, blocks: int) -> int:
+        """Let mixed steps fold up to `blocks` adapters (<= FOLD_BLOCKS) into their base matmuls; on a GPU only where
+        the fold kernels pass their self-check. Returns the number now in force."""
+        if blocks and not self._fold_checked:
+            problem = fold_self_check(self.device, self.dtype)
             if problem:
                 log.warning("adapter deltas are not folded into prefill matmuls: %s", problem)
-                self.fold_blocks = 0
+                return self.fold_blocks
+            self._fold_checked = True
+        self.fold_blocks = min(blocks, FOLD_BLOCKS)
+        return self.fold_blocks
 
     @property
     def pool_bytes(self) -> int:
@@ -319,7 +332,7 @@ class TritonAdapterOps(AdapterOps):
         does not depend on which adapters decode and which prefill."""
         if pad_to is None:
             return self.extend(build_segments(token_slots, self.device))
-        key = (tuple(token_slots), pad_to, mixed, self._residency, self.tile_config, self.fold_blocks)
+        key = (tuple(token_slots), pad_to, mixed, self._residency, self.tile_config, self.fold_blocks, self.fold_align)
         if self._last_graph_meta is not None and self._last_graph_meta[0] == key:
             return self._last_graph_meta[1]  # the fixed buffers hold this step's values already
         seg = build_segments(token_slots, "cpu")
@@ -376,7 +389,7 @@ class TritonAdapterOps(AdapterOps):
             plan = replace(plan, busy_tiles=full + min(segments, max(full, 16)))
         if fold_host:
             fold_plan = replace(self.plan(fold_host, num_fold, config), busy_tiles=num_fold)
-            plan = replace(plan, fold=FOLD_BLOCKS, fold_rank=fold_plan.block_rank)
+            plan = replace(plan, fold=FOLD_BLOCKS, fold_rank=fold_plan.block_rank, fold_align=self.fold_align)
         meta = StepSegments(**fields, tiles=graph_tiles[1:1 + num_tiles], tile_count=graph_tiles[0, 0:1], plan=plan)
         if mixed:
             meta.short_tiles = graph_tiles[1 + num_tiles:1 + num_tiles + num_short]
@@ -431,7 +444,7 @@ class TritonAdapterOps(AdapterOps):
         """Columns a base matmul of these projections gets beyond its input features when it folds this step."""
         if not isinstance(meta, StepSegments) or meta.fold_tiles is None:
             return 0
-        return fold_columns(meta.plan.fold, len(projections), meta.plan.fold_rank)
+        return fold_columns(meta.plan.fold, len(projections), meta.plan.fold_rank, meta.plan.fold_align)
 
     def folded(self, layer, projections, x, base, meta: Segments) -> torch.Tensor | None:
         """base(x) plus the deltas of the step's fold segments computed by one matmul (kernels/lora_fold.py), or None

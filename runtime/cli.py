@@ -69,7 +69,8 @@ def build_service(args, keys):
                                  max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                                  kv_cache_tokens=args.kv_cache_tokens, adapter_ops=args.adapter_ops,
                                  cuda_graphs=not args.enforce_eager, merge_policy=args.merge_policy,
-                                 merge_format=args.merge_format, prefix_caching=not args.no_prefix_caching)
+                                 merge_format=args.merge_format, prefix_caching=not args.no_prefix_caching,
+                                 fold_prefill_adapters=args.fold_prefill_adapters)
     config = ServiceConfig(adapter_dir=args.adapter_dir, adapter_sources=tuple(getattr(args, "adapter_source", None) or ()),
                            max_lora_rank=args.max_lora_rank,
                            max_adapter_bytes=args.max_adapter_mb << 20, max_host_adapters=args.max_cpu_adapters,
@@ -274,6 +275,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="merged copy of the touched linears: dense bf16 (auto) or re-quantised NF4 "
                         "(as fast as the NF4 base, but a second quantisation error)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--fold-prefill-adapters", type=int, choices=range(0, 3), default=0, metavar="{0,1,2}",
+                   help="experimental: compute up to this many plain-LoRA adapters' prefill deltas inside the NF4 "
+                        "base matmul instead of the expand kernel (0, off: measured slower so far; CUDA, Triton ops)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not share computed prompt KV blocks between requests")
     p.add_argument("--log-level", default=None,

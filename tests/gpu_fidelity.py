@@ -30,7 +30,7 @@ def forced_logits(base, requests, forced: dict[tuple, list[int]] | None, *, fast
                                        merge_format=merge_format))
     engine.runner.paged = paged
     if fold_blocks is not None:
-        engine.ops.fold_blocks = fold_blocks
+        assert engine.ops.set_fold_blocks(fold_blocks) == fold_blocks
     engine.runner.fused_layer_ops = layer_ops
     engine.runner.drop_graphs()  # the start-up captures used the default layer kernels
     engine.merger.patience, engine.merger.min_rows, engine.merger.dwell_seconds = 1, 1, 0.0

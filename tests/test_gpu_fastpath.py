@@ -336,6 +336,11 @@ def test_folded_prefill_equals_the_expand_kernels():
     folded, _, engine = forced_logits(base, requests, tokens, fast=True, fold_blocks=FOLD_BLOCKS)
     keys = [k for k in engine.runner.mixed_graphs if k[1] is not None]
     assert any(plan.fold for _, plan in keys), f"no mixed graph folded: {keys}"
-    row = compare(folded, expanded)
-    print(row)
-    assert row["median_rel_err"] < 1e-2 and row["max_rel_err"] < 5e-2 and row["argmax_agreement"] >= 0.9
+    without = [(ids, p, None) for ids, p, _ in requests]
+    dropped, _, _ = forced_logits(base, without, tokens, fast=True)  # the negative control: no deltas at all
+    row, control = compare(folded, expanded), compare(dropped, expanded)
+    print(row, control)
+    # bf16 level: the other fast-path pieces differ from eager bf16 by p95 0.04-0.07 and max 0.09-0.18 (H100, 2026-12-07;
+    # this check measured p95 0.062, max 0.113, argmax all equal), dropping the deltas by p95 ~0.75
+    assert row["argmax_agreement"] >= 0.9 and row["p95_rel_err"] < 0.1 and row["max_rel_err"] < 0.2
+    assert row["p95_rel_err"] < 0.25 * control["p95_rel_err"], "the check cannot tell folded deltas from none"

@@ -25,6 +25,14 @@ class FoldableLinear(torch.nn.Linear):
         return F.linear(xw, torch.cat([self.weight, extension], 1), self.bias)
 
 
+def folding_ops(adapters):
+    """Triton ops over these adapters, folding turned on (off by default), for mixed steps of up to 256 tokens."""
+    ops = make_ops(adapters)
+    ops.graph_rows, ops.graph_tokens = 16, 256
+    assert ops.fold_blocks == 0 and ops.set_fold_blocks(FOLD_BLOCKS) == FOLD_BLOCKS
+    return ops
+
+
 def base_for(group, seed=5):
     torch.manual_seed(seed)
     return FoldableLinear(SHAPES[group[0]][0], sum(SHAPES[p][1] for p in group), bias=False)
@@ -51,10 +59,11 @@ def test_fold_kernels_write_each_tokens_block_and_each_projections_rows():
     token_block = torch.tensor([1, -1, 0, 0, 1, -1, 0], dtype=torch.int32)
     token_row = torch.tensor([4, 0, 1, 6, 2, 3, 5], dtype=torch.int32)
     partials = torch.randn(3, 8, 3, 32, generator=g)
-    xw = torch.full((T, fin + 2 * 3 * rb), float("nan"))
+    pad = 2 * rb  # zero columns past the blocks (lora_fold.FOLD_ALIGN)
+    xw = torch.full((T, fin + 2 * 3 * rb + pad), float("nan"))
     fold_inputs(xw, fin, token_block, token_row, partials, 3, ops.table[:, 0], fold_slots, proj_ids, rb)
     assert torch.isnan(xw[:, :fin]).all(), "the input columns are the producer's"
-    want = torch.zeros(T, 2 * 3 * rb)
+    want = torch.zeros(T, 2 * 3 * rb + pad)
     summed = partials.sum(0)
     for t in range(T):
         b = int(token_block[t])
@@ -66,7 +75,7 @@ def test_fold_kernels_write_each_tokens_block_and_each_projections_rows():
     torch.testing.assert_close(xw[:, fin:], want, rtol=1e-6, atol=1e-6)
 
     outs = [SHAPES[p][1] for p in QKV]
-    w = torch.full((sum(outs), 2 * 3 * rb), float("nan"))
+    w = torch.full((sum(outs), 2 * 3 * rb + pad), float("nan"))
     fold_weights(w, 0, ops.pool.buffer, ops.table[:, 0], ops.scales[:, 0], fold_slots, proj_ids, outs, rb)
     want = torch.zeros_like(w)
     for b, slot in enumerate(fold_slots.tolist()):
@@ -82,8 +91,7 @@ def test_fold_kernels_write_each_tokens_block_and_each_projections_rows():
 @needs_interpreter
 def test_mixed_step_folds_the_long_plain_lora_chunks_only():
     adapters, slots = mixed_step()
-    ops = make_ops(adapters)
-    ops.graph_rows, ops.graph_tokens = 16, 256
+    ops = folding_ops(adapters)
     meta = ops.metadata(slots, pad_to=256, mixed=True)
     assert meta.plan.fold == FOLD_BLOCKS and meta.plan.fold_rank == 16
     fold = [t for t in meta.fold_tiles.tolist()[:meta.fold_count.item()]]
@@ -96,6 +104,9 @@ def test_mixed_step_folds_the_long_plain_lora_chunks_only():
     assert all(b == (0 if s == 0 else 1 if s == 1 else -1) for s, b in zip(slots, blocks))
     order = meta.token_order.tolist()
     assert all(order[meta.token_row[t]] == t for t, b in enumerate(blocks) if b >= 0)
+    assert ops.fold_width(QKV, meta) == 128 and ops.fold_width(("o_proj",), meta) == 128  # (FOLD_ALIGN)
+    ops.fold_align = 1
+    meta = ops.metadata(slots, pad_to=256, mixed=True)
     assert ops.fold_width(QKV, meta) == FOLD_BLOCKS * 3 * 16 and ops.fold_width(("o_proj",), meta) == FOLD_BLOCKS * 16
     # a step with fewer tokens, a smaller share, or folding turned off: nothing folds
     assert ops.metadata([1] * 100 + [-1] * 28, pad_to=128, mixed=True).plan.fold == FOLD_BLOCKS
@@ -106,13 +117,14 @@ def test_mixed_step_folds_the_long_plain_lora_chunks_only():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("group", GROUPS)
-def test_folded_projection_equals_base_plus_deltas(group):
+@pytest.mark.parametrize("group,align", [(g, 128) for g in GROUPS] + [(QKV, 1), (("down_proj",), 1)])
+def test_folded_projection_equals_base_plus_deltas(group, align):
     """Folded (the chunks' deltas inside the base matmul, the other segments by the kernels), with the input written
-    into the wider buffer by its producer or copied there, and unfolded: all equal base + every token's delta."""
+    into the wider buffer by its producer or copied there, and unfolded: all equal base + every token's delta.
+    align: the extension padded with zero columns to a multiple of it, or not."""
     adapters, slots = mixed_step()
-    ops = make_ops(adapters)
-    ops.graph_rows, ops.graph_tokens = 16, 256
+    ops = folding_ops(adapters)
+    ops.fold_align = align
     meta = ops.metadata(slots, pad_to=256, mixed=True)
     base = base_for(group)
     g = torch.Generator().manual_seed(7)
@@ -145,8 +157,7 @@ def test_folded_projection_equals_base_plus_deltas(group):
 @needs_interpreter
 def test_a_base_that_cannot_fold_gets_the_fold_segments_expanded():
     adapters, slots = mixed_step()
-    ops = make_ops(adapters)
-    ops.graph_rows, ops.graph_tokens = 16, 256
+    ops = folding_ops(adapters)
     meta = ops.metadata(slots, pad_to=256, mixed=True)
     dense = torch.nn.Linear(64, 64, bias=False)  # no can_fold: the plain path, fold tiles shrunk and expanded
     layer = AdaptedLinear(dense, 0, ("o_proj",))
@@ -178,8 +189,7 @@ def test_an_overflowing_adapter_cannot_turn_another_requests_output_into_nan():
     for m in huge.modules.values():
         m.B.fill_(3e38)  # finite in fp32; times the scale past fp32's largest
         m.scale = 4.0
-    ops = make_ops(adapters)
-    ops.graph_rows, ops.graph_tokens = 16, 256
+    ops = folding_ops(adapters)
     meta = ops.metadata(slots, pad_to=256, mixed=True)
     assert meta.fold_slots.tolist() == [0, 1]
     base = base_for(QKV)
