@@ -34,7 +34,10 @@
 #              chunks first; and a `test` step started as the first background step died importing loraplex.kernels when a `wait`
 #              call re-copied the tree a few seconds later (2026-12-07 19:07): put `test` after a long step, or leave a
 #              minute before the first `wait`. Two GPU steps at once (a `test` beside a background serve8b) spoil both's numbers
-#   wait       until the background run ends or WAIT seconds (default 540) passed: progress, then copy
+#   wait       until the background run ends or WAIT seconds (default 540) passed: progress, then copy. The machine
+#              goes back after idle_release_s without a call (30 s on 2026-12-07 21:35, the background run with it):
+#              chain the `wait` calls with no pause between them, and give the re-copy its minute inside the call that
+#              starts the background run (`... background; sleep 70`), not between calls
 #   gguf       append the carried chunks .gguf_part/* to /tmp/model.gguf (the default model's 98 MB do not
 #              fit one 64 MiB carry: cut it here into part-00 (the first 29,000,000 bytes, small enough to go
 #              beside .whl's 32 MB and the tree's 5 MB), part-01 and part-02.last (halves of the rest), and carry

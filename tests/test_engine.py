@@ -233,3 +233,12 @@ def test_a_running_engine_takes_the_gil_back_within_a_millisecond(tiny_base):
     finally:
         engine.stop()
         sys.setswitchinterval(before)
+
+
+def test_folding_prefill_adapters_needs_the_triton_ops(tiny_base):
+    """--fold-prefill-adapters (kernels/lora_fold.py) is a Triton-ops feature: asked of the PyTorch ops, the engine
+    refuses to start with a reason instead of ignoring the flag; off (the default), nothing folds."""
+    with pytest.raises(ValueError, match="Triton adapter ops"):
+        Engine(tiny_base, EngineConfig(adapter_ops="torch", fold_prefill_adapters=2))
+    engine = Engine(tiny_base, EngineConfig(adapter_ops="torch"))
+    assert engine.stats()["fold_blocks"] == 0 and engine.stats()["folded_steps"] == 0
