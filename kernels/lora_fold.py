@@ -10,6 +10,11 @@ own zero), and the input gets as many columns holding each token's shrink result
 adapter's block, zeros elsewhere. The product adds s B^T * scale for each token and nothing across adapters;
 it costs the K columns (2-3% more FLOPs for qkv at NB=2, rank 16) instead of the expand.
 
+Off by default (`loraplex serve --fold-prefill-adapters N`, TritonAdapterOps.set_fold_blocks): on the 8B trace
+(H100, 2026-12-07, K unaligned) every prefill step folded and took more GPU time than with the expand (mixed steps
+11.16 s against ~10.0 s), its logits within bf16 rounding of the expand's. bench/step_host.py --fold-ab and
+bench/profile_step.py --fold-blocks are there to find why before it is turned on.
+
 Column c of the extension: block b = c // (P * RB), projection p = c // RB % P, rank index i = c % RB.
 Only plain LoRA modules (k == 1, no hybrid part, no DoRA) fold (ops.py picks the slots); a slot of the
 launch's null row (no module: k == 0) folds to zeros.
