@@ -127,13 +127,9 @@ class NF4Linear(bnb.nn.Linear4bit):
     def can_fold(self, rows: int, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether folded_forward serves `rows` input rows: the prefill path (dequantise, then a dense matmul),
         on a weight stored in the compute dtype's scratch (kernels/lora_fold.py)."""
-        state = getattr(self.weight, "quant_state", None)
-        if state is None:
-            state = self.quant_state
+        state = self._kernel_state()
         return (device.type == "cuda" and rows > DEQUANT_ROWS and not self.use_fused(rows) and state is not None
-                and len(state.shape) == 2 and not getattr(state, "packing_format_for_cpu", False)
-                and self.in_features % state.blocksize == 0 and state.dtype == dtype
-                and (self.compute_dtype is None or self.compute_dtype == dtype)
+                and state.dtype == dtype and (self.compute_dtype is None or self.compute_dtype == dtype)
                 and not (torch.is_grad_enabled() and self.weight.requires_grad))
 
     def folded_forward(self, xw: torch.Tensor, write_columns) -> torch.Tensor:
@@ -151,15 +147,21 @@ class NF4Linear(bnb.nn.Linear4bit):
         bias = None if self.bias is None else self.bias.to(xw.dtype)
         return torch.nn.functional.linear(xw, weight, bias)
 
-    def _fusable(self, x: torch.Tensor) -> bool:
+    def _kernel_state(self):
+        """The weight's QuantState when our kernels can read its storage (2-D, not repacked by a CPU forward, rows of
+        whole absmax blocks), else None."""
         state = getattr(self.weight, "quant_state", None)
         if state is None:
             state = self.quant_state
+        if (state is None or len(state.shape) != 2 or getattr(state, "packing_format_for_cpu", False)
+                or self.in_features % state.blocksize):
+            return None
+        return state
+
+    def _fusable(self, x: torch.Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                                   or (self.bias is not None and self.bias.requires_grad))
-        return (x.is_cuda and not needs_grad and state is not None and len(state.shape) == 2
-                and not getattr(state, "packing_format_for_cpu", False)
-                and self.in_features % state.blocksize == 0)
+        return x.is_cuda and not needs_grad and self._kernel_state() is not None
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The fused kernel, whatever the row count (CUDA; Linear4bit's dtype handling)."""

@@ -68,13 +68,18 @@ print(json.dumps({"prescaled": sum(c["PRESCALE"] for c, *_ in variants.values())
 """
 
 
-def test_every_candidate_tiling_compiles_for_sm90():
+def compile_for_sm90(script: str) -> tuple[dict, str]:
+    """Run COMPILE + script in a fresh process with Triton compiled (not interpreted): its result line and stderr."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE + SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    run = subprocess.run([sys.executable, "-c", COMPILE + script], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1]), run.stderr
+
+
+def test_every_candidate_tiling_compiles_for_sm90():
+    result, stderr = compile_for_sm90(SCRIPT)
     assert result["compiled"] >= 8 and not result["failures"], "\n".join(result["failures"])
-    assert int(re.search(r'"prescaled": (\d+)', run.stderr).group(1)) >= 4  # the scaled decode is among them
+    assert int(re.search(r'"prescaled": (\d+)', stderr).group(1)) >= 4  # the scaled decode is among them
 
 
 LORA_SCRIPT = r"""
@@ -103,10 +108,7 @@ compile_all([(fn, constexprs, common, warps, stages) for fn, constexprs, warps, 
 
 def test_segmented_lora_kernels_compile_for_sm90():
     """The shrink and expand (tile loop, programmatic dependent launch) in every tile config serving uses."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE + LORA_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result, _ = compile_for_sm90(LORA_SCRIPT)
     assert result["compiled"] >= 20 and not result["failures"], "\n".join(result["failures"])
 
 
@@ -130,11 +132,7 @@ compile_all(jobs)
 def test_paged_attention_compiles_for_sm90():
     """Decode (with and without split-K) and prefill / mixed launches, the latter with the one-query tile that
     a mixed batch's decode rows take."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE + ATTENTION_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result, _ = compile_for_sm90(ATTENTION_SCRIPT)
     assert result["compiled"] == 10 and not result["failures"], "\n".join(result["failures"])
 
 
@@ -160,9 +158,5 @@ compile_all(jobs)
 
 def test_fold_kernels_and_row_strided_dequant_compile_for_sm90():
     """kernels/lora_fold.py in the widths a folding step uses, and the dequantisation into rows of the wider weight."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE + FOLD_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result, _ = compile_for_sm90(FOLD_SCRIPT)
     assert result["compiled"] == 19 and not result["failures"], "\n".join(result["failures"])
