@@ -16,7 +16,8 @@ program of each output tile to finish adds them), on the four matmuls of an 8B l
 --grid WEIGHT times a grid of tilings (output features per program, splits, warps, stages, prefetch; the permute
 decode) beyond the calibration's candidates, on one weight at --rows, beside a dense bf16 matmul
 (bench/results/nf4_tile_grid.json: the 8B o_proj at 48 and 64 rows, where no candidate beats dense);
---grid-codes-as-b makes that grid one of codes-as-B tiles (up to 256 features a program, 8 warps, input steps of 128).
+--grid-codes-as-b makes that grid one of codes-as-B tiles (up to 256 features a program, 8 warps, input steps of 128,
+prefetching).
 dequant: prefill's whole-weight dequantisation (kernels/nf4_dequant.py vs bitsandbytes' dequantize_4bit, the
 calibration's timing), as a fraction of the copy bandwidth (packed + absmax read, the bf16 weight written).
 
@@ -153,6 +154,10 @@ def tile_grid(layer, name: str, rows: list[int], codes_as_b: bool = False) -> di
         grid = [NF4Tiles(64, bn, bk, splits, warps, stages, permute=True, prescale=True, codes_as_b=True)
                 for bn, bk, splits, warps, stages in
                 itertools.product((128, 256), (64, 128), (8, 16), (4, 8), (3, 4))]
+        # and with the next step's loads issued ahead (one absmax block a step): the fastest at 64 rows of o_proj
+        grid += [NF4Tiles(64, bn, BLOCKSIZE, splits, warps, stages, prefetch=True, permute=True, prescale=True,
+                          codes_as_b=True)
+                 for bn, splits, warps, stages in itertools.product((64, 128, 256), (4, 8, 16), (4, 8), (3, 4))]
     else:
         grid = [NF4Tiles(64 if top > 32 else 32, bn, 64, splits, warps, stages, prefetch, permute=True)
                 for bn, splits, warps, stages, prefetch in

@@ -142,6 +142,31 @@ def measure_gpu(engine: Engine, batch, computed: list[int], repeats: int) -> flo
     return statistics.median(run_once(engine, batch, computed)[1] for _ in range(repeats))
 
 
+def kernel_us(engine: Engine, batch, computed: list[int], runs: int = 3) -> dict[str, float]:
+    """GPU microseconds per step by kernel name (torch.profiler over `runs` steps, CUDA-graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    run_once(engine, batch, computed)
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            run_once(engine, batch, computed)
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0.0) / runs
+        if us > 0:
+            times[e.key] = times.get(e.key, 0.0) + us
+    return times
+
+
+def print_kernel_diff(name: str, unfolded: dict[str, float], folded: dict[str, float], top: int = 14) -> None:
+    """The kernels whose time per step changed most when the step folded its adapters."""
+    keys = sorted(set(unfolded) | set(folded), key=lambda k: -abs(folded.get(k, 0.0) - unfolded.get(k, 0.0)))
+    print(f"-- {name}: kernels by the change of their GPU time per step, folded - unfolded (us); "
+          f"totals {sum(folded.values()):.0f} vs {sum(unfolded.values()):.0f}")
+    for k in keys[:top]:
+        a, b = unfolded.get(k, 0.0), folded.get(k, 0.0)
+        print(f"   {b - a:+9.1f} {a:9.1f} -> {b:9.1f}  {k[:110]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
@@ -172,11 +197,16 @@ def main() -> None:
         r = result["cases"][name] = measure(engine, batch, args.repeats)
         if args.fold_ab and kind == "distinct":
             before = engine.runner.folded_steps
+            unfolded_kernels = kernel_us(engine, batch, computed)
             try:
                 r["fold_blocks"] = engine.ops.set_fold_blocks(FOLD_BLOCKS)
                 for align in (FOLD_ALIGN, 1):  # the extension padded to aligned K, and not
                     engine.ops.fold_align = align
                     r[f"gpu_ms_folded_align{align}"] = measure_gpu(engine, batch, computed, args.repeats)
+                    folded_kernels = kernel_us(engine, batch, computed)
+                    r[f"kernel_us_folded_align{align}"] = folded_kernels
+                    print_kernel_diff(f"{name}, K aligned to {align}", unfolded_kernels, folded_kernels)
+                r["kernel_us_unfolded"] = unfolded_kernels
             finally:
                 engine.ops.set_fold_blocks(0)
                 engine.ops.fold_align = FOLD_ALIGN
