@@ -185,7 +185,7 @@ def main() -> None:
     model_dir = serve_gpu_models.write_checkpoint(shape, args.work / args.shape / "model", "cuda")
     base = load_base_model(str(model_dir), quantization="nf4", device="cuda")
     engine = Engine(base, EngineConfig(kv_cache_tokens=1 << 18, prefix_caching=False,
-                                        max_gpu_adapters=args.max_gpu_adapters))
+                                        max_gpu_adapters=args.max_gpu_adapters, fold_prefill_adapters=0))
     if not args.no_warm_up:
         print(f"warm-up {warm_up(engine):.1f} s", flush=True)
     refs = [AdapterRef(f"a{i}", 1, adapter(base.projection_shapes, base.num_layers, seed=i)) for i in range(64)]

@@ -30,6 +30,8 @@ from . import packed_layout as layout
 from .segmented_lora import MAX_FUSED, _pick
 
 FOLD_BLOCKS = 2  # adapters one prefill step folds (its CUDA graph's extension is this many blocks wide)
+# what a server folds without --fold-prefill-adapters (TritonAdapterOps.default_fold_blocks): off, see the docstring
+DEFAULT_FOLD_BLOCKS = 0
 FOLD_MAX_RANK = 64  # the widest block (a launch plan's block rank) that folds
 # the extension's columns are padded to a multiple of this (zeros): K = in_features + 128 keeps cuBLAS's K a multiple
 # of its tiles. Unmeasured guess: the first folded trace (K = 4,096 + 96 / 64 / 32) ran slower than expected

@@ -30,7 +30,7 @@ from loraplex.runtime.adapters.segments import Segments, build_segments
 from . import packed_layout as layout
 from .dora_rescale import dora_rescale
 from .host_buffers import HostBuffers
-from .lora_fold import FOLD_ALIGN, FOLD_BLOCKS, choose_fold_slots, fold_columns, fold_inputs, fold_rows, fold_weights
+from .lora_fold import DEFAULT_FOLD_BLOCKS, FOLD_ALIGN, FOLD_BLOCKS, choose_fold_slots, fold_columns, fold_inputs, fold_rows, fold_weights
 from .lora_fold import self_check as fold_self_check
 from .segmented_lora import MAX_FUSED, expand, interpreting, shrink
 from .tile_config import TileConfig, choose_splits, choose_tile_config
@@ -187,6 +187,11 @@ class TritonAdapterOps(AdapterOps):
             self._fold_checked = True
         self.fold_blocks = min(blocks, FOLD_BLOCKS)
         return self.fold_blocks
+
+    @property
+    def default_fold_blocks(self) -> int:
+        """The folding a server gets without --fold-prefill-adapters: lora_fold.DEFAULT_FOLD_BLOCKS on a GPU."""
+        return DEFAULT_FOLD_BLOCKS if self.cuda and not interpreting() else 0
 
     @property
     def pool_bytes(self) -> int:

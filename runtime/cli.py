@@ -275,9 +275,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="merged copy of the touched linears: dense bf16 (auto) or re-quantised NF4 "
                         "(as fast as the NF4 base, but a second quantisation error)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    p.add_argument("--fold-prefill-adapters", type=int, choices=range(0, 3), default=0, metavar="{0,1,2}",
-                   help="experimental: compute up to this many plain-LoRA adapters' prefill deltas inside the NF4 "
-                        "base matmul instead of the expand kernel (0, off: measured slower so far; CUDA, Triton ops)")
+    p.add_argument("--fold-prefill-adapters", type=int, choices=range(0, 3), default=None, metavar="{0,1,2}",
+                   help="compute up to this many plain-LoRA adapters' prefill deltas inside the NF4 base matmul "
+                        "instead of the expand kernel (CUDA, Triton ops; default: the measured choice, now 0: off)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not share computed prompt KV blocks between requests")
     p.add_argument("--log-level", default=None,

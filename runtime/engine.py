@@ -60,9 +60,9 @@ class EngineConfig:
     max_step_seconds: float | None = None  # None: 0.25 s on the CPU, 0.05 s on CUDA
     prefill_chunk_tokens: int = 512  # the cap until the first measurement; on CUDA also its least value
     prefix_caching: bool = True  # share computed prompt blocks between requests (block_manager.py)
-    # adapters a mixed CUDA-graph step may fold into its NF4 prefill matmuls (kernels/lora_fold.py; Triton ops): 0, off
-    # by default, as measured slower so far (see TritonAdapterOps.fold_blocks)
-    fold_prefill_adapters: int = 0
+    # adapters a mixed CUDA-graph step may fold into its NF4 prefill matmuls (kernels/lora_fold.py; Triton ops); None:
+    # the ops' default_fold_blocks (the measured choice, see kernels/lora_fold.py), 0 without it
+    fold_prefill_adapters: int | None = None
 
 
 class RequestError(ValueError):
@@ -97,10 +97,13 @@ class Engine:
         adapter_bytes = adapter_memory_bytes(base, config.adapter_memory)
         num_slots = config.max_gpu_adapters or DEFAULT_ADAPTER_SLOTS
         self.ops = make_ops(config.adapter_ops, base, num_slots, adapter_bytes)
-        if config.fold_prefill_adapters:
-            if not hasattr(self.ops, "set_fold_blocks"):
-                raise ValueError("--fold-prefill-adapters needs the Triton adapter ops")
-            self.ops.set_fold_blocks(config.fold_prefill_adapters)
+        fold = config.fold_prefill_adapters
+        if fold is None:
+            fold = getattr(self.ops, "default_fold_blocks", 0)
+        elif fold and not hasattr(self.ops, "set_fold_blocks"):
+            raise ValueError("--fold-prefill-adapters needs the Triton adapter ops")
+        if fold:
+            self.ops.set_fold_blocks(fold)
         self.runner.attach_ops(self.ops)
         self.slots = AdapterSlots(self.ops, adapter_bytes, config.max_gpu_adapters)
         merge_format = "bf16" if config.merge_format == "auto" else config.merge_format
