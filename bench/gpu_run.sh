@@ -88,7 +88,7 @@ for step in "$@"; do
         2>&1 | tail -4
       python3 bench/step_host.py --shape ${FOLD_SHAPE:-8b} --fold-ab --repeats 5 --out "$OUT/step_host_fold_${FOLD_SHAPE:-8b}.json" \
         ${ARGS_FOLD:-} > "$OUT/step_host_fold.log" 2>&1
-      grep -E "^(-- |   [+-] |warm-up|case |prefill_|four_|mixed_|Traceback|[A-Za-z]*Error)" "$OUT/step_host_fold.log" | tail -150 ;;
+      grep -E "^(-- |warm-up|case |prefill_|four_|mixed_|Traceback|[A-Za-z]*Error)|^ +[+-][0-9]" "$OUT/step_host_fold.log" | tail -150 ;;
     grid)
       python3 bench/nf4_matmul.py --grid "${GRID_WEIGHT:-8b o_proj}" --rows ${ROWS_GRID:-48 64} --out "$OUT/nf4_tile_grid.json" ${ARGS_GRID:-} \
         2>&1 | grep -v "it/s" | tail -20 ;;

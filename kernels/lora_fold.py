@@ -10,10 +10,13 @@ own zero), and the input gets as many columns holding each token's shrink result
 adapter's block, zeros elsewhere. The product adds s B^T * scale for each token and nothing across adapters;
 it costs the K columns (2-3% more FLOPs for qkv at NB=2, rank 16) instead of the expand.
 
-Off by default (`loraplex serve --fold-prefill-adapters N`, TritonAdapterOps.set_fold_blocks): on the 8B trace
-(H100, 2026-12-07, K unaligned) every prefill step folded and took more GPU time than with the expand (mixed steps
-11.16 s against ~10.0 s), its logits within bf16 rounding of the expand's. bench/step_host.py --fold-ab and
-bench/profile_step.py --fold-blocks are there to find why before it is turned on.
+Off by default (DEFAULT_FOLD_BLOCKS; `loraplex serve --fold-prefill-adapters N`): on the 8B trace (H100, 2026-12-07)
+every prefill step folded and took more GPU time than with the expand (mixed steps 11.16 s against ~10.0 s), its
+logits within bf16 rounding of the expand's. bench/step_host.py --fold-ab (H100, 2026-12-08, per kernel) found why:
+every folded input was copied into a new wide buffer (+4.2 ms a 2,048-token step, fixed since: the producer's buffer is
+handed over), the fold's partial sums were added up front again (fixed: fold_inputs adds them), and the tile lists
+the fold leaves empty still launch their expand and shrink programs. Turn it on only after --fold-ab shows the mixed
+steps (decode rows beside a chunk) faster, not only long prefills.
 
 Column c of the extension: block b = c // (P * RB), projection p = c // RB % P, rank index i = c % RB.
 Only plain LoRA modules (k == 1, no hybrid part, no DoRA) fold (ops.py picks the slots); a slot of the
@@ -34,8 +37,8 @@ FOLD_BLOCKS = 2  # adapters one prefill step folds (its CUDA graph's extension i
 DEFAULT_FOLD_BLOCKS = 0
 FOLD_MAX_RANK = 64  # the widest block (a launch plan's block rank) that folds
 # the extension's columns are padded to a multiple of this (zeros): K = in_features + 128 keeps cuBLAS's K a multiple
-# of its tiles. Unmeasured guess: the first folded trace (K = 4,096 + 96 / 64 / 32) ran slower than expected
-# (bench/step_host.py --fold-ab times FOLD_ALIGN 1 against it)
+# of its tiles. Measured no different from unpadded (H100, bench/results/step_host_fold_8b.json: cuBLAS picks another
+# kernel for K = 4,096 + 32, as fast)
 FOLD_ALIGN = 128
 # the most columns a weight's scratch gets beyond in_features, with any alignment up to FOLD_ALIGN
 MAX_FOLD_COLUMNS = -(-FOLD_BLOCKS * MAX_FUSED * FOLD_MAX_RANK // FOLD_ALIGN) * FOLD_ALIGN

@@ -170,8 +170,7 @@ class TritonAdapterOps(AdapterOps):
         self._last_graph_meta: tuple[tuple, StepSegments] | None = None
         self.host_buffers = HostBuffers(dtype, self.cuda)  # packed copies' memory, a spare block pinned ahead
         # adapters a mixed graph step may fold into its base matmuls (lora_fold.py), at most FOLD_BLOCKS; 0: never.
-        # Off: with FOLD_BLOCKS the 8B trace (H100, 2026-12-07) ran slower, adapters / base 0.816 against 0.845-0.872
-        # (bench/step_host.py --fold-ab and bench/profile_step.py --fold-blocks time it)
+        # The engine sets default_fold_blocks unless told otherwise (bench/step_host.py --fold-ab times it)
         self.fold_blocks = 0
         self.fold_align = FOLD_ALIGN
         self._fold_checked = not self.cuda  # set_fold_blocks runs the kernels' self-check once on a GPU
@@ -451,25 +450,26 @@ class TritonAdapterOps(AdapterOps):
             return 0
         return fold_columns(meta.plan.fold, len(projections), meta.plan.fold_rank, meta.plan.fold_align)
 
-    def folded(self, layer, projections, x, base, meta: Segments) -> torch.Tensor | None:
+    def folded(self, layer, projections, x, base, meta: Segments, wide: torch.Tensor | None = None) -> torch.Tensor | None:
         """base(x) plus the deltas of the step's fold segments computed by one matmul (kernels/lora_fold.py), or None
-        when this step or this base does not fold. x may be the first columns of a wider input whose other columns
-        this fills (AdaptedLinear.input_buffer); apply(..., folded=True) then adds the other segments' deltas."""
+        when this step or this base does not fold. x may be the first columns of `wide`, whose other columns this
+        fills (AdaptedLinear.input_buffer); else x is copied into a new one. apply(..., folded=True) then adds the
+        other segments' deltas."""
         width = self.fold_width(projections, meta)
         can_fold = getattr(base, "can_fold", None)
         if not width or can_fold is None or not can_fold(x.shape[0], x.device, x.dtype):
             return None
         T, in_features = x.shape
         columns = in_features + width
-        wide = x._base
-        if wide is not None and wide.shape == (T, columns) and wide.is_contiguous() and x.data_ptr() == wide.data_ptr():
+        if (wide is not None and wide.shape == (T, columns) and wide.is_contiguous() and x.data_ptr() == wide.data_ptr()
+                and x.stride() == (columns, 1)):
             xw = wide  # the producer wrote x into AdaptedLinear.input_buffer
-        else:  # the producer wrote x elsewhere: a copy
+        else:  # the producer wrote x elsewhere: a copy (8B, 2,048 tokens: 130 us a layer, H100)
             xw = torch.empty(T, columns, dtype=x.dtype, device=x.device)
             xw[:, :in_features].copy_(x)
         plan, proj_ids = meta.fold_plan, [self.proj_ids[p] for p in projections]
         partials, num_splits = self._shrink(layer, projections, x, meta.token_order, meta.fold_tiles, meta.fold_count,
-                                            plan)
+                                            plan, presum=False)  # fold_inputs adds the splits of its own rows
         table, scales = self.table[:, layer], self.scales[:, layer]
         fold_inputs(xw, in_features, meta.token_block, meta.token_row, partials, num_splits, table, meta.fold_slots,
                     proj_ids, meta.plan.fold_rank)
@@ -477,8 +477,9 @@ class TritonAdapterOps(AdapterOps):
         return base.folded_forward(xw, lambda w: fold_weights(
             w, 0, self.pool.buffer, table, scales, meta.fold_slots, proj_ids, out_features, meta.plan.fold_rank))
 
-    def _shrink(self, layer, projections, x, token_order, tiles, tile_count, plan: LaunchPlan):
-        """The shrink of one tile list: (partial sums, how many splits they hold)."""
+    def _shrink(self, layer, projections, x, token_order, tiles, tile_count, plan: LaunchPlan, presum: bool = True):
+        """The shrink of one tile list: (partial sums, how many splits they hold). presum: the splits added up front
+        where the plan's config says (one pass over every row of the partials)."""
         cfg = plan.config
         proj_ids = [self.proj_ids[p] for p in projections]
         in_features = self.projection_shapes[projections[0]][0]
@@ -489,7 +490,7 @@ class TritonAdapterOps(AdapterOps):
                                dtype=torch.float32, device=x.device)
         shrink(x, token_order, tiles, tile_count, plan.grid_tiles, self.pool.buffer, self.table[:, layer], proj_ids,
                blocks, rank_tiles, partials, num_splits, cfg, aligned=self._aligned(plan, [in_features]), pdl=self.pdl)
-        if num_splits > 1 and (self.presum if self.presum is not None else cfg.presum):
+        if presum and num_splits > 1 and (self.presum if self.presum is not None else cfg.presum):
             partials, num_splits = partials.sum(0, keepdim=True), 1
         return partials, num_splits
 

@@ -97,14 +97,18 @@ class AdaptedLinear(nn.Module):
         self.layer_idx = layer_idx
         self.projections = projections
         self.merged: nn.Module | None = None
+        # the wider buffer input_buffer handed out for this layer's next input (a view's _base does not say:
+        # inference mode, where graphs are captured, records none)
+        self._wide_input: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        wide, self._wide_input = self._wide_input, None
         merged = self.merged if ctx.merged_rows is not None else None
         if merged is not None and ctx.all_merged:
             return merged(x)
         y = None
         if ctx.lora is not None and merged is None:  # some deltas inside the base matmul (kernels/lora_fold.py)
-            y = ctx.lora.folded(self.layer_idx, self.projections, x, self.base, ctx.lora_meta)
+            y = ctx.lora.folded(self.layer_idx, self.projections, x, self.base, ctx.lora_meta, wide=wide)
         if y is not None:
             ctx.lora.apply(self.layer_idx, self.projections, x, y, ctx.lora_meta, folded=True)
             return y
@@ -124,7 +128,8 @@ class AdaptedLinear(nn.Module):
         can_fold = getattr(self.base, "can_fold", None)
         if not width or can_fold is None or not can_fold(rows, device, dtype):
             return None
-        return torch.empty(rows, self.base.in_features + width, dtype=dtype, device=device)[:, :self.base.in_features]
+        self._wide_input = torch.empty(rows, self.base.in_features + width, dtype=dtype, device=device)
+        return self._wide_input[:, :self.base.in_features]
 
 
 class RMSNorm(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from loraplex.kernels.lora_fold import FOLD_BLOCKS, fold_inputs, fold_weights
 from loraplex.runtime.model import AdaptedLinear, StepContext
-from test_kernels import GROUPS, QKV, SHAPES, make_adapter, make_ops, reference
+from test_kernels import GATE_UP, GROUPS, QKV, SHAPES, make_adapter, make_ops, reference
 
 test_in_fresh_process = fresh_process_test(__file__)
 
@@ -117,29 +117,33 @@ def test_mixed_step_folds_the_long_plain_lora_chunks_only():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("group,align", [(g, 128) for g in GROUPS] + [(QKV, 1), (("down_proj",), 1)])
-def test_folded_projection_equals_base_plus_deltas(group, align):
+@pytest.mark.parametrize("group,align,splits", [(g, 128, None) for g in GROUPS]
+                         + [(QKV, 1, None), (("down_proj",), 1, None), (GATE_UP, 128, 3)])
+def test_folded_projection_equals_base_plus_deltas(group, align, splits):
     """Folded (the chunks' deltas inside the base matmul, the other segments by the kernels), with the input written
     into the wider buffer by its producer or copied there, and unfolded: all equal base + every token's delta.
-    align: the extension padded with zero columns to a multiple of it, or not."""
+    align: the extension padded with zero columns to a multiple of it, or not; splits: the shrink's (the folded rows'
+    split sums added by fold_inputs, the others' up front). In inference mode, as the engine runs
+    (where a view records no _base: a check through it copied every input on the GPU, 130 us a layer of 8B)."""
     adapters, slots = mixed_step()
     ops = folding_ops(adapters)
-    ops.fold_align = align
+    ops.fold_align, ops.num_splits, ops.presum = align, splits, (True if splits else None)
     meta = ops.metadata(slots, pad_to=256, mixed=True)
     base = base_for(group)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(len(slots), base.in_features, generator=g)
-    with torch.no_grad():
+    with torch.inference_mode():
         want, touched = reference(adapters, slots, 0, group, x, base(x))
         layer = AdaptedLinear(base, 0, group)
         ctx = StepContext(positions=torch.zeros(len(slots)), slot_mapping=torch.zeros(len(slots)), lora=ops,
                           lora_meta=meta)
         buffer = layer.input_buffer(len(slots), x.dtype, x.device, ctx)
         assert buffer is not None and buffer.shape == x.shape and buffer.stride(0) > x.shape[1]
+        wide = layer._wide_input
         buffer.copy_(x)
-        buffer._base[:, x.shape[1]:] = float("nan")
+        wide[:, x.shape[1]:] = float("nan")
         in_place = layer(buffer, ctx)
-        extension = buffer._base[:, x.shape[1]:]
+        extension = wide[:, x.shape[1]:]
         assert not extension.isnan().any() and extension.abs().sum() > 0, "the fold wrote the producer's buffer"
         assert ops.folded(0, group, x, base, meta) is not None
         copied = layer(x, ctx)

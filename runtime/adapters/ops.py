@@ -67,9 +67,10 @@ class AdapterOps:
         """Input columns beyond in_features that `folded` would use for these projections this step (0: none)."""
         return 0
 
-    def folded(self, layer: int, projections: tuple[str, ...], x: torch.Tensor, base, meta: Segments):
+    def folded(self, layer: int, projections: tuple[str, ...], x: torch.Tensor, base, meta: Segments,
+               wide: torch.Tensor | None = None):
         """base(x) with some of the step's deltas computed inside the base matmul (kernels/lora_fold.py), or None
-        when these ops or this base do not fold."""
+        when these ops or this base do not fold. wide: the buffer whose first columns hold x (input_buffer's)."""
         return None
 
 
