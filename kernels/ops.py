@@ -30,7 +30,8 @@ from loraplex.runtime.adapters.segments import Segments, build_segments
 from . import packed_layout as layout
 from .dora_rescale import dora_rescale
 from .host_buffers import HostBuffers
-from .lora_fold import DEFAULT_FOLD_BLOCKS, FOLD_ALIGN, FOLD_BLOCKS, choose_fold_slots, fold_columns, fold_inputs, fold_rows, fold_weights
+from .lora_fold import (DEFAULT_FOLD_BLOCKS, FOLD_ALIGN, FOLD_BLOCKS, choose_fold_slots, fold_columns, fold_inputs,
+                        fold_rows, fold_weights)
 from .lora_fold import self_check as fold_self_check
 from .segmented_lora import MAX_FUSED, expand, interpreting, shrink
 from .tile_config import TileConfig, choose_splits, choose_tile_config
@@ -450,7 +451,8 @@ class TritonAdapterOps(AdapterOps):
             return 0
         return fold_columns(meta.plan.fold, len(projections), meta.plan.fold_rank, meta.plan.fold_align)
 
-    def folded(self, layer, projections, x, base, meta: Segments, wide: torch.Tensor | None = None) -> torch.Tensor | None:
+    def folded(self, layer, projections, x, base, meta: Segments,
+               wide: torch.Tensor | None = None) -> torch.Tensor | None:
         """base(x) plus the deltas of the step's fold segments computed by one matmul (kernels/lora_fold.py), or None
         when this step or this base does not fold. x may be the first columns of `wide`, whose other columns this
         fills (AdaptedLinear.input_buffer); else x is copied into a new one. apply(..., folded=True) then adds the
