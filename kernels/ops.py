@@ -4,7 +4,7 @@ Slots live in one packed weight pool; a device module table [slot, layer, projec
 says where each module's weights are and what shape they have (k, rank, hybrid rank). One extra
 all-zero table row, `null_slot`, stands for "no adapter": tiles that point at it exit at once, so
 CUDA graphs can pad a step's tiles to a fixed count. Per step, `metadata` groups the tokens into
-tiles and fixes a `LaunchPlan` from the adapters that step uses (never from everything resident,
+tiles and fixes a `LaunchPlan` (launch_plan.py) from the adapters that step uses (never from everything resident,
 so the cost of a step does not depend on how many adapters are loaded); every layer's `apply` is
 then two launches (shrink, expand) with no host work beyond computing the launch arguments, and a
 third (dora_rescale) when a DoRA adapter is in the step: its rows' outputs scaled per channel.
@@ -32,6 +32,7 @@ from .dora_rescale import dora_rescale
 from .host_buffers import HostBuffers
 from .lora_fold import (DEFAULT_FOLD_BLOCKS, FOLD_ALIGN, FOLD_BLOCKS, choose_fold_slots, fold_columns, fold_inputs,
                         fold_rows, fold_weights)
+from .launch_plan import LaunchPlan, StepSegments, plan_size
 from .lora_fold import self_check as fold_self_check
 from .segmented_lora import MAX_FUSED, expand, interpreting, shrink
 from .tile_config import TileConfig, choose_splits, choose_tile_config
@@ -46,69 +47,6 @@ GRAPH_DECODE_CONFIG = choose_tile_config(1)
 MIXED_GRAPH_CONFIG = choose_tile_config(64)
 SHORT_SEGMENT = 2  # segments of at most this many tokens take one-row tiles in a mixed graph
 SHORT_GRID = 64  # programs over a mixed graph's one-row tiles (each loops over more when a step has more)
-
-
-def plan_size(n: int) -> int:
-    """A rank or width as a launch plan holds it: rounded up to a power of two, at least 16. Programs past a
-    slot's own rank exit at once (the kernels read it from the module table), so rank-4, -8 and -16
-    adapters share one plan, and so one captured CUDA graph: a new rank in traffic costs a capture on the
-    serving path only once per power of two."""
-    return max(16, 1 << (n - 1).bit_length())
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """Launch parameters shared by every layer of a step (hashable: part of a CUDA graph's key)."""
-    config: TileConfig
-    ks: frozenset[int]  # block counts of the modules in use
-    has_general: bool
-    block_rank: int  # largest rank of one block (r, or the hybrid rank)
-    width: int  # widest shrink result (k*r + hybrid rank)
-    num_tiles: int
-    has_dora: bool = False
-    # tiles expected to carry work (None: num_tiles): the programs on the kernels' tile axis (each loops over
-    # the step's working tiles with that stride) and what sizes the shrink's split-K. A mixed graph pads its
-    # tile list up to any step's need (+ one per sequence): a 1,024-token bucket at 256 sequences lists 272
-    # tiles of which a step fills ~16-30; a program per listed tile cost every launch ~250 idle programs per
-    # output tile, and split-K sized by the padded count streamed 4,096-14,336 input features serially
-    busy_tiles: int | None = None
-    fold: int = 0  # adapter blocks the step folds into its base matmuls (kernels/lora_fold.py), 0: none
-    fold_rank: int = 0  # their width (a power of two >= 16)
-    fold_align: int = 1  # the extension's columns, padded to a multiple of this (lora_fold.FOLD_ALIGN)
-
-    @property
-    def max_k(self) -> int:
-        return max(self.ks)
-
-    @property
-    def grid_tiles(self) -> int:
-        return self.num_tiles if self.busy_tiles is None else min(self.busy_tiles, self.num_tiles)
-
-
-@dataclass
-class StepSegments(Segments):
-    """Segments plus what the kernels need, built once per step and shared by all layers."""
-    tiles: torch.Tensor  # [num_tiles, 3] int32 (slot, first row, end row) into token_order, working ones first
-    tile_count: torch.Tensor  # [1] int32 on the device: how many of `tiles` carry work
-    plan: LaunchPlan
-    # mixed CUDA-graph steps: the short segments (decode rows) get one-row tiles and the decode tile config,
-    # a second pair of launches beside the prefill-tiled long segments (None: every segment is in `tiles`)
-    short_tiles: torch.Tensor | None = None
-    short_count: torch.Tensor | None = None
-    short_plan: LaunchPlan | None = None
-    # mixed CUDA-graph steps that fold (plan.fold > 0): the folded slots' segments, which take the shrink only
-    # (their deltas come out of the base matmul), each token's fold block (-1: none) and row in token_order,
-    # and the slot of each fold block (the null slot when unused)
-    fold_tiles: torch.Tensor | None = None
-    fold_count: torch.Tensor | None = None
-    fold_plan: LaunchPlan | None = None
-    token_block: torch.Tensor | None = None
-    token_row: torch.Tensor | None = None
-    fold_slots: torch.Tensor | None = None
-
-    @property
-    def config(self) -> TileConfig:
-        return self.plan.config
 
 
 @dataclass
