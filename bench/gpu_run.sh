@@ -28,16 +28,15 @@
 #   host1b | host8b   bench/step_host.py (host vs GPU time of eager steps, cProfile; ARGS_HOST: extra flags)
 #   profile1b | profile8b   bench/profile_step.py (kernels by GPU time per case; ARGS_PROFILE: extra flags)
 #   background  run BG_STEPS (default "serve8b serve1b") detached (setsid) into /tmp/out, so that one run
-#              can outlast a command; later commands copy /tmp/out to $OUT. Every call copies the working tree
-#              again: make only `wait` calls (same carry) while a background run is going; a serve8b started before
-#              the three gguf chunk calls died importing loraplex and serve_gpu_models (2026-12-07), so carry the
-#              chunks first; and a `test` step started as the first background step died importing loraplex.kernels when a `wait`
-#              call re-copied the tree a few seconds later (2026-12-07 19:07): put `test` after a long step, or leave a
-#              minute before the first `wait`. Two GPU steps at once (a `test` beside a background serve8b) spoil both's numbers
+#              can outlast a command. It runs from its own copy of this tree (/tmp/bgtree): every call copies the
+#              working tree again, and a run reading this tree died importing loraplex while a `wait` call re-copied
+#              it (a `test` step, 2026-12-07 19:07). Carry the gguf chunks first: a serve8b started before the three
+#              gguf chunk calls died importing serve_gpu_models (2026-12-07). Two GPU steps at once (a `test` beside
+#              a background serve8b) spoil both's numbers
 #   wait       until the background run ends or WAIT seconds (default 540) passed: progress, then copy. The machine
 #              goes back after idle_release_s without a call (30 s on 2026-12-07 21:35, the background run with it):
-#              chain the `wait` calls with no pause between them, and give the re-copy its minute inside the call that
-#              starts the background run (`... background; sleep 70`), not between calls
+#              chain the `wait` calls with no pause between them (`... background; WAIT=500 bash bench/gpu_run.sh wait`
+#              in the call that starts it)
 #   gguf       append the carried chunks .gguf_part/* to /tmp/model.gguf (the default model's 98 MB do not
 #              fit one 64 MiB carry: cut it here into part-00 (the first 29,000,000 bytes, small enough to go
 #              beside .whl's 32 MB and the tree's 5 MB), part-01 and part-02.last (halves of the rest), and carry
@@ -140,9 +139,11 @@ print('layer_ops self-check bf16:', c(torch.device('cuda'), torch.bfloat16) or '
       python3 bench/profile_step.py --shape 8b --out "$OUT/profile_step_8b.json" ${ARGS_PROFILE:-} 2>&1 | tail -400 ;;
     background)
       rm -f /tmp/out/background.done
-      OUT=/tmp/out setsid nohup bash -c "bash bench/gpu_run.sh ${BG_STEPS:-serve8b serve1b}; touch /tmp/out/background.done" \
-        > /tmp/out/background.log 2>&1 < /dev/null &
-      echo "background run started: ${BG_STEPS:-serve8b serve1b}" ;;
+      rm -rf /tmp/bgtree && mkdir /tmp/bgtree && cp -r $(ls -A | grep -vxE '\.pth|\.git|\.gguf_part') /tmp/bgtree/
+      (cd /tmp/bgtree && OUT=/tmp/out setsid nohup bash -c \
+        "bash bench/gpu_run.sh ${BG_STEPS:-serve8b serve1b}; touch /tmp/out/background.done" \
+        > /tmp/out/background.log 2>&1 < /dev/null &)
+      echo "background run started from /tmp/bgtree: ${BG_STEPS:-serve8b serve1b}" ;;
     wait)
       end=$((SECONDS + ${WAIT:-540}))
       while [ ! -e /tmp/out/background.done ] && [ $SECONDS -lt $end ]; do  # copies as it goes: a call cut
