@@ -13,6 +13,7 @@ Writes bench/results/step_host.json (or --out) and its PNG, and prints a table l
 from __future__ import annotations
 
 import argparse
+import ast
 import cProfile
 import io
 import itertools
@@ -157,14 +158,52 @@ def kernel_us(engine: Engine, batch, computed: list[int], runs: int = 3) -> dict
     return times
 
 
-def print_kernel_diff(name: str, unfolded: dict[str, float], folded: dict[str, float], top: int = 14) -> None:
-    """The kernels whose time per step changed most when the step folded its adapters."""
+def print_kernel_diff(name: str, unfolded: dict[str, float], folded: dict[str, float], top: int = 14,
+                      change: str = "folded - unfolded") -> None:
+    """The kernels whose time per step changed most between two runs of a step (folded against unfolded)."""
     keys = sorted(set(unfolded) | set(folded), key=lambda k: -abs(folded.get(k, 0.0) - unfolded.get(k, 0.0)))
-    print(f"-- {name}: kernels by the change of their GPU time per step, folded - unfolded (us); "
+    print(f"-- {name}: kernels by the change of their GPU time per step, {change} (us); "
           f"totals {sum(folded.values()):.0f} vs {sum(unfolded.values()):.0f}")
     for k in keys[:top]:
         a, b = unfolded.get(k, 0.0), folded.get(k, 0.0)
         print(f"   {b - a:+9.1f} {a:9.1f} -> {b:9.1f}  {k[:110]}")
+
+
+def ops_variants(specs: list[str]) -> list[tuple[str, dict]]:
+    """--ops-ab values, each "name=value[,name=value...]": (label, {TritonAdapterOps attribute: value})."""
+    variants = []
+    for spec in specs:
+        knobs = {}
+        for pair in spec.split(","):
+            name, _, value = pair.partition("=")
+            knobs[name.strip()] = ast.literal_eval(value.strip())
+        variants.append((spec, knobs))
+    return variants
+
+
+def time_ops_variants(engine: Engine, batch, computed: list[int], repeats: int, variants, r: dict, name: str) -> None:
+    """The step again under each variant of the adapter ops' knobs (graphs recaptured: a knob is not part of a
+    graph's key), beside the default's GPU time and kernels."""
+    ops, runner = engine.ops, engine.runner
+    default_kernels = kernel_us(engine, batch, computed)
+    r["kernel_us"] = default_kernels
+    r["ops_ab"] = {}
+    for label, knobs in variants:
+        saved = {k: getattr(ops, k) for k in knobs}
+        try:
+            for k, v in knobs.items():
+                setattr(ops, k, v)
+            runner.drop_graphs()
+            gpu_ms = measure_gpu(engine, batch, computed, repeats)
+            kernels = kernel_us(engine, batch, computed)
+        finally:
+            for k, v in saved.items():
+                setattr(ops, k, v)
+            runner.drop_graphs()
+        r["ops_ab"][label] = {"gpu_ms": gpu_ms, "over_default": gpu_ms / r["gpu_ms"], "kernel_us": kernels}
+        print(f"-- {name}, {label}: GPU {gpu_ms:.2f} ms against {r['gpu_ms']:.2f} ({gpu_ms / r['gpu_ms']:.3f})")
+        print_kernel_diff(f"{name}, {label}", default_kernels, kernels, change="variant - default")
+    measure_gpu(engine, batch, computed, 1)  # the default's graphs captured again, outside the next case's timing
 
 
 def main() -> None:
@@ -178,6 +217,10 @@ def main() -> None:
     ap.add_argument("--fold-ab", action="store_true",
                     help="time the adapter cases again with their prefill deltas folded into the NF4 matmuls "
                          "(kernels/lora_fold.py; off by default)")
+    ap.add_argument("--ops-ab", action="append", default=[], metavar="KNOB=VALUE[,KNOB=VALUE]",
+                    help="time the adapter cases again with TritonAdapterOps knobs set (repeatable: one variant "
+                         "each), e.g. presum=False (split-K sums in the expand, no reduce launch), num_splits=1, "
+                         "hybrid_passes=2; prints each variant's kernel diff against the default")
     ap.add_argument("--max-gpu-adapters", type=int, default=None,
                     help="adapter slots (default: the server's, which sizes a mixed graph's tile list)")
     args = ap.parse_args()
@@ -195,6 +238,8 @@ def main() -> None:
         batch = build(engine, refs, decode_rows, chunks, kind, seed=i)
         computed = [seq.num_computed for seq, _ in batch]
         r = result["cases"][name] = measure(engine, batch, args.repeats)
+        if args.ops_ab and kind == "distinct":
+            time_ops_variants(engine, batch, computed, args.repeats, ops_variants(args.ops_ab), r, name)
         if args.fold_ab and kind == "distinct":
             before = engine.runner.folded_steps
             unfolded_kernels = kernel_us(engine, batch, computed)
