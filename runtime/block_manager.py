@@ -13,6 +13,7 @@ together enter the LRU tail first, so a prefix's head outlives its tail.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from array import array
@@ -29,7 +30,12 @@ def adapter_key(seq: Sequence) -> bytes:
     """The adapter part of seq's block hashes: the base model, or one (adapter id, version)."""
     if seq.adapter is None:
         return BASE_KEY
-    return json.dumps(["adapter", *seq.adapter.key]).encode()
+    return _encoded_key(seq.adapter.key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _encoded_key(key: tuple) -> bytes:
+    return json.dumps(["adapter", *key]).encode()
 
 
 def block_hash(previous: bytes | None, key: bytes, tokens: list[int]) -> bytes:
@@ -118,6 +124,8 @@ class BlockManager:
         size = self.block_size
         first = (seq.num_computed - num_new) // size  # blocks before it were full before this step
         last = min(seq.num_computed, seq.num_prompt_tokens) // size
+        if first >= last:  # a decode row, or a chunk that filled no prompt block: every step of every row asks
+            return
         key = adapter_key(seq)
         for i in range(first, last):
             block = seq.block_table[i]

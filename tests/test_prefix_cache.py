@@ -63,6 +63,25 @@ def test_block_hash_chains_previous_block_tokens_and_adapter_key():
 
 
 @not_interpreted
+def test_decode_rows_register_nothing_and_hash_nothing(monkeypatch):
+    """Every step asks for every row; a decode row (or a chunk that fills no prompt block) must cost no hashing."""
+    import loraplex.runtime.block_manager as bm
+    blocks = BlockManager(8, 16)
+    s = seq(prompt(40), AdapterRef("a", 1, None))
+    admit(blocks, s)
+    computed(blocks, s)
+    assert blocks.num_cached == 2
+    calls = []
+    monkeypatch.setattr(bm, "adapter_key", lambda q: calls.append(q) or b"")
+    monkeypatch.setattr(bm, "block_hash", lambda *args: calls.append(args) or b"")
+    s.token_ids.append(7)  # a decode step's token, then the step that computed it
+    blocks.allocate(s, len(s))
+    s.num_computed += 1
+    blocks.cache_computed(s, 1)
+    assert not calls and blocks.num_cached == 2
+
+
+@not_interpreted
 def test_shared_prefix_reference_counts_and_release():
     blocks = BlockManager(16, 4)
     a = seq(prompt(10))
