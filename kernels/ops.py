@@ -310,7 +310,7 @@ class TritonAdapterOps(AdapterOps):
             capacity = (max(pad_to, self.graph_rows), 1 + max(pad_to, self.graph_rows))
         assert len(tiles) <= num_tiles
         tiles += [(self.null_slot, 0, 0)] * (num_tiles - len(tiles))
-        order = seg.token_order.tolist() + [0] * (pad_to - len(seg.token_order))
+        order = seg.token_order.numpy()
         buffers = self._graph_buffers.get(mixed)
         if buffers is None or buffers[0].shape[0] < capacity[0] or buffers[1].shape[0] < capacity[1]:
             # allocated once at the largest size: captured graphs keep reading these addresses
@@ -319,7 +319,8 @@ class TritonAdapterOps(AdapterOps):
                 torch.zeros(capacity[1], 3, dtype=torch.int32, device=self.device),
                 torch.zeros(2 * capacity[0] + FOLD_BLOCKS, dtype=torch.int32, device=self.device))
         graph_order, graph_tiles, graph_fold = buffers
-        host_order = torch.tensor(order, dtype=torch.int64, pin_memory=self.cuda)
+        host_order = torch.zeros(pad_to, dtype=torch.int64, pin_memory=self.cuda)  # padding rows: token 0, no tile
+        host_order[:len(order)] = seg.token_order
         # row 0: the working-tile counts of the three lists; then the prefill tiles, the one-row tiles, the folded
         host_tiles = torch.tensor([counts] + tiles + short + fold_tiles, dtype=torch.int32, pin_memory=self.cuda)
         graph_order[:pad_to].copy_(host_order, non_blocking=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .adapters.ops import AdapterOps
@@ -27,6 +26,7 @@ from .base_model import BaseModel
 from .block_manager import BlockManager
 from .model import PagedAttentionMeta, PrefillChunk, StepContext, head_dim, n_kv_heads
 from .sequence import Sequence
+from .step_inputs import stage_decode, stage_mixed
 
 log = logging.getLogger(__name__)
 
@@ -235,18 +235,8 @@ class ModelRunner:
         # the previous replay may still read the staging buffers' last copy: wait for it first
         torch.cuda.current_stream(self.device).synchronize()
         self._account_replay()
-        rows = self.staging64.numpy()
-        tables = self.staging_tables.numpy()
-        width = 0
-        for i, (seq, _) in enumerate(batch):
-            p, table = seq.num_computed, seq.block_table
-            rows[0, i], rows[1, i] = seq.token_ids[p], p
-            rows[2, i] = table[p // size] * size + p % size
-            rows[3, i], rows[4, i] = p + 1, i in merged
-            tables[i, :len(table)] = table
-            width = max(width, len(table))
-        rows[:, B:bucket] = 0
-        rows[2, B:bucket] = self.spare_slot  # padding rows write their K/V into the spare block
+        width = stage_decode(batch, merged, self.staging64.numpy(), self.staging_tables.numpy(), size,
+                             self.spare_slot, bucket)
         self.rows64[:, :bucket].copy_(self.staging64[:, :bucket], non_blocking=True)
         s["block_tables"][:B, :width].copy_(self.staging_tables[:B, :width], non_blocking=True)
         s["context_lens"][:bucket].copy_(self.rows64[3, :bucket])
@@ -319,33 +309,8 @@ class ModelRunner:
         B, size = len(batch), self.blocks.block_size
         torch.cuda.current_stream(self.device).synchronize()  # the last copy out of the staging buffers
         self._account_replay()
-        tokens = self.mixed_staging_tokens.numpy()
-        seqs = self.mixed_staging_seqs.numpy()
-        tables = self.mixed_staging_tables.numpy()
-        tokens[:, T:bucket] = 0
-        tokens[2, T:bucket] = self.spare_slot  # padding tokens write their K/V into the spare block
-        width, start, num_logits = 0, 0, 0
-        for i, (seq, n) in enumerate(batch):
-            begin, table = seq.num_computed, seq.block_table
-            end = start + n
-            if n == 1:
-                tokens[0, start], tokens[1, start] = seq.token_ids[begin], begin
-                tokens[2, start] = table[begin // size] * size + begin % size
-            else:
-                positions = np.arange(begin, begin + n)
-                tokens[0, start:end] = seq.token_ids[begin:begin + n]
-                tokens[1, start:end] = positions
-                tokens[2, start:end] = np.asarray(table)[positions // size] * size + positions % size
-            seqs[0, i], seqs[1, i] = begin + n, start
-            if begin + n == len(seq):
-                seqs[2, num_logits] = end - 1
-                num_logits += 1
-            tables[i, :len(table)] = table
-            width = max(width, len(table))
-            start = end
-        seqs[0, B:] = 0  # padding sequences: no context, no query rows
-        seqs[1, B:] = T
-        seqs[2, num_logits:] = 0
+        width, num_logits = stage_mixed(batch, self.mixed_staging_tokens.numpy(), self.mixed_staging_seqs.numpy(),
+                                        self.mixed_staging_tables.numpy(), size, self.spare_slot, bucket)
         self.mixed_tokens[:, :bucket].copy_(self.mixed_staging_tokens[:, :bucket], non_blocking=True)
         self.mixed_seqs.copy_(self.mixed_staging_seqs, non_blocking=True)
         self.mixed_tables[:B, :width].copy_(self.mixed_staging_tables[:B, :width], non_blocking=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 NO_ADAPTER = -1
@@ -29,21 +30,21 @@ class Segments:
 
 
 def build_segments(token_slots: list[int], device: torch.device | str = "cpu") -> Segments:
-    by_slot: dict[int, list[int]] = {}
-    for i, slot in enumerate(token_slots):
-        if slot != NO_ADAPTER:
-            by_slot.setdefault(slot, []).append(i)
-    order, host = [], []
-    for slot in sorted(by_slot):
-        host.append((len(order), len(by_slot[slot]), slot))
-        order.extend(by_slot[slot])
-    as_tensor = lambda v, dt: torch.tensor(v, dtype=dt).to(device, non_blocking=True)
+    """Segments of a step whose token i uses adapter slot token_slots[i] (NO_ADAPTER: none). Whole-array numpy: a
+    per-token Python loop took 0.2 ms a 2,048-token step on the CI CPU (bench/engine_host.py)."""
+    slots = np.asarray(token_slots, dtype=np.int64)
+    adapted = np.flatnonzero(slots != NO_ADAPTER)
+    order = adapted[np.argsort(slots[adapted], kind="stable")]  # by slot, then token
+    used, lengths = np.unique(slots[order], return_counts=True)
+    starts = np.cumsum(lengths) - lengths
+    host = list(zip(starts.tolist(), lengths.tolist(), used.tolist()))
+    as_tensor = lambda v, dt: torch.from_numpy(v.astype(dt)).to(device, non_blocking=True)  # noqa: E731
     return Segments(
         num_tokens=len(token_slots),
-        token_order=as_tensor(order, torch.int64),
-        starts=as_tensor([h[0] for h in host], torch.int32),
-        lengths=as_tensor([h[1] for h in host], torch.int32),
-        slots=as_tensor([h[2] for h in host], torch.int32),
+        token_order=as_tensor(order, np.int64),
+        starts=as_tensor(starts, np.int32),
+        lengths=as_tensor(lengths, np.int32),
+        slots=as_tensor(used, np.int32),
         host=host,
-        max_length=max((h[1] for h in host), default=0),
+        max_length=int(lengths.max(initial=0)),
     )
