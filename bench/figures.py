@@ -384,6 +384,18 @@ def pack_speed(result: dict, fig) -> None:
     ax.tick_params(axis="x", labelrotation=30)
 
 
+def engine_host(result: dict, fig) -> None:
+    """bench/engine_host.py: the engine's host ms a step by part, base-only and adapters (and the tree before)."""
+    runs = {f"{name}": run for name, run in result["runs"].items()}
+    for tag, earlier in result.items():
+        if tag.startswith("before_") and isinstance(earlier, dict) and "runs" in earlier:
+            runs.update({f"{name}, {tag}": run for name, run in earlier["runs"].items()})
+    ax = fig.subplots()
+    _bars(ax, list(runs), {part: [r[f"{part}_ms_per_step"] for r in runs.values()]
+                           for part in ("schedule", "runner", "rest", "host")},
+          "host ms a step", f"engine host work a step, model stubbed ({result.get('cpus')} CPUs)")
+
+
 # file name (stem, or its start) -> (function, figure size)
 def loader_contention(result: dict, fig) -> None:
     """bench/loader_contention.py: a model engine step's time while adapters are parsed and packed beside it."""
@@ -407,6 +419,7 @@ DRAWERS = {
     "train_speed": (train_speed, (11, 4)),
     "training_summary": (training_summary, (7, 4)), "adapter_scale": (adapter_scale, (13, 4)),
     "pack_speed": (pack_speed, (9, 4)), "loader_contention": (loader_contention, (11, 4)),
+    "engine_host": (engine_host, (11, 4)),
 }
 
 
