@@ -19,6 +19,9 @@
 #   check      the fused layer kernels' start-up self-check on this GPU
 #   pack8b | pack1b   bench/pack_speed.py (issue #20: the hot-load's pack by threads, foreach, memcpy floor), ~1 min
 #   kernels    bench/lora_kernels.py (ARGS_KERNELS)    kernelsab: the same before and after a patch (AB_PATCH)
+#   accept     issue #19's acceptance steps: test, trace8b (ARGS_TRACE, default "--rates inf,4,8"), serve8b (ARGS8B,
+#              default "--cases base,distinct,hotload,merged --skip-peft"), ~20 min: as BG_STEPS=accept after the three
+#              gguf calls (`... gguf; BG_STEPS=accept bash bench/gpu_run.sh background; WAIT=500 bash bench/gpu_run.sh wait`)
 #   serve1b    bench/serve_gpu.py --shapes 1b      serve8b: the same for 8b (ARGS, ARGS1B, ARGS8B: extra flags;
 #              LIMIT: seconds before it is stopped, its JSON kept as far as it got)
 #   trace1b | trace8b   bench/serve_trace.py --shapes 1b / 8b (ARGS_TRACE: extra flags, e.g. "--rates inf,4": a comma list)
@@ -106,6 +109,10 @@ for step in "$@"; do
       timeout -k 10 ${LIMIT_TEST:-36000} python3 -m pytest -q -x -s -p no:cacheprovider tests/test_gpu_fastpath.py \
         > "$OUT/test_gpu_fastpath.log" 2>&1
       tr '\r' '\n' < "$OUT/test_gpu_fastpath.log" | grep -vE "it/s|s/it|step/s|layer/s|tensor/s" | tail -40 ;;
+    accept)  # issue #19's acceptance steps in one go, in the order of the last runs: the GPU tests, the 8B trace, serve_gpu 8B
+      OUT="$OUT" bash bench/gpu_run.sh test
+      OUT="$OUT" ARGS_TRACE="${ARGS_TRACE:---rates inf,4,8}" bash bench/gpu_run.sh trace8b
+      OUT="$OUT" ARGS8B="${ARGS8B:---cases base,distinct,hotload,merged --skip-peft}" bash bench/gpu_run.sh serve8b ;;
     serve1b)
       timeout -k 10 ${LIMIT:-36000} python3 bench/serve_gpu.py --shapes 1b --out "$OUT/serve_gpu.json" ${ARGS1B:-${ARGS:-}} 2>&1 | tail -60 ;;
     serve8b)
