@@ -11,8 +11,9 @@
 #              adapters, their deltas folded into the NF4 prefill matmuls (kernels/lora_fold.py) vs expanded, ~4 min;
 #              foldab: the benchmark only (no default model needed: it may run before the gguf chunks are in)
 #   opsab      bench/step_host.py --ops-ab: the adapter cases again with TritonAdapterOps knobs changed (OPS_AB, default
-#              "--ops-ab presum=False --ops-ab num_splits=1": the split-K sums in the expand instead of a reduce launch,
-#              and no split), each variant's GPU time and kernel diff against the default, ~4 min
+#              "--ops-ab presum=False --ops-ab num_splits=1 --ops-ab expand_grid_divisor=2 --ops-ab expand_grid_divisor=4":
+#              the split-K sums in the expand instead of a reduce launch, no split, the expand's tile axis halved and
+#              quartered), each variant's GPU time and kernel diff against the default, ~5 min
 #   grid       bench/nf4_matmul.py --grid "8b o_proj" --rows 48 64: a grid of tilings beyond the calibration's, ~40 s
 #   test       the CUDA-only tests (fast path vs eager reference; LIMIT_TEST: seconds before they are stopped), ~6 min
 #              on a fresh H100 (10 tests, 2026-12-07: the calibration compiles its candidates on 16 threads)
@@ -96,7 +97,7 @@ for step in "$@"; do
       grep -E "^(-- |warm-up|case |prefill_|four_|mixed_|Traceback|[A-Za-z]*Error)|^ +[+-][0-9]" "$OUT/step_host_fold.log" | tail -150 ;;
     opsab)  # the adapter ops' knobs against their defaults on the prefill and mixed steps (OPS_AB: --ops-ab flags)
       python3 bench/step_host.py --shape ${OPS_SHAPE:-8b} --repeats 5 --out "$OUT/step_host_ops_ab_${OPS_SHAPE:-8b}.json" \
-        ${OPS_AB:---ops-ab presum=False --ops-ab num_splits=1} > "$OUT/step_host_ops_ab.log" 2>&1
+        ${OPS_AB:---ops-ab presum=False --ops-ab num_splits=1 --ops-ab expand_grid_divisor=2 --ops-ab expand_grid_divisor=4} > "$OUT/step_host_ops_ab.log" 2>&1
       grep -E "^(-- |warm-up|case |prefill_|four_|mixed_|Traceback|[A-Za-z]*Error)|^ +[+-][0-9]" "$OUT/step_host_ops_ab.log" \
         | tail -150 ;;
     grid)

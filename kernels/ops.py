@@ -97,6 +97,10 @@ class TritonAdapterOps(AdapterOps):
         self.num_splits: int | None = None
         self.presum: bool | None = None  # sum the split partials once before the expand (None: the tile config's)
         self.hybrid_passes = 1  # 2: the hybrid general part gets its own expand launch
+        # the expand's programs on the tile axis: the plan's (one per expected working tile) divided by this, each
+        # program striding over more tiles. Its grid is that times the output tiles (224 for an 8B gate_up), so
+        # the programs a step leaves without a tile are many (bench/step_host.py --ops-ab expand_grid_divisor=2)
+        self.expand_grid_divisor = 1
         # Programmatic dependent launch: each kernel starts while the previous one drains (Hopper+).
         self.pdl = self.cuda and not interpreting() and torch.cuda.get_device_capability(self.device)[0] >= 9
         self.graph_rows = 64  # rows (sequences) of a CUDA-graph step: the fixed-address metadata buffers' size
@@ -442,7 +446,8 @@ class TritonAdapterOps(AdapterOps):
         proj_ids = [self.proj_ids[p] for p in projections]
         out_features = [self.projection_shapes[p][1] for p in projections]
         table, scales = self.table[:, layer], self.scales[:, layer]
-        common = (y, token_order, tiles, tile_count, plan.grid_tiles, self.pool.buffer, table, scales, proj_ids,
+        grid_tiles = -(-plan.grid_tiles // self.expand_grid_divisor)
+        common = (y, token_order, tiles, tile_count, grid_tiles, self.pool.buffer, table, scales, proj_ids,
                   out_features, plan.max_k, partials, num_splits, cfg)
         aligned = self._aligned(plan, out_features)
         if plan.has_general and self.hybrid_passes == 2:

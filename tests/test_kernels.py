@@ -317,6 +317,24 @@ def test_mixed_graph_metadata_pads_prefill_tiles():
 
 
 @needs_interpreter
+def test_expand_with_fewer_programs_than_tiles():
+    """expand_grid_divisor: the expand's tile axis cut to a quarter, each program striding over several tiles' outputs
+    (decode rows, prefill chunks and split-K partials alike): the same deltas."""
+    adapters = {0: make_adapter(r=8, seed=90), 1: make_adapter(k=2, r=16, seed=91), 2: make_adapter(r=16, seed=92)}
+    ops = make_ops(adapters)
+    ops.graph_rows, ops.graph_tokens = 8, 256
+    slots = [1] * 70 + [0, 2, -1, 2, 1] + [0] * 20
+    padded = slots + [-1] * (128 - len(slots))
+    ops.expand_grid_divisor, ops.num_splits = 4, 2
+    meta = ops.metadata(padded, pad_to=128, mixed=True)
+    assert -(-meta.plan.grid_tiles // 4) < meta.tile_count.item()
+    for group in GROUPS:
+        run_and_check(ops, adapters, padded, group, meta=meta)
+    for group in GROUPS:  # an eager step's metadata (one program per tile before the divisor)
+        run_and_check(ops, adapters, slots, group)
+
+
+@needs_interpreter
 def test_mixed_graph_split_k_counts_the_working_tiles_not_the_padding():
     """A mixed graph's prefill tile list is padded with null tiles (one per possible sequence): the shrink's
     split-K must be sized by the tiles a step of the bucket fills, or a 1,024-token step on an 8B shape
