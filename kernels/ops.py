@@ -97,8 +97,8 @@ class TritonAdapterOps(AdapterOps):
         self.num_splits: int | None = None
         self.presum: bool | None = None  # sum the split partials once before the expand (None: the tile config's)
         self.hybrid_passes = 1  # 2: the hybrid general part gets its own expand launch
-        # the expand's programs on the tile axis: the plan's (one per expected working tile) divided by this, each
-        # program striding over more tiles. Its grid is that times the output tiles (224 for an 8B gate_up), so
+        # a mixed graph's expand (a tile list padded for its bucket): programs on the tile axis, the plan's divided by
+        # this, each striding over more tiles. Its grid is that times the output tiles (224 for an 8B gate_up), so
         # the programs a step leaves without a tile are many (bench/step_host.py --ops-ab expand_grid_divisor=2)
         self.expand_grid_divisor = 1
         # Programmatic dependent launch: each kernel starts while the previous one drains (Hopper+).
@@ -446,7 +446,7 @@ class TritonAdapterOps(AdapterOps):
         proj_ids = [self.proj_ids[p] for p in projections]
         out_features = [self.projection_shapes[p][1] for p in projections]
         table, scales = self.table[:, layer], self.scales[:, layer]
-        grid_tiles = -(-plan.grid_tiles // self.expand_grid_divisor)
+        grid_tiles = plan.grid_tiles if plan.busy_tiles is None else -(-plan.grid_tiles // self.expand_grid_divisor)
         common = (y, token_order, tiles, tile_count, grid_tiles, self.pool.buffer, table, scales, proj_ids,
                   out_features, plan.max_k, partials, num_splits, cfg)
         aligned = self._aligned(plan, out_features)

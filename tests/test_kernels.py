@@ -330,7 +330,7 @@ def test_expand_with_fewer_programs_than_tiles():
     assert -(-meta.plan.grid_tiles // 4) < meta.tile_count.item()
     for group in GROUPS:
         run_and_check(ops, adapters, padded, group, meta=meta)
-    for group in GROUPS:  # an eager step's metadata (one program per tile before the divisor)
+    for group in GROUPS:  # an eager step's metadata: not padded, one program per tile whatever the divisor
         run_and_check(ops, adapters, slots, group)
 
 
