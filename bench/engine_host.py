@@ -49,6 +49,7 @@ from loraplex.runtime.engine import Engine, EngineConfig  # noqa: E402
 from loraplex.runtime.model_runner import MIXED_QUANTUM, graph_buckets, mixed_buckets  # noqa: E402
 from loraplex.runtime.sequence import SamplingParams  # noqa: E402
 from loraplex.runtime.step_inputs import stage_decode, stage_mixed  # noqa: E402
+from loraplex.runtime.step_inputs import token_slots as step_token_slots  # noqa: E402
 
 FIXED_TOKEN = 5
 
@@ -85,9 +86,7 @@ class GraphRunnerStub:
 
     def run(self, batch, all_logits=False, merged=None):
         size, spare = self.engine.blocks.block_size, 0
-        token_slots = []
-        for seq, n in batch:
-            token_slots.extend([seq.adapter_slot] * n)
+        token_slots = step_token_slots(batch, merged)
         adapters = any(s != NO_ADAPTER for s in token_slots)
         if all(n == 1 for _, n in batch):
             bucket = next(b for b in self.buckets if b >= len(batch))

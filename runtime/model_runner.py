@@ -26,7 +26,7 @@ from .base_model import BaseModel
 from .block_manager import BlockManager
 from .model import PagedAttentionMeta, PrefillChunk, StepContext, head_dim, n_kv_heads
 from .sequence import Sequence
-from .step_inputs import stage_decode, stage_mixed
+from .step_inputs import stage_decode, stage_mixed, token_slots
 
 log = logging.getLogger(__name__)
 
@@ -207,18 +207,16 @@ class ModelRunner:
         """Logits [rows, vocab] for the last token of every sequence whose context is now complete
         (all tokens of the batch with all_logits). Updates each sequence's num_computed.
         merged: indices into batch of the decode rows to compute with the merged weights."""
-        token_slots = []
-        for i, (seq, n) in enumerate(batch):
-            token_slots.extend([NO_ADAPTER if merged and i in merged else seq.adapter_slot] * n)
+        slots = token_slots(batch, merged)
         decode = all(n == 1 for _, n in batch)
         logits = None
         if self.use_graphs and decode and not all_logits and len(batch) <= self.buckets[-1] and \
-                self._ops_graph_safe(token_slots):
-            logits = self._replay(batch, token_slots, merged or set())
-        elif self._mixed_graph_fits(batch, token_slots, all_logits, merged):
-            logits = self._replay_mixed(batch, token_slots)
+                self._ops_graph_safe(slots):
+            logits = self._replay(batch, slots, merged or set())
+        elif self._mixed_graph_fits(batch, slots, all_logits, merged):
+            logits = self._replay_mixed(batch, slots)
         if logits is None:  # no graph for this step (or its capture failed): eager
-            input_ids, ctx = self._context(batch, all_logits, token_slots)
+            input_ids, ctx = self._context(batch, all_logits, slots)
             if merged:
                 ctx.merged_rows = torch.tensor([i in merged for i in range(len(batch))], device=self.device)
                 ctx.all_merged = len(merged) == len(batch)

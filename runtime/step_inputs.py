@@ -12,12 +12,22 @@ from itertools import chain
 
 import numpy as np
 
+from .adapters.segments import NO_ADAPTER
 from .sequence import Sequence
 
 
-def _tables(batch: list[tuple[Sequence, int]], tables: np.ndarray) -> tuple[int, np.ndarray]:
+def token_slots(batch: list[tuple[Sequence, int]], merged: set[int] | None = None) -> list[int]:
+    """The adapter slot of every token of the step (NO_ADAPTER for base rows and the decode rows in `merged`, which
+    the merged weights compute)."""
+    slots = []
+    for i, (seq, n) in enumerate(batch):
+        slots.extend([NO_ADAPTER if merged and i in merged else seq.adapter_slot] * n)
+    return slots
+
+
+def _tables(batch: list[tuple[Sequence, int]], tables: np.ndarray) -> int:
     """Every sequence's block table into its row of `tables` (what lies past a table's end is left as it was);
-    returns the widest table and the tables' lengths."""
+    returns the widest table."""
     lengths = np.fromiter((len(seq.block_table) for seq, _ in batch), dtype=np.int64, count=len(batch))
     total = int(lengths.sum())
     if total:
@@ -25,7 +35,7 @@ def _tables(batch: list[tuple[Sequence, int]], tables: np.ndarray) -> tuple[int,
         cols = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         tables[rows, cols] = np.fromiter(chain.from_iterable(seq.block_table for seq, _ in batch), dtype=tables.dtype,
                                          count=total)
-    return int(lengths.max(initial=0)), lengths
+    return int(lengths.max(initial=0))
 
 
 def stage_decode(batch: list[tuple[Sequence, int]], merged: set[int], rows: np.ndarray, tables: np.ndarray,
@@ -37,12 +47,12 @@ def stage_decode(batch: list[tuple[Sequence, int]], merged: set[int], rows: np.n
     positions = np.fromiter((seq.num_computed for seq, _ in batch), dtype=np.int64, count=B)
     rows[0, :B] = [seq.token_ids[seq.num_computed] for seq, _ in batch]
     rows[1, :B] = positions
-    width, _ = _tables(batch, tables)
+    width = _tables(batch, tables)
     rows[2, :B] = tables[np.arange(B), positions // block_size] * block_size + positions % block_size
     rows[3, :B] = positions + 1
     rows[4, :B] = 0
     if merged:
-        rows[4, sorted(merged)] = 1
+        rows[4, list(merged)] = 1
     rows[:, B:bucket] = 0
     rows[2, B:bucket] = spare_slot
     return width
@@ -65,7 +75,7 @@ def stage_mixed(batch: list[tuple[Sequence, int]], tokens: np.ndarray, seqs: np.
     tokens[0, :T] = np.fromiter(chain.from_iterable(seq.token_ids[seq.num_computed:seq.num_computed + n]
                                                     for seq, n in batch), dtype=tokens.dtype, count=T)
     tokens[1, :T] = positions
-    width, _ = _tables(batch, tables)
+    width = _tables(batch, tables)
     tokens[2, :T] = tables[token_seq, positions // block_size] * block_size + positions % block_size
     tokens[:, T:bucket] = 0
     tokens[2, T:bucket] = spare_slot  # padding tokens write their K/V into the spare block
